@@ -1,0 +1,52 @@
+"""The `metatrain` command: parses arguments and hands off to the part that owns them.
+
+Each part registers its own subcommands from a small `cli` module exposing
+`register(subparsers)`; every subcommand sets `func(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from metatrain.errors import UserError
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "metatrain.tokenizer.cli",
+    "metatrain.data.cli",
+    "metatrain.models.cli",
+    "metatrain.train.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metatrain", description="Metacognitive pretraining in JAX."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):  # part not built yet
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"metatrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"metatrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
