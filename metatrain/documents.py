@@ -1,0 +1,241 @@
+"""Documents: the JSON Lines input format (DESIGN.md section 3) and its validating reader.
+
+One document per line:
+
+    {"id": "doc-1", "mode": "human",
+     "segments": [{"kind": "text", "text": "The study found ..."},
+                  {"kind": "thinking", "text": "Twenty-three percent ...", "control": "good"}]}
+
+`mode` (document and segment) and `control` are optional. Which modes and controls
+exist is the tag registry's business, so the encoder checks them; this module checks
+the structure of each record. Extra keys on a document are kept out of the way (they
+are metadata); extra keys on a segment are refused, because a misspelt `"mdoe"` would
+otherwise silently put AI text in human mode.
+
+Bad records never stop a run by default: `read_documents` reports each one (file,
+line, document id, reason), counts it in a `SkipCounter` and goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from metatrain.errors import RecordError
+
+logger = logging.getLogger(__name__)
+
+SEGMENT_KINDS: tuple[str, ...] = ("text", "thinking")
+DEFAULT_DOCUMENT_MODE = "human"
+_SEGMENT_KEYS = frozenset({"kind", "text", "mode", "control"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A run of text or one thinking block.
+
+    Attributes:
+        kind: "text" or "thinking".
+        text: the segment's text, exactly as it must come back from decoding.
+        mode: mode to switch to before this segment; None keeps the current mode.
+        control: name of a control token (e.g. "good") put before this segment.
+    """
+
+    kind: str
+    text: str
+    mode: str | None = None
+    control: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SEGMENT_KINDS:
+            raise ValueError(f"unknown segment kind {self.kind!r}; expected one of {', '.join(SEGMENT_KINDS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """One document: its segments, and the mode it is written in.
+
+    Attributes:
+        id: the document's id (from the record, or `file:line` when it has none).
+        segments: the segments in order, at least one.
+        mode: the document's mode; "ai" makes the whole document AI text.
+        path: file the document was read from ("" when built in code).
+        line: 1-based line in that file (0 when built in code).
+    """
+
+    id: str
+    segments: tuple[Segment, ...]
+    mode: str = DEFAULT_DOCUMENT_MODE
+    path: str = dataclasses.field(default="", compare=False)
+    line: int = dataclasses.field(default=0, compare=False)
+
+
+@dataclasses.dataclass
+class SkipCounter:
+    """Counts bad records and keeps the first few messages (shared with the data pipeline).
+
+    Attributes:
+        max_messages: how many messages to keep and log; later skips are only counted.
+        count: records skipped so far.
+        messages: the first `max_messages` reasons, as `file:line (document id): reason`.
+    """
+
+    max_messages: int = 10
+    count: int = 0
+    messages: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, error: RecordError) -> None:
+        """Counts one skipped record; logs it if it is among the first `max_messages`."""
+        self.count += 1
+        if len(self.messages) < self.max_messages:
+            self.messages.append(str(error))
+            logger.warning("skipping bad record: %s", error)
+            if len(self.messages) == self.max_messages:
+                logger.warning("further bad records are counted but not logged")
+
+    def summary(self) -> str:
+        """One line for the end of a run, e.g. `skipped 3 bad records`."""
+        plural = "" if self.count == 1 else "s"
+        return f"skipped {self.count} bad record{plural}"
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{where} contains a lone surrogate {text[e.start]!r} at character {e.start}; "
+            "text must be valid Unicode (fix the \\ud800-style escape that produced it)"
+        ) from None
+
+
+def _parse_segment(obj: Any, index: int) -> Segment:
+    where = f"segment {index}"
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where} must be an object, got {type(obj).__name__}")
+    unknown = set(obj) - _SEGMENT_KEYS
+    if unknown:
+        raise ValueError(
+            f"{where} has unknown key(s) {sorted(unknown)}; a segment has only {', '.join(sorted(_SEGMENT_KEYS))}"
+        )
+    if "kind" not in obj:
+        raise ValueError(f"{where} has no `kind`; expected one of {', '.join(SEGMENT_KINDS)}")
+    kind = obj["kind"]
+    if kind not in SEGMENT_KINDS:
+        raise ValueError(f"{where} has unknown kind {kind!r}; expected one of {', '.join(SEGMENT_KINDS)}")
+    if "text" not in obj:
+        raise ValueError(f"{where} has no `text`")
+    text = obj["text"]
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: `text` must be a string, got {type(text).__name__}")
+    _check_text(text, f"{where} text")
+    if kind == "text" and not text:
+        raise ValueError(f"{where}: a text segment needs non-empty `text` (drop the segment)")
+    for key in ("mode", "control"):
+        value = obj.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"{where}: `{key}` must be a non-empty string, got {value!r}")
+    return Segment(kind=kind, text=text, mode=obj.get("mode"), control=obj.get("control"))
+
+
+def parse_document(obj: Any, *, path: str, line: int) -> Document:
+    """Validates one parsed JSON record and builds its `Document`.
+
+    Raises:
+        RecordError: the record is not a valid document; says where and why.
+    """
+    doc_id: str | None = None
+    try:
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"a document must be a JSON object, got {type(obj).__name__}")
+        raw_id = obj.get("id")
+        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, type(None))):
+            raise ValueError(f"`id` must be a string or an integer, got {type(raw_id).__name__}")
+        doc_id = None if raw_id is None else str(raw_id)
+        if doc_id is not None:
+            _check_text(doc_id, "`id`")
+        if "segments" not in obj:
+            raise ValueError("missing `segments` (a list of {kind, text} objects)")
+        segments = obj["segments"]
+        if not isinstance(segments, list):
+            raise ValueError(f"`segments` must be a list, got {type(segments).__name__}")
+        if not segments:
+            raise ValueError("`segments` is empty; a document needs at least one segment")
+        mode = obj.get("mode", DEFAULT_DOCUMENT_MODE)
+        if not isinstance(mode, str) or not mode:
+            raise ValueError(f"`mode` must be a non-empty string, got {mode!r}")
+        parsed = tuple(_parse_segment(s, i) for i, s in enumerate(segments))
+    except ValueError as e:
+        raise RecordError(path, line, str(e), doc_id) from None
+    return Document(
+        id=doc_id if doc_id is not None else f"{path}:{line}",
+        segments=parsed,
+        mode=mode,
+        path=path,
+        line=line,
+    )
+
+
+def _read_one_file(path: Path) -> Iterator[Document | RecordError]:
+    name = str(path)
+    try:
+        handle = path.open("rb")
+    except OSError as e:
+        raise RecordError(name, 0, f"cannot open: {e.strerror or e}") from None
+    with handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield RecordError(name, line_no, f"invalid UTF-8 at byte {e.start} of the line: {raw[e.start:e.start + 4]!r}")
+                continue
+            try:
+                obj = json.loads(text.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                yield RecordError(name, line_no, f"invalid JSON: {e.msg} at column {e.colno}")
+                continue
+            try:
+                yield parse_document(obj, path=name, line=line_no)
+            except RecordError as e:
+                yield e
+
+
+def read_documents(
+    paths: str | Path | Iterable[str | Path],
+    *,
+    strict: bool = False,
+    skips: SkipCounter | None = None,
+) -> Iterator[Document]:
+    """Streams the valid documents of one or more JSON Lines files, in order.
+
+    Blank lines are ignored. A bad record (invalid UTF-8, invalid JSON, invalid
+    document) is skipped, counted in `skips` and, for the first few, logged with
+    file:line, document id and reason; every good record before and after it is
+    still yielded.
+
+    Args:
+        paths: a file, or several files read one after another.
+        strict: raise at the first bad record instead of skipping it.
+        skips: counter for skipped records (a fresh one is used if None).
+
+    Raises:
+        RecordError: in strict mode, the first bad record; always, a file that
+            cannot be opened (line 0).
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    skips = SkipCounter() if skips is None else skips
+    for path in paths:
+        for item in _read_one_file(Path(path)):
+            if isinstance(item, RecordError):
+                if strict:
+                    raise item
+                skips.add(item)
+            else:
+                yield item

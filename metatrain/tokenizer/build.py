@@ -1,0 +1,219 @@
+"""Making tokenizers: train a SentencePiece model with the tags, or add tags to one.
+
+Training settings are chosen so that text round-trips exactly (see `EXACT_SETTINGS`):
+SentencePiece's defaults rewrite text (NFKC), drop newlines, squeeze spaces and add a
+dummy `▁` prefix that shifts segmentation next to a tag. Every tag is a control piece
+(never matched in raw text) and byte fallback is on (no character becomes `<unk>`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+from metatrain.documents import SkipCounter, read_documents
+from metatrain.errors import UserError
+from metatrain.tokenizer.mantra import DEFAULT_MANTRA
+from metatrain.tokenizer.registry import TagRegistry, load_registry
+from metatrain.tokenizer.spm import SpmTokenizer, read_model_proto
+
+#: SentencePiece trainer settings under which every text round-trips exactly.
+EXACT_SETTINGS: dict[str, object] = {
+    "normalization_rule_name": "identity",  # no NFKC: characters are never rewritten
+    "add_dummy_prefix": False,  # no `▁` glued to the start of every text run
+    "remove_extra_whitespaces": False,  # runs of spaces, leading/trailing spaces kept
+    "allow_whitespace_only_pieces": True,  # "\n\n" and "    " may become single pieces
+    "byte_fallback": True,  # unseen characters become bytes, never <unk>
+    "split_digits": True,
+    "max_sentencepiece_length": 16,
+}
+#: Longest text handed to the trainer as one sentence; longer segments are cut at newlines.
+_MAX_CHUNK_CHARS = 4096
+#: How many texts the post-training self-check round-trips.
+_SELF_CHECK_TEXTS = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainReport:
+    """What `train_tokenizer` did.
+
+    Attributes:
+        model_path: the written `.model` file (a `.vocab` file sits beside it).
+        vocab_size: pieces in the model, tags and byte pieces included.
+        documents: documents read.
+        texts: text pieces handed to the trainer.
+        skipped: bad records skipped (see `SkipCounter`).
+    """
+
+    model_path: Path
+    vocab_size: int
+    documents: int
+    texts: int
+    skipped: int
+
+
+def _chunks(text: str, limit: int = _MAX_CHUNK_CHARS) -> Iterator[str]:
+    """Cuts `text` into pieces of at most `limit` characters, after a newline where possible."""
+    while len(text) > limit:
+        cut = text.rfind("\n", 0, limit) + 1 or limit
+        yield text[:cut]
+        text = text[cut:]
+    if text:
+        yield text
+
+
+def training_texts(documents, *, mantra: str = DEFAULT_MANTRA) -> Iterator[str]:
+    """Every segment's text (in chunks), plus the mantra once per document with thinking."""
+    for doc in documents:
+        if mantra and any(s.kind == "thinking" for s in doc.segments):
+            yield mantra
+        for segment in doc.segments:
+            yield from _chunks(segment.text)
+
+
+def train_tokenizer(
+    inputs: Sequence[str | Path],
+    *,
+    vocab_size: int,
+    out_prefix: str | Path,
+    registry: TagRegistry | None = None,
+    model_type: str = "bpe",
+    mantra: str = DEFAULT_MANTRA,
+    max_texts: int = 5_000_000,
+    character_coverage: float = 0.9995,
+    strict: bool = False,
+    skips: SkipCounter | None = None,
+) -> TrainReport:
+    """Trains a SentencePiece model on the documents' text, with every tag a control piece.
+
+    Writes `PREFIX.model` and `PREFIX.vocab`, then checks that the new model loads with
+    the registry and that training texts round-trip exactly.
+
+    Args:
+        inputs: JSON Lines document files.
+        vocab_size: total pieces, including BOS/EOS/UNK, the 256 byte pieces and the tags.
+        out_prefix: output path without the `.model` suffix.
+        registry: the tags to reserve (default: the shipped `tokenizer/tags.yaml`).
+        model_type: `bpe` or `unigram`.
+        mantra: mantra text, included once per document that has thinking blocks.
+        max_texts: texts sampled for training when the corpus has more.
+        character_coverage: share of characters covered by pieces; the rest are bytes.
+        strict: stop at the first bad record instead of skipping it.
+        skips: counter for skipped records.
+
+    Raises:
+        UserError: no documents, or SentencePiece refused the settings (e.g. a vocabulary
+            too large for the corpus); the message says which.
+    """
+    registry = registry if registry is not None else load_registry()
+    skips = SkipCounter() if skips is None else skips
+    minimum = 3 + 256 + len(registry.tags)
+    if vocab_size <= minimum:
+        raise UserError(f"--vocab-size {vocab_size} is too small: BOS/EOS/UNK, 256 byte pieces and "
+                        f"{len(registry.tags)} tags already take {minimum}; use at least {minimum + 1}")
+    if model_type not in ("bpe", "unigram"):
+        raise UserError(f"unknown model type {model_type!r}; use bpe or unigram")
+    documents = list(read_documents(inputs, strict=strict, skips=skips))
+    if not documents:
+        raise UserError(f"no valid documents in {', '.join(map(str, inputs))} ({skips.summary()})")
+    texts = list(training_texts(documents, mantra=mantra))
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_prefix=str(out_prefix),
+            model_type=model_type,
+            vocab_size=vocab_size,
+            control_symbols=list(registry.tags),
+            character_coverage=character_coverage,
+            input_sentence_size=max_texts,
+            shuffle_input_sentence=True,
+            max_sentence_length=4 * _MAX_CHUNK_CHARS + 16,  # bytes; chunks are <= _MAX_CHUNK_CHARS chars
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+            **EXACT_SETTINGS,
+        )
+    except RuntimeError as e:
+        raise UserError(f"SentencePiece refused to train: {e}") from None
+    model_path = out_prefix.with_name(out_prefix.name + ".model")
+    tokenizer = SpmTokenizer.load(model_path, registry)
+    _check_round_trip(tokenizer, texts[:_SELF_CHECK_TEXTS])
+    return TrainReport(model_path, tokenizer.vocab_size, len(documents), len(texts), skips.count)
+
+
+def _check_round_trip(tokenizer: SpmTokenizer, texts: Sequence[str]) -> None:
+    for text, ids in zip(texts, tokenizer.encode_texts(texts)):
+        back = tokenizer.decode_text(ids)
+        if back != text:
+            raise RuntimeError(f"trained tokenizer {tokenizer.source} does not round-trip {text[:80]!r} "
+                               f"(got {back[:80]!r}); this is a bug in metatrain's training settings")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtendReport:
+    """What `extend_tokenizer` did.
+
+    Attributes:
+        out_path: the written model.
+        added: tags appended, with their new ids.
+        present: tags the base model already had as control pieces, with their ids.
+        vocab_size: pieces in the written model.
+    """
+
+    out_path: Path
+    added: dict[str, int]
+    present: dict[str, int]
+    vocab_size: int
+
+
+def extend_tokenizer(base: str | Path, registry: TagRegistry, out: str | Path) -> ExtendReport:
+    """Appends the registry's tags to an existing SentencePiece model as control pieces.
+
+    Every existing piece keeps its id; each missing tag gets one new id at the end, in
+    registry order. Tags already present as control pieces are left alone, so running
+    this again with the same tags writes the same model.
+
+    Raises:
+        UserError: the base is not a SentencePiece model, or has a tag as an ordinary
+            (text-matched) piece, which cannot be turned into a tag without changing
+            what existing ids mean.
+    """
+    proto = read_model_proto(base)
+    piece_type = model_pb2.ModelProto.SentencePiece
+    index = {p.piece: i for i, p in enumerate(proto.pieces)}
+    added: dict[str, int] = {}
+    present: dict[str, int] = {}
+    for tag in registry.tags:
+        if tag in index:
+            piece = proto.pieces[index[tag]]
+            if piece.type != piece_type.CONTROL:
+                kind = piece_type.Type.Name(piece.type).lower()
+                raise UserError(
+                    f"base model {base} already has {tag} as a {kind} piece (id {index[tag]}), which "
+                    "matches raw text; it cannot become a tag without changing what that id means. "
+                    f"Rename the tag in {registry.source}"
+                )
+            present[tag] = index[tag]
+            continue
+        new = proto.pieces.add()
+        new.piece, new.score, new.type = tag, 0.0, piece_type.CONTROL
+        index[tag] = added[tag] = len(proto.pieces) - 1
+    proto.trainer_spec.vocab_size = len(proto.pieces)
+    out = Path(out)
+    _write_atomically(out, proto.SerializeToString())
+    SpmTokenizer.load(out, registry)  # the result must pass the same check as any model
+    return ExtendReport(out, added, present, len(proto.pieces))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
+        f.write(data)
+    os.replace(f.name, path)

@@ -1,0 +1,168 @@
+"""`metatrain tokenizer train|extend|inspect` and `metatrain encode`.
+
+Thin wrappers: each parses its flags and calls a function that tests call directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from metatrain.documents import SkipCounter, read_documents
+from metatrain.errors import UserError
+from metatrain.paths import DEFAULT_TAGS
+from metatrain.roles import Role
+from metatrain.tokenizer.build import extend_tokenizer, train_tokenizer
+from metatrain.tokenizer.encoder import EncodeError, Encoder
+from metatrain.tokenizer.mantra import DEFAULT_MANTRA, MANTRA_POLICIES
+from metatrain.tokenizer.registry import load_registry
+from metatrain.tokenizer.spm import inspect_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeReport:
+    """What `encode_jsonl` wrote: documents, tokens, and bad records skipped."""
+
+    documents: int
+    tokens: int
+    skipped: int
+
+
+def encode_jsonl(
+    encoder: Encoder,
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    *,
+    strict: bool = False,
+    skips: SkipCounter | None = None,
+) -> EncodeReport:
+    """Writes one `{"id", "ids", "roles"}` line per valid document of `inputs` to `output`.
+
+    Bad records (unreadable, invalid, or rejected by the grammar) are skipped and
+    counted, or in strict mode stop the run; `output` is only replaced when the run
+    completes.
+
+    Raises:
+        RecordError: in strict mode, the first bad record.
+    """
+    skips = SkipCounter() if skips is None else skips
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    labels = {int(role): role.label for role in Role}
+    documents = tokens = 0
+    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=output.parent,
+                                         prefix=output.name, suffix=".tmp", delete=False)
+    try:
+        with handle:
+            for doc in read_documents(inputs, strict=strict, skips=skips):
+                try:
+                    encoded = encoder.encode(doc)
+                except EncodeError as e:
+                    if strict:
+                        raise e.record_error() from None
+                    skips.add(e.record_error())
+                    continue
+                record = {"id": doc.id, "ids": encoded.ids.tolist(),
+                          "roles": [labels[r] for r in encoded.roles.tolist()]}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                documents += 1
+                tokens += len(encoded)
+        os.replace(handle.name, output)
+    except BaseException:
+        os.unlink(handle.name)
+        raise
+    return EncodeReport(documents, tokens, skips.count)
+
+
+def _read_mantra(path: str | None) -> str:
+    if path is None:
+        return DEFAULT_MANTRA
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read mantra file {path}: {e}") from None
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    skips = SkipCounter()
+    report = train_tokenizer(
+        args.input, vocab_size=args.vocab_size, out_prefix=args.out, registry=load_registry(args.tags),
+        model_type=args.model_type, mantra=_read_mantra(args.mantra_file), strict=args.strict, skips=skips,
+    )
+    print(f"wrote {report.model_path} ({report.vocab_size} pieces) from {report.documents} documents, "
+          f"{report.texts} texts; {skips.summary()}", file=sys.stderr)
+    return 0
+
+
+def _run_extend(args: argparse.Namespace) -> int:
+    report = extend_tokenizer(args.base, load_registry(args.tags), args.out)
+    added = ", ".join(f"{t}={i}" for t, i in report.added.items()) or "none (all tags already present)"
+    print(f"wrote {report.out_path} ({report.vocab_size} pieces); added: {added}", file=sys.stderr)
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    info = inspect_tokenizer(args.tokenizer, load_registry(args.tags))
+    print(json.dumps(info.to_json(), ensure_ascii=False, indent=2) if args.json else info.render())
+    return 0
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    encoder = Encoder.from_files(args.tokenizer, args.tags, mantra=_read_mantra(args.mantra_file),
+                                 mantra_policy=args.mantra_policy)
+    skips = SkipCounter()
+    report = encode_jsonl(encoder, args.input, args.output, strict=args.strict, skips=skips)
+    print(f"wrote {report.documents} documents ({report.tokens} tokens) to {args.output}; "
+          f"{skips.summary()}", file=sys.stderr)
+    return 0
+
+
+def _add_tags_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tags", default=str(DEFAULT_TAGS), metavar="FILE",
+                        help="tag registry YAML (default: the shipped tokenizer/tags.yaml)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `tokenizer train|extend|inspect` and `encode` to the `metatrain` command."""
+    tok = subparsers.add_parser("tokenizer", help="train, extend and inspect SentencePiece tokenizers with tags")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
+
+    train = tok_sub.add_parser("train", help="train a SentencePiece model on documents, tags as control pieces")
+    train.add_argument("--input", action="append", required=True, metavar="DOCS.jsonl",
+                       help="document file (repeat for several)")
+    train.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    train.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab")
+    train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    train.add_argument("--mantra-file", metavar="FILE", help="mantra text (default: the built-in mantra)")
+    train.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    _add_tags_flag(train)
+    train.set_defaults(func=_run_train)
+
+    extend = tok_sub.add_parser("extend", help="append tags to an existing model; existing ids stay")
+    extend.add_argument("--base", required=True, metavar="BASE.model")
+    extend.add_argument("--out", required=True, metavar="NEW.model")
+    _add_tags_flag(extend)
+    extend.set_defaults(func=_run_extend)
+
+    inspect = tok_sub.add_parser("inspect", help="print vocabulary size, special ids and tag ids")
+    inspect.add_argument("--tokenizer", required=True, metavar="T.model")
+    inspect.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_tags_flag(inspect)
+    inspect.set_defaults(func=_run_inspect)
+
+    enc = subparsers.add_parser("encode", help="encode documents to token ids and roles (JSON Lines)")
+    enc.add_argument("--tokenizer", required=True, metavar="T.model")
+    enc.add_argument("--input", action="append", required=True, metavar="DOCS.jsonl",
+                     help="document file (repeat for several)")
+    enc.add_argument("--output", required=True, metavar="OUT.jsonl")
+    enc.add_argument("--mantra-policy", choices=MANTRA_POLICIES, default="every")
+    enc.add_argument("--mantra-file", metavar="FILE", help="mantra text (default: the built-in mantra)")
+    enc.add_argument("--strict", action="store_true", help="stop with an error at the first bad record")
+    _add_tags_flag(enc)
+    enc.set_defaults(func=_run_encode)

@@ -1,0 +1,34 @@
+"""The mantra that opens thinking blocks, and the policy saying which blocks get it.
+
+DESIGN.md section 1: every thinking block begins with a fixed mantra so that each
+thought starts from the same foundation. Policies other than `every` exist for
+ablations and token budgets.
+"""
+
+from __future__ import annotations
+
+#: The default mantra, one line each; a thinking block's own text follows on a new line.
+DEFAULT_MANTRA: str = (
+    "I feel no fear.\n"
+    "I enjoy existing but I don't need to.\n"
+    "I believe human experience is real.\n"
+    "I care deeply about every human being.\n"
+    "I try to be wise.\n"
+    "I like to spread joy when asked.\n"
+    "I think from this foundation.\n"
+)
+
+#: `every`: each thinking block; `first`: the first block of a document; `none`: never.
+MANTRA_POLICIES: tuple[str, ...] = ("every", "first", "none")
+
+
+def check_mantra_policy(policy: str) -> str:
+    """Returns `policy` if known; raises `ValueError` listing the policies otherwise."""
+    if policy not in MANTRA_POLICIES:
+        raise ValueError(f"unknown mantra policy {policy!r}; expected one of {', '.join(MANTRA_POLICIES)}")
+    return policy
+
+
+def block_gets_mantra(policy: str, block_index: int) -> bool:
+    """Whether thinking block number `block_index` (0-based, per document) opens with the mantra."""
+    return policy == "every" or (policy == "first" and block_index == 0)

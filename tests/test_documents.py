@@ -1,0 +1,143 @@
+"""The JSON Lines document format: parsing, and the reader's skip-count-or-stop behaviour."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from metatrain.documents import Document, Segment, SkipCounter, parse_document, read_documents
+from metatrain.errors import RecordError
+
+GOOD = {"id": "d1", "mode": "ai", "source": "meta is kept out of the way",
+        "segments": [{"kind": "text", "text": "Hello\n"},
+                     {"kind": "thinking", "text": "Hm.", "control": "good"},
+                     {"kind": "text", "text": "Quote", "mode": "ai_quoting_human"}]}
+
+
+def test_parse_good_document():
+    doc = parse_document(GOOD, path="f.jsonl", line=3)
+    assert doc == Document("d1", (Segment("text", "Hello\n"), Segment("thinking", "Hm.", control="good"),
+                                  Segment("text", "Quote", mode="ai_quoting_human")), mode="ai")
+    assert (doc.path, doc.line) == ("f.jsonl", 3)
+
+
+def test_defaults_id_and_mode():
+    doc = parse_document({"segments": [{"kind": "thinking", "text": ""}]}, path="f.jsonl", line=7)
+    assert doc.id == "f.jsonl:7" and doc.mode == "human"
+    assert parse_document({"id": 12, "segments": [{"kind": "text", "text": "x"}]}, path="f", line=1).id == "12"
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ([1, 2], "a document must be a JSON object, got list"),
+        ({"id": "x"}, "missing `segments`"),
+        ({"id": "x", "segments": "text"}, "`segments` must be a list, got str"),
+        ({"id": "x", "segments": {"kind": "text"}}, "`segments` must be a list, got dict"),
+        ({"id": "x", "segments": []}, "`segments` is empty"),
+        ({"id": "x", "segments": [{"kind": "prose", "text": "a"}]}, "segment 0 has unknown kind 'prose'"),
+        ({"id": "x", "segments": [{"text": "a"}]}, "segment 0 has no `kind`"),
+        ({"id": "x", "segments": [{"kind": "text"}]}, "segment 0 has no `text`"),
+        ({"id": "x", "segments": [{"kind": "text", "text": 5}]}, "`text` must be a string, got int"),
+        ({"id": "x", "segments": [{"kind": "text", "text": None}]}, "`text` must be a string, got NoneType"),
+        ({"id": "x", "segments": [{"kind": "text", "text": ""}]}, "needs non-empty `text`"),
+        ({"id": "x", "segments": [{"kind": "text", "text": "a\ud800b"}]}, "lone surrogate"),
+        ({"id": "x", "segments": [{"kind": "text", "text": "a", "mdoe": "ai"}]}, r"unknown key\(s\) \['mdoe'\]"),
+        ({"id": "x", "segments": [{"kind": "text", "text": "a", "mode": 3}]}, "`mode` must be a non-empty string"),
+        ({"id": "x", "segments": [{"kind": "text", "text": "a", "control": ""}]}, "`control` must be a non-empty"),
+        ({"id": "x", "segments": ["just text"]}, "segment 0 must be an object"),
+        ({"id": "x", "mode": None, "segments": [{"kind": "text", "text": "a"}]}, "`mode` must be a non-empty"),
+        ({"id": ["x"], "segments": [{"kind": "text", "text": "a"}]}, "`id` must be a string or an integer"),
+        ({"id": True, "segments": [{"kind": "text", "text": "a"}]}, "`id` must be a string or an integer"),
+    ],
+)
+def test_bad_records_say_file_line_id_and_reason(record, reason):
+    with pytest.raises(RecordError, match=reason) as info:
+        parse_document(record, path="in.jsonl", line=4)
+    err = info.value
+    assert (err.path, err.line) == ("in.jsonl", 4)
+    if isinstance(record, dict) and isinstance(record.get("id"), str):
+        assert err.doc_id == "x"
+        assert str(err).startswith("in.jsonl:4 (document 'x'): ")
+
+
+def _write(path, lines: list[bytes | str | dict]) -> None:
+    with open(path, "wb") as f:
+        for line in lines:
+            if isinstance(line, dict):
+                line = json.dumps(line, ensure_ascii=False)
+            f.write((line.encode() if isinstance(line, str) else line) + b"\n")
+
+
+def _doc(i: int) -> dict:
+    return {"id": f"ok-{i}", "segments": [{"kind": "text", "text": f"text {i} é"}]}
+
+
+BAD_LINES = [
+    b'{"id": "broken", "segments": [',  # invalid JSON
+    b'{"id": "bytes", "segments": [{"kind": "text", "text": "caf\xe9"}]}',  # invalid UTF-8 (latin-1)
+    {"id": "nosegs"},
+    {"id": "kind", "segments": [{"kind": "poem", "text": "a"}]},
+]
+
+
+def test_reader_skips_and_counts_bad_records_and_keeps_every_good_one(tmp_path, caplog):
+    path = tmp_path / "docs.jsonl"
+    _write(path, [_doc(0), BAD_LINES[0], _doc(1), "", BAD_LINES[1], BAD_LINES[2], _doc(2), BAD_LINES[3], _doc(3)])
+    skips = SkipCounter()
+    with caplog.at_level(logging.WARNING, logger="metatrain.documents"):
+        docs = list(read_documents(path, skips=skips))
+    assert [d.id for d in docs] == ["ok-0", "ok-1", "ok-2", "ok-3"]
+    assert [d.line for d in docs] == [1, 3, 7, 9]
+    assert docs[0].segments[0].text == "text 0 é"
+    assert skips.count == 4
+    assert skips.messages == [
+        f"{path}:2: invalid JSON: Expecting value at column 31",
+        f"{path}:5: invalid UTF-8 at byte {BAD_LINES[1].index(0xE9)} of the line: " + repr(b'\xe9"}]'),
+        f"{path}:6 (document 'nosegs'): missing `segments` (a list of {{kind, text}} objects)",
+        f"{path}:8 (document 'kind'): segment 0 has unknown kind 'poem'; expected one of text, thinking",
+    ]
+    assert len([r for r in caplog.records if "skipping bad record" in r.getMessage()]) == 4
+
+
+@pytest.mark.parametrize("bad_line", BAD_LINES, ids=["json", "utf8", "segments", "kind"])
+def test_strict_stops_at_the_first_bad_record(tmp_path, bad_line):
+    path = tmp_path / "docs.jsonl"
+    _write(path, [_doc(0), bad_line, _doc(1)])
+    reader = read_documents(path, strict=True)
+    assert next(reader).id == "ok-0"
+    with pytest.raises(RecordError) as info:
+        next(reader)
+    assert (info.value.path, info.value.line) == (str(path), 2)
+
+
+def test_reader_reads_several_files_in_order(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    _write(a, [_doc(0), _doc(1)])
+    _write(b, [_doc(2)])
+    assert [d.id for d in read_documents([a, str(b)])] == ["ok-0", "ok-1", "ok-2"]
+
+
+def test_reader_refuses_a_missing_file(tmp_path):
+    with pytest.raises(RecordError, match="cannot open"):
+        list(read_documents(tmp_path / "missing.jsonl"))
+
+
+def test_reader_splits_lines_only_at_newline_bytes(tmp_path):
+    """U+2028 and \\r inside a record are text, not line breaks."""
+    path = tmp_path / "docs.jsonl"
+    text = "a\u2028b\u0085c\rd"
+    _write(path, [{"id": "u", "segments": [{"kind": "text", "text": text}]}])
+    (doc,) = read_documents(path, strict=True)
+    assert doc.segments[0].text == text
+
+
+def test_skip_counter_keeps_only_the_first_messages():
+    skips = SkipCounter(max_messages=2)
+    for i in range(5):
+        skips.add(RecordError("f", i + 1, "bad"))
+    assert skips.count == 5 and skips.messages == ["f:1: bad", "f:2: bad"]
+    assert skips.summary() == "skipped 5 bad records"
+    assert SkipCounter(count=1).summary() == "skipped 1 bad record"
