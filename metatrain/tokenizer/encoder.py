@@ -129,6 +129,7 @@ class Encoder:
         self.tag_ids: dict[str, int] = dict(tokenizer.tag_ids)
         self.mantra_ids: np.ndarray = np.asarray(tokenizer.encode_texts([mantra])[0], dtype=np.int32)
         self.mantra_ids.setflags(write=False)
+        self._mantra_list: list[int] = self.mantra_ids.tolist()
         self._id_to_tag = {i: t for t, i in self.tag_ids.items()}
         self._control_names = {t: n for n, t in registry.controls}
         self._special_ids = np.array(sorted(set(self.tag_ids.values()) | {self.bos_id, self.eos_id}
@@ -220,21 +221,22 @@ class Encoder:
         """
         items = self._plan(doc)
         texts = iter(self.tokenizer.encode_texts([s.text for s in doc.segments]))
+        tag, mantra = int(Role.TAG), int(Role.MANTRA)
         ids: list[int] = [self.bos_id]
-        roles: list[int] = [Role.TAG]
+        roles: list[int] = [tag]
         for kind, value in items:
             if kind == "tag":
                 ids.append(self.tag_ids[value])
-                roles.append(Role.TAG)
+                roles.append(tag)
             elif kind == "mantra":
-                ids.extend(self.mantra_ids.tolist())
-                roles.extend([Role.MANTRA] * len(self.mantra_ids))
+                ids.extend(self._mantra_list)
+                roles.extend([mantra] * len(self._mantra_list))
             else:
                 run = next(texts)
                 ids.extend(run)
-                roles.extend([value] * len(run))
+                roles.extend([int(value)] * len(run))
         ids.append(self.eos_id)
-        roles.append(Role.TAG)
+        roles.append(tag)
         return EncodedDocument(doc.id, np.asarray(ids, dtype=np.int32), np.asarray(roles, dtype=ROLE_DTYPE))
 
     # -------------------------------------------------------------------- decode
