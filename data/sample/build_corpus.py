@@ -48,7 +48,8 @@ SKIPPED_FOLDERS = frozenset({"meta"})
 
 #: Words that end with a period without ending a sentence.
 _ABBREVIATIONS = frozenset(
-    "St Mt Ft Dr Lt Gen Col Adm Gov Pres Sen Rep Sr Jr No Nos Co Corp Inc Ltd Bros Ave Rd "
+    "St Mt Ft Dr Lt Gen Col Adm Capt Cmdr Maj Sgt Gov Pres Sen Rep Rev Mr Mrs Ms Prof Sr Jr No Nos Co Corp "
+    "Inc Ltd Bros Ave Rd "
     "vs approx est Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec U.S U.K U.N e.g i.e".split()
 )
 #: A candidate sentence end: terminal punctuation, closing quotes/brackets, whitespace,
