@@ -143,6 +143,11 @@ def train_tokenizer(
     except RuntimeError as e:
         raise UserError(f"SentencePiece refused to train: {e}") from None
     model_path = out_prefix.with_name(out_prefix.name + ".model")
+    # The trainer records the output path; keep only the name so the same corpus gives
+    # the same bytes wherever it was trained.
+    proto = read_model_proto(model_path)
+    proto.trainer_spec.model_prefix = out_prefix.name
+    _write_atomically(model_path, proto.SerializeToString())
     tokenizer = SpmTokenizer.load(model_path, registry)
     _check_round_trip(tokenizer, texts[:_SELF_CHECK_TEXTS])
     return TrainReport(model_path, tokenizer.vocab_size, len(documents), len(texts), skips.count)

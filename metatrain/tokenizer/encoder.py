@@ -17,6 +17,7 @@ literal `<AI>` in a segment's text is ordinary characters and never the tag id.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from metatrain.documents import Document, Segment
 from metatrain.errors import RecordError
 from metatrain.paths import DEFAULT_TAGS
 from metatrain.roles import ROLE_DTYPE, Role
-from metatrain.tokenizer.grammar import Grammar, IllegalTransition
+from metatrain.tokenizer.grammar import BoundGrammar, Grammar, IllegalTransition
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA, block_gets_mantra, check_mantra_policy
 from metatrain.tokenizer.registry import TagRegistry, load_registry
 from metatrain.tokenizer.spm import SpmTokenizer
@@ -147,6 +148,11 @@ class Encoder:
         """An encoder for a `.model` file and a tag registry file."""
         registry = load_registry(tags_path)
         return cls(SpmTokenizer.load(tokenizer_path, registry), registry, mantra=mantra, mantra_policy=mantra_policy)
+
+    @functools.cached_property
+    def bound_grammar(self) -> BoundGrammar:
+        """The grammar tied to this tokenizer's ids (EOS legal only where a document may end)."""
+        return self.grammar.bind(self.tag_ids, self.vocab_size, eos_id=self.eos_id)
 
     # -------------------------------------------------------------------- encode
 

@@ -15,7 +15,7 @@ from metatrain.paths import DEFAULT_TAGS
 from metatrain.tokenizer import Encoder
 from metatrain.tokenizer.cli import register
 
-from .conftest import make_corpus, write_jsonl
+from .conftest import make_corpus
 
 
 def run(argv: list[str]) -> int:

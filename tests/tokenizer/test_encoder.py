@@ -7,11 +7,13 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
 from metatrain.documents import Document, Segment, read_documents
 from metatrain.errors import RecordError, UserError
+from metatrain.paths import DEFAULT_TAGS
 from metatrain.roles import Role
 from metatrain.tokenizer import DEFAULT_MANTRA, EncodeError, Encoder, canonical_segments, load_registry
 from metatrain.tokenizer.grammar import ILLEGAL, IllegalTransition
@@ -199,7 +201,7 @@ def test_round_trip_on_the_whole_test_corpus(encoder, corpus_path):
 def test_from_files_and_refusal_of_a_tokenizer_missing_a_tag(model_path, tmp_path):
     encoder = Encoder.from_files(model_path)
     assert encoder.decode_segments(encoder.encode(doc(text("hi"))).ids) == [text("hi", mode="human")]
-    data = json.loads(json.dumps(__import__("yaml").safe_load(open(load_registry().source))))
+    data = yaml.safe_load(DEFAULT_TAGS.read_text())
     data["controls"]["toxic"] = "<|toxic|>"
     tags = tmp_path / "tags.yaml"
     tags.write_text(json.dumps(data))  # JSON is YAML
@@ -246,7 +248,7 @@ def test_tags_only_come_from_structure_and_text_round_trips(encoder, document, p
     assert enc.ids[0] == encoder.bos_id and enc.ids[-1] == encoder.eos_id
     assert encoder.decode_segments(enc.ids) == list(canonical_segments(document))
     # The tag stream is legal for the decoder's array grammar and ends where a document may end.
-    bound = encoder.grammar.bind(encoder.tag_ids, encoder.vocab_size, eos_id=encoder.eos_id)
+    bound = encoder.bound_grammar
     state = encoder.grammar.initial_state()
     for token in enc.ids[1:-1].tolist():
         assert bound.allowed_tokens[state, token]

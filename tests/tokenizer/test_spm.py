@@ -65,6 +65,13 @@ def test_train_refuses_impossible_settings(corpus_path, tmp_path):
         train_tokenizer([empty], vocab_size=300, out_prefix=tmp_path / "x")
 
 
+def test_training_is_reproducible(corpus_path, tmp_path):
+    """Same corpus and settings, different output folders: the same model bytes."""
+    a = train_tokenizer([corpus_path], vocab_size=TEST_VOCAB, out_prefix=tmp_path / "a" / "tok")
+    b = train_tokenizer([corpus_path], vocab_size=TEST_VOCAB, out_prefix=tmp_path / "b" / "tok")
+    assert a.model_path.read_bytes() == b.model_path.read_bytes()
+
+
 def test_chunks_cut_long_texts_at_newlines():
     text = ("a" * 30 + "\n") * 10
     chunks = list(_chunks(text, limit=100))
