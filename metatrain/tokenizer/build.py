@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -218,7 +217,8 @@ def extend_tokenizer(base: str | Path, registry: TagRegistry, out: str | Path) -
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` so that readers see the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
-        f.write(data)
-    os.replace(f.name, path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)

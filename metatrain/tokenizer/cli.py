@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,10 +55,9 @@ def encode_jsonl(
     output.parent.mkdir(parents=True, exist_ok=True)
     labels = {int(role): role.label for role in Role}
     documents = tokens = 0
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=output.parent,
-                                         prefix=output.name, suffix=".tmp", delete=False)
+    partial = output.with_name(output.name + ".partial")
     try:
-        with handle:
+        with partial.open("w", encoding="utf-8") as handle:
             for doc in read_documents(inputs, strict=strict, skips=skips):
                 try:
                     encoded = encoder.encode(doc)
@@ -73,9 +71,9 @@ def encode_jsonl(
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                 documents += 1
                 tokens += len(encoded)
-        os.replace(handle.name, output)
+        os.replace(partial, output)
     except BaseException:
-        os.unlink(handle.name)
+        partial.unlink(missing_ok=True)
         raise
     return EncodeReport(documents, tokens, skips.count)
 
