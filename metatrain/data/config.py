@@ -1,0 +1,108 @@
+"""`DataConfig`: where training documents come from and how they are encoded.
+
+Path fields are typed `Path` so the run-config loader (`metatrain.config`) resolves a
+relative path against the YAML file that wrote it; a plain string is accepted too
+(converted in `__post_init__`). The defaults point at the shipped sample corpus,
+tokenizer and tag registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from metatrain.paths import DEFAULT_TAGS, SAMPLE_CORPUS, SAMPLE_TOKENIZER
+from metatrain.tokenizer.mantra import MANTRA_POLICIES
+
+
+def _as_path(config: object, name: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, str):
+        object.__setattr__(config, name, Path(value))
+    elif not isinstance(value, Path):
+        raise ValueError(f"`{name}` must be a path, got {value!r} ({type(value).__name__})")
+    if not str(getattr(config, name)):
+        raise ValueError(f"`{name}` is empty; give a file or directory path")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One document source of the training mixture.
+
+    Attributes:
+        path: a JSON Lines file, a glob of them (`data/*.jsonl`), or a token-cache
+            directory written by `metatrain data cache`.
+        weight: relative share of this source in the mixture (weights need not sum to 1).
+    """
+
+    path: Path
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _as_path(self, "path")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)):
+            raise ValueError(f"source {self.path}: `weight` must be a number, got {self.weight!r}")
+        if not math.isfinite(self.weight) or self.weight <= 0:
+            raise ValueError(
+                f"source {self.path}: `weight` must be a positive number, got {self.weight!r} "
+                "(drop the source instead of giving it weight 0)"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training data: sources and their mixture, tokenizer, mantra, split and order.
+
+    Attributes:
+        sources: the sources, mixed by weight (one source means no mixing).
+        tokenizer: SentencePiece `.model` file with the registry's tags.
+        tags: the tag registry (YAML).
+        mantra: text opening thinking blocks; None means the default mantra.
+        mantra_policy: `every` thinking block, the `first` of a document, or `none`.
+        eval_fraction: share of documents held out for the eval split, chosen by a
+            hash of the document id (stable across runs and process counts).
+        seed: seed of the shuffle and the mixture; None in `make_batch_iterator`
+            (its `seed` argument) falls back to this.
+        strict: stop at the first bad record instead of skipping and counting it.
+        num_workers: background worker processes for reading and encoding (0: in the
+            main process).
+    """
+
+    sources: tuple[SourceConfig, ...] = (SourceConfig(SAMPLE_CORPUS),)
+    tokenizer: Path = SAMPLE_TOKENIZER
+    tags: Path = DEFAULT_TAGS
+    mantra: str | None = None
+    mantra_policy: str = "every"
+    eval_fraction: float = 0.05
+    seed: int = 0
+    strict: bool = False
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        sources = self.sources
+        if isinstance(sources, SourceConfig):
+            sources = (sources,)
+        sources = tuple(SourceConfig(s) if isinstance(s, (str, Path)) else s for s in sources)
+        if not sources:
+            raise ValueError("`sources` is empty; give at least one JSON Lines file, glob or token cache")
+        for s in sources:
+            if not isinstance(s, SourceConfig):
+                raise ValueError(f"`sources` holds {s!r}; each source is {{path: ..., weight: ...}}")
+        object.__setattr__(self, "sources", sources)
+        _as_path(self, "tokenizer")
+        _as_path(self, "tags")
+        if self.mantra is not None and (not isinstance(self.mantra, str) or not self.mantra.strip()):
+            raise ValueError(f"`mantra` must be non-empty text or null (the default mantra), got {self.mantra!r}")
+        if self.mantra_policy not in MANTRA_POLICIES:
+            raise ValueError(
+                f"`mantra_policy` must be one of {', '.join(MANTRA_POLICIES)}, got {self.mantra_policy!r}"
+            )
+        if not (0.0 <= self.eval_fraction < 1.0):
+            raise ValueError(
+                f"`eval_fraction` must be in [0, 1) (share of documents held out), got {self.eval_fraction!r}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"`num_workers` must be an integer >= 0, got {self.num_workers!r}")
