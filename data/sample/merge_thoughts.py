@@ -96,6 +96,21 @@ def merge(skeleton: Path, thought_files: list[Path], synthetic: Path) -> list[di
     return out
 
 
+def count_table(documents: list[dict]) -> list[tuple[str, int]]:
+    """The counts `README.md` states, as (row name, value); `tests/data/test_sample_corpus.py` checks them."""
+    segments = [s for d in documents for s in d["segments"]]
+    synthetic = sum(d["source"] != documents[0]["source"] for d in documents) if documents else 0
+    return [
+        ("documents", len(documents)),
+        ("Factbook documents", len(documents) - synthetic),
+        ("synthetic documents", synthetic),
+        ("text segments", sum(s["kind"] == "text" for s in segments)),
+        ("thinking segments", sum(s["kind"] == "thinking" for s in segments)),
+        ("characters in text segments", sum(len(s["text"]) for s in segments if s["kind"] == "text")),
+        ("characters in thinking segments", sum(len(s["text"]) for s in segments if s["kind"] == "thinking")),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("skeleton", type=Path, help="output of build_corpus.py")
@@ -105,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     documents = merge(args.skeleton, sorted(args.thoughts.glob("*.txt")), args.synthetic)
     args.out.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents), encoding="utf-8")
-    print(f"wrote {len(documents)} documents to {args.out}", file=sys.stderr)
+    print(f"wrote {len(documents)} documents to {args.out}; counts for README.md:", file=sys.stderr)
+    for name, value in count_table(documents):
+        print(f"| {name} | {value} |")
     return 0
 
 
