@@ -1,0 +1,60 @@
+"""Peak throughput and memory of the accelerators metatrain reports against.
+
+One table, used for MFU in training metrics and for fit checks when compiling for
+a target ahead of time. Numbers are dense bf16 matrix-unit peaks per chip from the
+vendors' datasheets (no sparsity), and HBM per chip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    peak_bf16_flops: float  # per chip, dense
+    hbm_bytes: int  # per chip
+
+
+_GIB = 1 << 30
+
+CHIPS: dict[str, Chip] = {
+    "tpu v4": Chip("TPU v4", 275e12, 32 * _GIB),
+    "tpu v5e": Chip("TPU v5e", 197e12, 16 * _GIB),
+    "tpu v5p": Chip("TPU v5p", 459e12, 95 * _GIB),
+    "tpu v6e": Chip("TPU v6e", 918e12, 32 * _GIB),
+    "a100": Chip("NVIDIA A100", 312e12, 80 * _GIB),
+    "h100": Chip("NVIDIA H100", 989e12, 80 * _GIB),
+    "h200": Chip("NVIDIA H200", 989e12, 141 * _GIB),
+}
+
+# device_kind strings as JAX reports them, matched by substring (lower case).
+_KIND_ALIASES: tuple[tuple[str, str], ...] = (
+    ("v5 lite", "tpu v5e"),
+    ("v5litepod", "tpu v5e"),
+    ("v5e", "tpu v5e"),
+    ("v5p", "tpu v5p"),
+    ("v6 lite", "tpu v6e"),
+    ("v6e", "tpu v6e"),
+    ("tpu v4", "tpu v4"),
+    ("a100", "a100"),
+    ("h100", "h100"),
+    ("h200", "h200"),
+)
+
+
+def chip_for_device_kind(device_kind: str) -> Chip | None:
+    """The table entry for a JAX `device.device_kind`, or None if unknown (e.g. CPU)."""
+    kind = device_kind.lower()
+    for alias, key in _KIND_ALIASES:
+        if alias in kind:
+            return CHIPS[key]
+    return None
+
+
+def local_chip() -> Chip | None:
+    """The chip of this process's first device, or None where the peak is unknown."""
+    return chip_for_device_kind(jax.devices()[0].device_kind)

@@ -1,0 +1,93 @@
+"""Turning step sums into reported metrics, and writing them (JSON Lines + TensorBoard).
+
+Only process 0 writes. Metric keys are a contract read by scripts and by
+`metatrain sweep`: `loss`, `loss/<role>`, `accuracy/<role>`, `tokens/<role>`,
+`learning_rate`, `grad_norm`, `tokens_per_sec`, `step_time`, `mfu`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from metatrain.roles import LOSS_ROLE_LABELS
+
+
+def role_metrics(sums: Mapping[str, float], prefix: str = "") -> dict[str, float | None]:
+    """Per-role mean loss, accuracy and token counts from summed statistics.
+
+    A role with no tokens in the window reports `None` for its loss and accuracy
+    (not 0, which would read as a perfect model).
+    """
+    out: dict[str, float | None] = {}
+    for role in LOSS_ROLE_LABELS:
+        count = float(sums[f"count/{role}"])
+        out[f"{prefix}tokens/{role}"] = int(count)
+        if count > 0:
+            out[f"{prefix}loss/{role}"] = float(sums[f"nll_sum/{role}"]) / count
+            out[f"{prefix}accuracy/{role}"] = float(sums[f"correct/{role}"]) / count
+        else:
+            out[f"{prefix}loss/{role}"] = None
+            out[f"{prefix}accuracy/{role}"] = None
+    return out
+
+
+def add_sums(acc: dict[str, float] | None, new: Mapping[str, object]) -> dict[str, float]:
+    """Accumulate device metric sums on the host (float64)."""
+    new_np = {k: float(np.asarray(v, dtype=np.float64)) for k, v in new.items()}
+    if acc is None:
+        return new_np
+    return {k: acc[k] + new_np[k] for k in acc}
+
+
+def mfu(flops_per_token: float, tokens_per_sec: float, peak_flops_per_device: float | None, num_devices: int) -> float | None:
+    """Model FLOPs utilisation, or None where the device's peak is unknown (e.g. CPU)."""
+    if peak_flops_per_device is None or tokens_per_sec <= 0:
+        return None
+    return flops_per_token * tokens_per_sec / (peak_flops_per_device * num_devices)
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else value
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # TensorBoard output is optional; metrics.jsonl is not.
+            self._tb = None
+
+    def write(self, step: int, metrics: Mapping[str, object]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
