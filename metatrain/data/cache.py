@@ -1,0 +1,347 @@
+"""The token cache: documents tokenized once, stored as tensorstore (zarr) arrays.
+
+Layout of a cache directory:
+
+    cache.json   what built it (tokenizer and tag registry SHA-256, vocab size, mantra
+                 and policy) and what it holds (documents, tokens per role, skips)
+    ids/         int32  [tokens]      every document's `[BOS] body [EOS]`, end to end
+    roles/       int8   [tokens]      the role of each token
+    offsets/     int64  [docs + 1]    document d is ids[offsets[d]:offsets[d + 1]]
+    id_hash/     uint64 [docs]        `split.id_hash` of each document id (train/eval split)
+
+Training reads a cache like a JSON Lines source (same document order, same split, so
+the same batches when no record was skipped), and refuses one built with a different
+tokenizer, tag registry or mantra: the ids would silently mean something else.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+from metatrain.data.packing import shift_document
+from metatrain.data.sources import EncoderSpec, JsonlLines, JsonlReader, SkipLog, expand_jsonl_paths
+from metatrain.data.split import check_split, id_hash, in_split
+from metatrain.documents import SkipCounter
+from metatrain.errors import RecordError, UserError
+from metatrain.roles import LOSS_ROLES, ROLE_DTYPE
+
+CACHE_FORMAT = "metatrain-token-cache"
+CACHE_VERSION = 1
+META_FILE = "cache.json"
+_ARRAYS = {"ids": "<i4", "roles": "|i1", "offsets": "<i8", "id_hash": "<u8"}
+_TOKEN_CHUNK = 1 << 20  # elements per zarr chunk of ids/roles
+_DOC_CHUNK = 1 << 16
+_WRITE_EVERY = 1 << 22  # tokens buffered before a write
+_READ_CACHE_BYTES = 256 << 20
+
+
+def is_cache_dir(path: str | Path) -> bool:
+    """Whether `path` is a token cache directory."""
+    return (Path(path) / META_FILE).is_file()
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encoder_fingerprint(spec: EncoderSpec, vocab_size: int | None = None) -> dict[str, Any]:
+    """What decides the meaning of the ids in a cache: tokenizer, tag registry, mantra."""
+    from metatrain.tokenizer import DEFAULT_MANTRA
+
+    for name, path in (("tokenizer", spec.tokenizer), ("tag registry", spec.tags)):
+        if not Path(path).is_file():
+            raise UserError(f"{name} file {path} does not exist")
+    out: dict[str, Any] = {
+        "tokenizer": {"path": str(spec.tokenizer), "sha256": _sha256(spec.tokenizer)},
+        "tags": {"path": str(spec.tags), "sha256": _sha256(spec.tags)},
+        "mantra": DEFAULT_MANTRA if spec.mantra is None else spec.mantra,
+        "mantra_policy": spec.mantra_policy,
+    }
+    if vocab_size is not None:
+        out["tokenizer"]["vocab_size"] = vocab_size
+    return out
+
+
+def check_cache_matches(directory: str | Path, meta: dict[str, Any], spec: EncoderSpec) -> None:
+    """Raises UserError when the cache was built with another tokenizer, registry or mantra."""
+    want = encoder_fingerprint(spec)
+    problems = []
+    for key, label, flag in (("tokenizer", "tokenizer", "--tokenizer"), ("tags", "tag registry", "--tags")):
+        if meta[key]["sha256"] != want[key]["sha256"]:
+            problems.append(
+                f"{label}: cache built with {meta[key]['path']} (sha256 {meta[key]['sha256'][:12]}), "
+                f"this run uses {want[key]['path']} (sha256 {want[key]['sha256'][:12]})"
+            )
+    for key in ("mantra", "mantra_policy"):
+        if meta[key] != want[key]:
+            problems.append(f"{key}: cache built with {meta[key]!r}, this run uses {want[key]!r}")
+    if problems:
+        raise UserError(
+            f"token cache {directory} does not match this run's encoder:\n  "
+            + "\n  ".join(problems)
+            + "\nRebuild it with `metatrain data cache --input ... --tokenizer ... --out DIR` using the run's "
+            "tokenizer, tags and mantra, or point data.tokenizer / data.tags / data.mantra at the ones it was built with."
+        )
+
+
+def _array_spec(directory: Path, name: str) -> dict[str, Any]:
+    return {"driver": "zarr", "kvstore": {"driver": "file", "path": str(directory / name)}}
+
+
+def _create_array(directory: Path, name: str) -> ts.TensorStore:
+    chunk = _DOC_CHUNK if name in ("offsets", "id_hash") else _TOKEN_CHUNK
+    spec = _array_spec(directory, name)
+    spec["metadata"] = {"shape": [0], "chunks": [chunk], "dtype": _ARRAYS[name], "compressor": None}
+    return ts.open(spec, create=True).result()
+
+
+def _append(array: ts.TensorStore, values: np.ndarray) -> ts.TensorStore:
+    start = array.shape[0]
+    array = array.resize(exclusive_max=[start + len(values)]).result()
+    array[start:start + len(values)].write(values).result()
+    return array
+
+
+class _CacheWriter:
+    """Buffers encoded documents and appends them to the arrays in large writes."""
+
+    def __init__(self, directory: Path):
+        self.arrays = {name: _create_array(directory, name) for name in _ARRAYS}
+        self.ids: list[np.ndarray] = []
+        self.roles: list[np.ndarray] = []
+        self.hashes: list[int] = []
+        self.offsets: list[int] = [0]
+        self.buffered = 0
+        self.role_counts = np.zeros(256, np.int64)
+
+    def add(self, doc_id: str, ids: np.ndarray, roles: np.ndarray) -> None:
+        self.ids.append(ids)
+        self.roles.append(roles)
+        self.hashes.append(id_hash(doc_id))
+        self.offsets.append(self.offsets[-1] + len(ids))
+        self.buffered += len(ids)
+        if self.buffered >= _WRITE_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.ids:
+            roles = np.concatenate(self.roles).astype(ROLE_DTYPE)
+            self.role_counts += np.bincount(roles.view(np.uint8), minlength=256)
+            self.arrays["ids"] = _append(self.arrays["ids"], np.concatenate(self.ids).astype(np.int32))
+            self.arrays["roles"] = _append(self.arrays["roles"], roles)
+            self.arrays["id_hash"] = _append(self.arrays["id_hash"], np.asarray(self.hashes, np.uint64))
+        self.ids, self.roles, self.hashes, self.buffered = [], [], [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.arrays["offsets"] = _append(self.arrays["offsets"], np.asarray(self.offsets, np.int64))
+
+
+def write_cache(
+    inputs: Iterable[str | Path],
+    out: str | Path,
+    encoder: EncoderSpec,
+    *,
+    strict: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenizes JSON Lines documents once into a token cache directory.
+
+    Args:
+        inputs: JSON Lines files or globs, read in order.
+        out: the cache directory to create (must not exist, or be empty).
+        encoder: tokenizer, tag registry and mantra to encode with.
+        strict: stop at the first bad record instead of skipping it.
+        progress: show a progress bar (tqdm, on stderr).
+
+    Returns:
+        The cache's metadata (also written to `out/cache.json`).
+
+    Raises:
+        UserError: bad inputs or output directory; a bad record in strict mode; no
+            valid document at all.
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"cache output {out} already exists and is not empty; remove it or choose another --out")
+    files = [f for pattern in inputs for f in expand_jsonl_paths(pattern)]
+    lines = JsonlLines(files)
+    log = SkipLog()
+    reader = JsonlReader(encoder, split=None, eval_fraction=0.0, strict=strict, skips=log)
+    fingerprint = encoder_fingerprint(encoder, vocab_size=reader.encoder.vocab_size)
+    skips = SkipCounter()
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        writer = _CacheWriter(tmp)
+        for i in tqdm(range(len(lines)), desc="tokenizing", unit="doc", disable=not progress, mininterval=0.5):
+            encoded = reader.encode_record(lines[i])
+            for path, line, reason, doc_id in log.drain():
+                skips.add(RecordError(path, line, reason, doc_id))
+            if encoded is not None:
+                writer.add(encoded.doc_id, encoded.ids, encoded.roles)
+        writer.close()
+        documents = len(writer.offsets) - 1
+        if documents == 0:
+            first = "; ".join(skips.messages[:3]) or "the inputs have no non-blank line"
+            raise UserError(f"no valid document in {', '.join(map(str, files))}: {first}")
+        meta = {
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            **fingerprint,
+            "documents": documents,
+            "tokens": int(writer.offsets[-1]),
+            "tokens_by_role": {r.label: int(writer.role_counts[int(r)]) for r in LOSS_ROLES},
+            "skipped_records": skips.count,
+            "skipped_examples": skips.messages,
+            "inputs": [str(f) for f in files],
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return meta
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """The metadata of a cache directory; UserError if it is not one."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise UserError(f"{directory} is not a token cache (no {META_FILE}); build one with `metatrain data cache`")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); rebuild the cache") from None
+    if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION:
+        raise UserError(
+            f"{path}: unsupported cache format {meta.get('format')!r} version {meta.get('version')!r} "
+            f"(this metatrain reads {CACHE_FORMAT} version {CACHE_VERSION}); rebuild the cache"
+        )
+    return meta
+
+
+class TokenCache:
+    """Read access to a cache directory; arrays are opened lazily in each process.
+
+    Attributes:
+        directory: the cache directory.
+        meta: its metadata (`cache.json`).
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.meta = read_meta(self.directory)
+        self._arrays: dict[str, ts.TensorStore] | None = None
+        self._offsets: np.ndarray | None = None
+        self._hashes: np.ndarray | None = None
+
+    def _open(self) -> dict[str, ts.TensorStore]:
+        if self._arrays is None:
+            context = ts.Context({"cache_pool": {"total_bytes_limit": _READ_CACHE_BYTES}})
+            self._arrays = {
+                name: ts.open(_array_spec(self.directory, name), read=True, context=context).result()
+                for name in _ARRAYS
+            }
+        return self._arrays
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """int64 [docs + 1]: document d is tokens offsets[d]:offsets[d + 1]."""
+        if self._offsets is None:
+            self._offsets = self._open()["offsets"].read().result()
+        return self._offsets
+
+    @property
+    def id_hashes(self) -> np.ndarray:
+        """uint64 [docs]: `split.id_hash` of each document's id."""
+        if self._hashes is None:
+            self._hashes = self._open()["id_hash"].read().result()
+        return self._hashes
+
+    def __len__(self) -> int:
+        return int(self.meta["documents"])
+
+    def document(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int32 [n], roles int8 [n]) of document `index`."""
+        a, b = int(self.offsets[index]), int(self.offsets[index + 1])
+        arrays = self._open()
+        ids, roles = arrays["ids"][a:b].read(), arrays["roles"][a:b].read()
+        return ids.result(), roles.result()
+
+    def role_counts(self, chunk: int = 1 << 24) -> np.ndarray:
+        """int64 [256]: tokens of each role, counted from the `roles` array itself."""
+        roles = self._open()["roles"]
+        counts = np.zeros(256, np.int64)
+        for start in range(0, roles.shape[0], chunk):
+            part = roles[start:start + chunk].read().result()
+            counts += np.bincount(part.view(np.uint8), minlength=256)
+        return counts
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_arrays"] = None  # tensorstore handles are reopened in each process
+        return state
+
+
+class CacheReader:
+    """Document index -> training example, or None when the document is in the other split."""
+
+    def __init__(self, cache: TokenCache, *, split: str, eval_fraction: float):
+        self.cache = cache
+        self.split = check_split(split)
+        self.eval_fraction = eval_fraction
+
+    def __call__(self, index: int) -> dict[str, np.ndarray] | None:
+        if not in_split(int(self.cache.id_hashes[index]), self.split, self.eval_fraction):
+            return None
+        ids, roles = self.cache.document(index)
+        return shift_document(ids, roles)
+
+
+def cache_stats(directory: str | Path) -> dict[str, Any]:
+    """Documents, tokens per role and the share of tokens on mantra and tags.
+
+    Counts come from the arrays themselves (not the metadata), so they also check them.
+    """
+    cache = TokenCache(directory)
+    counts = cache.role_counts()
+    tokens = {r.label: int(counts[int(r)]) for r in LOSS_ROLES}
+    total = int(counts.sum())
+    other = total - sum(tokens.values())
+    documents = len(cache.offsets) - 1
+    out: dict[str, Any] = {
+        "documents": documents,
+        "tokens": tokens,
+        "total_tokens": total,
+        "mean_document_tokens": total / documents if documents else 0.0,
+        "mantra_share": tokens["mantra"] / total if total else 0.0,
+        "tag_share": tokens["tag"] / total if total else 0.0,
+        "skipped_records": cache.meta.get("skipped_records", 0),
+        "tokenizer": cache.meta["tokenizer"],
+        "tags": cache.meta["tags"],
+        "mantra_policy": cache.meta["mantra_policy"],
+    }
+    if other:
+        out["tokens_other_roles"] = other
+    return out

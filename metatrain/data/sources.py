@@ -1,0 +1,230 @@
+"""Document sources with random access, and the readers that turn records into examples.
+
+A source path (`SourceConfig.path`) is one of
+
+    a JSON Lines file        data/corpus.jsonl
+    a glob of them           data/shards/*.jsonl   (sorted, read as one source)
+    a token cache directory  written by `metatrain data cache` (see `cache.py`)
+
+`JsonlLines` indexes the non-blank lines of its files once (byte offsets, found with
+NumPy) so grain can shuffle and shard them without reading them; `JsonlReader` parses,
+splits, encodes and shifts one line when grain asks for it. A record that cannot be
+used becomes `None` (grain skips it) and is noted in the shared `SkipLog`; in strict
+mode it raises instead. Every other exception is re-raised naming the record, so an
+error inside a worker process says which line caused it.
+
+Readers and sources are pickled into grain's worker processes: they carry paths and
+small index arrays, and open files and the tokenizer lazily in each process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metatrain.data.packing import shift_document
+from metatrain.data.split import check_split, id_hash, in_split
+from metatrain.documents import parse_document
+from metatrain.errors import RecordError, UserError
+
+_INDEX_CHUNK = 64 << 20  # bytes scanned at a time when indexing lines
+_GLOB_CHARS = frozenset("*?[")
+
+
+def expand_jsonl_paths(path: str | Path) -> list[Path]:
+    """The JSON Lines files a source path names (a file, or the sorted files of a glob).
+
+    Raises:
+        UserError: the file does not exist, or the glob matches no file.
+    """
+    text = str(path)
+    if _GLOB_CHARS & set(text):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not files:
+            raise UserError(f"data source {text}: the glob matches no file")
+        return files
+    p = Path(text)
+    if not p.is_file():
+        raise UserError(f"data source {text} does not exist (expected a JSON Lines file, a glob or a token cache)")
+    return [p]
+
+
+def _index_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Start and end byte offsets and 1-based line numbers of the non-blank lines of a file."""
+    size = path.stat().st_size
+    if size == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    newlines = [np.flatnonzero(data[i:i + _INDEX_CHUNK] == 10) + i for i in range(0, size, _INDEX_CHUNK)]
+    nl = np.concatenate(newlines).astype(np.int64)
+    ends = nl if (len(nl) and nl[-1] == size - 1) else np.append(nl, size)
+    starts = np.concatenate([[0], nl + 1])[: len(ends)]
+    # A line is blank when it is empty or only "\r"; lines of other whitespace are
+    # rare and are dropped by the reader instead (they cost a parse, not an error).
+    lengths = ends - starts
+    last = data[np.maximum(ends - 1, 0)]
+    blank = (lengths == 0) | ((lengths == 1) & (last == 13))
+    keep = np.flatnonzero(~blank)
+    del data
+    return starts[keep], ends[keep], keep + 1
+
+
+class JsonlLines:
+    """Random access to the non-blank lines of one or more JSON Lines files.
+
+    `lines[i]` is `(path, line_number, raw_bytes)`; it implements grain's
+    `RandomAccessDataSource` (`__len__`, `__getitem__`).
+    """
+
+    def __init__(self, files: list[Path]):
+        self.files = [str(f) for f in files]
+        starts, ends, numbers = zip(*(_index_lines(Path(f)) for f in self.files)) if files else ((), (), ())
+        self._starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        self._ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+        self._numbers = np.concatenate(numbers) if numbers else np.zeros(0, np.int64)
+        counts = [len(s) for s in starts]
+        self._file_bounds = np.cumsum([0, *counts])
+        self._maps: dict[int, np.memmap] | None = None
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, index: int) -> tuple[str, int, bytes]:
+        file_index = int(np.searchsorted(self._file_bounds, index, side="right")) - 1
+        if self._maps is None:
+            self._maps = {}
+        data = self._maps.get(file_index)
+        if data is None:
+            data = self._maps[file_index] = np.memmap(self.files[file_index], dtype=np.uint8, mode="r")
+        raw = data[self._starts[index]:self._ends[index]].tobytes()
+        return self.files[file_index], int(self._numbers[index]), raw
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_maps"] = None  # memory maps are reopened in each process
+        return state
+
+    def __repr__(self) -> str:
+        return f"JsonlLines({len(self.files)} files, {len(self)} lines)"
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """What builds the encoder; the encoder itself is built lazily in each process."""
+
+    tokenizer: str
+    tags: str
+    mantra: str | None
+    mantra_policy: str
+
+    def build(self):
+        from metatrain.tokenizer import DEFAULT_MANTRA, Encoder
+
+        mantra = DEFAULT_MANTRA if self.mantra is None else self.mantra
+        return Encoder.from_files(self.tokenizer, self.tags, mantra=mantra, mantra_policy=self.mantra_policy)
+
+
+class SkipLog:
+    """Records skipped by readers, waiting to be reported to the main process.
+
+    Readers append `(path, line, reason, doc_id)`; the batch iterator drains them into
+    each batch so that skips made inside worker processes reach the `SkipCounter` of
+    the main process.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, int, str, str | None]] = []
+
+    def add(self, error: RecordError) -> None:
+        self.pending.append((error.path, error.line, error.reason, error.doc_id))
+
+    def drain(self) -> list[tuple[str, int, str, str | None]]:
+        out, self.pending = self.pending, []
+        return out
+
+
+class RecordFailure(RuntimeError):
+    """An unexpected error while reading one record; the message names the record."""
+
+
+class JsonlReader:
+    """One JSON Lines record -> training example, or None (blank, other split, skipped).
+
+    Args:
+        encoder: how to build the encoder.
+        split: keep documents of this split ("train" or "eval"); None keeps all.
+        eval_fraction: share of documents held out for eval.
+        strict: raise `UserError` on a bad record instead of skipping it.
+        skips: where skipped records are noted.
+    """
+
+    def __init__(
+        self, encoder: EncoderSpec, *, split: str | None, eval_fraction: float, strict: bool, skips: SkipLog
+    ):
+        self.encoder_spec = encoder
+        self.split = None if split is None else check_split(split)
+        self.eval_fraction = eval_fraction
+        self.strict = strict
+        self.skips = skips
+        self._encoder = None
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            self._encoder = self.encoder_spec.build()
+        return self._encoder
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_encoder"] = None  # SentencePiece does not pickle; rebuilt in each process
+        return state
+
+    def __call__(self, record: tuple[str, int, bytes]) -> dict[str, np.ndarray] | None:
+        encoded = self.encode_record(record)
+        return None if encoded is None else shift_document(encoded.ids, encoded.roles)
+
+    def encode_record(self, record: tuple[str, int, bytes]):
+        """The record's `EncodedDocument`, or None when it is blank, of the other split or skipped.
+
+        Raises:
+            UserError: a bad record in strict mode (the message names file and line).
+            RecordFailure: any other error, naming the record.
+        """
+        path, line, raw = record
+        try:
+            return self._encode(path, line, raw)
+        except (RecordError, UserError):
+            raise
+        except Exception as e:  # a bug or an unexpected failure: say which record
+            raise RecordFailure(f"{path}:{line}: unexpected error while reading this record: {e!r}") from e
+
+    def _encode(self, path: str, line: int, raw: bytes):
+        from metatrain.tokenizer import EncodeError
+
+        if not raw.strip():
+            return None
+        try:
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise RecordError(path, line, f"invalid UTF-8 at byte {e.start} of the line") from None
+            except json.JSONDecodeError as e:
+                raise RecordError(path, line, f"invalid JSON: {e.msg} at column {e.colno}") from None
+            doc = parse_document(obj, path=path, line=line)
+            if self.split is not None and not in_split(id_hash(doc.id), self.split, self.eval_fraction):
+                return None
+            try:
+                return self.encoder.encode(doc)
+            except EncodeError as e:
+                raise e.record_error() from None
+        except RecordError as e:
+            if self.strict:
+                raise UserError(f"bad record (strict mode is on): {e}") from None
+            self.skips.add(e)
+            return None
