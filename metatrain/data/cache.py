@@ -293,8 +293,9 @@ class TokenCache:
         """int64 [256]: tokens of each role, counted from the `roles` array itself."""
         roles = self._open()["roles"]
         counts = np.zeros(256, np.int64)
-        for start in range(0, roles.shape[0], chunk):
-            part = roles[start:start + chunk].read().result()
+        n = roles.shape[0]
+        for start in range(0, n, chunk):
+            part = roles[start:min(start + chunk, n)].read().result()
             counts += np.bincount(part.view(np.uint8), minlength=256)
         return counts
 

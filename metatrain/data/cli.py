@@ -1,0 +1,70 @@
+"""`metatrain data cache` and `metatrain data stats`: thin wrappers over `cache.py`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from metatrain.data.cache import cache_stats, write_cache
+from metatrain.data.sources import EncoderSpec
+from metatrain.paths import DEFAULT_TAGS
+from metatrain.roles import LOSS_ROLE_LABELS
+from metatrain.tokenizer.mantra import MANTRA_POLICIES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `data cache` and `data stats` to the `metatrain` command."""
+    data = subparsers.add_parser("data", help="token cache: build it, inspect it")
+    commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+
+    cache = commands.add_parser(
+        "cache",
+        help="tokenize JSON Lines documents once into a tensorstore token cache",
+        description="Tokenize documents once into a token cache directory that training can read "
+        "instead of the JSON Lines (a data source path may name the directory).",
+    )
+    cache.add_argument("--input", action="append", required=True, metavar="DOCS.jsonl",
+                       help="JSON Lines file or glob; repeat for several (read in order)")
+    cache.add_argument("--tokenizer", required=True, metavar="T.model", help="SentencePiece model with the tags")
+    cache.add_argument("--tags", default=str(DEFAULT_TAGS), metavar="TAGS.yaml",
+                       help="tag registry (default: %(default)s)")
+    cache.add_argument("--out", required=True, metavar="DIR", help="cache directory to create")
+    cache.add_argument("--mantra", default=None, help="mantra text (default: the default mantra)")
+    cache.add_argument("--mantra-policy", default="every", choices=MANTRA_POLICIES)
+    cache.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    cache.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cache.set_defaults(func=_run_cache)
+
+    stats = commands.add_parser("stats", help="documents, tokens per role, mantra and tag share of a token cache")
+    stats.add_argument("directory", metavar="DIR", help="token cache directory")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.set_defaults(func=_run_stats)
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    spec = EncoderSpec(args.tokenizer, args.tags, args.mantra, args.mantra_policy)
+    meta = write_cache(args.input, args.out, spec, strict=args.strict, progress=not args.no_progress)
+    print(
+        f"wrote {args.out}: {meta['documents']} documents, {meta['tokens']} tokens, "
+        f"skipped {meta['skipped_records']} bad records"
+    )
+    return 0
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    stats = cache_stats(args.directory)
+    if args.json:
+        json.dump(stats, sys.stdout, indent=2)
+        print()
+        return 0
+    total = stats["total_tokens"]
+    print(f"documents  {stats['documents']:>14,}")
+    print(f"tokens     {total:>14,}   ({stats['mean_document_tokens']:.1f} per document)")
+    for label in LOSS_ROLE_LABELS:
+        n = stats["tokens"][label]
+        print(f"  {label:<8} {n:>14,}   {100 * n / total if total else 0:5.1f}%")
+    print(f"mantra share {100 * stats['mantra_share']:.2f}%, tag share {100 * stats['tag_share']:.2f}%")
+    if stats["skipped_records"]:
+        print(f"skipped {stats['skipped_records']} bad records when the cache was built")
+    return 0

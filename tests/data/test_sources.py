@@ -1,0 +1,91 @@
+"""JSON Lines sources: the line index, the record reader, skips and strict mode, the split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metatrain.data.sources import JsonlLines, JsonlReader, SkipLog, expand_jsonl_paths
+from metatrain.data.split import id_hash, in_split
+from metatrain.errors import UserError
+
+from .conftest import make_docs, write_jsonl
+
+
+def test_line_index_skips_blank_lines_and_keeps_line_numbers(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n\r\n{"b": 2}\r\n{"c": 3}')  # CRLF, blank lines, no final newline
+    lines = JsonlLines([path])
+    assert len(lines) == 3
+    assert [lines[i][1] for i in range(3)] == [1, 4, 5]
+    assert [lines[i][2].strip() for i in range(3)] == [b'{"a": 1}', b'{"b": 2}', b'{"c": 3}']
+
+
+def test_lines_of_several_files_and_empty_file(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", ["1", "2"])
+    (tmp_path / "b.jsonl").write_bytes(b"")
+    c = write_jsonl(tmp_path / "c.jsonl", ["3"])
+    lines = JsonlLines(expand_jsonl_paths(tmp_path / "*.jsonl"))
+    assert [(lines[i][0], lines[i][2]) for i in range(len(lines))] == [(str(a), b"1"), (str(a), b"2"), (str(c), b"3")]
+
+
+def test_missing_file_and_empty_glob_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        expand_jsonl_paths(tmp_path / "nope.jsonl")
+    with pytest.raises(UserError, match="matches no file"):
+        expand_jsonl_paths(tmp_path / "*.jsonl")
+
+
+BAD_LINES = [
+    ("{not json", "invalid JSON"),
+    ('{"id": "x", "segments": []}', "segments` is empty"),
+    ('{"id": "y", "segments": [{"kind": "text", "text": "hi", "mdoe": "ai"}]}', "unknown key"),
+    ('{"id": "z", "mode": "martian", "segments": [{"kind": "text", "text": "hi"}]}', "martian"),
+]
+
+
+def test_bad_records_are_skipped_and_counted_with_file_and_line(tmp_path, encoder_spec):
+    good = make_docs(2)
+    path = write_jsonl(tmp_path / "a.jsonl", [good[0], *[b for b, _ in BAD_LINES], good[1]])
+    path.write_bytes(path.read_bytes() + b"\xff\xfe bad utf-8\n")
+    log = SkipLog()
+    reader = JsonlReader(encoder_spec, split=None, eval_fraction=0.0, strict=False, skips=log)
+    lines = JsonlLines([path])
+    out = [reader(lines[i]) for i in range(len(lines))]
+    assert [o is not None for o in out] == [True, False, False, False, False, True, False]
+    skipped = log.drain()
+    assert [(s[0], s[1]) for s in skipped] == [(str(path), line) for line in (2, 3, 4, 5, 7)]
+    for (_, _, reason, _), (_, expected) in zip(skipped, BAD_LINES):
+        assert expected in reason
+    assert "UTF-8" in skipped[-1][2]
+    assert log.drain() == []
+
+
+def test_strict_reader_stops_with_file_and_line(tmp_path, encoder_spec):
+    path = write_jsonl(tmp_path / "a.jsonl", [make_docs(1)[0], "{not json"])
+    reader = JsonlReader(encoder_spec, split=None, eval_fraction=0.0, strict=True, skips=SkipLog())
+    lines = JsonlLines([path])
+    assert reader(lines[0]) is not None
+    with pytest.raises(UserError, match=f"{path}:2: invalid JSON"):
+        reader(lines[1])
+
+
+def test_reader_output_is_the_shifted_encoding(tmp_path, encoder_spec, encoder):
+    from metatrain.documents import parse_document
+
+    doc = make_docs(1)[0]
+    path = write_jsonl(tmp_path / "a.jsonl", [doc])
+    reader = JsonlReader(encoder_spec, split=None, eval_fraction=0.0, strict=True, skips=SkipLog())
+    example = reader(JsonlLines([path])[0])["example"]
+    enc = encoder.encode(parse_document(doc, path="", line=0))
+    np.testing.assert_array_equal(example[:, 0], enc.ids[:-1])
+    np.testing.assert_array_equal(example[:, 1], enc.ids[1:])
+    np.testing.assert_array_equal(example[:, 2], enc.roles[1:])
+
+
+def test_split_is_stable_and_near_the_fraction():
+    assert id_hash("doc-1") == id_hash("doc-1") != id_hash("doc-2")
+    hashes = [id_hash(f"doc-{i}") for i in range(20_000)]
+    held = sum(in_split(h, "eval", 0.05) for h in hashes)
+    assert abs(held / 20_000 - 0.05) < 4 * np.sqrt(0.05 * 0.95 / 20_000)
+    assert all(in_split(h, "eval", 0.05) != in_split(h, "train", 0.05) for h in hashes[:500])
