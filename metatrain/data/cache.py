@@ -87,7 +87,7 @@ def check_cache_matches(directory: str | Path, meta: dict[str, Any], spec: Encod
             )
     for key in ("mantra", "mantra_policy"):
         if meta[key] != want[key]:
-            problems.append(f"{key}: cache built with {meta[key]!r}, this run uses {want[key]!r}")
+            problems.append(f"{key}: cache built with {_short(meta[key])}, this run uses {_short(want[key])}")
     if problems:
         raise UserError(
             f"token cache {directory} does not match this run's encoder:\n  "
@@ -95,6 +95,11 @@ def check_cache_matches(directory: str | Path, meta: dict[str, Any], spec: Encod
             + "\nRebuild it with `metatrain data cache --input ... --tokenizer ... --out DIR` using the run's "
             "tokenizer, tags and mantra, or point data.tokenizer / data.tags / data.mantra at the ones it was built with."
         )
+
+
+def _short(text: str, limit: int = 40) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
 def _array_spec(directory: Path, name: str) -> dict[str, Any]:

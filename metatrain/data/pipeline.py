@@ -159,15 +159,20 @@ class BatchIterator:
         self.batch_size = identity["batch_size"]
         self.seq_len = identity["seq_len"]
         self.skips = SkipCounter()
+        self._copy = identity["num_workers"] > 0
 
     def __iter__(self) -> "BatchIterator":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._iter is None:
+            raise RuntimeError("this BatchIterator was closed")
         batch = next(self._iter)
         for path, line, reason, doc_id in batch.pop(_SKIPPED):
             self.skips.add(RecordError(path, line, reason, doc_id))
-        return batch
+        # From worker processes the arrays live in shared memory; plain copies free it
+        # at once instead of whenever the caller drops the batch.
+        return {k: np.array(v) for k, v in batch.items()} if self._copy else batch
 
     def get_state(self) -> dict[str, Any]:
         """The stream's position, JSON-serialisable, for the checkpoint.
@@ -204,10 +209,17 @@ class BatchIterator:
         self._iter.set_state(grain_state)
 
     def close(self) -> None:
-        """Stops worker processes (if any)."""
-        close = getattr(self._iter, "close", None)
-        if close is not None:
-            close()
+        """Stops worker processes (if any); the iterator cannot be used afterwards."""
+        if self._iter is not None:
+            self._iter.close()
+            # Dropped now, so grain's own cleanup in __del__ runs while modules are alive.
+            self._iter = None
+
+    def __enter__(self) -> "BatchIterator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # -- building -------------------------------------------------------------------------------
@@ -263,6 +275,17 @@ def _has_document(source: Source, split: str, data: DataConfig) -> bool:
         first = "; ".join(str(RecordError(*s)) for s in skipped[:3]) or "every line is blank"
         raise UserError(f"data source {source.name} has no valid document ({len(skipped)} bad records): {first}")
     return False
+
+
+def _mark_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; outside an absl app nobody parsed them.
+
+    Marking them parsed keeps every flag at its default (what grain assumes anyway).
+    """
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def make_batch_iterator(
@@ -329,6 +352,7 @@ def make_batch_iterator(
         ds, grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None)
     )
     if data.num_workers > 0:
+        _mark_absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
 
     identity = {

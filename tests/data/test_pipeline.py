@@ -244,3 +244,24 @@ def test_empty_splits_are_clear_errors(tmp_path):
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         make_batch_iterator(data_config(tmp_path / "nope.jsonl"), batch_size=2, seq_len=L)
+
+
+def test_worker_processes_report_skips_restore_exactly_and_surface_errors(tmp_path):
+    docs = make_docs(30, seed=4)
+    path = write_jsonl(tmp_path / "a.jsonl", [*docs[:10], "{broken", *docs[10:]])
+    kw = dict(batch_size=2, seq_len=L)
+    cfg = data_config(path, num_workers=2, eval_fraction=0.0)
+    with make_batch_iterator(cfg, **kw) as it:
+        batches = take(it, 30)
+        assert all(type(v) is np.ndarray for v in batches[0].values())
+        assert it.skips.count >= 1  # skipped in a worker, counted here
+        assert it.skips.messages[0].startswith(f"{path}:11: invalid JSON")
+        assert sum(int(b["segment_ids"].astype(bool).sum()) for b in batches) == 30 * 2 * L
+        state = json.loads(json.dumps(it.get_state()))
+        expected = take(it, 3)
+    with make_batch_iterator(cfg, **kw) as again:
+        again.set_state(state)
+        assert_batches_equal(take(again, 3), expected)
+    strict = data_config(path, num_workers=1, eval_fraction=0.0, strict=True)
+    with make_batch_iterator(strict, **kw) as it, pytest.raises(UserError, match=f"{path}:11: invalid JSON"):
+        take(it, 30)

@@ -1,0 +1,121 @@
+"""The token cache: what it stores, its stats and CLI, and that training reads it like the JSON Lines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from metatrain.cli import main
+from metatrain.data import make_batch_iterator
+from metatrain.data.cache import TokenCache, cache_stats, write_cache
+from metatrain.documents import parse_document
+from metatrain.errors import UserError
+from metatrain.roles import LOSS_ROLES
+
+from .conftest import assert_batches_equal, data_config, make_docs, take, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, encoder_spec):
+    root = tmp_path_factory.mktemp("cache")
+    docs = make_docs(23, seed=7)
+    a = write_jsonl(root / "a.jsonl", docs[:13])
+    b = write_jsonl(root / "b.jsonl", [docs[13], "{broken", *docs[14:]])
+    meta = write_cache([a, b], root / "cache", encoder_spec, progress=False)
+    return docs, (a, b), root / "cache", meta
+
+
+def test_cache_holds_each_valid_document_as_encoded(built, encoder):
+    docs, _, directory, meta = built
+    cache = TokenCache(directory)
+    assert len(cache) == meta["documents"] == 23 and meta["skipped_records"] == 1
+    assert cache.offsets[0] == 0 and cache.offsets[-1] == meta["tokens"]
+    for i, doc in enumerate(docs):
+        want = encoder.encode(parse_document(doc, path="", line=0))
+        ids, roles = cache.document(i)
+        assert ids.dtype == np.int32 and roles.dtype == np.int8
+        np.testing.assert_array_equal(ids, want.ids)
+        np.testing.assert_array_equal(roles, want.roles)
+
+
+def test_stats_count_tokens_per_role_from_the_arrays(built, encoder):
+    docs, _, directory, meta = built
+    stats = cache_stats(directory)
+    roles = np.concatenate([encoder.encode(parse_document(d, path="", line=0)).roles for d in docs])
+    want = {r.label: int((roles == r).sum()) for r in LOSS_ROLES}
+    assert stats["documents"] == 23
+    assert stats["tokens"] == want == meta["tokens_by_role"]
+    assert stats["mantra_share"] == pytest.approx(want["mantra"] / len(roles))
+    assert stats["tag_share"] == pytest.approx(want["tag"] / len(roles))
+
+
+def test_training_reads_the_cache_like_the_json_lines(tmp_path, built, encoder_spec):
+    docs, _, _, _ = built
+    clean = write_jsonl(tmp_path / "clean.jsonl", docs)  # no bad record: same document indices
+    cache_dir = tmp_path / "clean-cache"
+    write_cache([clean], cache_dir, encoder_spec, progress=False)
+    for split in ("train", "eval"):
+        kw = dict(batch_size=2, seq_len=53, split=split)
+        raw = make_batch_iterator(data_config(clean, eval_fraction=0.3), **kw)
+        cached = make_batch_iterator(data_config(cache_dir, eval_fraction=0.3), **kw)
+        n = 6 if split == "train" else len(list(make_batch_iterator(data_config(clean, eval_fraction=0.3), **kw)))
+        assert_batches_equal(take(cached, n), take(raw, n))
+
+
+def test_restore_from_the_cache_is_exact(built):
+    _, _, directory, _ = built
+    cfg = data_config(directory)
+    it = make_batch_iterator(cfg, batch_size=3, seq_len=41)
+    take(it, 4)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = take(it, 3)
+    again = make_batch_iterator(cfg, batch_size=3, seq_len=41)
+    again.set_state(state)
+    assert_batches_equal(take(again, 3), expected)
+
+
+def test_training_refuses_a_cache_of_another_tokenizer_or_mantra(tmp_path, built):
+    _, _, directory, _ = built
+    with pytest.raises(UserError, match=r"(?s)does not match this run's encoder.*mantra: cache built with 'I feel no fear.*this run uses 'Another mantra.'"):
+        make_batch_iterator(data_config(directory, mantra="Another mantra."), batch_size=2, seq_len=41)
+    other = tmp_path / "other.model"
+    other.write_bytes(data_config(directory).tokenizer.read_bytes() + b"\0")
+    cfg = data_config(directory)
+    cfg = type(cfg)(sources=cfg.sources, tokenizer=other, tags=cfg.tags)
+    with pytest.raises(UserError, match=r"(?s)tokenizer: cache built with .*sample.model .* this run uses .*other.model"):
+        make_batch_iterator(cfg, batch_size=2, seq_len=41)
+
+
+def test_cache_refuses_to_overwrite_and_all_bad_inputs(tmp_path, built, encoder_spec):
+    _, (a, _), directory, _ = built
+    with pytest.raises(UserError, match="already exists"):
+        write_cache([a], directory, encoder_spec, progress=False)
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{broken", "[]"])
+    with pytest.raises(UserError, match="no valid document.*bad.jsonl:1: invalid JSON"):
+        write_cache([bad], tmp_path / "c", encoder_spec, progress=False)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
+    with pytest.raises(UserError, match="bad.jsonl:1: invalid JSON"):
+        write_cache([bad], tmp_path / "c", encoder_spec, strict=True, progress=False)
+
+
+def test_cli_cache_and_stats(tmp_path, built, capsys, encoder_spec):
+    _, (a, b), _, _ = built
+    out = tmp_path / "cli-cache"
+    glob = str(b.parent / "b*.jsonl")
+    assert main(["data", "cache", "--input", str(a), "--input", glob, "--tokenizer", encoder_spec.tokenizer,
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "23 documents" in capsys.readouterr().out
+    assert main(["data", "stats", str(out), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["documents"] == 23
+    assert set(stats["tokens"]) == {"text", "thinking", "mantra", "tag"}
+    assert all(isinstance(v, int) for v in stats["tokens"].values())
+    assert main(["data", "stats", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "mantra share" in table and "thinking" in table
+    assert main(["data", "stats", str(tmp_path)]) == 2
+    assert "not a token cache" in capsys.readouterr().err
+    shutil.rmtree(out)
