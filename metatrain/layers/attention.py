@@ -1,0 +1,164 @@
+"""Grouped-query self-attention, causal and restricted to each packed document.
+
+Packed rows hold several documents end to end (DESIGN.md section 4); a query may only
+see keys of its own document (equal `segment_ids`) at or before its own position.
+Grouped-query attention (Ainslie et al. 2023) shares each key/value head among
+`n_heads / n_kv_heads` query heads: query head `n` reads key/value head
+`n // (n_heads / n_kv_heads)`, so `n_kv_heads == n_heads` is ordinary multi-head
+attention and `n_kv_heads == 1` is multi-query attention.
+
+This module does not know about decoding. A KV cache for generation belongs between
+`project_qkv` (which returns rotated keys and values for the new tokens) and
+`dot_product_attention` (which takes keys and values for every visible position).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from metatrain.layers.rotary import apply_rotary
+
+AttentionImpl = Literal["xla", "cudnn"]
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """Which keys each query may see: same document and not in the future.
+
+    Padding (segment 0) attends only to earlier padding, so no row is fully masked.
+
+    Args:
+        segment_ids: [B, T] int32 document index of every position.
+
+    Returns:
+        [B, 1, T, S] bool (S = T), True where attention is allowed.
+    """
+    seq_len = segment_ids.shape[1]
+    same_document = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
+    causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))  # [T, S]
+    return (same_document & causal)[:, None]
+
+
+def dot_product_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """Masked softmax attention with grouped key/value heads; scores in float32.
+
+    Args:
+        query: [B, T, N, H].
+        key: [B, S, K, H] with N divisible by K.
+        value: [B, S, K, H].
+        mask: [B, 1, T, S] bool, True where a query may see a key.
+
+    Returns:
+        [B, T, N, H] in the dtype of `value`.
+    """
+    batch, seq_len, n_heads, head_dim = query.shape
+    n_kv_heads = key.shape[2]
+    group = n_heads // n_kv_heads
+    query = query * jnp.asarray(head_dim**-0.5, query.dtype)
+    query = query.reshape(batch, seq_len, n_kv_heads, group, head_dim)  # [B, T, K, G, H]
+    scores = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", query, key, preferred_element_type=jnp.float32
+    )
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # mask [B,1,1,T,S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value)
+    return out.reshape(batch, seq_len, n_heads, head_dim)
+
+
+def _cudnn_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array
+) -> jax.Array:
+    """cuDNN flash attention (GPU only): the same-document mask enters as a bias, causal natively."""
+    same_document = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B,1,T,S]
+    return jax.nn.dot_product_attention(
+        query, key, value, mask=same_document, is_causal=True, implementation="cudnn"
+    )
+
+
+def _fan_in_init(in_axis, out_axis):
+    return nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
+    )
+
+
+class Attention(nn.Module):
+    """Self-attention with rotary positions and grouped key/value heads.
+
+    Attributes:
+        d_model: D, width of the residual stream.
+        n_heads: query heads N.
+        n_kv_heads: key/value heads K (divides N).
+        head_dim: H.
+        rope_theta: rotary base.
+        implementation: "xla" (einsum, runs anywhere) or "cudnn" (fused, GPU only).
+        dtype: compute dtype.
+        param_dtype: parameter dtype.
+    """
+
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    implementation: AttentionImpl = "xla"
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        D, N, K, H = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim
+
+        def kernel(name, shape, names, in_axis, out_axis):
+            init = nn.with_logical_partitioning(_fan_in_init(in_axis, out_axis), names)
+            return self.param(name, init, shape, self.param_dtype)
+
+        self.w_query = kernel("query", (D, N, H), ("embed", "heads", "head_dim"), 0, (1, 2))
+        self.w_key = kernel("key", (D, K, H), ("embed", "kv_heads", "head_dim"), 0, (1, 2))
+        self.w_value = kernel("value", (D, K, H), ("embed", "kv_heads", "head_dim"), 0, (1, 2))
+        self.w_out = kernel("out", (N, H, D), ("heads", "head_dim", "embed"), (0, 1), 2)
+
+    def project_qkv(
+        self, x: jax.Array, positions: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values of new tokens, rotated to their positions.
+
+        Args:
+            x: [B, T, D] normalised residual stream.
+            positions: [B, T] int32 position of each token inside its document.
+
+        Returns:
+            query [B, T, N, H], key [B, T, K, H], value [B, T, K, H] (compute dtype).
+        """
+        x = x.astype(self.dtype)
+        query = jnp.einsum("BTD,DNH->BTNH", x, self.w_query.astype(self.dtype))
+        key = jnp.einsum("BTD,DKH->BTKH", x, self.w_key.astype(self.dtype))
+        value = jnp.einsum("BTD,DKH->BTKH", x, self.w_value.astype(self.dtype))
+        query = apply_rotary(query, positions, self.rope_theta)
+        key = apply_rotary(key, positions, self.rope_theta)
+        query = nn.with_logical_constraint(query, ("batch", "seq", "heads", "head_dim"))
+        key = nn.with_logical_constraint(key, ("batch", "seq", "kv_heads", "head_dim"))
+        value = nn.with_logical_constraint(value, ("batch", "seq", "kv_heads", "head_dim"))
+        return query, key, value
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array
+    ) -> jax.Array:
+        """[B, T, D] -> [B, T, D] (compute dtype).
+
+        Args:
+            x: [B, T, D] normalised residual stream.
+            positions: [B, T] int32 position inside each document (drives RoPE).
+            segment_ids: [B, T] int32 document of each position (drives the mask).
+        """
+        query, key, value = self.project_qkv(x, positions)
+        if self.implementation == "cudnn":
+            out = _cudnn_attention(query, key, value, segment_ids)
+        else:
+            out = dot_product_attention(query, key, value, attention_mask(segment_ids))
+        out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
+        y = jnp.einsum("BTNH,NHD->BTD", out, self.w_out.astype(self.dtype))
+        return nn.with_logical_constraint(y, ("batch", "seq", "embed"))

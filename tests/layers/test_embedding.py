@@ -1,0 +1,29 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metatrain.layers import Embedding
+
+
+def test_embedding_lookup_and_tied_projection_match_numpy():
+    ids = np.array([[0, 36, 5, 5], [1, 2, 3, 31]], np.int32)
+    emb = Embedding(vocab_size=37, d_model=11, dtype=jnp.float32)
+    boxed = emb.init(jax.random.key(0), jnp.asarray(ids))["params"]["table"]
+    assert boxed.value.shape == (37, 11) and boxed.names == ("vocab", "embed")
+    table = np.asarray(boxed.value, np.float64)
+    params = {"params": {"table": boxed.value}}
+
+    looked_up = emb.apply(params, jnp.asarray(ids))
+    np.testing.assert_array_equal(np.asarray(looked_up), table[ids].astype(np.float32))
+
+    hidden = np.random.default_rng(7).normal(size=(2, 4, 11)).astype(np.float32)
+    logits = emb.apply(params, jnp.asarray(hidden), method=Embedding.attend)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), hidden @ table.T, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_rows_have_unit_norm_in_expectation():
+    emb = Embedding(vocab_size=4001, d_model=64)
+    table = emb.init(jax.random.key(1), jnp.zeros((1, 1), jnp.int32))["params"]["table"].value
+    mean_sq_norm = float(jnp.mean(jnp.sum(table**2, axis=-1)))
+    assert abs(mean_sq_norm - 1.0) < 0.05
