@@ -324,7 +324,10 @@ def make_batch_iterator(
     real_processes = jax.process_count()
     process_index = jax.process_index() if process_index is None else process_index
     process_count = real_processes if process_count is None else process_count
-    lanes = local_lanes(batch_size, process_index, process_count)
+    try:
+        lanes = local_lanes(batch_size, process_index, process_count)
+    except ValueError as e:
+        raise UserError(f"trainer.batch_size: {e}") from None
 
     skips = SkipLog()
     sources = [_open_source(data, k, split, skips) for k in range(len(data.sources))]

@@ -44,3 +44,26 @@ def test_bad_values_are_refused(kwargs, message):
 def test_source_weight_must_be_positive(weight):
     with pytest.raises(ValueError, match="weight"):
         SourceConfig("a.jsonl", weight)
+
+
+def test_run_config_resolves_data_paths_against_the_yaml_file(tmp_path):
+    from metatrain.config import load_config
+
+    (tmp_path / "runs").mkdir()
+    config = tmp_path / "runs" / "run.yaml"
+    config.write_text(
+        "base: " + str(Path(__file__).resolve().parents[2] / "configs" / "default.yaml") + "\n"
+        "data:\n"
+        "  sources:\n"
+        "    - {path: ../corpus/a.jsonl, weight: 0.7}\n"
+        "    - {path: '../corpus/shards/*.jsonl', weight: 0.3}\n"
+        "  tokenizer: tok/t.model\n"
+        "  strict: true\n"
+    )
+    data = load_config(config).data
+    assert data.sources == (
+        SourceConfig(tmp_path / "corpus" / "a.jsonl", 0.7),
+        SourceConfig(tmp_path / "corpus" / "shards" / "*.jsonl", 0.3),
+    )
+    assert data.tokenizer == tmp_path / "runs" / "tok" / "t.model"
+    assert data.tags == DEFAULT_TAGS and data.strict
