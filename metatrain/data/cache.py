@@ -28,7 +28,7 @@ import numpy as np
 import tensorstore as ts
 
 from metatrain.data.packing import shift_document
-from metatrain.data.sources import EncoderSpec, JsonlLines, JsonlReader, SkipLog, expand_jsonl_paths
+from metatrain.data.sources import EncoderSpec, JsonlLines, JsonlReader, RecordFailure, SkipLog, expand_jsonl_paths
 from metatrain.data.split import check_split, id_hash, in_split
 from metatrain.documents import SkipCounter
 from metatrain.errors import RecordError, UserError
@@ -319,10 +319,15 @@ class CacheReader:
         self.eval_fraction = eval_fraction
 
     def __call__(self, index: int) -> dict[str, np.ndarray] | None:
-        if not in_split(int(self.cache.id_hashes[index]), self.split, self.eval_fraction):
-            return None
-        ids, roles = self.cache.document(index)
-        return shift_document(ids, roles)
+        try:
+            if not in_split(int(self.cache.id_hashes[index]), self.split, self.eval_fraction):
+                return None
+            ids, roles = self.cache.document(index)
+            return shift_document(ids, roles)
+        except Exception as e:  # name the document, also when this runs in a worker process
+            raise RecordFailure(
+                f"token cache {self.cache.directory}, document {index}: cannot read it ({e}); rebuild the cache"
+            ) from e
 
 
 def cache_stats(directory: str | Path) -> dict[str, Any]:

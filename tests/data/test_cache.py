@@ -119,3 +119,13 @@ def test_cli_cache_and_stats(tmp_path, built, capsys, encoder_spec):
     assert main(["data", "stats", str(tmp_path)]) == 2
     assert "not a token cache" in capsys.readouterr().err
     shutil.rmtree(out)
+
+
+def test_a_damaged_cache_fails_naming_the_document(tmp_path, built):
+    _, _, directory, _ = built
+    damaged = tmp_path / "damaged"
+    shutil.copytree(directory, damaged)
+    (damaged / "ids" / "0").write_bytes(b"not a chunk")
+    it = make_batch_iterator(data_config(damaged), batch_size=2, seq_len=41)
+    with pytest.raises(RuntimeError, match=rf"token cache {damaged}, document \d+: cannot read it"):
+        take(it, 3)
