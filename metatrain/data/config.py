@@ -65,8 +65,10 @@ class DataConfig:
         seed: seed of the shuffle and the mixture; None in `make_batch_iterator`
             (its `seed` argument) falls back to this.
         strict: stop at the first bad record instead of skipping and counting it.
-        num_workers: background worker processes for reading and encoding (0: in the
-            main process).
+        num_workers: background worker processes for reading, encoding and packing (0:
+            in the main process). Each worker makes every other batch from its own slice of
+            every lane's records, so the batch order depends on `num_workers` (not on the
+            number of hosts); a checkpoint resumes only with the same `num_workers`.
     """
 
     sources: tuple[SourceConfig, ...] = (SourceConfig(SAMPLE_CORPUS),)
