@@ -146,6 +146,15 @@ def _check_gpu_blocks(blocks: dict) -> None:
             )
 
 
+#: Which variant runs for each impl, by the platform the program is lowered for.
+_PLATFORM_VARIANTS = {
+    "chunked": {"default": "chunked"},
+    "pallas_tpu": {"cpu": "tpu_interpret", "default": "tpu"},
+    "pallas_gpu": {"cpu": "gpu_interpret", "default": "gpu"},
+    "pallas": {"cpu": "tpu_interpret", "tpu": "tpu", "cuda": "gpu", "rocm": "gpu", "default": "chunked"},
+    "auto": {"cpu": "chunked", "tpu": "tpu", "cuda": "gpu", "rocm": "gpu", "default": "chunked"},
+}
+
 StatsFn = Callable[..., tiles.RowStats]  # (hidden, projection, targets, mask) -> (m, s, t)
 GradsFn = Callable[..., tuple[jax.Array, jax.Array]]  # (..., mask, lse, g_nll, g_lse)
 
@@ -184,36 +193,22 @@ def _implementation(impl: str, bs: BlockSizes, shape: tuple[int, int, int], dtyp
             h, p, t, mask, lse, gn, gl, chunk=chunk, interpret=interpret, **gpu_blocks
         )
 
-    def per_platform(**fns):
-        """Pick the function by the platform being compiled for (at lowering)."""
-        return lambda *args: lax.platform_dependent(*args, **fns)
+    variants = {
+        "chunked": (chunked_stats, chunked_grads),
+        "tpu": (functools.partial(tpu_stats, interpret=False), functools.partial(tpu_grads, interpret=False)),
+        "tpu_interpret": (functools.partial(tpu_stats, interpret=True), functools.partial(tpu_grads, interpret=True)),
+        "gpu": (functools.partial(gpu_stats, interpret=False), functools.partial(gpu_grads, interpret=False)),
+        "gpu_interpret": (functools.partial(gpu_stats, interpret=True), functools.partial(gpu_grads, interpret=True)),
+    }
+    table = _PLATFORM_VARIANTS[impl]
 
-    def interpreted_on_cpu(fn):
-        return per_platform(
-            cpu=functools.partial(fn, interpret=True), default=functools.partial(fn, interpret=False)
-        )
+    def select(which: int):
+        if len(table) == 1:
+            return variants[table["default"]][which]
+        fns = {platform: variants[name][which] for platform, name in table.items()}
+        return lambda *args: lax.platform_dependent(*args, **fns)  # chosen at lowering
 
-    if impl == "chunked":
-        return chunked_stats, chunked_grads
-    if impl == "pallas_tpu":
-        return interpreted_on_cpu(tpu_stats), interpreted_on_cpu(tpu_grads)
-    if impl == "pallas_gpu":
-        return interpreted_on_cpu(gpu_stats), interpreted_on_cpu(gpu_grads)
-    if impl == "pallas":
-        cpu_stats, cpu_grads = functools.partial(tpu_stats, interpret=True), functools.partial(
-            tpu_grads, interpret=True
-        )
-    else:  # auto
-        cpu_stats, cpu_grads = chunked_stats, chunked_grads
-    compiled = dict(
-        tpu=(functools.partial(tpu_stats, interpret=False), functools.partial(tpu_grads, interpret=False)),
-        cuda=(functools.partial(gpu_stats, interpret=False), functools.partial(gpu_grads, interpret=False)),
-        rocm=(functools.partial(gpu_stats, interpret=False), functools.partial(gpu_grads, interpret=False)),
-    )
-    return (
-        per_platform(cpu=cpu_stats, default=chunked_stats, **{k: v[0] for k, v in compiled.items()}),
-        per_platform(cpu=cpu_grads, default=chunked_grads, **{k: v[1] for k, v in compiled.items()}),
-    )
+    return select(0), select(1)
 
 
 # ------------------------------------------------------------------- custom VJP + sharding

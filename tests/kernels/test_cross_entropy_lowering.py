@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -70,6 +71,8 @@ def test_no_logits_sized_buffer(impl):
 
 @pytest.fixture(scope="module")
 def tpu_mesh():
+    # pytest-xdist workers each load libtpu; without this the second one finds it locked.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
 
