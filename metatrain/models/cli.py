@@ -61,7 +61,7 @@ def model_info(config: Any, num_devices: int | None = None) -> dict[str, Any]:
         sizes = [getattr(mesh, a) for a in MESH_AXES]
         num_devices = jax.device_count() if -1 in sizes else math.prod(sizes) * mesh.dcn_data
     axis_sizes = mesh.axis_sizes(num_devices)
-    check_fits(model, axis_sizes, config.trainer.batch_size, mesh.rules)
+    check_fits(model, axis_sizes, config.trainer.batch_size, mesh.rules, grad_accum=config.trainer.grad_accum)
 
     abstract = init_params_shape(model)
     counted = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(abstract)))

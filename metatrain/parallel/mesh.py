@@ -209,24 +209,32 @@ def check_fits(
     mesh: Mesh | Mapping[str, int],
     batch_size: int,
     rules: LogicalRules = DEFAULT_RULES,
+    *,
+    grad_accum: int = 1,
 ) -> None:
     """Refuse, before compiling, a model or batch that cannot be split over the mesh.
 
     Every model dimension that the rules shard must be divisible by the product of the
-    mesh axes it is split over; so must the global batch size.
+    mesh axes it is split over; so must each micro-batch (batch_size / grad_accum).
 
     Args:
         model_config: the model.
         mesh: a Mesh, or a mapping from mesh axis name to size.
         batch_size: global batch size (rows per step).
         rules: the logical-to-mesh rules.
+        grad_accum: micro-batches per step; each is split over the batch axes.
 
     Raises:
         UserError: listing every dimension that does not divide, and how to fix it.
     """
     sizes = _axis_sizes_of(mesh)
+    problems = []
+    if grad_accum > 1:
+        batch_size, batch_key = batch_size // grad_accum, "trainer.batch_size / trainer.grad_accum"
+    else:
+        batch_key = "trainer.batch_size"
     dims = {
-        "batch": ("trainer.batch_size", batch_size),
+        "batch": (batch_key, batch_size),
         "vocab": ("model.vocab_size", model_config.vocab_size),
         "embed": ("model.d_model", model_config.d_model),
         "heads": ("model.n_heads", model_config.n_heads),
@@ -235,7 +243,6 @@ def check_fits(
         "mlp": ("model.d_ff", model_config.d_ff),
         "layers": ("model.n_layers", model_config.n_layers),
     }
-    problems = []
     for logical, (key, size) in dims.items():
         spec_entry = mesh_axes_of((logical,), rules)[0]
         factor = _split_factor(spec_entry, sizes)

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from metatrain.errors import UserError
 from metatrain.layers import Attention, attention_mask, dot_product_attention
 
 B, T, D, N, K, H = 3, 11, 13, 6, 2, 10
@@ -147,3 +148,10 @@ def test_packed_document_sees_what_it_would_see_alone():
         params, x[:1, 3:7], jnp.arange(4)[None], jnp.ones((1, 4), jnp.int32)
     )[0]
     np.testing.assert_allclose(np.asarray(packed), np.asarray(alone), atol=1e-5)
+
+
+def test_cudnn_attention_is_refused_off_gpu_with_the_fix():
+    x, pos, seg = _inputs()
+    model = Attention(d_model=D, n_heads=N, n_kv_heads=K, head_dim=H, implementation="cudnn")
+    with pytest.raises(UserError, match="model.attention=xla"):
+        model.init(jax.random.key(0), x, pos, seg)

@@ -118,6 +118,7 @@ def test_per_device_parameter_bytes_follow_the_sharding():
         (dict(n_heads=9, n_kv_heads=3, head_dim=10), 8, {"data": 1, "fsdp": 1, "tensor": 3},
          ["model.d_ff=34", "model.vocab_size=38"]),
         (dict(), 6, {"data": 2, "fsdp": 2, "tensor": 1}, ["trainer.batch_size=6", "4"]),
+        (dict(), (8, 4), {"data": 2, "fsdp": 2, "tensor": 1}, ["trainer.batch_size / trainer.grad_accum=2"]),
         (dict(d_model=27, head_dim=10), 8, {"data": 1, "fsdp": 2, "tensor": 1}, ["model.d_model=27", "fsdp=2"]),
     ],
 )
@@ -125,8 +126,9 @@ def test_a_model_that_cannot_fit_the_mesh_is_refused_saying_why(change, batch, s
     cfg = ModelConfig(**{**{f: getattr(CFG, f) for f in ("vocab_size", "d_model", "n_layers", "n_heads",
                                                           "n_kv_heads", "head_dim", "d_ff", "max_seq_len")},
                          **change})
+    batch, grad_accum = batch if isinstance(batch, tuple) else (batch, 1)
     with pytest.raises(UserError) as e:
-        check_fits(cfg, sizes, batch)
+        check_fits(cfg, sizes, batch, grad_accum=grad_accum)
     for word in words:
         assert word in str(e.value)
 
@@ -134,6 +136,7 @@ def test_a_model_that_cannot_fit_the_mesh_is_refused_saying_why(change, batch, s
 def test_fitting_model_passes_and_rules_are_honoured():
     mesh = build_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     check_fits(CFG, mesh, batch_size=4)
+    check_fits(CFG, mesh, batch_size=8, grad_accum=2)
     # replicating everything means nothing needs to divide
     check_fits(ModelConfig(vocab_size=37, d_model=13, n_layers=1, n_heads=3, head_dim=2, d_ff=7, max_seq_len=5),
                mesh, batch_size=1, rules=(("batch", None),))
