@@ -66,7 +66,7 @@ class BlockSizes:
     chunk: int | None = None
     splits: int | None = None
     num_warps: int = 8
-    num_stages: int = 3
+    num_stages: int | None = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -128,12 +128,15 @@ def _check_tpu_blocks(blocks: dict, rows: int, vocab: int, dtype) -> None:
 
 
 def _gpu_blocks(bs: BlockSizes, dtype) -> dict:
+    bf16 = jnp.dtype(dtype).itemsize == 2
+    # 128 x 256 x 64 bf16 tiles, 4 stages, were the fastest forward on an H100
+    # (benchmarks/README.md).
     return dict(
         block_rows=bs.rows or 128,
-        block_vocab=bs.vocab or 128,
-        block_depth=bs.depth or (64 if jnp.dtype(dtype).itemsize == 2 else 32),
+        block_vocab=bs.vocab or (256 if bf16 else 128),
+        block_depth=bs.depth or (64 if bf16 else 32),
         num_warps=bs.num_warps,
-        num_stages=bs.num_stages,
+        num_stages=bs.num_stages if bs.num_stages is not None else (4 if bf16 else 3),
     )
 
 
@@ -163,6 +166,9 @@ def _implementation(impl: str, bs: BlockSizes, shape: tuple[int, int, int], dtyp
     """`(stats_fn, grads_fn)` for local (per-shard) arrays of `shape = (N, D, V)`."""
     rows, depth, vocab = shape
     chunk = bs.chunk or chunked.default_chunk(rows)
+    # The GPU backward keeps only a bf16 dlogits chunk; wider chunks mean fewer passes
+    # over the f32 d_hidden accumulator (4096 columns was fastest on an H100 at N=16384).
+    gpu_chunk = bs.chunk or chunked.default_chunk(rows, budget_bytes=256 << 20)
     tpu_blocks = _tpu_blocks(bs, depth)
     gpu_blocks = _gpu_blocks(bs, dtype)
     # Interpret mode accepts any tile, so check the hardware's rules for the kernels that
@@ -190,7 +196,7 @@ def _implementation(impl: str, bs: BlockSizes, shape: tuple[int, int, int], dtyp
 
     def gpu_grads(h, p, t, mask, lse, gn, gl, interpret):
         return gpu.triton_grads(
-            h, p, t, mask, lse, gn, gl, chunk=chunk, interpret=interpret, **gpu_blocks
+            h, p, t, mask, lse, gn, gl, chunk=gpu_chunk, interpret=interpret, **gpu_blocks
         )
 
     variants = {

@@ -153,13 +153,16 @@ def _dlogits_kernel(
     (rows, depth), width = h_ref.shape, out_ref.shape[1]
     i, jj = pl.program_id(0), pl.program_id(1)
     row0, local0 = i * bn, jj * bv
-    col0 = off_ref[0] + local0
+    # Chunks start at multiples of the tile width; saying so lets Triton vectorise the
+    # projection loads (an offset read from memory has unknown alignment otherwise).
+    offset = pl.multiple_of(off_ref[0], bv)
+    col0 = offset + local0
     r_lim = rows if rows % bn else None
     ragged_c = width % bv != 0
-    num_k = jnp.where(live_ref[i] > 0, pl.cdiv(depth, bk), 0)
+    num_k = live_ref[i] * pl.cdiv(depth, bk)  # 0 for a block of zero cotangents (int32)
     logits = _logit_tile(
         h_ref, p_ref, row0, col0, num_k, bn=bn, bv=bv, bk=bk, rows=rows, depth=depth,
-        col_limit=off_ref[0] + width if ragged_c else None,
+        col_limit=offset + width if ragged_c else None,
     )
     local = local0 + lax.broadcasted_iota(jnp.int32, (bn, bv), 1)
     tgt = _load(t_ref, row0, bn, 0, 1, r_lim, None, -1)
@@ -209,6 +212,7 @@ def triton_grads(
     del mask
     rows = hidden.shape[0]
     bn, bv, bk = block_rows, block_vocab, block_depth
+    chunk = pl.cdiv(chunk, bv) * bv  # every chunk offset a multiple of the tile width
     live = _live_blocks(((g_nll != 0) | (g_lse != 0))[:, 0], bn)
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     kernel = functools.partial(_dlogits_kernel, bn=bn, bv=bv, bk=bk)

@@ -137,12 +137,27 @@ def test_tpu_compile_rejects_tiles_that_break_tpu_tiling(tpu_mesh):
 # ----------------------------------------------------------------------------- GPU
 
 
+@pytest.fixture
+def verified_triton(monkeypatch):
+    """Run the MLIR verifier on every Triton module (the GPU would reject invalid IR)."""
+    from jax._src.pallas.triton import lowering
+
+    lower = lowering.lower_jaxpr_to_triton_module
+
+    def lower_and_verify(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        result.module.operation.verify()
+        return result
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+
+
 def cuda_hlo(fn, *args) -> str:
     return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_triton_kernels_lower_for_cuda(dtype):
+def test_triton_kernels_lower_for_cuda(dtype, verified_triton):
     hlo = cuda_hlo(value_and_grad("pallas"), *abstract_args(ROWS, DEPTH, VOCAB, dtype))
     # "pallas" picks per platform: Triton for CUDA (forward stats + backward dlogits).
     assert hlo.count("__gpu$xla.gpu.triton") >= 2
