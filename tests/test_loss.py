@@ -62,8 +62,12 @@ def test_loss_and_stats_match_reference(impl, batch):
     ref_loss, ref_stats = reference(hidden, projection, targets, roles, weights, 1e-3)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     assert set(stats) == set(ref_stats)
+    # A near tie of the top two logits may flip argmax between f32 and f64.
+    top2 = np.sort(hidden.reshape(-1, D).astype(np.float64) @ projection, axis=1)[:, -2:]
+    near_ties = int(np.sum(top2[:, 1] - top2[:, 0] < 1e-4 * np.maximum(1, np.abs(top2[:, 1]))))
     for key, value in ref_stats.items():
-        np.testing.assert_allclose(stats[key], value, rtol=1e-5, atol=1e-4, err_msg=key)
+        atol = near_ties + 1e-4 if key.startswith("correct/") else 1e-4
+        np.testing.assert_allclose(stats[key], value, rtol=1e-5, atol=atol, err_msg=key)
     assert stats["correct/text"] > 0 or stats["count/text"] == 0
 
 

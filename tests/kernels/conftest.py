@@ -52,6 +52,16 @@ def _reference(hidden, projection, targets, mask, g_nll, g_lse):
     return zero(nll), zero(lse), zero(correct), dlogits @ p.T, h.T @ dlogits
 
 
+def _decided(hidden, projection, margin=1e-4):
+    """Rows whose top two logits differ by more than `margin` (relative): there argmax is
+    the same in f32 and f64; a near tie may flip either way and is not a kernel error."""
+    logits = np.asarray(hidden, np.float64) @ np.asarray(projection, np.float64)
+    top2 = np.sort(logits, axis=1)[:, -2:] if logits.shape[1] > 1 else np.concatenate(
+        [np.full_like(logits, -np.inf), logits], axis=1
+    )
+    return top2[:, 1] - top2[:, 0] > margin * np.maximum(1.0, np.abs(top2[:, 1]))
+
+
 def _relative_error(actual, expected) -> float:
     """Max abs error over max abs value (a norm-wise relative error)."""
     expected = np.asarray(expected, np.float64)
@@ -73,3 +83,8 @@ def reference():
 @pytest.fixture
 def relative_error():
     return _relative_error
+
+
+@pytest.fixture
+def decided():
+    return _decided

@@ -36,34 +36,36 @@ def evaluate(impl, hidden, projection, targets, mask, g_nll, g_lse, block_sizes=
     return [np.asarray(x.astype(jnp.float32)) for x in run(hidden, projection, targets, mask, g_nll, g_lse)]
 
 
-def check_f32(result, expected, relative_error, tol=1e-5):
+def check_f32(result, expected, relative_error, decided, tol=1e-5):
     nll, lse, correct, d_hidden, d_proj = result
     ref_nll, ref_lse, ref_correct, ref_dh, ref_dp = expected
     np.testing.assert_allclose(nll, ref_nll, rtol=tol, atol=tol)
     np.testing.assert_allclose(lse, ref_lse, rtol=tol, atol=tol)
-    np.testing.assert_array_equal(correct, ref_correct)
+    np.testing.assert_array_equal(correct[decided], ref_correct[decided])
     assert relative_error(d_hidden, ref_dh) < tol
     assert relative_error(d_proj, ref_dp) < tol
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_ragged_shapes_and_dead_blocks(impl, make_inputs, reference, relative_error):
+def test_ragged_shapes_and_dead_blocks(impl, make_inputs, reference, relative_error, decided):
     hidden, projection, targets, mask, g_nll, g_lse = make_inputs(1000, 72, 1003)
     mask[128:384] = False  # rows 128..383: whole row blocks of 64 (and of 128) are off
     blocks = BlockSizes(rows=128, vocab=128, depth=32, chunk=256)
     result = evaluate(impl, hidden, projection, targets, mask, g_nll, g_lse, blocks)
-    check_f32(result, reference(hidden, projection, targets, mask, g_nll, g_lse), relative_error)
+    expected = reference(hidden, projection, targets, mask, g_nll, g_lse)
+    check_f32(result, expected, relative_error, decided(hidden, projection))
     nll, lse, correct, d_hidden, _ = result
     assert not np.any(nll[~mask]) and not np.any(lse[~mask]) and not np.any(d_hidden[~mask])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", [(211, 37, 397), (7, 5, 11), (1, 3, 2), (67, 19, 131)])
-def test_prime_shapes(impl, shape, make_inputs, reference, relative_error):
+def test_prime_shapes(impl, shape, make_inputs, reference, relative_error, decided):
     hidden, projection, targets, mask, g_nll, g_lse = make_inputs(*shape)
     mask[0] = True
     result = evaluate(impl, hidden, projection, targets, mask, g_nll, g_lse)
-    check_f32(result, reference(hidden, projection, targets, mask, g_nll, g_lse), relative_error)
+    expected = reference(hidden, projection, targets, mask, g_nll, g_lse)
+    check_f32(result, expected, relative_error, decided(hidden, projection))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -79,9 +81,13 @@ def test_bf16_inputs(impl, make_inputs, reference, relative_error):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_large_logits_do_not_overflow(impl, make_inputs, reference, relative_error):
+def test_large_logits_do_not_overflow(impl, make_inputs, reference, relative_error, decided):
     scale = 3e4  # exp(3e4) overflows f32 (and f64) by far
     hidden, projection, targets, mask, g_nll, g_lse = make_inputs(67, 19, 131, logit_scale=scale)
+    # f32 logits of size ~scale are only known to ~1e-7 * scale, so the softmax of a row
+    # whose top two logits nearly tie is not determined by f32 inputs; leave such rows out.
+    top2 = np.sort(hidden.astype(np.float64) @ projection, axis=1)[:, -2:]
+    mask &= top2[:, 1] - top2[:, 0] > 1e-3 * scale
     nll, lse, correct, d_hidden, d_proj = evaluate(impl, hidden, projection, targets, mask, g_nll, g_lse)
     ref = reference(hidden, projection, targets, mask, g_nll, g_lse)
     for value in (nll, lse, d_hidden, d_proj):
@@ -89,20 +95,22 @@ def test_large_logits_do_not_overflow(impl, make_inputs, reference, relative_err
     # f32 logits of size ~scale carry absolute rounding error ~ scale * 1e-7.
     np.testing.assert_allclose(lse, ref[1], rtol=1e-5, atol=1e-5 * scale)
     np.testing.assert_allclose(nll, ref[0], rtol=1e-5, atol=1e-5 * scale)
-    np.testing.assert_array_equal(correct, ref[2])
+    sure = decided(hidden, projection)
+    np.testing.assert_array_equal(correct[sure], ref[2][sure])
     assert relative_error(d_hidden, ref[3]) < 1e-5
     assert relative_error(d_proj, ref[4]) < 1e-5
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_correct_is_argmax_equals_target(impl, make_inputs):
+def test_correct_is_argmax_equals_target(impl, make_inputs, decided):
     hidden, projection, targets, mask, g_nll, g_lse = make_inputs(211, 37, 397)
     logits = hidden.astype(np.float64) @ projection
     argmax = logits.argmax(axis=1)
     targets[::2] = argmax[::2]  # half the rows predicted right
     _, _, correct, _, _ = evaluate(impl, hidden, projection, targets, mask, g_nll, g_lse)
-    np.testing.assert_array_equal(correct, np.where(mask, argmax == targets, 0.0))
-    assert correct.sum() >= mask[::2].sum()
+    sure = decided(hidden, projection)
+    np.testing.assert_array_equal(correct[sure], np.where(mask, argmax == targets, 0.0)[sure])
+    assert correct[::2][sure[::2]].sum() == mask[::2][sure[::2]].sum()
 
 
 @pytest.mark.parametrize("impl", ["naive", "chunked", "pallas_tpu"])
