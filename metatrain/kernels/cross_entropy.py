@@ -57,7 +57,8 @@ class BlockSizes:
         chunk: columns per step of the chunked path and of the GPU backward, which
             materialise `[N, chunk]` buffers.
         splits: vocabulary ranges per row block in the GPU forward (parallelism).
-        num_warps, num_stages: Triton launch parameters (GPU only).
+        num_warps, num_stages: Triton launch parameters (GPU only; num_stages None means
+            4 for bf16 and 3 for f32).
     """
 
     rows: int | None = None
