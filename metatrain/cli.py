@@ -17,6 +17,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "metatrain.data.cli",
     "metatrain.models.cli",
     "metatrain.train.cli",
+    "metatrain.generate.cli",
+    "metatrain.launch.cli",
+    "metatrain.sweep.cli",
 )
 
 
