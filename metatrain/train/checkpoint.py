@@ -67,6 +67,10 @@ class Checkpointer:
         )
         return restored["config"]
 
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process at the step they agreed to stop at after a SIGTERM."""
+        return self._manager.reached_preemption(step)
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

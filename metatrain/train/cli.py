@@ -38,9 +38,9 @@ def resolve_run(config_path: Path | None, workdir: Path | None, overrides: list[
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from metatrain.train.loop import format_summary, train
+    from metatrain.train.loop import PREEMPTED_EXIT_CODE, format_summary, train
 
     config, workdir = resolve_run(args.config, args.workdir, args.overrides)
     summary = train(config, workdir)
     print(format_summary(summary))
-    return 0
+    return PREEMPTED_EXIT_CODE if summary.preempted else 0

@@ -1,9 +1,16 @@
 """The training loop: data in, one jitted donating step, metrics/eval/checkpoints around it.
 
-The loop owns the effects (files, clocks, logging); the step is pure. Device metrics
-are fetched once per logging window, so the host never waits on the device between
-logs, except at checkpoint steps, where the window is flushed first so that a
+The loop owns the effects (files, clocks, logging, signals); the step is pure. Device
+metrics are fetched once per logging window, so the host never waits on the device
+between logs, except at checkpoint steps, where the window is flushed first so that a
 non-finite loss is caught before its state could be saved.
+
+Preemption: on SIGTERM the loop finishes the step in flight, saves a checkpoint at the
+step reached and returns with `TrainSummary.preempted` set; `metatrain train` then exits
+with `PREEMPTED_EXIT_CODE` (75), and running the same command again resumes. With one
+process a Python signal handler notices the signal; with several, JAX's preemption
+service (started by `jax.distributed.initialize`) catches it on any process and picks a
+step every process stops at (`reached_preemption_sync_point`), so the save is collective.
 """
 
 from __future__ import annotations
@@ -11,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -24,13 +33,18 @@ from metatrain.data import global_batch, make_batch_iterator
 from metatrain.errors import UserError
 from metatrain.hardware import local_chip
 from metatrain.models import Transformer
-from metatrain.parallel.mesh import DEFAULT_RULES, batch_sharding, build_mesh, check_fits
+from metatrain.parallel.mesh import batch_sharding, build_mesh, check_fits, sharding_context
 from metatrain.roles import LOSS_ROLE_LABELS
 from metatrain.train.checkpoint import Checkpointer
 from metatrain.train.metrics import MetricsWriter, add_sums, mfu, role_metrics
 from metatrain.train.optimizer import build_optimizer, learning_rate_schedule
 from metatrain.train.state import abstract_state, init_state, state_shardings
 from metatrain.train.step import make_eval_step, make_train_step
+
+
+#: Exit status of `metatrain train` when it stopped on SIGTERM after saving a checkpoint
+#: (EX_TEMPFAIL: run the same command again to resume).
+PREEMPTED_EXIT_CODE: int = 75
 
 
 class NonFiniteLossError(UserError):
@@ -55,6 +69,7 @@ class TrainSummary:
     tokens_per_sec: float
     checkpoint_dir: Path
     skipped_records: int
+    preempted: bool = False
 
 
 def weighted_loss(sums: dict[str, float], weights: dict[str, float]) -> float | None:
@@ -79,23 +94,67 @@ def prepare_workdir(config: RunConfig, workdir: Path) -> None:
             shutil.copyfile(src_path, dst)
 
 
+class _PreemptionWatch:
+    """Notices SIGTERM and says at which step every process should stop and save."""
+
+    def __init__(self, checkpointer: Checkpointer):
+        self._checkpointer = checkpointer
+        self._signalled = False
+        self._previous = None
+        # With several processes JAX's preemption service owns SIGTERM (a Python handler
+        # would replace it and the processes could stop at different steps).
+        self._collective = jax.process_count() > 1
+
+    def __enter__(self) -> "_PreemptionWatch":
+        if not self._collective and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._signalled = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step` (call after every step, on every process)."""
+        if self._collective:
+            return self._checkpointer.reached_preemption(step)
+        return self._signalled
+
+
 class Trainer:
     """Builds everything a run needs from a `RunConfig`; `run()` trains to `trainer.steps`."""
 
-    def __init__(self, config: RunConfig, workdir: Path, hooks: tuple[Hook, ...] = ()):
+    def __init__(
+        self,
+        config: RunConfig,
+        workdir: Path,
+        hooks: tuple[Hook, ...] = (),
+        devices: Sequence[jax.Device] | None = None,
+    ):
+        """Args:
+        config: the resolved run config.
+        workdir: where checkpoints, metrics and the run's tokenizer go.
+        hooks: called after every `hook.every`-th step.
+        devices: devices to lay the mesh over (default: every device of every process).
+        """
         self.config = config
         self.workdir = Path(workdir)
         self.hooks = list(hooks)
         self.is_main = jax.process_index() == 0
         tc = config.trainer
 
-        self.mesh = build_mesh(config.mesh)
-        check_fits(config.model, self.mesh, tc.batch_size)
+        self.mesh = build_mesh(config.mesh, devices)
+        self.rules = config.mesh.rules
+        check_fits(config.model, self.mesh, tc.batch_size, self.rules, grad_accum=tc.grad_accum)
         self.model = Transformer(config.model)
         self.schedule = learning_rate_schedule(config.optimizer, tc.steps)
         self.optimizer = build_optimizer(config.optimizer, tc.steps)
-        self.shardings = state_shardings(self.model, self.optimizer, self.mesh, DEFAULT_RULES)
-        self.batch_sharding = batch_sharding(self.mesh)
+        self.shardings = state_shardings(self.model, self.optimizer, self.mesh, self.rules)
+        self.batch_sharding = batch_sharding(self.mesh, self.rules)
         self.train_iter = make_batch_iterator(
             config.data, batch_size=tc.batch_size, seq_len=tc.seq_len, split="train", seed=tc.seed
         )
@@ -138,16 +197,16 @@ class Trainer:
     def evaluate(self, params) -> dict[str, Any]:
         """Per-role losses on the first `eval_batches` batches of the held-out split."""
         tc = self.config.trainer
-        it = make_batch_iterator(
-            self.config.data, batch_size=tc.batch_size, seq_len=tc.seq_len, split="eval", seed=tc.seed
-        )
         sums = None
-        for _ in range(tc.eval_batches):
-            try:
-                local = next(it)
-            except StopIteration:
-                break
-            sums = add_sums(sums, self.eval_step(params, global_batch(local, self.batch_sharding)))
+        with make_batch_iterator(
+            self.config.data, batch_size=tc.batch_size, seq_len=tc.seq_len, split="eval", seed=tc.seed
+        ) as it:
+            for _ in range(tc.eval_batches):
+                try:
+                    local = next(it)
+                except StopIteration:
+                    break
+                sums = add_sums(sums, self.eval_step(params, global_batch(local, self.batch_sharding)))
         if sums is None:
             return {}
         out = {"eval/loss": weighted_loss(sums, self.role_weights)}
@@ -156,6 +215,15 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------
     def run(self) -> TrainSummary:
+        """Train from the latest checkpoint (or from scratch) to `trainer.steps`.
+
+        Steps are traced inside the mesh's sharding context, so the model's logical
+        activation constraints take effect.
+        """
+        with sharding_context(self.mesh, self.rules), _PreemptionWatch(self.checkpointer) as watch:
+            return self._run(watch)
+
+    def _run(self, watch: _PreemptionWatch) -> TrainSummary:
         tc = self.config.trainer
         prepare_workdir(self.config, self.workdir)
         state, start = self.initial_state()
@@ -197,7 +265,7 @@ class Trainer:
                 "tokens_per_sec": tps,
                 "step_time": elapsed / n,
                 "mfu": mfu(self.flops_per_token, tps, self.peak_flops, jax.device_count()),
-                "skipped_records": self.train_iter.skips.total,
+                "skipped_records": self.train_iter.skips.count,
             }
             self.writer.write(step, metrics)
             last = metrics
@@ -207,18 +275,22 @@ class Trainer:
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
 
         step = start
-        while step < tc.steps:
+        preempted = False
+        while step < tc.steps and not preempted:
             batch = self.next_batch()
             state, metrics = self.train_step(state, batch)
             step += 1
             pending.append((step, metrics))
             if progress is not None:
                 progress.update(1)
-            save_now = step % self.config.checkpoint.every == 0 or step == tc.steps
+            preempted = watch.reached(step) and step < tc.steps
+            save_now = step % self.config.checkpoint.every == 0 or step == tc.steps or preempted
             if step % tc.log_every == 0 or save_now:
                 flush(step)
             if save_now:
                 self.checkpointer.save(step, state, self.train_iter.get_state(), config_dict)
+            if preempted:
+                break
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 eval_metrics = self.evaluate(state.params)
                 if eval_metrics:
@@ -240,12 +312,14 @@ class Trainer:
             eval_metrics=eval_metrics,
             tokens_per_sec=float(np.median(steady)) if steady else 0.0,
             checkpoint_dir=self.checkpointer.directory,
-            skipped_records=self.train_iter.skips.total,
+            skipped_records=self.train_iter.skips.count,
+            preempted=preempted,
         )
 
     def close(self) -> None:
         self.checkpointer.close()
         self.writer.close()
+        self.train_iter.close()
 
 
 def _progress_bar(start: int, total: int, enabled: bool):
@@ -256,9 +330,14 @@ def _progress_bar(start: int, total: int, enabled: bool):
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def train(config: RunConfig, workdir: Path, hooks: tuple[Hook, ...] = ()) -> TrainSummary:
+def train(
+    config: RunConfig,
+    workdir: Path,
+    hooks: tuple[Hook, ...] = (),
+    devices: Sequence[jax.Device] | None = None,
+) -> TrainSummary:
     """Train (or resume) the run described by `config` in `workdir`."""
-    trainer = Trainer(config, workdir, hooks)
+    trainer = Trainer(config, workdir, hooks, devices)
     try:
         return trainer.run()
     finally:
@@ -269,6 +348,11 @@ def format_summary(summary: TrainSummary) -> str:
     """A short human summary printed at the end of `metatrain train`."""
     m = summary.last_metrics
     lines = [f"trained steps {summary.start_step} -> {summary.final_step} in {summary.workdir}"]
+    if summary.preempted:
+        lines.append(
+            f"preempted (SIGTERM): checkpoint saved at step {summary.final_step}; "
+            "run the same command again to resume"
+        )
     if m:
         roles = "  ".join(
             f"{r} {m[f'loss/{r}']:.3f}" for r in LOSS_ROLE_LABELS if m.get(f"loss/{r}") is not None

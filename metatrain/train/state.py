@@ -37,7 +37,7 @@ def state_shardings(
     Optimizer moments mirror their parameters' logical axes because optax builds them
     with tree maps over the boxed parameters.
     """
-    abstract = jax.eval_shape(_init_boxed, model, optimizer, jax.random.key(0))
+    abstract = jax.eval_shape(lambda key: _init_boxed(model, optimizer, key), jax.random.key(0))
     specs = nn.get_partition_spec(abstract)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
     # Leaves without logical names (step, optimizer counts) are replicated.

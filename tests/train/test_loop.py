@@ -1,0 +1,271 @@
+"""The training loop end to end on the tiny preset: metrics, checkpoints, exact resume,
+sharded == unsharded, role weights, non-finite losses, the command line.
+
+Runs use `configs/tiny.yaml` with a handful of steps; a module-scoped uninterrupted run
+is the reference the resume and sharding tests compare against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metatrain.config import load_config
+from metatrain.data import global_batch, make_batch_iterator
+from metatrain.paths import REPO_ROOT
+from metatrain.roles import Role
+from metatrain.train.loop import Hook, NonFiniteLossError, Trainer, train
+
+TINY = REPO_ROOT / "configs" / "tiny.yaml"
+STEPS = 6
+
+# Keys every training record must carry (a contract read by scripts and sweeps).
+TRAIN_KEYS = (
+    "step", "loss", "loss/text", "loss/thinking", "loss/mantra", "loss/tag", "accuracy/text",
+    "tokens/text", "tokens/thinking", "learning_rate", "grad_norm", "tokens_per_sec",
+    "step_time", "mfu",
+)
+
+
+def tiny_config(*overrides: str):
+    return load_config(
+        TINY,
+        [
+            f"trainer.steps={STEPS}",
+            "trainer.log_every=1",
+            "trainer.eval_every=3",
+            "trainer.eval_batches=1",
+            "trainer.progress=false",
+            "checkpoint.every=3",
+            "checkpoint.async_save=true",
+            *overrides,
+        ],
+    )
+
+
+def read_records(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_records(workdir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 6-step run over all 8 devices (data-parallel)."""
+    workdir = tmp_path_factory.mktemp("reference")
+    summary = train(tiny_config(), workdir)
+    return workdir, summary
+
+
+def test_run_writes_metrics_checkpoints_and_a_self_contained_workdir(reference_run):
+    workdir, summary = reference_run
+    assert summary.start_step == 0 and summary.final_step == STEPS and not summary.preempted
+    records = read_records(workdir)
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, STEPS + 1))
+    for record in train_records:
+        missing = [k for k in TRAIN_KEYS if k not in record]
+        assert not missing, f"metrics record lacks {missing}"
+        assert np.isfinite(record["loss"]) and record["tokens/text"] > 0
+        assert record["mfu"] is None  # no peak FLOPs for a CPU
+    eval_records = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in eval_records] == [3, 6]
+    assert all(r["eval/loss/text"] is not None for r in eval_records)
+    # Warmup: the learning rate the step reports grows over the first steps.
+    lrs = [r["learning_rate"] for r in train_records]
+    assert lrs[0] < lrs[1] < lrs[2]
+
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+    for name in ("config.yaml", "tokenizer.model", "tags.yaml"):
+        assert (workdir / name).is_file(), name
+    saved = load_config(workdir / "config.yaml")
+    assert saved == tiny_config()
+    assert (workdir / "tensorboard").is_dir()
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(reference_run, tmp_path):
+    ref_dir, ref_summary = reference_run
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_step_4(step, state, metrics):
+        if step == 4:  # the checkpoint of step 3 exists; step 4 is lost
+            raise Crash()
+
+    with pytest.raises(Crash):
+        train(tiny_config(), tmp_path, hooks=(Hook(every=1, fn=crash_after_step_4),))
+    summary = train(tiny_config(), tmp_path)
+    assert summary.start_step == 3 and summary.final_step == STEPS
+    resumed, reference = train_losses(tmp_path), train_losses(ref_dir)
+    # metrics.jsonl is appended to, so steps 4 (twice) .. 6 are there; CPU runs are exact.
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == reference[step], f"step {step}: {resumed[step]} != {reference[step]}"
+    assert summary.eval_metrics == ref_summary.eval_metrics
+
+
+def test_sharded_run_equals_unsharded_run(tmp_path):
+    assert jax.device_count() == 8
+    sharded = train(
+        tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "trainer.eval_every=0"),
+        tmp_path / "sharded",
+    )
+    single = train(
+        tiny_config("mesh.data=1", "trainer.eval_every=0"),
+        tmp_path / "single",
+        devices=jax.devices()[:1],
+    )
+    a, b = train_losses(tmp_path / "sharded"), train_losses(tmp_path / "single")
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=2e-5)
+    # The losses move: equal losses are not an artefact of a run that does nothing.
+    assert a[STEPS] < a[1] - 0.1
+    assert sharded.final_step == single.final_step == STEPS
+
+
+@pytest.fixture(scope="module")
+def first_batch_and_params(tmp_path_factory):
+    """The tiny model's initial parameters and first local training batch."""
+    config = tiny_config()
+    trainer = Trainer(config, tmp_path_factory.mktemp("unused"))
+    try:
+        state, _ = trainer.initial_state()
+        local = next(trainer.train_iter)
+        return trainer.model, config, state.params, local, trainer.batch_sharding
+    finally:
+        trainer.close()
+
+
+def _loss_and_grads(setup, weights_override: str | None, targets: np.ndarray | None = None):
+    from metatrain.train.step import _loss_and_stats
+
+    model, config, params, local, sharding = setup
+    if weights_override:
+        config = load_config(TINY, [weights_override])
+    batch = global_batch(dict(local, targets=local["targets"] if targets is None else targets), sharding)
+
+    def loss_fn(params):
+        return _loss_and_stats(params, batch, model, config.model, config.loss)
+
+    (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    return float(loss), jax.device_get(stats), jax.device_get(grads)
+
+
+@pytest.mark.parametrize("role", ["text", "thinking"])
+def test_zero_role_weight_removes_that_role_from_loss_and_gradient(role, first_batch_and_params):
+    """Changing the targets of a zero-weight role changes nothing the optimiser sees."""
+    local = first_batch_and_params[3]
+    role_id = Role.from_label(role)
+    sel = local["target_roles"] == role_id
+    assert sel.sum() > 0
+    scrambled = np.array(local["targets"])
+    scrambled[sel] = (scrambled[sel] + 17) % 4096
+
+    zero = f"loss.weights.{role}=0.0"
+    loss_a, stats_a, grads_a = _loss_and_grads(first_batch_and_params, zero)
+    loss_b, stats_b, grads_b = _loss_and_grads(first_batch_and_params, zero, scrambled)
+    assert loss_a == loss_b
+    jax.tree.map(np.testing.assert_array_equal, grads_a, grads_b)
+    # The role is still measured (reported), just not trained on.
+    assert stats_a[f"nll_sum/{role}"] != stats_b[f"nll_sum/{role}"]
+
+    # With weight 1 the same change does move loss and gradient (the test can fail).
+    loss_c, _, grads_c = _loss_and_grads(first_batch_and_params, None)
+    loss_d, _, grads_d = _loss_and_grads(first_batch_and_params, None, scrambled)
+    assert loss_c != loss_d
+    diff = jax.tree.map(lambda x, y: float(np.abs(x - y).max()), grads_c, grads_d)
+    assert max(jax.tree.leaves(diff)) > 0
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config("checkpoint.every=2", "trainer.eval_every=0", "checkpoint.async_save=false")
+    trainer = Trainer(config, tmp_path)
+    real_step = trainer.train_step
+    calls = {"n": 0}
+
+    def step_that_diverges_at_3(state, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # poison the parameters: the real step then computes NaN
+            state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+        return real_step(state, batch)
+
+    trainer.train_step = step_that_diverges_at_3
+    try:
+        with pytest.raises(NonFiniteLossError, match=r"at step 3.*step 2"):
+            trainer.run()
+    finally:
+        trainer.close()
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2]
+    # The kept checkpoint is good: resuming from it trains on with finite losses.
+    summary = train(config, tmp_path)
+    assert summary.start_step == 2 and np.isfinite(summary.last_metrics["loss"])
+
+
+def test_micro_batches_give_the_same_step_as_the_whole_batch(tmp_path):
+    common = ("trainer.steps=2", "trainer.eval_every=0", "trainer.batch_size=16")
+    whole = train(tiny_config(*common), tmp_path / "whole")
+    accum = train(
+        tiny_config(*common, "trainer.grad_accum=2"),
+        tmp_path / "accum",
+    )
+    a, b = train_losses(tmp_path / "whole"), train_losses(tmp_path / "accum")
+    np.testing.assert_allclose([a[1], a[2]], [b[1], b[2]], rtol=2e-5)
+    assert whole.last_metrics["tokens/text"] == accum.last_metrics["tokens/text"]
+
+
+def test_the_train_command_trains_resumes_and_prints_a_summary(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    cmd = [
+        sys.executable, "-m", "metatrain.cli", "train", "--config", str(TINY),
+        "--workdir", str(tmp_path), "--set", "trainer.steps=3", "--set", "trainer.eval_every=0",
+        "--set", "trainer.progress=false",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trained steps 0 -> 3" in done.stdout and "per role: text" in done.stdout
+    # The same command with more steps resumes from the workdir's checkpoint.
+    cmd[cmd.index("trainer.steps=3")] = "trainer.steps=4"
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "trained steps 3 -> 4" in again.stdout
+    # A typo in a key names the closest valid one and exits 2 without a traceback.
+    bad = subprocess.run(
+        cmd[:-2] + ["--set", "trainer.stepz=4"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode == 2 and "trainer.steps" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_model_that_does_not_fit_the_mesh_is_refused_before_compiling(tmp_path):
+    from metatrain.errors import UserError
+
+    with pytest.raises(UserError, match="model.n_kv_heads=2 is not divisible by 8"):
+        Trainer(tiny_config("mesh.data=1", "mesh.tensor=8"), tmp_path)
+
+
+@pytest.mark.slow
+def test_the_readme_default_run_reaches_a_clearly_lower_loss():
+    """`metatrain train` with no arguments (the README's first command), ~3 minutes."""
+    workdir = REPO_ROOT / "runs" / "default"
+    if workdir.exists():
+        import shutil
+
+        shutil.rmtree(workdir)
+    done = subprocess.run(
+        [sys.executable, "-m", "metatrain.cli", "train"], capture_output=True, text=True, timeout=900,
+        cwd=REPO_ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = train_losses(workdir)
+    first, last = losses[min(losses)], losses[max(losses)]
+    assert last < first - 2.0, (first, last)
