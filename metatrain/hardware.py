@@ -37,6 +37,7 @@ _KIND_ALIASES: tuple[tuple[str, str], ...] = (
     ("v5litepod", "tpu v5e"),
     ("v5e", "tpu v5e"),
     ("v5p", "tpu v5p"),
+    ("tpu v5", "tpu v5p"),  # v5p devices report "TPU v5" (v5e reports "TPU v5 lite", above)
     ("v6 lite", "tpu v6e"),
     ("v6e", "tpu v6e"),
     ("tpu v4", "tpu v4"),

@@ -38,9 +38,25 @@ def resolve_run(config_path: Path | None, workdir: Path | None, overrides: list[
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import sys
+
+    import jax
+
     from metatrain.train.loop import PREEMPTED_EXIT_CODE, format_summary, train
 
     config, workdir = resolve_run(args.config, args.workdir, args.overrides)
     summary = train(config, workdir)
-    print(format_summary(summary))
-    return PREEMPTED_EXIT_CODE if summary.preempted else 0
+    if jax.process_index() == 0:
+        print(format_summary(summary))
+    if summary.preempted:
+        return PREEMPTED_EXIT_CODE
+    if args.config is None and not args.overrides and jax.process_index() == 0:
+        # The embedded default run ends with a short sample of what it learnt. Training
+        # has succeeded by now: a failure to sample is reported, never raised.
+        try:
+            from metatrain.generate.cli import training_sample
+
+            print(training_sample(workdir))
+        except Exception as e:  # noqa: BLE001
+            print(f"metatrain train: (could not print a sample: {e})", file=sys.stderr)
+    return 0

@@ -32,14 +32,12 @@ from metatrain.config import RunConfig, config_to_dict, save_config
 from metatrain.data import global_batch, make_batch_iterator
 from metatrain.errors import UserError
 from metatrain.hardware import local_chip
-from metatrain.models import Transformer
-from metatrain.parallel.mesh import batch_sharding, build_mesh, check_fits, sharding_context
+from metatrain.parallel.mesh import sharding_context
 from metatrain.roles import LOSS_ROLE_LABELS
 from metatrain.train.checkpoint import Checkpointer
 from metatrain.train.metrics import MetricsWriter, add_sums, mfu, role_metrics
-from metatrain.train.optimizer import build_optimizer, learning_rate_schedule
-from metatrain.train.state import abstract_state, init_state, state_shardings
-from metatrain.train.step import make_eval_step, make_train_step
+from metatrain.train.program import build_train_program
+from metatrain.train.state import init_state
 
 
 #: Exit status of `metatrain train` when it stopped on SIGTERM after saving a checkpoint
@@ -147,32 +145,18 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         tc = config.trainer
 
-        self.mesh = build_mesh(config.mesh, devices)
-        self.rules = config.mesh.rules
-        check_fits(config.model, self.mesh, tc.batch_size, self.rules, grad_accum=tc.grad_accum)
-        self.model = Transformer(config.model)
-        self.schedule = learning_rate_schedule(config.optimizer, tc.steps)
-        self.optimizer = build_optimizer(config.optimizer, tc.steps)
-        self.shardings = state_shardings(self.model, self.optimizer, self.mesh, self.rules)
-        self.batch_sharding = batch_sharding(self.mesh, self.rules)
+        program = build_train_program(config, devices)
+        self.program = program
+        self.mesh, self.rules, self.model = program.mesh, program.rules, program.model
+        self.optimizer, self.schedule = program.optimizer, program.schedule
+        self.shardings, self.batch_sharding = program.shardings, program.batch_sharding
+        self.train_step, self.eval_step = program.train_step, program.eval_step
         self.train_iter = make_batch_iterator(
             config.data, batch_size=tc.batch_size, seq_len=tc.seq_len, split="train", seed=tc.seed
         )
         self.role_weights = {
             r: float(getattr(config.loss.weights, r)) for r in LOSS_ROLE_LABELS
         }
-        self.train_step = jax.jit(
-            make_train_step(
-                self.model, config.model, config.loss, self.optimizer, self.schedule, tc.grad_accum
-            ),
-            in_shardings=(self.shardings, self.batch_sharding),
-            out_shardings=(self.shardings, None),
-            donate_argnums=0,
-        )
-        self.eval_step = jax.jit(
-            make_eval_step(self.model, config.model, config.loss),
-            in_shardings=(self.shardings.params, self.batch_sharding),
-        )
         self.checkpointer = Checkpointer(self.workdir, config.checkpoint)
         self.writer = MetricsWriter(self.workdir, enabled=self.is_main)
         chip = local_chip()
@@ -185,8 +169,7 @@ class Trainer:
         latest = self.checkpointer.latest_step()
         if latest is None:
             return init_state(self.model, self.optimizer, self.shardings, self.config.trainer.seed), 0
-        target = abstract_state(self.model, self.optimizer, self.shardings)
-        state, data_state, _ = self.checkpointer.restore(latest, target)
+        state, data_state, _ = self.checkpointer.restore(latest, self.program.abstract_state())
         self.train_iter.set_state(data_state)
         return state, latest
 

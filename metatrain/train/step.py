@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from metatrain.config import LossConfig
+from metatrain.kernels import LossSharding
 from metatrain.loss import joint_loss
 from metatrain.models import ModelConfig, Transformer, output_projection
 from metatrain.train.state import TrainState
@@ -23,7 +24,12 @@ Metrics = dict[str, jax.Array]
 
 
 def _loss_and_stats(
-    params, batch: Batch, model: Transformer, model_config: ModelConfig, loss_config: LossConfig
+    params,
+    batch: Batch,
+    model: Transformer,
+    model_config: ModelConfig,
+    loss_config: LossConfig,
+    loss_sharding: LossSharding | None = None,
 ) -> tuple[jax.Array, Metrics]:
     hidden = model.apply(
         {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
@@ -36,6 +42,7 @@ def _loss_and_stats(
         jnp.asarray(loss_config.weights.as_array()),
         z_loss=loss_config.z_loss,
         impl=loss_config.impl,
+        sharding=loss_sharding,
     )
     return loss, stats
 
@@ -55,8 +62,12 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     grad_accum: int = 1,
+    loss_sharding: LossSharding | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Build the step. Gradients are of the global weighted mean, however it is split.
+
+    `loss_sharding` runs the fused loss under `shard_map` with that layout (required for
+    Pallas kernels on a multi-device mesh; see `metatrain.train.program`).
 
     With `grad_accum = A`, the batch is processed as A micro-batches in a `lax.scan`;
     each contributes (its weighted-mean loss x its weight sum / the batch's weight sum),
@@ -65,7 +76,7 @@ def make_train_step(
     weights = jnp.asarray(loss_config.weights.as_array())
 
     def micro_loss(params, micro: Batch, total_weight: jax.Array):
-        loss, stats = _loss_and_stats(params, micro, model, model_config, loss_config)
+        loss, stats = _loss_and_stats(params, micro, model, model_config, loss_config, loss_sharding)
         return loss * stats["weight_sum"] / total_weight, stats
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -110,12 +121,15 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: Transformer, model_config: ModelConfig, loss_config: LossConfig
+    model: Transformer,
+    model_config: ModelConfig,
+    loss_config: LossConfig,
+    loss_sharding: LossSharding | None = None,
 ) -> Callable[[object, Batch], Metrics]:
     """`eval_step(params, batch) -> metric sums`, same per-role statistics as training."""
 
     def eval_step(params, batch: Batch) -> Metrics:
-        loss, stats = _loss_and_stats(params, batch, model, model_config, loss_config)
+        loss, stats = _loss_and_stats(params, batch, model, model_config, loss_config, loss_sharding)
         stats = dict(stats)
         stats["loss_weighted_sum"] = loss * stats["weight_sum"]
         return stats
