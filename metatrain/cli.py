@@ -2,6 +2,10 @@
 
 Each part registers its own subcommands from a small `cli` module exposing
 `register(subparsers)`; every subcommand sets `func(args) -> int`.
+
+Commands that run on every process of a multi-host run (`DISTRIBUTED_COMMANDS`) first
+join the run with `jax.distributed.initialize` when the environment says this is one
+of several processes (`metatrain.launch.distributed`), before any device is touched.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "metatrain.launch.cli",
     "metatrain.sweep.cli",
 )
+
+#: Commands that, started by a launcher on every host, join the run before they start.
+DISTRIBUTED_COMMANDS: frozenset[str] = frozenset({"train"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in DISTRIBUTED_COMMANDS:
+            from metatrain.launch.distributed import initialize_from_env
+
+            initialize_from_env()
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"metatrain {args.command}: error: {e}", file=sys.stderr)

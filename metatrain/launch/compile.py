@@ -1,0 +1,345 @@
+"""`metatrain compile`: the real training step compiled ahead of time for a TPU topology.
+
+With libtpu installed (`pip install 'metatrain[tpu]'`), `jax.experimental.topologies`
+describes any TPU slice (`v5e:2x2`, `v5p:4x4x4`, ..., several of them for multi-slice)
+without a TPU, and XLA's TPU compiler runs on this CPU. This module builds the run's
+mesh over those devices, the train state's and batch's shardings, and the jitted,
+donating train step exactly as the trainer does (no data is read, nothing is
+allocated: every input is a `ShapeDtypeStruct`), compiles it, and reports per-device
+memory against the chip's HBM (`metatrain.hardware`) and the model FLOPs of one step.
+
+A config that does not fit is refused: either XLA's TPU compiler itself runs out of
+HBM (its numbers are quoted) or the compiled program needs more than the chip has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+import time
+from typing import Any, Sequence
+
+from metatrain.config import RunConfig
+from metatrain.errors import UserError
+from metatrain.hardware import Chip, chip_for_device_kind
+
+_GIB = float(1 << 30)
+#: XLA's TPU out-of-memory messages, as of libtpu 0.0.5x:
+#: "the total memory required for HLO temporaries (304.32G) exceeds available HBM (15.75G)"
+_XLA_OOM_TEMPS = re.compile(r"HLO temporaries \((?P<n>[\d.]+)(?P<unit>[KMGT])\)")
+#: "Ran out of memory in memory space hbm. Used 20.50G of 15.75G hbm."
+_XLA_OOM_USED = re.compile(r"Used (?P<n>[\d.]+)(?P<unit>[KMGT]) of [\d.]+[KMGT] hbm")
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+#: What libtpu is told off a TPU VM: no metadata server, one local worker (compiling needs neither).
+_NO_LOCAL_TPU = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": "v5litepod-4"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceMemory:
+    """Bytes one device needs for the step (XLA's `memory_analysis`, or an estimate).
+
+    Attributes:
+        arguments: train state and batch shards (the state's are donated to the outputs).
+        outputs: new train state and metrics.
+        aliased: output bytes that reuse argument buffers (donation).
+        temporaries: activations, gradients and workspace; None when unknown.
+        code: compiled program.
+        estimated: the arguments are computed from the shardings (compilation failed).
+        xla_total: the total XLA reported when it refused (overrides the sum).
+    """
+
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int | None
+    code: int = 0
+    estimated: bool = False
+    xla_total: int | None = None
+
+    @property
+    def total(self) -> int | None:
+        """Peak bytes on one device: arguments + outputs not aliased + temporaries + code."""
+        if self.xla_total is not None:
+            return self.xla_total
+        if self.temporaries is None:
+            return None
+        return self.arguments + max(self.outputs - self.aliased, 0) + self.temporaries + self.code
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """The outcome of compiling a run's train step for a TPU topology.
+
+    Attributes:
+        topology: the topology name compiled for, e.g. "v5e:2x2".
+        num_slices: slices (multi-slice when > 1).
+        device_kind: what the devices report, e.g. "TPU v5 lite".
+        chip: the hardware table's entry for it, None if unknown.
+        num_devices: chips in all slices.
+        num_hosts: processes a run on it has (one per host).
+        mesh: mesh axis sizes.
+        memory: per-device memory.
+        model_flops_per_step: training FLOPs of one step (6·N·tokens + attention).
+        xla_flops_per_device: XLA's count for one device's program, if it reports one.
+        compile_seconds: wall time of the compile.
+        xla_error: XLA's refusal (out of memory), if it refused.
+    """
+
+    topology: str
+    num_slices: int
+    device_kind: str
+    chip: Chip | None
+    num_devices: int
+    num_hosts: int
+    mesh: dict[str, int]
+    memory: DeviceMemory
+    model_flops_per_step: int
+    xla_flops_per_device: float | None
+    compile_seconds: float
+    xla_error: str | None = None
+
+    @property
+    def fits(self) -> bool | None:
+        """False if XLA refused or the total exceeds HBM; None if HBM is unknown."""
+        if self.xla_error is not None:
+            return False
+        total = self.memory.total
+        if self.chip is None or total is None:
+            return None
+        return total <= self.chip.hbm_bytes
+
+
+def tpu_topology(name: str, num_slices: int = 1) -> Any:
+    """`jax.experimental.topologies.get_topology_desc(name, "tpu")` with user-facing errors.
+
+    Raises:
+        UserError: libtpu is missing, or the topology name is not one libtpu knows.
+    """
+    # Several processes (pytest-xdist workers, parallel compiles) may each load libtpu to
+    # compile; no TPU is opened, so the single-process lock does not apply.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if not _on_tpu_vm():
+        # Off a TPU VM libtpu looks for one (metadata server, worker hostnames) and logs
+        # alarming errors; tell it there is none here. A TPU VM's own settings are kept.
+        for variable, value in _NO_LOCAL_TPU.items():
+            os.environ.setdefault(variable, value)
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "compiling for a TPU topology needs libtpu: pip install 'metatrain[tpu]' (or 'jax[tpu]')"
+        ) from None
+    from jax.experimental import topologies
+
+    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    try:
+        return topologies.get_topology_desc(name, "tpu", **kwargs)
+    except Exception as e:  # libtpu raises JaxRuntimeError(INVALID_ARGUMENT) for bad names
+        raise UserError(
+            f"--topology {name!r}: libtpu does not know this TPU topology ({str(e).splitlines()[0]}); "
+            "use GENERATION:SHAPE such as v5e:2x2, v5e:4x8, v5p:4x4x4, v6e:8x8, v4:2x2x2"
+        ) from None
+
+
+def _on_tpu_vm() -> bool:
+    """Whether this machine has TPU chips attached (their device files exist)."""
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def _bytes_per_device(tree: Any) -> int:
+    """Bytes of the largest shard of every array in `tree`, summed (one device's share)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += int(np.prod(shard, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def lower_train_step(config: RunConfig, devices: Sequence[Any]) -> tuple[Any, Any, dict[str, int]]:
+    """The train step as the trainer jits it, lowered over `devices` with abstract inputs.
+
+    Returns:
+        `(lowered, abstract_args, mesh_sizes)`.
+
+    Raises:
+        UserError: the mesh does not fit the devices or the model.
+    """
+    from metatrain.parallel.mesh import sharding_context
+    from metatrain.train.program import build_train_program
+
+    program = build_train_program(config, devices)
+    mesh, rules = program.mesh, program.rules
+    step = program.train_step
+    args = (program.abstract_state(), program.abstract_batch())
+    with sharding_context(mesh, rules):  # as the trainer traces it: activation constraints apply
+        try:
+            lowered = step.lower(*args)
+        except Exception as e:  # lowering errors come from JAX, Pallas and Mosaic alike
+            raise UserError(_lowering_error(e)) from None
+    return lowered, args, dict(mesh.shape)
+
+
+def _lowering_error(error: Exception) -> str:
+    message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    hint = ""
+    if "Mosaic kernels cannot be automatically partitioned" in str(error):
+        hint = (
+            "; the Pallas loss kernel must run inside shard_map on a multi-device TPU mesh, which "
+            "needs the train step to pass the kernel its LossSharding (--set loss.impl=chunked "
+            "compiles without the kernel)"
+        )
+    return f"the train step could not be lowered for TPU: {type(error).__name__}: {message}{hint}"
+
+
+def _xla_flops(compiled: Any) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend reports costs
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = cost.get("flops") if isinstance(cost, dict) else None
+    return float(flops) if flops and flops > 0 else None
+
+
+def _quoted_bytes(pattern: re.Pattern, message: str) -> int | None:
+    match = pattern.search(message)
+    if match is None:
+        return None
+    return int(float(match["n"]) * _UNITS[match["unit"]])
+
+
+def _refused_memory(args: Any, message: str) -> DeviceMemory:
+    """Per-device memory of a program XLA refused: arguments from the shardings, the rest quoted."""
+    state_bytes = _bytes_per_device(args)
+    return DeviceMemory(
+        arguments=state_bytes,
+        outputs=state_bytes,
+        aliased=state_bytes,  # the donated state is written in place
+        temporaries=_quoted_bytes(_XLA_OOM_TEMPS, message),
+        estimated=True,
+        xla_total=_quoted_bytes(_XLA_OOM_USED, message),
+    )
+
+
+def compile_for_topology(config: RunConfig, topology: str, num_slices: int = 1) -> CompileReport:
+    """Compile `config`'s train step for `topology` (x `num_slices`) and measure it.
+
+    Raises:
+        UserError: no libtpu, unknown topology, a mesh that does not fit the chips, or a
+            compile error other than running out of memory.
+    """
+    if num_slices < 1:
+        raise UserError(f"--num-slices {num_slices}: need at least 1 slice")
+    if num_slices > 1 and config.mesh.dcn_data not in (1, num_slices):
+        raise UserError(
+            f"--num-slices {num_slices} but the config has mesh.dcn_data={config.mesh.dcn_data}; "
+            f"they must agree (set --set mesh.dcn_data={num_slices}, or leave it at 1 and it is set for you)"
+        )
+    if num_slices > 1:
+        config = dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, dcn_data=num_slices))
+    devices = list(tpu_topology(topology, num_slices).devices)
+    lowered, args, mesh_sizes = lower_train_step(config, devices)
+    kind = devices[0].device_kind
+    common = dict(
+        topology=topology,
+        num_slices=num_slices,
+        device_kind=kind,
+        chip=chip_for_device_kind(kind),
+        num_devices=len(devices),
+        num_hosts=len({(getattr(d, "slice_index", 0), d.process_index) for d in devices}),
+        mesh=mesh_sizes,
+        model_flops_per_step=config.flops_per_step,
+    )
+    start = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:
+        message = str(e)
+        if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+            raise UserError(f"XLA could not compile the train step for {topology}: {message}") from None
+        return CompileReport(
+            **common,
+            memory=_refused_memory(args, message),
+            xla_flops_per_device=None,
+            compile_seconds=time.perf_counter() - start,
+            xla_error=message.strip().splitlines()[0],
+        )
+    seconds = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    memory = DeviceMemory(
+        arguments=int(stats.argument_size_in_bytes),
+        outputs=int(stats.output_size_in_bytes),
+        aliased=int(stats.alias_size_in_bytes),
+        temporaries=int(stats.temp_size_in_bytes),
+        code=int(stats.generated_code_size_in_bytes),
+    )
+    return CompileReport(**common, memory=memory, xla_flops_per_device=_xla_flops(compiled), compile_seconds=seconds)
+
+
+def _gib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / _GIB:9.3f} GiB"
+
+
+def _flops(n: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+def format_report(report: CompileReport) -> str:
+    """The report as `metatrain compile` prints it."""
+    m = report.memory
+    slices = f" x {report.num_slices} slices" if report.num_slices > 1 else ""
+    mesh = " ".join(f"{k}={v}" for k, v in report.mesh.items())
+    if report.num_slices > 1:
+        mesh += f" (data spans the {report.num_slices} slices: mesh.dcn_data={report.num_slices})"
+    chip = report.chip.name if report.chip else f"unknown chip ({report.device_kind!r} is not in metatrain/hardware.py)"
+    est = " (estimated from the shardings)" if m.estimated else ""
+    lines = [
+        f"topology     {report.topology}{slices}: {report.num_devices} chips ({chip}), {report.num_hosts} host(s)",
+        f"mesh         {mesh}",
+        "memory per device:",
+        f"  arguments    {_gib(m.arguments)}   train state and batch shards{est}",
+        f"  outputs      {_gib(max(m.outputs - m.aliased, 0))}   not aliased to arguments (donated state reused)",
+        f"  temporaries  {_gib(m.temporaries)}   activations, gradients, workspace",
+        f"  code         {_gib(m.code)}",
+        f"  total        {_gib(m.total)}",
+        f"  HBM          {_gib(report.chip.hbm_bytes) if report.chip else 'unknown'}",
+    ]
+    flops = report.model_flops_per_step
+    line = f"model FLOPs per step  {_flops(flops)} ({_flops(flops / report.num_devices)} per device)"
+    if report.chip is not None:
+        floor = flops / (report.num_devices * report.chip.peak_bf16_flops)
+        line += f"; at peak bf16 a step takes >= {floor * 1e3:.2f} ms"
+    lines.append(line)
+    if report.xla_flops_per_device is not None:
+        lines.append(f"XLA's count for one device's program  {_flops(report.xla_flops_per_device)}")
+    lines.append(f"compiled in {report.compile_seconds:.1f} s")
+    if report.xla_error is not None:
+        lines.append(f"XLA: {report.xla_error}")
+    fits = report.fits
+    if fits is None:
+        lines.append("fits: unknown (no HBM size for this chip)")
+    else:
+        lines.append("fits: yes" if fits else "fits: NO")
+    return "\n".join(lines)
+
+
+def refusal(report: CompileReport) -> str:
+    """Why the config does not fit, and what to change."""
+    m, hbm = report.memory, report.chip.hbm_bytes if report.chip else None
+    need = f"{m.total / _GIB:.2f} GiB" if m.total is not None else "more than the chip has"
+    have = f"{hbm / _GIB:.2f} GiB of HBM" if hbm else "its HBM"
+    return (
+        f"the config does not fit {report.topology}: one device needs {need} "
+        f"(arguments {m.arguments / _GIB:.2f} GiB) but a chip has {have}. Shard the state over more "
+        "chips (a larger topology, mesh.fsdp=-1), lower the activation memory (trainer.grad_accum, "
+        "a smaller trainer.batch_size or seq_len, model.remat=full), and compile again"
+    )

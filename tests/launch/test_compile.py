@@ -1,0 +1,113 @@
+"""`metatrain compile`: the real train step compiled for a TPU topology on this CPU (libtpu).
+
+The default config fits a v5e 2x2 slice by a wide margin; the 7B preset on it does
+not, and is refused with the numbers. The report's numbers are checked against the
+config (FLOPs), against each other (total) and against the hardware table (HBM).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from metatrain.cli import main
+from metatrain.config import load_config
+from metatrain.hardware import CHIPS
+from metatrain.launch.compile import _NO_LOCAL_TPU, _XLA_OOM_TEMPS, _XLA_OOM_USED, DeviceMemory, _quoted_bytes
+from metatrain.paths import CONFIGS_DIR
+
+#: The pure-JAX loss instead of the Pallas (Mosaic) kernel that `loss.impl: auto` picks on TPU.
+CHUNKED = ["--set", "loss.impl=chunked"]
+
+
+@pytest.fixture
+def libtpu(monkeypatch):
+    """Skip without libtpu; keep the variables `compile` sets for libtpu out of other tests."""
+    pytest.importorskip("libtpu", reason="needs libtpu (the `tpu` extra) for ahead-of-time TPU compiles")
+    for name, value in {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", **_NO_LOCAL_TPU}.items():
+        monkeypatch.setenv(name, value)
+
+
+def tpu_test(fn):
+    """Mark a test that compiles for TPU: the `tpu` marker, and skipped without libtpu."""
+    return pytest.mark.tpu(pytest.mark.usefixtures("libtpu")(fn))
+
+
+def gib(report: str, name: str) -> float:
+    match = re.search(rf"^\s+{name}\s+([\d.]+) GiB", report, re.MULTILINE)
+    assert match, f"no {name} line in:\n{report}"
+    return float(match.group(1))
+
+
+@tpu_test
+def test_the_default_config_compiles_for_v5e_2x2_and_fits(capsys):
+    # The default loss.impl (auto) is the Pallas kernel under shard_map on TPU.
+    assert main(["compile", "--topology", "v5e:2x2"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "v5e:2x2: 4 chips (TPU v5e), 1 host(s)" in out
+    assert "mesh         data=4 fsdp=1 tensor=1" in out
+    parts = [gib(out, n) for n in ("arguments", "outputs", "temporaries", "code")]
+    assert gib(out, "total") == pytest.approx(sum(parts), abs=0.002)
+    assert gib(out, "HBM") == pytest.approx(CHIPS["tpu v5e"].hbm_bytes / 2**30)
+    assert 0 < gib(out, "total") < gib(out, "HBM")
+    # Data parallel: every chip holds all fp32 parameters and both Adam moments.
+    params = load_config(CONFIGS_DIR / "default.yaml").model.num_params
+    assert gib(out, "arguments") >= 3 * 4 * params / 2**30 - 0.001
+    flops = load_config(CONFIGS_DIR / "default.yaml").flops_per_step
+    assert f"model FLOPs per step  {flops / 1e9:.3f} GFLOP" in out
+    assert out.rstrip().endswith("fits: yes")
+
+
+@tpu_test
+def test_the_default_config_compiles_for_tpu_with_the_chunked_loss_too(capsys):
+    assert main(["compile", "--topology", "v5e:2x2", *CHUNKED]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.rstrip().endswith("fits: yes")
+
+
+@tpu_test
+def test_the_7b_preset_does_not_fit_v5e_2x2_and_is_refused_with_the_numbers(capsys):
+    assert main(["compile", "--config", str(CONFIGS_DIR / "7b.yaml"), "--topology", "v5e:2x2"]) == 2
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
+    assert "mesh         data=1 fsdp=4 tensor=1" in out
+    assert "fits: NO" in out
+    # fp32 parameters and two Adam moments of 6.7B parameters, over 4 chips: ~19 GiB each.
+    params = load_config(CONFIGS_DIR / "7b.yaml").model.num_params
+    assert gib(out, "arguments") == pytest.approx(3 * 4 * params / 4 / 2**30, rel=0.01)
+    assert gib(out, "total") > gib(out, "HBM") == 16.0
+    assert "does not fit v5e:2x2" in err and "GiB" in err and "16.00 GiB of HBM" in err
+
+
+@pytest.mark.slow  # a minute on the 2-core machine
+@tpu_test
+def test_a_multi_slice_mesh_compiles_with_data_parallelism_across_slices(capsys):
+    assert main(["compile", "--topology", "v5e:2x2", "--num-slices", "2", *CHUNKED]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "v5e:2x2 x 2 slices: 8 chips (TPU v5e), 2 host(s)" in out
+    assert "mesh         data=8 fsdp=1 tensor=1 (data spans the 2 slices: mesh.dcn_data=2)" in out
+    assert out.rstrip().endswith("fits: yes")
+
+
+def test_slices_and_a_different_dcn_axis_are_refused_before_compiling(capsys):
+    assert main(["compile", "--topology", "v5e:2x2", "--num-slices", "2", "--set", "mesh.dcn_data=4"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-slices 2" in err and "mesh.dcn_data=4" in err
+
+
+@tpu_test
+def test_an_unknown_topology_is_refused(capsys):
+    assert main(["compile", "--topology", "v5e:3x3x3x3"]) == 2
+    assert "libtpu does not know this TPU topology" in capsys.readouterr().err
+
+
+def test_memory_totals_and_xla_refusals_are_read():
+    memory = DeviceMemory(arguments=10, outputs=8, aliased=6, temporaries=5, code=1)
+    assert memory.total == 10 + 2 + 5 + 1
+    assert DeviceMemory(arguments=10, outputs=0, aliased=0, temporaries=None).total is None
+    message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory "
+               "required for HLO temporaries (305.44G) exceeds available HBM (15.75G).")
+    assert _quoted_bytes(_XLA_OOM_TEMPS, message) == int(305.44 * 2**30)
+    assert _quoted_bytes(_XLA_OOM_USED, "Ran out of memory in memory space hbm. Used 20.50G of 15.75G hbm.") == int(
+        20.5 * 2**30
+    )
