@@ -10,7 +10,13 @@ Axis letters used in shapes and einsums throughout:
     F mlp hidden, V vocab, L layers.
 """
 
-from metatrain.layers.attention import Attention, attention_mask, dot_product_attention
+from metatrain.layers.attention import (
+    Attention,
+    LayerCache,
+    attention_mask,
+    cache_attention_mask,
+    dot_product_attention,
+)
 from metatrain.layers.embedding import Embedding
 from metatrain.layers.mlp import SwiGLU
 from metatrain.layers.normalization import RMSNorm
@@ -19,9 +25,11 @@ from metatrain.layers.rotary import apply_rotary
 __all__ = [
     "Attention",
     "Embedding",
+    "LayerCache",
     "RMSNorm",
     "SwiGLU",
     "apply_rotary",
     "attention_mask",
+    "cache_attention_mask",
     "dot_product_attention",
 ]

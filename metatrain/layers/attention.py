@@ -7,14 +7,17 @@ Grouped-query attention (Ainslie et al. 2023) shares each key/value head among
 `n // (n_heads / n_kv_heads)`, so `n_kv_heads == n_heads` is ordinary multi-head
 attention and `n_kv_heads == 1` is multi-query attention.
 
-This module does not know about decoding. A KV cache for generation belongs between
-`project_qkv` (which returns rotated keys and values for the new tokens) and
-`dot_product_attention` (which takes keys and values for every visible position).
+Decoding with a KV cache (`Attention.decode`) sits between the two halves of the
+layer: `project_qkv` rotates the keys and values of the new tokens, `decode` writes them
+into the layer's `LayerCache` at the next free slots, and `dot_product_attention` reads
+every slot the `cache_attention_mask` lets each query see. A cache slot carries the
+segment id of the token written there (0 = empty or padding), so the cached mask is the
+training mask (same document, not in the future) evaluated on slots.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -41,6 +44,41 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     same_document = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
     causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))  # [T, S]
     return (same_document & causal)[:, None]
+
+
+def cache_attention_mask(
+    query_segment_ids: jax.Array, key_segment_ids: jax.Array, query_start: jax.Array
+) -> jax.Array:
+    """Which cache slots each new query may see: same document and not in the future.
+
+    The T new queries sit at slots `query_start .. query_start + T - 1` of an S-slot
+    cache; `key_segment_ids` already holds their own segment ids at those slots.
+
+    Args:
+        query_segment_ids: [B, T] int32 document of each new token.
+        key_segment_ids: [B, S] int32 document of each cache slot (0 = empty or padding).
+        query_start: int32 scalar, the slot of the first new token.
+
+    Returns:
+        [B, 1, T, S] bool, True where attention is allowed.
+    """
+    num_queries, num_slots = query_segment_ids.shape[1], key_segment_ids.shape[1]
+    query_slots = query_start + jnp.arange(num_queries)  # [T]
+    causal = jnp.arange(num_slots)[None, :] <= query_slots[:, None]  # [T, S]
+    same_document = query_segment_ids[:, :, None] == key_segment_ids[:, None, :]  # [B, T, S]
+    return (same_document & causal)[:, None]
+
+
+class LayerCache(NamedTuple):
+    """Rotated keys and values of one attention layer, one slot per decoded position.
+
+    Attributes:
+        key: [B, S, K, H] in the compute dtype.
+        value: [B, S, K, H] in the compute dtype.
+    """
+
+    key: jax.Array
+    value: jax.Array
 
 
 def dot_product_attention(
@@ -172,6 +210,35 @@ class Attention(nn.Module):
             out = _cudnn_attention(query, key, value, segment_ids)
         else:
             out = dot_product_attention(query, key, value, attention_mask(segment_ids))
+        return self.project_out(out)
+
+    def project_out(self, out: jax.Array) -> jax.Array:
+        """Per-head attention outputs [B, T, N, H] -> [B, T, D] (compute dtype)."""
         out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
         y = jnp.einsum("BTNH,NHD->BTD", out, self.w_out.astype(self.dtype))
         return nn.with_logical_constraint(y, ("batch", "seq", "embed"))
+
+    def decode(
+        self, x: jax.Array, positions: jax.Array, mask: jax.Array, index: jax.Array, cache: LayerCache
+    ) -> tuple[jax.Array, LayerCache]:
+        """Attention of T new tokens over a KV cache, which they are first written into.
+
+        Always the XLA path: the cuDNN kernel wants as many keys as queries.
+
+        Args:
+            x: [B, T, D] normalised residual stream of the new tokens.
+            positions: [B, T] int32 position of each new token inside its document.
+            mask: [B, 1, T, S] bool from `cache_attention_mask`.
+            index: int32 scalar, the cache slot of the first new token.
+            cache: this layer's keys and values, [B, S, K, H] each.
+
+        Returns:
+            ([B, T, D] output in the compute dtype, the cache with the new slots written).
+        """
+        query, key, value = self.project_qkv(x, positions)
+        cache = LayerCache(
+            jax.lax.dynamic_update_slice_in_dim(cache.key, key.astype(cache.key.dtype), index, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(cache.value, value.astype(cache.value.dtype), index, axis=1),
+        )
+        out = dot_product_attention(query, cache.key, cache.value, mask)
+        return self.project_out(out), cache

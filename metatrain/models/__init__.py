@@ -6,7 +6,9 @@ Model code knows nothing of training: it takes a `ModelConfig` and arrays.
 from metatrain.models.config import ModelConfig
 from metatrain.models.transformer import (
     DecoderBlock,
+    KVCache,
     Transformer,
+    init_cache,
     init_params_shape,
     logits,
     output_projection,
@@ -15,8 +17,10 @@ from metatrain.models.transformer import (
 
 __all__ = [
     "DecoderBlock",
+    "KVCache",
     "ModelConfig",
     "Transformer",
+    "init_cache",
     "init_params_shape",
     "logits",
     "output_projection",

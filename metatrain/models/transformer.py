@@ -3,7 +3,8 @@
 `Transformer.__call__` stops at the final normalised hidden state; the output
 projection is applied by the fused loss (`metatrain.loss`), which never materialises
 the full [tokens, vocab] logits. `output_projection` hands it the [D, V] matrix and
-`logits` applies it for generation.
+`logits` applies it for generation. `Transformer.decode` is the generation path: new
+tokens against a `KVCache` (`init_cache`) of the keys and values of earlier ones.
 
 Parameter tree (scan_layers=True; unrolled blocks are `layers_0`, `layers_1`, ...):
 
@@ -24,10 +25,11 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-from metatrain.layers import Attention, Embedding, RMSNorm, SwiGLU
+from metatrain.layers import Attention, Embedding, LayerCache, RMSNorm, SwiGLU, cache_attention_mask
 from metatrain.models.config import ModelConfig
 
 Params = Any  # nested dict of arrays (or of flax `LogicallyPartitioned` boxes)
@@ -41,20 +43,16 @@ _REMAT_POLICIES = {
 class DecoderBlock(nn.Module):
     """`x + attention(norm(x))`, then `x + mlp(norm(x))`.
 
-    Returns `(x, None)` so the same module is the body of `nn.scan`.
+    Both methods return `(x, per-layer output)` so that they are bodies of `nn.scan`.
     """
 
     config: ModelConfig
 
-    @nn.compact
-    def __call__(
-        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array
-    ) -> tuple[jax.Array, None]:
-        """x [B, T, D] -> ([B, T, D], None); positions and segment_ids [B, T] int32."""
+    def setup(self) -> None:
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        norm = lambda name: RMSNorm(cfg.norm_eps, dtype, param_dtype, name=name)  # noqa: E731
-        attention = Attention(
+        self.attention_norm = RMSNorm(cfg.norm_eps, dtype, param_dtype)
+        self.attention = Attention(
             d_model=cfg.d_model,
             n_heads=cfg.n_heads,
             n_kv_heads=cfg.n_kv_heads,
@@ -63,12 +61,30 @@ class DecoderBlock(nn.Module):
             implementation=cfg.attention,
             dtype=dtype,
             param_dtype=param_dtype,
-            name="attention",
         )
-        mlp = SwiGLU(cfg.d_model, cfg.d_ff, dtype, param_dtype, name="mlp")
-        x = x + attention(norm("attention_norm")(x), positions, segment_ids)
-        x = x + mlp(norm("mlp_norm")(x))
+        self.mlp_norm = RMSNorm(cfg.norm_eps, dtype, param_dtype)
+        self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, dtype, param_dtype)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array
+    ) -> tuple[jax.Array, None]:
+        """x [B, T, D] -> ([B, T, D], None); positions and segment_ids [B, T] int32."""
+        x = x + self.attention(self.attention_norm(x), positions, segment_ids)
+        x = x + self.mlp(self.mlp_norm(x))
         return nn.with_logical_constraint(x, ("batch", "seq", "embed")), None
+
+    def decode(
+        self, x: jax.Array, positions: jax.Array, mask: jax.Array, index: jax.Array, cache: LayerCache
+    ) -> tuple[jax.Array, LayerCache]:
+        """New tokens through the block over its KV cache (see `Attention.decode`).
+
+        x [B, T, D], positions [B, T], mask [B, 1, T, S], index scalar, cache [B, S, K, H]
+        each -> ([B, T, D], the cache with the T new slots written).
+        """
+        attended, cache = self.attention.decode(self.attention_norm(x), positions, mask, index, cache)
+        x = x + attended
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, cache
 
 
 def _block_class(config: ModelConfig) -> type[nn.Module]:
@@ -82,12 +98,90 @@ def _block_class(config: ModelConfig) -> type[nn.Module]:
     )
 
 
+def _scanned(block: type[nn.Module], n_layers: int) -> type[nn.Module]:
+    """The block stacked `n_layers` times by `nn.scan`, for training and for decoding.
+
+    Parameters get a leading `layers` axis; in `decode` each layer's cache is sliced
+    from (and written back into) the leading axis of the stacked `LayerCache`.
+    """
+
+    def scan(in_axes: tuple) -> dict:
+        return dict(
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=in_axes,
+            length=n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+
+    return nn.scan(block, methods={
+        "__call__": scan((nn.broadcast, nn.broadcast)),
+        "decode": scan((nn.broadcast, nn.broadcast, nn.broadcast, 0)),
+    })
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for the positions decoded so far.
+
+    Slots are filled left to right; slot s holds the token fed at step s, and the
+    segment id of that token (0: empty or padding, never attended by a document).
+
+    Attributes:
+        layers: `LayerCache` of [L, B, S, K, H] keys and values (compute dtype).
+        segment_ids: [B, S] int32 document of each slot.
+        index: int32 scalar, the next free slot.
+    """
+
+    layers: LayerCache
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @property
+    def length(self) -> int:
+        """S, the number of slots."""
+        return self.segment_ids.shape[1]
+
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
+    """An empty cache of `length` slots for `batch` rows: [L, B, S, K, H] zeros."""
+    shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+    zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
+    return KVCache(
+        LayerCache(zeros, zeros), jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32)
+    )
+
+
 class Transformer(nn.Module):
-    """Decoder-only language model up to the final norm (no output projection)."""
+    """Decoder-only language model up to the final norm (no output projection).
+
+    `__call__` runs whole packed rows (training, evaluation); `decode` runs new tokens
+    against a `KVCache` (generation). Both read the same parameters.
+    """
 
     config: ModelConfig
 
-    @nn.compact
+    def setup(self) -> None:
+        cfg = self.config
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.embedding = Embedding(cfg.vocab_size, cfg.d_model, dtype, param_dtype)
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            self.layers = _scanned(block, cfg.n_layers)(cfg)
+        else:  # named layers_0, layers_1, ...
+            self.layers = [block(cfg) for _ in range(cfg.n_layers)]
+        self.final_norm = RMSNorm(cfg.norm_eps, dtype, param_dtype)
+        if not cfg.tie_embeddings:
+            # Declared here so that it exists in the parameter tree; applied by the loss.
+            self.param(
+                "output_projection",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(stddev=cfg.d_model**-0.5), ("embed", "vocab")
+                ),
+                (cfg.d_model, cfg.vocab_size),
+                param_dtype,
+            )
+
     def __call__(
         self, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array
     ) -> jax.Array:
@@ -102,35 +196,49 @@ class Transformer(nn.Module):
         Returns:
             [B, T, D] final normalised hidden states in the compute dtype.
         """
-        cfg = self.config
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        x = Embedding(cfg.vocab_size, cfg.d_model, dtype, param_dtype, name="embedding")(inputs)
-        block = _block_class(cfg)
-        if cfg.scan_layers:
-            stack = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast),
-                length=cfg.n_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x, _ = stack(cfg, name="layers")(x, positions, segment_ids)
+        x = self.embedding(inputs)
+        if self.config.scan_layers:
+            x, _ = self.layers(x, positions, segment_ids)
         else:
-            for i in range(cfg.n_layers):
-                x, _ = block(cfg, name=f"layers_{i}")(x, positions, segment_ids)
-        x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="final_norm")(x)
-        if not cfg.tie_embeddings:
-            # Declared here so that it exists in the parameter tree; applied by the loss.
-            self.param(
-                "output_projection",
-                nn.with_logical_partitioning(
-                    nn.initializers.normal(stddev=cfg.d_model**-0.5), ("embed", "vocab")
-                ),
-                (cfg.d_model, cfg.vocab_size),
-                param_dtype,
-            )
+            for layer in self.layers:
+                x, _ = layer(x, positions, segment_ids)
+        x = self.final_norm(x)
         return nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+
+    def decode(
+        self, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """Hidden states of T new tokens that follow the cached ones, and the grown cache.
+
+        A prompt is one call with T = its length (prefill), each later token one call
+        with T = 1; the hidden states equal those `__call__` gives for the same tokens
+        at the end of the whole sequence.
+
+        Args:
+            inputs: [B, T] int32 token ids, written to slots `cache.index ..`.
+            positions: [B, T] int32 position of each token inside its document.
+            segment_ids: [B, T] int32 document of each token (0 = padding).
+            cache: the cache of the tokens before these (`init_cache` when none).
+
+        Returns:
+            ([B, T, D] final normalised hidden states, the cache with T more slots).
+        """
+        index = cache.index
+        slot_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, index, axis=1)
+        mask = cache_attention_mask(segment_ids, slot_segments, index)  # [B, 1, T, S]
+        x = self.embedding(inputs)
+        if self.config.scan_layers:
+            x, layers = self.layers.decode(x, positions, mask, index, cache.layers)
+        else:
+            per_layer = []
+            for i, layer in enumerate(self.layers):
+                x, layer_cache = layer.decode(
+                    x, positions, mask, index, jax.tree.map(lambda a, i=i: a[i], cache.layers)
+                )
+                per_layer.append(layer_cache)
+            layers = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        hidden = self.final_norm(x)
+        return hidden, KVCache(layers, slot_segments, index + inputs.shape[1])
 
 
 def output_projection(params: Params, config: ModelConfig) -> jax.Array:

@@ -1,0 +1,31 @@
+"""Generation under the tag grammar: KV-cache decoding, sampling, mantra forcing, the AI lock.
+
+    sampling.py     temperature, top-k, top-p and greedy on masked logits (pure)
+    constraints.py  the grammar as device arrays: tag mask, state update, mantra, lock
+    decoder.py      the jitted loop: prefill into a KV cache, one step per token
+    prompts.py      prompts (text or documents) to ids and grammar states
+    checkpoint.py   parameters, model shape and encoder from a `metatrain train` run
+    generator.py    `Generator`: prompts in, samples (ids, text, segments) out
+    cli.py          `metatrain generate`
+
+The KV cache itself is the model's (`metatrain.models.Transformer.decode`); which tags
+are legal is the tokenizer's grammar (`metatrain.tokenizer.grammar`). Nothing here
+trains.
+"""
+
+from metatrain.generate.constraints import GrammarChooser, RowState, TagConstraints
+from metatrain.generate.decoder import DecodeOutput, PromptBatch, generate_tokens
+from metatrain.generate.generator import Generator, Sample
+from metatrain.generate.sampling import SamplingConfig
+
+__all__ = [
+    "DecodeOutput",
+    "Generator",
+    "GrammarChooser",
+    "PromptBatch",
+    "RowState",
+    "Sample",
+    "SamplingConfig",
+    "TagConstraints",
+    "generate_tokens",
+]

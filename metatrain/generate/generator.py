@@ -1,0 +1,218 @@
+"""`Generator`: prompts in, samples out (ids, text and segments), from a trained model.
+
+This is the host side of generation: it encodes prompts, pads them into one batch,
+calls the jitted loop (`metatrain.generate.decoder.generate_tokens`) once, and turns
+the ids back into text and segments with the run's `Encoder`. `metatrain generate`
+and the sample printed after `metatrain train` both go through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from metatrain.documents import Segment
+from metatrain.errors import UserError
+from metatrain.generate.checkpoint import load_checkpoint
+from metatrain.generate.constraints import GrammarChooser, RowState, TagConstraints
+from metatrain.generate.decoder import Chooser, PromptBatch, generate_tokens
+from metatrain.generate.prompts import EncodedPrompt, Prompt, encode_prompt, grammar_states
+from metatrain.generate.sampling import SamplingConfig
+from metatrain.models import ModelConfig
+from metatrain.tokenizer.encoder import Encoder
+
+#: Prompts are padded to a multiple of this, so prompts of similar length share a compile.
+PROMPT_BUCKET: int = 16
+#: New tokens when none are asked for (fewer if the model's max_seq_len leaves less room).
+DEFAULT_MAX_NEW_TOKENS: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One generated continuation.
+
+    Attributes:
+        prompt_index: which prompt it continues.
+        sample_index: which of that prompt's samples it is.
+        ids: the generated ids: the lock's mode tags, sampled and forced (mantra) ids,
+            and the final EOS or `</AI>` if there is one.
+        text: `ids` as text, every tag written out.
+        segments: the segments recovered from `ids` (kind, mode, text, control).
+        finish_reason: `eos`, `end_of_mode` (the lock's exit tag) or `length` (budget).
+        start_state: the grammar state `ids` continue from (where the prompt left it).
+    """
+
+    prompt_index: int
+    sample_index: int
+    ids: tuple[int, ...]
+    text: str
+    segments: tuple[Segment, ...]
+    finish_reason: str
+    start_state: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object `metatrain generate --json` prints."""
+        return {
+            "prompt_index": self.prompt_index,
+            "sample_index": self.sample_index,
+            "ids": list(self.ids),
+            "text": self.text,
+            "segments": [
+                {"kind": s.kind, "mode": s.mode, "text": s.text, "control": s.control} for s in self.segments
+            ],
+            "finish_reason": self.finish_reason,
+        }
+
+
+def render_ids(encoder: Encoder, ids: Sequence[int], start_state: int, *, hide_thinking: bool = False) -> str:
+    """`ids` as text with tags written out; with `hide_thinking`, thinking blocks dropped.
+
+    A token belongs to a thinking block when the grammar is in a thinking state before
+    or after it (the open tag, the block's text and mantra, the close tag).
+    """
+    ids = np.asarray(ids, np.int32)
+    if hide_thinking and len(ids):
+        thinking = np.array([s.thinking for s in encoder.grammar.states])
+        after = grammar_states(encoder, ids, start_state)
+        before = np.concatenate([[start_state], after[:-1]])
+        ids = ids[~(thinking[before] | thinking[after])]
+    return encoder.decode(ids)
+
+
+def recover_segments(encoder: Encoder, ids: Sequence[int], start_state: int) -> tuple[Segment, ...]:
+    """The segments of `ids` generated after a prompt that left the grammar in `start_state`.
+
+    `Encoder.decode_segments` reads from the base mode, so the mode tags leading to the
+    prompt's mode go first (tags alone make no segment).
+    """
+    grammar = encoder.grammar
+    lead = grammar.mode_path(grammar.base_mode, grammar.states[start_state].mode)
+    lead_ids = [encoder.tag_ids[t] for t in lead]
+    return tuple(encoder.decode_segments(np.asarray([*lead_ids, *ids], np.int32)))
+
+
+class Generator:
+    """Samples from a model under its tag grammar.
+
+    Args:
+        params: the model's unboxed parameters.
+        model_config: its shape.
+        encoder: tokenizer, grammar and mantra (policy) it was trained with.
+    """
+
+    def __init__(self, params: Any, model_config: ModelConfig, encoder: Encoder):
+        if encoder.vocab_size != model_config.vocab_size:
+            raise UserError(f"the tokenizer has {encoder.vocab_size} tokens, the model {model_config.vocab_size}")
+        self.params = params
+        self.model_config = model_config
+        self.encoder = encoder
+
+    @classmethod
+    def load(cls, workdir: Path | None = None, checkpoint: Path | None = None) -> "Generator":
+        """From a work directory's latest checkpoint or one checkpoint step directory."""
+        loaded = load_checkpoint(workdir, checkpoint)
+        return cls(loaded.params, loaded.model_config, loaded.encoder)
+
+    def _budget(self, prompts: Sequence[EncodedPrompt], max_new_tokens: int | None) -> int:
+        room = self.model_config.max_seq_len - max(len(p.ids) for p in prompts)
+        if max_new_tokens is None:
+            max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room)
+        elif max_new_tokens > room:
+            raise UserError(
+                f"max-new-tokens {max_new_tokens} does not fit: the longest prompt has "
+                f"{self.model_config.max_seq_len - room} tokens and the model's max_seq_len is "
+                f"{self.model_config.max_seq_len}; ask for at most {max(room, 0)} or shorten the prompt"
+            )
+        if max_new_tokens < 1:
+            raise UserError(f"no room to generate: max-new-tokens must be >= 1 and fit in max_seq_len "
+                            f"{self.model_config.max_seq_len} after the prompt (room: {room})")
+        return max_new_tokens
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        lock_mode: str | None = None,
+        num_samples: int = 1,
+        max_new_tokens: int | None = None,
+        sampling: SamplingConfig = SamplingConfig(),
+        seed: int = 0,
+        chooser: Chooser | None = None,
+    ) -> list[Sample]:
+        """Continues every prompt `num_samples` times, in one batch.
+
+        Args:
+            prompts: plain texts (human-mode text) or documents.
+            lock_mode: lock generation into this mode (e.g. "ai"): it starts after the
+                mode tags into it and ends when the grammar leaves for the base mode.
+            num_samples: samples per prompt.
+            max_new_tokens: budget per sample (default: 128, or what max_seq_len leaves).
+            sampling: temperature (0: greedy), top-k, top-p.
+            seed: PRNG seed; the same seed, prompts and settings give the same samples.
+            chooser: token policy (default: `GrammarChooser(sampling)`); for tests.
+
+        Returns:
+            Samples ordered by prompt, then sample index.
+
+        Raises:
+            UserError: no prompt, bad settings, a budget that does not fit, a bad lock mode.
+        """
+        if not prompts:
+            raise UserError("give at least one prompt")
+        if num_samples < 1:
+            raise UserError(f"num-samples must be >= 1, got {num_samples}")
+        encoded = [encode_prompt(self.encoder, p, lock_mode) for p in prompts]
+        budget = self._budget(encoded, max_new_tokens)
+        rows = [p for p in encoded for _ in range(num_samples)]
+        constraints = TagConstraints.from_encoder(self.encoder, lock_mode=lock_mode)
+        length = -(-max(len(p.ids) for p in rows) // PROMPT_BUCKET) * PROMPT_BUCKET
+        out = generate_tokens(
+            self.params,
+            PromptBatch.left_padded([p.ids for p in rows], length),
+            RowState.start(np.array([p.state for p in rows]), np.array([p.blocks for p in rows]),
+                           constraints.mantra_length),
+            constraints,
+            jax.random.key(seed),
+            model_config=self.model_config,
+            max_new_tokens=budget,
+            chooser=chooser or GrammarChooser(sampling),
+        )
+        tokens, lengths, done = jax.device_get((out.tokens, out.lengths, out.rows.done))
+        return [
+            self._sample(row // num_samples, row % num_samples, rows[row], tokens[row, : lengths[row]], done[row])
+            for row in range(len(rows))
+        ]
+
+    def _sample(self, prompt_index: int, sample_index: int, prompt: EncodedPrompt,
+                generated: np.ndarray, done: bool) -> Sample:
+        ids = [*prompt.prefix, *generated.tolist()]
+        if not done:
+            reason = "length"
+        else:
+            reason = "eos" if ids[-1] == self.encoder.eos_id else "end_of_mode"
+        return Sample(
+            prompt_index=prompt_index,
+            sample_index=sample_index,
+            ids=tuple(ids),
+            text=render_ids(self.encoder, ids, prompt.prompt_state),
+            segments=recover_segments(self.encoder, ids, prompt.prompt_state),
+            finish_reason=reason,
+            start_state=prompt.prompt_state,
+        )
+
+    def render(self, sample: Sample, prompt: Prompt | None = None, *, hide_thinking: bool = False) -> str:
+        """The sample as text, tags written out, after its prompt if one is given.
+
+        With `hide_thinking`, thinking blocks (tags, mantra and text) are left out.
+        """
+        text = render_ids(self.encoder, sample.ids, sample.start_state, hide_thinking=hide_thinking)
+        if prompt is None:
+            return text
+        ids = encode_prompt(self.encoder, prompt).ids
+        initial = self.encoder.grammar.initial_state()
+        return render_ids(self.encoder, ids, initial, hide_thinking=hide_thinking) + text

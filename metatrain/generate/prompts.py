@@ -1,0 +1,97 @@
+"""Prompts to token ids, and the grammar state each one leaves the decoder in.
+
+A prompt is plain text (a human-mode text segment) or a structured `Document`; either
+way it is encoded by the `Encoder`, so a literal `<AI>` or `<thinking>` in its text is
+ordinary characters and leaves the grammar state where it was. A document prompt is
+left open: its end-of-document EOS and the mode tags that would close it are dropped,
+so generation continues in the mode its last segment is in. The AI-mode lock appends
+the mode tags leading into the locked mode (`<AI>`), which count as generated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from metatrain.documents import Document
+from metatrain.errors import UserError
+from metatrain.generate.constraints import check_lock_mode
+from metatrain.tokenizer.encoder import EncodeError, Encoder
+
+Prompt = str | Document
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPrompt:
+    """One prompt, ready for the decoder.
+
+    Attributes:
+        ids: int32 [n], `BOS` + the prompt + the lock's mode tags (`prefix`).
+        prefix: the lock's mode tags at the end of `ids`, reported as generated.
+        prompt_state: grammar state after the prompt, before `prefix`: where the
+            reported ids start.
+        state: grammar state after `ids`: where generation starts.
+        blocks: thinking blocks opened in `ids` (for the `first` mantra policy).
+    """
+
+    ids: np.ndarray
+    prefix: tuple[int, ...]
+    prompt_state: int
+    state: int
+    blocks: int
+
+
+def _document_ids(encoder: Encoder, doc: Document) -> np.ndarray:
+    """`encode(doc)` without its final EOS and the mode tags that close the document."""
+    grammar = encoder.grammar
+    try:
+        ids = encoder.encode(doc).ids[:-1]
+    except EncodeError as e:
+        raise UserError(f"prompt {doc.id!r}: {e.reason}") from None
+    mode = doc.mode
+    for seg in doc.segments:
+        mode = seg.mode or mode
+    closing = grammar.mode_path(mode, doc.mode) + grammar.mode_path(doc.mode, grammar.base_mode)
+    return ids[: len(ids) - len(closing)]
+
+
+def grammar_states(encoder: Encoder, ids: np.ndarray, start: int | None = None) -> np.ndarray:
+    """The grammar state after each of `ids` (int32 [n]), from `start` (default: initial).
+
+    Raises:
+        ValueError: the ids hold a tag that is illegal where it stands.
+    """
+    bound = encoder.bound_grammar
+    state = np.int32(encoder.grammar.initial_state() if start is None else start)
+    out = np.empty((len(ids),), np.int32)
+    for i, token in enumerate(np.asarray(ids)):
+        state = bound.next_states(state, token)
+        if state < 0:
+            raise ValueError(f"token {int(token)} at {i} is a tag the grammar forbids there")
+        out[i] = state
+    return out
+
+
+def encode_prompt(encoder: Encoder, prompt: Prompt, lock_mode: str | None = None) -> EncodedPrompt:
+    """Encodes a prompt and, with a lock, the mode tags into the locked mode.
+
+    Raises:
+        UserError: the document breaks the grammar, or the lock mode is unknown.
+    """
+    if isinstance(prompt, Document):
+        body = _document_ids(encoder, prompt)
+    else:
+        body = np.asarray([encoder.bos_id, *encoder.tokenizer.encode_texts([prompt])[0]], np.int32)
+    prompt_state = int(grammar_states(encoder, body)[-1])
+    state = prompt_state
+    prefix: tuple[int, ...] = ()
+    if lock_mode is not None:
+        check_lock_mode(encoder, lock_mode)
+        mode = encoder.grammar.states[state].mode
+        prefix = tuple(encoder.tag_ids[t] for t in encoder.grammar.mode_path(mode, lock_mode))
+        if prefix:
+            state = int(grammar_states(encoder, np.asarray(prefix), start=state)[-1])
+    ids = np.concatenate([body, np.asarray(prefix, np.int32)]).astype(np.int32)
+    thinking_open = encoder.tag_ids[encoder.grammar.registry.thinking_open]
+    return EncodedPrompt(ids, prefix, prompt_state, state, int(np.sum(ids == thinking_open)))
