@@ -250,7 +250,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     for override in overrides:
         _apply_override(raw, override)
     where = str(path) + (" with --set " + " ".join(overrides) if overrides else "")
-    return _build(RunConfig, raw, prefix="", where=where)
+    return build_typed(RunConfig, raw, prefix="", where=where)
 
 
 def config_to_dict(config: Any) -> Any:
@@ -399,7 +399,21 @@ def _is_union(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType)
 
 
-def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
+def build_typed(cls: type, raw: Any, prefix: str = "", where: str = "<memory>") -> Any:
+    """A frozen dataclass `cls` from a YAML mapping, every value type-checked.
+
+    Used for the run config and for other typed YAML files (sweep specs), so their
+    errors read alike: an unknown key names the closest valid one, a bad value its key.
+
+    Args:
+        cls: the dataclass; nested dataclass fields are built from nested mappings.
+        raw: the mapping read from YAML.
+        prefix: dotted key prefix for messages (e.g. "model.").
+        where: the file, for messages.
+
+    Raises:
+        UserError: an unknown or missing key, or a value of the wrong type.
+    """
     if not isinstance(raw, Mapping):
         raise UserError(f"{where}: '{prefix[:-1] or 'config'}' must be a mapping of keys, got {raw!r}")
     fields = _dataclass_fields(cls)
@@ -468,7 +482,7 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
             raise UserError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, f"{key}.", where)
+        return build_typed(tp, value, f"{key}.", where)
     if tp is bool:
         if not isinstance(value, bool):
             raise _wrong_type(tp, value, key, where)

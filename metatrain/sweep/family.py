@@ -1,0 +1,144 @@
+"""Size families: model presets for scaling-law sweeps, each defined by its depth.
+
+A family fixes the shape ratios (width per layer, head size, query heads per key/value
+head, MLP expansion) so that one number, the depth L, names a model:
+
+    d_model    = width_per_layer * L          (constant aspect ratio)
+    n_heads    = d_model / head_dim
+    n_kv_heads = n_heads / q_per_kv
+    d_ff       = ffn_ratio * d_model, rounded up to a multiple of ffn_multiple
+
+`tiny-2` is `configs/tiny.yaml`'s model. Vocabulary and sequence length are not part of
+a size: they come from the sweep's base run config. Parameter counts and FLOPs are not
+computed here but by `ModelConfig` (their one home): `ModelSize.model_config(base)`
+gives the `ModelConfig` to ask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+
+from metatrain.errors import UserError
+from metatrain.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """One preset of a family: the shape fields of a `ModelConfig`."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+
+    def overrides(self) -> list[str]:
+        """`--set` strings that give a run config this model shape."""
+        fields = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")
+        return [f"model.{f}={getattr(self, f)}" for f in fields]
+
+    def model_config(self, base: ModelConfig) -> ModelConfig:
+        """`base` (vocabulary, sequence length, dtypes, ...) with this shape."""
+        return dataclasses.replace(
+            base,
+            n_layers=self.n_layers,
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            head_dim=self.head_dim,
+            d_ff=self.d_ff,
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SizeFamily:
+    """Model shapes that grow with depth at fixed ratios (see the module docstring).
+
+    Attributes:
+        name: prefix of the preset names (`tiny` gives `tiny-1`, `tiny-2`, ...).
+        depths: the depths offered as presets, smallest first.
+        width_per_layer: d_model / n_layers (a multiple of head_dim).
+        head_dim: width of every attention head.
+        q_per_kv: query heads sharing one key/value head (1: plain multi-head attention).
+        ffn_ratio: d_ff / d_model before rounding (8/3 keeps SwiGLU at a 4x MLP's cost).
+        ffn_multiple: d_ff is rounded up to a multiple of this.
+    """
+
+    name: str
+    depths: tuple[int, ...]
+    width_per_layer: int
+    head_dim: int
+    q_per_kv: int = 1
+    ffn_ratio: float = 8 / 3
+    ffn_multiple: int = 16
+
+    def __post_init__(self) -> None:
+        if not self.depths or any(d < 1 for d in self.depths) or list(self.depths) != sorted(set(self.depths)):
+            raise UserError(f"family {self.name}: depths must be increasing positive integers, got {self.depths}")
+        if self.width_per_layer % self.head_dim:
+            raise UserError(
+                f"family {self.name}: width_per_layer={self.width_per_layer} must be a multiple of "
+                f"head_dim={self.head_dim} so that every depth has whole heads"
+            )
+        for depth in self.depths:
+            heads = self.width_per_layer * depth // self.head_dim
+            if heads % self.q_per_kv:
+                raise UserError(
+                    f"family {self.name}: depth {depth} has {heads} query heads, not divisible by "
+                    f"q_per_kv={self.q_per_kv}"
+                )
+
+    def size(self, depth: int) -> ModelSize:
+        """The preset of depth `depth` (which need not be among `depths`)."""
+        d_model = self.width_per_layer * depth
+        n_heads = d_model // self.head_dim
+        d_ff = self.ffn_multiple * math.ceil(self.ffn_ratio * d_model / self.ffn_multiple - 1e-9)
+        return ModelSize(
+            name=f"{self.name}-{depth}",
+            n_layers=depth,
+            d_model=d_model,
+            n_heads=n_heads,
+            n_kv_heads=n_heads // self.q_per_kv,
+            head_dim=self.head_dim,
+            d_ff=d_ff,
+        )
+
+    def sizes(self) -> tuple[ModelSize, ...]:
+        """Every preset, smallest first."""
+        return tuple(self.size(d) for d in self.depths)
+
+    def find(self, name: str) -> ModelSize:
+        """The preset called `name`, or a UserError listing the family's presets."""
+        by_name = {s.name: s for s in self.sizes()}
+        if name not in by_name:
+            close = difflib.get_close_matches(name, list(by_name), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(
+                f"size {name!r} is not in family {self.name!r}{hint} (its sizes: {', '.join(by_name)}; "
+                f"see `metatrain sweep sizes --family {self.name}`)"
+            )
+        return by_name[name]
+
+
+#: The shipped families. `tiny` trains on a 2-core CPU in seconds per run; `base` is
+#: the accelerator family (GPT-2 small is `base-12`: 12 layers of width 768).
+FAMILIES: dict[str, SizeFamily] = {
+    "tiny": SizeFamily(name="tiny", depths=(1, 2, 3, 4, 5, 6, 8), width_per_layer=32, head_dim=16, q_per_kv=2),
+    "base": SizeFamily(
+        name="base",
+        depths=(4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 40, 48),
+        width_per_layer=64,
+        head_dim=64,
+    ),
+}
+
+
+def get_family(name: str) -> SizeFamily:
+    """The shipped family `name`, or a UserError naming the known ones."""
+    if name not in FAMILIES:
+        raise UserError(f"unknown size family {name!r}; known families: {', '.join(FAMILIES)}")
+    return FAMILIES[name]

@@ -1,0 +1,375 @@
+"""`sweep fit`: from a manifest to fitted scaling laws, a JSON report and plots.
+
+For each variant (or the whole sweep, without variants) and each role fitted, the
+finished runs give points (N, D, loss): N the non-embedding parameters (`params`), D the
+training tokens (`tokens`, or another key such as `text_tokens`), and the final
+evaluation loss of the role (`loss/text`, `loss/thinking`, or the joint `loss`). They
+are fitted with L(N, D) (`metatrain.sweep.law`, approach 3) and, where runs carry an
+IsoFLOP `budget`, with parabolas per budget (`metatrain.sweep.isoflop`, approach 2).
+
+Inputs that cannot identify the law are refused with a `UserError` saying what is
+missing: no finished run, a key absent, a NaN or non-positive loss, fewer than 5 runs,
+a single model size or a single token budget.
+
+`DIR/fit.json` holds the report (`fit_sweep` returns the same dict):
+
+    {"fits": [{"variant": null, "role": "text", "E": .., "A": .., "B": .., "alpha": ..,
+               "beta": .., "ci": {"E": [lo, hi], ...}, ...}, ...],
+     "isoflop": [{"variant": .., "role": .., "budgets": [..], "N_opt": {..}, "D_opt": {..}}],
+     "notes": [...], "plots": [...]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from metatrain.errors import UserError
+from metatrain.sweep.isoflop import IsoFlopFit, fit_isoflop
+from metatrain.sweep.law import PARAMS, LawFit, bootstrap_law, fit_law
+from metatrain.sweep.manifest import Record, manifest_path, read_manifest
+
+#: Role names accepted by `--role` (besides "all") and the manifest key of each.
+ROLE_KEYS: dict[str, str] = {"text": "loss/text", "thinking": "loss/thinking", "joint": "loss"}
+ROLE_CHOICES: tuple[str, ...] = ("text", "thinking", "joint", "all")
+MIN_POINTS = len(PARAMS)
+REPORT = "fit.json"
+PLOTS_DIR = "plots"
+
+
+@dataclasses.dataclass(frozen=True)
+class Series:
+    """The finished runs of one variant, as arrays for one role's loss.
+
+    Attributes:
+        variant: the variant (None for a sweep without variants).
+        role: "text", "thinking" or "joint".
+        names: run names, in manifest order.
+        N: non-embedding parameters; D: tokens (of `tokens_key`); L: the role's loss.
+        flops: training compute; flops_per_token: flops / training tokens.
+        budget: IsoFLOP budget of each run (NaN where a run has none).
+    """
+
+    variant: str | None
+    role: str
+    names: tuple[str, ...]
+    N: np.ndarray
+    D: np.ndarray
+    L: np.ndarray
+    flops: np.ndarray
+    flops_per_token: np.ndarray
+    budget: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleFit:
+    """Both analyses of one series."""
+
+    series: Series
+    law: LawFit
+    isoflop: IsoFlopFit | None
+
+
+def roles_for(choice: str) -> tuple[str, ...]:
+    """`--role` value -> roles to fit ("all": text, thinking and the joint loss)."""
+    if choice not in ROLE_CHOICES:
+        raise UserError(f"--role {choice!r}: choose one of {', '.join(ROLE_CHOICES)}")
+    return ("text", "thinking", "joint") if choice == "all" else (choice,)
+
+
+def fit_sweep(
+    directory: str | Path,
+    *,
+    role: str = "all",
+    tokens_key: str = "tokens",
+    resamples: int = 100,
+    level: float = 0.95,
+    seed: int = 0,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Fit the sweep in `directory`, write `fit.json` (and plots), return the report.
+
+    Args:
+        directory: holds `manifest.jsonl`.
+        role: "text", "thinking", "joint" or "all".
+        tokens_key: the manifest key used as D.
+        resamples: bootstrap resamples for the intervals (0: none).
+        level: coverage of the intervals.
+        seed: bootstrap seed.
+        plots: also write PNGs under `DIR/plots/`.
+
+    Raises:
+        UserError: the manifest cannot identify the law (see the module docstring).
+    """
+    directory = Path(directory)
+    records = read_manifest(directory)
+    series, notes = select_series(records, roles_for(role), tokens_key, source=str(manifest_path(directory)))
+    fits = [fit_series(s, resamples=resamples, level=level, seed=seed) for s in series]
+    report = build_report(fits, notes, tokens_key=tokens_key, level=level, resamples=resamples)
+    report["sweep"] = str(directory)
+    if plots:
+        from metatrain.sweep.plots import write_plots
+
+        report["plots"] = [str(p) for p in write_plots(fits, directory / PLOTS_DIR)]
+    (directory / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def fit_series(series: Series, *, resamples: int = 100, level: float = 0.95, seed: int = 0) -> RoleFit:
+    """L(N, D) with bootstrap intervals, and the IsoFLOP analysis where runs have budgets."""
+    law = fit_law(series.N, series.D, series.L)
+    if resamples > 0:
+        law = bootstrap_law(series.N, series.D, series.L, law, resamples=resamples, level=level, seed=seed)
+    iso = None
+    has_budget = np.isfinite(series.budget)
+    if has_budget.any():
+        iso = fit_isoflop(
+            series.budget[has_budget],
+            series.N[has_budget],
+            series.D[has_budget],
+            series.L[has_budget],
+            resamples=resamples,
+            level=level,
+            seed=seed,
+        )
+    return RoleFit(series=series, law=law, isoflop=iso)
+
+
+# -- choosing and checking the points ---------------------------------------------------------
+
+
+def select_series(
+    records: Sequence[Record], roles: Sequence[str], tokens_key: str = "tokens", source: str = "the manifest"
+) -> tuple[list[Series], list[str]]:
+    """The fittable series of each variant and role, and notes on what was left out.
+
+    A (variant, role) whose runs all have a null loss (no token of that role was
+    evaluated, e.g. a corpus without thinking blocks) is left out with a note when
+    several roles are fitted, and refused when it is the only one asked for.
+
+    Raises:
+        UserError: what is missing for the law to be identified (module docstring).
+    """
+    done = [r for r in records if r.get("status") == "done"]
+    notes = []
+    left = [r["name"] for r in records if r.get("status") != "done"]
+    if not done:
+        statuses = ", ".join(f"{n} {s}" for s, n in Counter(r.get("status") for r in records).items())
+        raise UserError(
+            f"no finished run in {source} ({statuses}); train the points first (metatrain sweep run DIR), "
+            'or give runs made elsewhere status "done" and their losses'
+        )
+    if left:
+        notes.append(f"{len(left)} run(s) not done are left out: {_names(left)}")
+    variants = list(dict.fromkeys(r.get("variant") for r in done))
+    series, skipped = [], []
+    for variant in variants:
+        runs = [r for r in done if r.get("variant") == variant]
+        for role in roles:
+            s = _series(runs, variant, role, tokens_key, source)
+            if s is None:
+                skipped.append((variant, role))
+            else:
+                series.append(s)
+                notes += _identification_notes(s, tokens_key)
+    for variant, role in skipped:
+        what = f"variant {variant!r}, " if variant is not None else ""
+        message = f"{what}role {role}: every finished run has {ROLE_KEYS[role]} null (no {role} token evaluated)"
+        if len(roles) == 1:
+            raise UserError(f"{message}; nothing to fit for this role")
+        notes.append(message + "; not fitted")
+    if not series:
+        raise UserError(f"no role has losses to fit in {source}: " + "; ".join(notes))
+    return series, notes
+
+
+def _series(runs: list[Record], variant: str | None, role: str, tokens_key: str, source: str) -> Series | None:
+    loss_key = ROLE_KEYS[role]
+    for r in runs:
+        missing = [k for k in ("params", tokens_key, "tokens", "flops", loss_key) if k not in r]
+        if missing:
+            raise UserError(
+                f"{source}: run {r['name']!r} is done but has no {', '.join(repr(k) for k in missing)}; "
+                "sweep fit needs params (non-embedding N), tokens (D), flops and the losses of each run"
+            )
+    nulls = [r["name"] for r in runs if r[loss_key] is None]
+    if len(nulls) == len(runs):
+        return None
+    where = f"variant {variant!r}, " if variant is not None else ""
+    if nulls:
+        raise UserError(
+            f"{source}: {where}{loss_key} is null for {_names(nulls)} but not for the other runs; "
+            "rerun those points, or set their status to \"failed\" to leave them out"
+        )
+    N = _positive(runs, "params", source)
+    D = _positive(runs, tokens_key, source)
+    L = _positive(runs, loss_key, source, hint='rerun the point, or set its status to "failed" to leave it out')
+    names = tuple(r["name"] for r in runs)
+    if len(np.unique(N)) < 2:
+        raise UserError(
+            f"{source}: {where}every run has the same model size (params={int(N[0]):,}); L(N, D) needs at "
+            "least 2 sizes (3 or more to separate A/N^alpha from E): add sizes to the sweep"
+        )
+    if len(np.unique(D)) < 2:
+        raise UserError(
+            f"{source}: {where}every run has the same {tokens_key} ({D[0]:.6g}); L(N, D) needs at least 2 "
+            "token budgets: add token budgets to the sweep"
+        )
+    if len(runs) < MIN_POINTS:
+        raise UserError(
+            f"{source}: {where}too few points: {len(runs)} finished run(s) ({_names(names)}), and L(N, D) "
+            f"has {MIN_POINTS} parameters; finish at least {MIN_POINTS} runs (e.g. 3 sizes x 2 token budgets)"
+        )
+    flops = _positive(runs, "flops", source)
+    return Series(
+        variant=variant,
+        role=role,
+        names=names,
+        N=N,
+        D=D,
+        L=L,
+        flops=flops,
+        flops_per_token=flops / _positive(runs, "tokens", source),
+        budget=np.array([float(r["budget"]) if r.get("budget") is not None else math.nan for r in runs]),
+    )
+
+
+def _identification_notes(s: Series, tokens_key: str) -> list[str]:
+    """Two values of N (or D) fix only the difference of the A (or B) term at them, so
+    A, alpha and E (or B, beta and E) trade off freely: the fit is one of many."""
+    notes = []
+    for axis, values, term in (("model sizes", s.N, "A, alpha"), (f"values of {tokens_key}", s.D, "B, beta")):
+        if len(np.unique(values)) == 2:
+            notes.append(
+                f"{_label(s)}: only 2 {axis}, so {term} and E are not separately determined (any such "
+                "curve fits two points); read the intervals, and use 3 or more for a real fit"
+            )
+    return notes
+
+
+def _positive(runs: list[Record], key: str, source: str, hint: str = "fix the manifest") -> np.ndarray:
+    values = []
+    for r in runs:
+        v = r[key]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        if not ok:
+            raise UserError(f"{source}: run {r['name']!r} has {key}={v!r}; it must be a finite number > 0 ({hint})")
+        values.append(float(v))
+    return np.array(values)
+
+
+def _names(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def build_report(
+    fits: Sequence[RoleFit], notes: Sequence[str], *, tokens_key: str, level: float, resamples: int
+) -> dict[str, Any]:
+    """The JSON-ready report of `fits` (see the module docstring)."""
+    report: dict[str, Any] = {
+        "law": "L(N, D) = E + A / N^alpha + B / D^beta",
+        "N": "params (non-embedding parameters)",
+        "D": tokens_key,
+        "level": level,
+        "fits": [_law_entry(f) for f in fits],
+        "isoflop": [_isoflop_entry(f) for f in fits if f.isoflop is not None],
+        "notes": list(notes),
+    }
+    for f in fits:
+        if f.isoflop is not None:
+            report["notes"] += [f"{_label(f.series)}: {n}" for n in f.isoflop.notes]
+    return report
+
+
+def _law_entry(fit: RoleFit) -> dict[str, Any]:
+    law = fit.law.law
+    alpha, beta = law.alpha, law.beta
+    return {
+        "variant": fit.series.variant,
+        "role": fit.series.role,
+        "loss_key": ROLE_KEYS[fit.series.role],
+        **law.as_dict(),
+        "ci": {p: list(v) for p, v in fit.law.intervals.items()},
+        "resamples": fit.law.resamples,
+        "points": len(fit.series.names),
+        "rms_log_residual": fit.law.rms_log_residual,
+        # Minimising L at fixed C = k N D gives N_opt ~ C^(beta/(alpha+beta)).
+        "N_opt_exponent": beta / (alpha + beta) if alpha + beta > 0 else None,
+        "D_opt_exponent": alpha / (alpha + beta) if alpha + beta > 0 else None,
+    }
+
+
+def _isoflop_entry(fit: RoleFit) -> dict[str, Any]:
+    iso = fit.isoflop
+    assert iso is not None
+
+    def law(p):
+        return None if p is None else {"exponent": p.exponent, "coefficient": p.coefficient, "ci": p.interval}
+
+    return {
+        "variant": fit.series.variant,
+        "role": fit.series.role,
+        "budgets": [
+            {"flops": m.budget, "N_opt": m.n_opt, "D_opt": m.d_opt, "loss": m.loss, "bracketed": m.bracketed, "points": m.points}
+            for m in iso.minima
+        ],
+        "N_opt": law(iso.n_opt),
+        "D_opt": law(iso.d_opt),
+    }
+
+
+def _label(series: Series) -> str:
+    return f"{series.variant}/{series.role}" if series.variant is not None else series.role
+
+
+def _ci(entry: dict, name: str) -> str:
+    ci = entry["ci"].get(name)
+    return f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as text for the terminal."""
+    level = round(100 * report["level"])
+    lines = [f"{report['law']}   (N = non-embedding params, D = {report['D']}; {level}% bootstrap intervals)"]
+    for e in report["fits"]:
+        head = f"variant {e['variant']}, " if e["variant"] is not None else ""
+        lines.append(
+            f"\n{head}{e['role']} loss ({e['loss_key']}): {e['points']} runs, rms log residual "
+            f"{e['rms_log_residual']:.3g}, {e['resamples']} bootstrap resamples"
+        )
+        for name in PARAMS:
+            lines.append(f"  {name:<6} {e[name]:>12.4g}  {_ci(e, name)}")
+        if e["N_opt_exponent"] is not None:
+            lines.append(
+                f"  compute-optimal (from alpha, beta): N_opt ~ C^{e['N_opt_exponent']:.3f}, "
+                f"D_opt ~ C^{e['D_opt_exponent']:.3f}"
+            )
+    for e in report["isoflop"]:
+        head = f"variant {e['variant']}, " if e["variant"] is not None else ""
+        lines.append(f"\nIsoFLOP, {head}{e['role']} loss:")
+        for b in e["budgets"]:
+            flag = "" if b["bracketed"] else "  (extrapolated)"
+            lines.append(
+                f"  C={b['flops']:.3g}: N_opt {b['N_opt']:.4g}, D_opt {b['D_opt']:.4g}, loss {b['loss']:.4f}{flag}"
+            )
+        for key in ("N_opt", "D_opt"):
+            p = e[key]
+            if p is not None:
+                ci = f"  [{p['ci'][0]:.3f}, {p['ci'][1]:.3f}]" if p["ci"] else ""
+                lines.append(f"  {key}(C) = {p['coefficient']:.4g} * C^{p['exponent']:.3f}{ci}")
+    if report["notes"]:
+        lines.append("\nnotes:")
+        lines += [f"  - {n}" for n in report["notes"]]
+    if report.get("plots"):
+        lines.append("\nplots: " + ", ".join(report["plots"]))
+    return "\n".join(lines)

@@ -1,0 +1,252 @@
+"""`sweep plan`: a spec becomes one resolved run config per point, plus the manifest.
+
+    DIR/manifest.jsonl              one JSON object per run (metatrain.sweep.manifest)
+    DIR/runs/<name>/config.yaml     the run's resolved config, loadable with load_config
+
+A point's work directory is `DIR/runs/<name>`, so `metatrain train --workdir
+DIR/runs/<name>` alone trains (or resumes) it. Token budgets become whole optimizer
+steps: `steps = round(tokens / (batch_size x seq_len))`, at least 1, and the manifest
+records the tokens actually trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from metatrain.config import RunConfig, config_to_dict, load_config, save_config
+from metatrain.errors import UserError
+from metatrain.models.config import ModelConfig
+from metatrain.sweep.family import ModelSize, SizeFamily, get_family
+from metatrain.sweep.manifest import Record, manifest_path, read_manifest, write_manifest
+from metatrain.sweep.spec import SweepSpec, load_spec
+
+RUNS_DIR = "runs"
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    """One point: its manifest record and its resolved run config."""
+
+    record: Record
+    config: RunConfig
+
+
+def plan_sweep(spec_path: str | Path, out: str | Path, overrides: Sequence[str] = ()) -> list[PlannedRun]:
+    """Plan the sweep of `spec_path` into `out` (see the module docstring).
+
+    Planning again into a directory that holds the same plan changes nothing (results
+    are kept); a different plan there is refused.
+
+    Args:
+        spec_path: the sweep spec YAML.
+        out: the sweep directory (created).
+        overrides: extra `KEY=VALUE` config overrides for every point (after the spec's).
+
+    Returns:
+        The planned runs, in manifest order.
+
+    Raises:
+        UserError: a bad spec, an override the run config refuses, a budget too small
+            for one step, or `out` holding a different sweep.
+    """
+    spec_path = Path(spec_path).resolve()
+    runs = plan_runs(load_spec(spec_path), spec_path.parent, overrides)
+    write_plan(runs, Path(out))
+    return runs
+
+
+def plan_runs(spec: SweepSpec, spec_dir: Path, overrides: Sequence[str] = ()) -> list[PlannedRun]:
+    """The runs of `spec`; relative paths in its overrides are relative to `spec_dir`."""
+    family = get_family(spec.family)
+    runs: list[PlannedRun] = []
+    for variant in spec.variant_names:
+        settings = [*_as_sets(spec.overrides), *_as_sets(spec.variants.get(variant, {})), *overrides]
+        where = f"variant {variant!r}" if variant else "the spec's overrides"
+        needed = [family.find(n) for n in spec.grid.sizes] if spec.grid is not None else family.sizes()
+        configs = {s.name: _load_point_config(spec.base, spec_dir, [*settings, *s.overrides()], where) for s in needed}
+        if spec.grid is not None:
+            fraction = None
+            if spec.count_tokens == "text":
+                fraction = text_token_fraction(configs[spec.grid.sizes[0]], spec.text_fraction_batches)
+            for size_name in spec.grid.sizes:
+                size = family.find(size_name)
+                for tokens in spec.grid.tokens:
+                    train_tokens = tokens / fraction if fraction else tokens
+                    runs.append(_planned(configs[size_name], size, variant, train_tokens, tokens=tokens, text_fraction=fraction))
+        else:
+            iso = spec.isoflop
+            for budget in iso.budgets:
+                sizes = isoflop_sizes(family, configs, budget, iso.sizes_per_budget, iso.tokens_per_param)
+                for size in sizes:
+                    config = configs[size.name]
+                    tokens = budget / config.model.flops_per_token(config.trainer.seq_len)
+                    runs.append(_planned(config, size, variant, tokens, budget=budget))
+    return runs
+
+
+def _as_sets(overrides: dict) -> list[str]:
+    # JSON is YAML flow syntax, so every value reads back exactly as written in the spec.
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+def _load_point_config(base: Path, spec_dir: Path, settings: list[str], where: str) -> RunConfig:
+    # load_config reads relative paths in --set values against the working directory;
+    # in a spec they are relative to the spec's directory.
+    with contextlib.chdir(spec_dir):
+        try:
+            config = load_config(base, settings)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+    if config.trainer.eval_every == 0:
+        raise UserError(
+            f"{where}: trainer.eval_every is 0, so runs would report no evaluation loss to fit; "
+            "set trainer.eval_every (the final step is always evaluated when it is > 0)"
+        )
+    return config
+
+
+def text_token_fraction(config: RunConfig, batches: int) -> float:
+    """Share of training positions (padding included) whose target is a text token.
+
+    Read from the first `batches` training batches of `config`'s data, so a corpus with
+    thinking blocks (a smaller share) is given more total tokens than one without.
+    """
+    from metatrain.data import make_batch_iterator
+    from metatrain.roles import Role
+
+    tc = config.trainer
+    text = total = 0
+    with make_batch_iterator(config.data, batch_size=tc.batch_size, seq_len=tc.seq_len, split="train", seed=tc.seed) as it:
+        for _, batch in zip(range(batches), it):
+            roles = np.asarray(batch["target_roles"])
+            text += int(np.sum(roles == Role.TEXT))
+            total += roles.size
+    if text == 0:
+        raise UserError(
+            f"count_tokens: text, but the first {batches} training batches of {config.data.sources[0].path} "
+            "hold no text token; count all tokens instead (count_tokens: all)"
+        )
+    return text / total
+
+
+def isoflop_sizes(
+    family: SizeFamily,
+    configs: dict[str, RunConfig],
+    budget: float,
+    count: int,
+    tokens_per_param: float,
+) -> list[ModelSize]:
+    """`count` consecutive sizes of `family` centred on the compute-optimal guess at `budget`.
+
+    The guess is the size whose tokens per non-embedding parameter, with tokens =
+    budget / FLOPs-per-token, is closest (in log) to `tokens_per_param`. Near the ends of
+    the family the window is shifted to stay inside it.
+    """
+    sizes = family.sizes()
+    ratios = []
+    for s in sizes:
+        model = configs[s.name].model
+        tokens = budget / model.flops_per_token(configs[s.name].trainer.seq_len)
+        ratios.append(math.log(tokens / model.num_non_embedding_params))
+    centre = int(np.argmin([abs(r - math.log(tokens_per_param)) for r in ratios]))
+    start = min(max(centre - count // 2, 0), len(sizes) - count)
+    return list(sizes[start : start + count])
+
+
+def _planned(
+    config: RunConfig,
+    size: ModelSize,
+    variant: str | None,
+    train_tokens: float,
+    *,
+    tokens: float | None = None,
+    budget: float | None = None,
+    text_fraction: float | None = None,
+) -> PlannedRun:
+    tc = config.trainer
+    steps = round(train_tokens / config.tokens_per_step)
+    if steps < 1:
+        what = f"budget {budget:.3g} FLOPs" if budget is not None else f"{tokens:g} tokens"
+        raise UserError(
+            f"{size.name}: {what} is {train_tokens:.3g} training tokens, less than one step of "
+            f"{config.tokens_per_step} (batch_size {tc.batch_size} x seq_len {tc.seq_len}); raise it, "
+            "or lower trainer.batch_size in the spec's overrides"
+        )
+    config = dataclasses.replace(config, trainer=dataclasses.replace(tc, steps=steps))
+    name = _run_name(variant, size, tokens, budget)
+    model: ModelConfig = config.model
+    record: Record = {"name": name}
+    if variant is not None:
+        record["variant"] = variant
+    record.update(
+        size=size.name,
+        n_layers=model.n_layers,
+        d_model=model.d_model,
+        n_heads=model.n_heads,
+        n_kv_heads=model.n_kv_heads,
+        d_ff=model.d_ff,
+        params=model.num_non_embedding_params,
+        embedding_params=model.num_embedding_params,
+        flops_per_token=model.flops_per_token(tc.seq_len),
+        batch_size=tc.batch_size,
+        seq_len=tc.seq_len,
+        steps=steps,
+        tokens=config.total_tokens,
+        flops=model.flops_per_token(tc.seq_len) * config.total_tokens,
+    )
+    if budget is not None:
+        record["budget"] = budget
+    if text_fraction is not None:
+        record["text_fraction"] = text_fraction
+        record["text_tokens"] = round(text_fraction * config.total_tokens)
+    record.update(
+        config=f"{RUNS_DIR}/{name}/config.yaml",
+        workdir=f"{RUNS_DIR}/{name}",
+        status="planned",
+        loss=None,
+        **{"loss/text": None, "loss/thinking": None},
+    )
+    return PlannedRun(record=record, config=config)
+
+
+def _run_name(variant: str | None, size: ModelSize, tokens: float | None, budget: float | None) -> str:
+    parts = [variant] if variant else []
+    if budget is not None:
+        parts += [f"C{budget:.3g}".replace("+", ""), size.name]
+    else:
+        parts += [size.name, f"D{tokens:.6g}".replace("+", "")]
+    return ".".join(parts)
+
+
+def write_plan(runs: list[PlannedRun], out: Path) -> None:
+    """Write each run's config and the manifest (see `plan_sweep` for an existing `out`)."""
+    if manifest_path(out).is_file():
+        _check_same_plan(runs, out)
+        return
+    for run in runs:
+        workdir = out / run.record["workdir"]
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_config(run.config, out / run.record["config"])
+    write_manifest(out, [run.record for run in runs])
+
+
+def _check_same_plan(runs: list[PlannedRun], out: Path) -> None:
+    existing = {r["name"]: r for r in read_manifest(out)}
+    planned = {run.record["name"]: run for run in runs}
+    differ = sorted(set(existing) ^ set(planned))
+    for name in set(existing) & set(planned):
+        config_file = out / existing[name].get("config", "")
+        if not config_file.is_file() or config_to_dict(load_config(config_file)) != config_to_dict(planned[name].config):
+            differ.append(name)
+    if differ:
+        raise UserError(
+            f"{out} already holds a different sweep (runs that differ: {', '.join(differ[:5])}"
+            f"{', ...' if len(differ) > 5 else ''}); plan into a new --out directory"
+        )

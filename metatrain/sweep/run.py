@@ -1,0 +1,213 @@
+"""`sweep run`: train a planned sweep's points here, one after another, or print launch commands.
+
+Running is resumable: a point whose manifest status is "done" is skipped; a point whose
+work directory already shows its final evaluation (trained, but the manifest was not
+updated) is collected without training; any other point is trained with the real
+trainer, which itself resumes from the latest checkpoint in the point's work directory.
+
+Results come from each point's `metrics.jsonl` (the trainer's record of every
+evaluation): the final evaluation losses per role (`loss`, `loss/<role>`) and the best
+(`best_loss`, `best_loss/<role>`, each the minimum over the run's evaluations).
+`--collect` does only that, for points trained elsewhere from the emitted commands.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from metatrain.errors import UserError
+from metatrain.roles import LOSS_ROLE_LABELS
+from metatrain.sweep.manifest import Record, read_manifest, write_manifest
+
+#: `runner(config, workdir)` trains one point; the default is `metatrain.train.loop.train`.
+Runner = Callable[[Any, Path], Any]
+
+#: Where `--emit` commands go: here (`metatrain train`) or a launcher target.
+EMIT_TARGETS: tuple[str, ...] = ("local", "tpu", "gke", "slurm")
+
+_LOSS_KEYS: tuple[str, ...] = ("loss", *(f"loss/{role}" for role in LOSS_ROLE_LABELS))
+
+
+def collect_results(workdir: Path, steps: int) -> Record | None:
+    """Final and best evaluation losses of the run in `workdir`, or None if it has not finished.
+
+    A run has finished when `metrics.jsonl` holds an evaluation at step >= `steps` (the
+    trainer always evaluates the last step). Every `loss*` value of the result may be
+    None where the evaluation split had no token of that role.
+    """
+    evals = _eval_records(workdir / "metrics.jsonl")
+    if not evals or evals[-1][0] < steps:
+        return None
+    final_step, final = evals[-1]
+    result: Record = {"final_step": final_step}
+    for key in _LOSS_KEYS:
+        result[key] = final.get(f"eval/{key}")
+        seen = [(r[f"eval/{key}"], step) for step, r in evals if r.get(f"eval/{key}") is not None]
+        best = min(seen, default=(None, None))
+        result[f"best_{key}"] = best[0]
+        if key == "loss":
+            result["best_step"] = best[1]
+    return result
+
+
+def _eval_records(path: Path) -> list[tuple[int, dict]]:
+    """(step, record) of every evaluation in `metrics.jsonl`, ordered by step (last write wins)."""
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if isinstance(record, dict) and "eval/loss" in record and isinstance(record.get("step"), int):
+            by_step[record["step"]] = record
+    return sorted(by_step.items())
+
+
+def run_sweep(
+    directory: str | Path,
+    *,
+    runner: Runner | None = None,
+    only: Iterable[str] = (),
+    log: Callable[[str], None] = print,
+) -> list[Record]:
+    """Train every unfinished point of the sweep in `directory`, in manifest order.
+
+    The manifest is rewritten after each point, so an interrupted sweep resumes where it
+    stopped. A point that fails with a `UserError` (e.g. a non-finite loss) is marked
+    "failed" with its `error` and the sweep goes on; any other exception is a bug and
+    stops the sweep (the point stays "running" and is retried on the next run).
+
+    Args:
+        directory: the sweep directory (`sweep plan --out`).
+        runner: trains one point; defaults to the real trainer.
+        only: run just these point names (default: all).
+        log: receives one line per point.
+
+    Returns:
+        The manifest records after the run.
+    """
+    from metatrain.config import load_config
+
+    directory = Path(directory)
+    runner = runner or _train
+    records = read_manifest(directory)
+    selected = _select(records, only)
+    for index, record in enumerate(records):
+        name = record["name"]
+        if name not in selected:
+            continue
+        if record.get("status") == "done":
+            log(f"[{index + 1}/{len(records)}] {name}: done, skipped")
+            continue
+        workdir, steps = _point_paths(directory, record)
+        result = collect_results(workdir, steps)
+        if result is None:
+            log(f"[{index + 1}/{len(records)}] {name}: training {steps} steps in {workdir}")
+            record.update(status="running", error=None)
+            write_manifest(directory, records)
+            start = time.perf_counter()
+            try:
+                runner(load_config(directory / record["config"]), workdir)
+            except UserError as e:
+                record.update(status="failed", error=str(e))
+                write_manifest(directory, records)
+                log(f"    failed: {e}")
+                continue
+            record["train_seconds"] = round(time.perf_counter() - start, 3)
+            result = collect_results(workdir, steps)
+            if result is None:
+                record.update(status="failed", error=f"no evaluation at step {steps} in {workdir / 'metrics.jsonl'}")
+                write_manifest(directory, records)
+                log(f"    failed: {record['error']}")
+                continue
+        record.update(result, status="done", error=None)
+        write_manifest(directory, records)
+        log(f"[{index + 1}/{len(records)}] {name}: done, {_losses(record)}")
+    return records
+
+
+def collect_sweep(directory: str | Path, log: Callable[[str], None] = print) -> list[Record]:
+    """Mark done every point whose work directory shows its final evaluation (trains nothing)."""
+    directory = Path(directory)
+    records = read_manifest(directory)
+    for record in records:
+        if record.get("status") == "done" or "workdir" not in record:
+            continue
+        workdir, steps = _point_paths(directory, record)
+        result = collect_results(workdir, steps)
+        if result is not None:
+            record.update(result, status="done", error=None)
+            log(f"{record['name']}: done, {_losses(record)}")
+    write_manifest(directory, records)
+    return records
+
+
+def launch_commands(
+    directory: str | Path,
+    target: str,
+    *,
+    launch_args: Iterable[str] = (),
+    dry_run: bool = False,
+    only: Iterable[str] = (),
+) -> list[str]:
+    """Shell commands that train the unfinished points, one per line.
+
+    `local` gives `metatrain train --config C --workdir W`; a launcher target gives
+    `metatrain launch TARGET [ARGS] [--dry-run] -- train --config C --workdir W` (the
+    multi-host launchers). Paths are `directory` joined with the manifest's relative
+    paths, so the sweep directory must be visible at the same path where they run.
+    """
+    if target not in EMIT_TARGETS:
+        raise UserError(f"--emit {target!r}: choose one of {', '.join(EMIT_TARGETS)}")
+    directory = Path(directory)
+    records = read_manifest(directory)
+    selected = _select(records, only)
+    commands = []
+    for record in records:
+        if record["name"] not in selected or record.get("status") == "done":
+            continue
+        if "config" not in record or "workdir" not in record:
+            raise UserError(f"run {record['name']!r} has no `config`/`workdir` in the manifest; it was not planned here")
+        train = ["train", "--config", str(directory / record["config"]), "--workdir", str(directory / record["workdir"])]
+        if target == "local":
+            argv = ["metatrain", *train]
+        else:
+            argv = ["metatrain", "launch", target, *launch_args, *(["--dry-run"] if dry_run else []), "--", *train]
+        commands.append(shlex.join(argv))
+    return commands
+
+
+def _train(config: Any, workdir: Path) -> Any:
+    from metatrain.train.loop import train
+
+    return train(config, workdir)
+
+
+def _select(records: list[Record], only: Iterable[str]) -> set[str]:
+    names = [r["name"] for r in records]
+    only = list(only)
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise UserError(f"--only {', '.join(unknown)}: no such run in the manifest (runs: {', '.join(names[:8])}, ...)")
+    return set(only or names)
+
+
+def _point_paths(directory: Path, record: Record) -> tuple[Path, int]:
+    missing = [k for k in ("workdir", "config", "steps") if k not in record]
+    if missing:
+        raise UserError(
+            f"run {record['name']!r} has no {', '.join(missing)} in the manifest, so it cannot be trained "
+            "or collected here; give it status \"done\" and its losses, or plan the sweep with `sweep plan`"
+        )
+    return directory / record["workdir"], int(record["steps"])
+
+
+def _losses(record: Record) -> str:
+    parts = [f"{key} {record[key]:.4f}" for key in ("loss", "loss/text", "loss/thinking") if record.get(key) is not None]
+    return ", ".join(parts) or "no evaluation loss"

@@ -1,0 +1,139 @@
+"""`sweep fit` on hand-written manifests: the report, variants, plots, and refused inputs."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from metatrain.cli import main
+from metatrain.errors import UserError
+from metatrain.sweep.fit import fit_sweep
+from metatrain.sweep.law import Law
+from metatrain.sweep.manifest import write_manifest
+
+# Per variant and role: the law the losses are drawn from. "no_thinking_loss" has a
+# steeper text curve and no thinking loss reported at all (null).
+LAWS = {
+    ("joint", "text"): Law(E=1.8, A=400.0, B=400.0, alpha=0.34, beta=0.28),
+    ("joint", "thinking"): Law(E=2.2, A=300.0, B=500.0, alpha=0.30, beta=0.30),
+    ("no_thinking_loss", "text"): Law(E=1.7, A=1500.0, B=400.0, alpha=0.45, beta=0.28),
+}
+
+
+def manifest(variants=("joint", "no_thinking_loss"), sizes=5, budgets=5, sigma=0.005, seed=0):
+    rng = np.random.default_rng(seed)
+    records = []
+    for variant in variants:
+        for n in np.geomspace(1e6, 1e9, sizes):
+            for d in np.geomspace(1e8, 1e11, budgets):
+                r = {"name": f"{variant}.{n:.3g}.{d:.3g}", "variant": variant, "params": int(n), "tokens": int(d),
+                     "flops": 6 * int(n) * int(d), "status": "done"}
+                for role in ("text", "thinking"):
+                    law = LAWS.get((variant, role))
+                    r[f"loss/{role}"] = None if law is None else float(law(n, d) * math.exp(rng.normal(0, sigma)))
+                r["loss"] = r["loss/text"] if r["loss/thinking"] is None else (r["loss/text"] + r["loss/thinking"]) / 2
+                records.append(r)
+    return records
+
+
+def test_fit_json_reports_each_variant_and_role_side_by_side(tmp_path, capsys):
+    write_manifest(tmp_path, manifest())
+    assert main(["sweep", "fit", str(tmp_path), "--json", "--bootstrap", "8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    fits = {(f["variant"], f["role"]): f for f in report["fits"]}
+    assert set(fits) == {("joint", "text"), ("joint", "thinking"), ("joint", "joint"), ("no_thinking_loss", "text"),
+                         ("no_thinking_loss", "joint")}
+    for key, law in LAWS.items():
+        f = fits[key]
+        assert {"E", "A", "B", "alpha", "beta"} <= set(f)
+        assert f["alpha"] == pytest.approx(law.alpha, abs=0.03)
+        assert f["beta"] == pytest.approx(law.beta, abs=0.03)
+        assert f["E"] == pytest.approx(law.E, rel=0.06)
+        assert f["points"] == 25 and f["resamples"] == 8 and set(f["ci"]) == {"E", "A", "B", "alpha", "beta"}
+    # thinking changes the text curve in this made-up data, and the fits say so
+    assert fits[("no_thinking_loss", "text")]["alpha"] - fits[("joint", "text")]["alpha"] > 0.05
+    assert any("no_thinking_loss" in n and "loss/thinking null" in n for n in report["notes"])
+    assert json.loads((tmp_path / "fit.json").read_text())["fits"] == report["fits"]
+    for path in report["plots"]:
+        data = open(path, "rb").read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 200_000
+    assert sorted(p.rsplit("/", 1)[1] for p in report["plots"]) == ["frontier.png", "loss_vs_tokens.png"]
+
+
+def test_fit_text_output_and_role_selection(tmp_path, capsys):
+    write_manifest(tmp_path, manifest(variants=("joint",)))
+    assert main(["sweep", "fit", str(tmp_path), "--role", "text", "--bootstrap", "0", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "variant joint, text loss (loss/text): 25 runs" in out and "thinking loss" not in out
+    assert "alpha" in out and "compute-optimal (from alpha, beta)" in out
+    assert not (tmp_path / "plots").exists()
+
+
+def test_isoflop_runs_get_minima_and_power_laws(tmp_path):
+    law = LAWS[("joint", "text")]
+    a = law.beta / (law.alpha + law.beta)
+    G = (law.alpha * law.A / (law.beta * law.B)) ** (1 / (law.alpha + law.beta))
+    records = []
+    for budget in (1e18, 1e19, 1e20):
+        for k in np.linspace(-1.5, 1.5, 5):
+            n = G * (budget / 6) ** a * math.exp(k)
+            d = budget / (6 * n)
+            records.append({"name": f"C{budget:.0e}.{k:+.2f}", "params": n, "tokens": d, "flops": budget,
+                            "budget": budget, "status": "done", "loss": law(n, d), "loss/text": law(n, d),
+                            "loss/thinking": None})
+    write_manifest(tmp_path, records)
+    report = fit_sweep(tmp_path, role="text", resamples=10)
+    (iso,) = report["isoflop"]
+    assert [b["flops"] for b in iso["budgets"]] == [1e18, 1e19, 1e20]
+    assert iso["N_opt"]["exponent"] == pytest.approx(a, abs=0.03)
+    assert iso["D_opt"]["exponent"] == pytest.approx(1 - a, abs=0.03)
+    assert report["fits"][0]["N_opt_exponent"] == pytest.approx(a, abs=0.03)  # approaches 2 and 3 agree
+    assert [p.rsplit("/", 1)[1] for p in report["plots"]][-1] == "isoflop.png"
+
+
+def run(i, n, d, loss=5.0, **extra):
+    r = {"name": f"r{i}", "params": n, "tokens": d, "flops": 6 * n * d, "status": "done",
+         "loss": loss, "loss/text": loss, "loss/thinking": None if loss is None else loss + 0.5}
+    r.update(extra)
+    return r
+
+
+GOOD = [run(i, n, d, 3 + 100 / n + 100 / d) for i, (n, d) in enumerate((n, d) for n in (100, 1000, 10000) for d in (1e3, 1e4))]
+
+
+@pytest.mark.parametrize(
+    "records, role, words",
+    [
+        (GOOD[:4], "text", ["too few points: 4 finished run(s)", "5 parameters", "finish at least 5 runs"]),
+        ([run(i, 1000, d) for i, d in enumerate((1e3, 1e4, 1e5, 1e6, 1e7))], "text",
+         ["every run has the same model size (params=1,000)", "at least 2 sizes"]),
+        ([run(i, n, 1e4) for i, n in enumerate((1e2, 1e3, 1e4, 1e5, 1e6))], "text",
+         ["every run has the same tokens", "at least 2 token budgets"]),
+        (GOOD[:5] + [run(5, 10000, 1e4, loss=float("nan"))], "text", ["run 'r5' has loss/text=nan", "finite number > 0"]),
+        (GOOD[:5] + [run(5, 10000, 1e4, loss=-1.0)], "all", ["run 'r5' has loss/text=-1.0"]),
+        ([dict(r, status="planned") for r in GOOD], "text", ["no finished run", "6 planned", "metatrain sweep run"]),
+        ([{k: v for k, v in r.items() if k != "params"} for r in GOOD], "text", ["run 'r0' is done but has no 'params'"]),
+        ([dict(r, **{"loss/thinking": None}) for r in GOOD], "thinking", ["loss/thinking null", "nothing to fit"]),
+        (GOOD[:5] + [dict(GOOD[5], **{"loss/text": None})], "text", ["loss/text is null for r5 but not for the other"]),
+    ],
+    ids=["too-few", "one-size", "one-budget", "nan", "negative", "none-done", "missing-key", "no-thinking",
+         "some-null"],
+)
+def test_degenerate_inputs_are_refused_saying_what_is_missing(tmp_path, records, role, words):
+    # written as by hand (json.dumps writes a NaN loss as NaN)
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(UserError) as e:
+        fit_sweep(tmp_path, role=role, resamples=0, plots=False)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_runs_not_done_are_left_out_with_a_note(tmp_path, capsys):
+    write_manifest(tmp_path, GOOD + [run(9, 50, 1e3, status="failed", loss=None)])
+    report = fit_sweep(tmp_path, role="text", resamples=0, plots=False)
+    assert report["fits"][0]["points"] == 6
+    assert report["notes"][0] == "1 run(s) not done are left out: r9"
+    assert report["notes"][1].startswith("text: only 2 values of tokens, so B, beta and E are not separately")
+    assert main(["sweep", "fit", str(tmp_path / "nowhere")]) == 2
+    assert "manifest.jsonl does not exist" in capsys.readouterr().err
