@@ -1,6 +1,6 @@
 """Training-loop overhead and throughput: the full loop against the bare jitted step.
 
-    python benchmarks/train_step.py [--config configs/default.yaml] [--steps 60] [--set k=v ...]
+    python benchmarks/train_step.py [--config configs/default.yaml] [--steps 60] [--rounds 3] [--set k=v ...]
 
 The bare step is the same jitted, donating `train_step` called on one fixed device
 batch; the loop is `Trainer.run()` with data, metrics, evaluation off and async
@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None)
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=3, help="alternations of bare and loop measurements")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -78,15 +79,21 @@ def main(argv=None) -> int:
     ]
     config = load_config(args.config, overrides)
     tmp = Path(tempfile.mkdtemp(prefix="mt-bench-"))
+    # Alternate bare and loop measurements (`--rounds` of each) so that drift in a noisy
+    # machine's speed hits both alike; report medians.
+    bares, loops = [], []
     try:
         bare_trainer = Trainer(config, tmp / "bare")
         try:
-            bare = bare_step_time(bare_trainer, 10)
+            for r in range(args.rounds):
+                bares.append(bare_step_time(bare_trainer, 10))
+                loops.append(loop_step_time(config, tmp / f"loop{r}", args.steps))
         finally:
             bare_trainer.close()
-        loop = loop_step_time(config, tmp / "loop", args.steps)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    bare, loop = statistics.median(bares), statistics.median(loops)
+    print("rounds (bare ms / loop ms): " + ", ".join(f"{1000*b:.0f}/{1000*l:.0f}" for b, l in zip(bares, loops)))
 
     tc = config.trainer
     tokens = tc.batch_size * tc.seq_len
