@@ -24,6 +24,10 @@ from metatrain.errors import UserError
 from metatrain.models.config import ModelConfig
 
 
+#: The `ModelConfig` fields a size preset sets; everything else comes from the base config.
+SHAPE_FIELDS: tuple[str, ...] = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSize:
     """One preset of a family: the shape fields of a `ModelConfig`."""
@@ -38,20 +42,11 @@ class ModelSize:
 
     def overrides(self) -> list[str]:
         """`--set` strings that give a run config this model shape."""
-        fields = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")
-        return [f"model.{f}={getattr(self, f)}" for f in fields]
+        return [f"model.{f}={getattr(self, f)}" for f in SHAPE_FIELDS]
 
     def model_config(self, base: ModelConfig) -> ModelConfig:
         """`base` (vocabulary, sequence length, dtypes, ...) with this shape."""
-        return dataclasses.replace(
-            base,
-            n_layers=self.n_layers,
-            d_model=self.d_model,
-            n_heads=self.n_heads,
-            n_kv_heads=self.n_kv_heads,
-            head_dim=self.head_dim,
-            d_ff=self.d_ff,
-        )
+        return dataclasses.replace(base, **{f: getattr(self, f) for f in SHAPE_FIELDS})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
