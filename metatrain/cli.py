@@ -3,6 +3,11 @@
 Each part registers its own subcommands from a small `cli` module exposing
 `register(subparsers)`; every subcommand sets `func(args) -> int`.
 
+Errors (`metatrain.errors`) are printed as one line and end the command with their exit
+status (the README's table); an `OSError` that escaped the parts' own handling is a
+fault (74) named the same way. `metatrain --debug ...` or `METATRAIN_DEBUG=1` prints the
+traceback as well.
+
 Commands that run on every process of a multi-host run (`DISTRIBUTED_COMMANDS`) first
 join the run with `jax.distributed.initialize` when the environment says this is one
 of several processes (`metatrain.launch.distributed`), before any device is touched.
@@ -12,9 +17,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
-from metatrain.errors import UserError
+from metatrain.errors import (
+    EXIT_FAULT,
+    EXIT_INTERRUPTED,
+    FaultError,
+    debug_enabled,
+    describe_cause,
+    find_metatrain_error,
+)
 
 COMMAND_MODULES: tuple[str, ...] = (
     "metatrain.tokenizer.cli",
@@ -34,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metatrain", description="Metacognitive pretraining in JAX."
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="print tracebacks with errors (also METATRAIN_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -48,18 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.debug:
+        os.environ["METATRAIN_DEBUG"] = "1"  # also seen by worker processes
     try:
         if args.command in DISTRIBUTED_COMMANDS:
             from metatrain.launch.distributed import initialize_from_env
 
             initialize_from_env()
         return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"metatrain {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"metatrain {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - every failure ends in one line and a documented status
+        return _report(args.command, e)
+
+
+def _report(command: str, error: Exception) -> int:
+    """Print `error` in one line (its traceback too when debugging) and return its status."""
+    known = find_metatrain_error(error)
+    if known is None and isinstance(error, OSError):
+        known = FaultError(describe_cause(error))
+    if known is None:
+        raise error  # a bug: the traceback is the report (exit status 1)
+    if debug_enabled():
+        traceback.print_exception(error)
+    kind = "fault" if isinstance(known, FaultError) else "error"
+    print(f"metatrain {command}: {kind}: {known}", file=sys.stderr)
+    return known.exit_code if isinstance(known.exit_code, int) else EXIT_FAULT
 
 
 if __name__ == "__main__":

@@ -253,6 +253,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return build_typed(RunConfig, raw, prefix="", where=where)
 
 
+def load_config_dict(raw: Mapping[str, Any], overrides: Sequence[str] = (), *, where: str) -> RunConfig:
+    """A run config from an already resolved mapping (a checkpoint's stored config, whose
+    paths are absolute), with `--set` overrides; errors name `where`."""
+    import copy
+
+    tree = copy.deepcopy(dict(raw))
+    for override in overrides:
+        _apply_override(tree, override)
+    return build_typed(RunConfig, tree, prefix="", where=where + (" with --set " + " ".join(overrides) if overrides else ""))
+
+
 def config_to_dict(config: Any) -> Any:
     """Plain YAML-ready data (dicts, lists, str, numbers) for a config dataclass."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):

@@ -1,17 +1,124 @@
-"""Errors meant for the person running metatrain.
+"""Errors meant for the person running metatrain, and the exit statuses they map to.
 
-`UserError` is raised for anything the user can fix (bad config, bad file, missing
-tag); the CLI prints its message without a traceback and exits with status 2.
-`RecordError` describes one bad input record: where it is and why it was refused.
+Every failure a user can meet is one of three kinds, each with its own exit status:
+
+- `UserError`: something the user can fix (bad config, bad file, a refused resume, a
+  work directory another trainer holds). Exit status 2.
+- `DivergedError` (a `UserError`): training diverged (a non-finite loss). Exit status 3.
+- `FaultError`: the machine or the filesystem failed (disk full, a read-only work
+  directory, a checkpoint that cannot be saved, a corrupt token-cache chunk). Exit
+  status 74. Nothing is lost: the last complete checkpoint stays.
+
+The CLI prints the message as one line, without a traceback unless debugging is asked
+for (`metatrain --debug ...` or `METATRAIN_DEBUG=1`). `EXIT_STATUSES` is the table the
+README documents. `RecordError` describes one bad input record.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
+
+#: Exit statuses of every `metatrain` command (documented in the README).
+EXIT_SUCCESS: int = 0
+EXIT_INTERNAL: int = 1  # a bug: the traceback is printed
+EXIT_USER_ERROR: int = 2
+EXIT_DIVERGED: int = 3
+EXIT_FAULT: int = 74  # EX_IOERR
+EXIT_PREEMPTED: int = 75  # EX_TEMPFAIL: run the same command again to resume
+EXIT_INTERRUPTED: int = 130
+
+EXIT_STATUSES: dict[int, str] = {
+    EXIT_SUCCESS: "success",
+    EXIT_INTERNAL: "internal error (a bug; the traceback is printed)",
+    EXIT_USER_ERROR: "user error: config, input, a refused resume, a locked work directory",
+    EXIT_DIVERGED: "divergence: the loss became NaN or infinite (the last good checkpoint is kept)",
+    EXIT_FAULT: "fault: disk full, read-only work directory, failed save, corrupt file",
+    EXIT_PREEMPTED: "preempted (SIGTERM): a checkpoint was saved; run the same command to resume",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
 
 
-class UserError(Exception):
+class MetatrainError(Exception):
+    """Base of the errors the CLI reports in one line; `exit_code` is its exit status."""
+
+    exit_code: int = EXIT_INTERNAL
+
+
+class UserError(MetatrainError):
     """A problem the user can act on; the message says what, where and how to fix it."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class DivergedError(UserError):
+    """Training diverged (non-finite loss); the message names the step and the checkpoint kept."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class FaultError(MetatrainError):
+    """The machine or the filesystem failed; the message names the path and the cause."""
+
+    exit_code = EXIT_FAULT
+
+
+def debug_enabled() -> bool:
+    """Whether tracebacks are wanted (`METATRAIN_DEBUG=1`, also set by `metatrain --debug`)."""
+    return os.environ.get("METATRAIN_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The first `OSError` in `error`, its causes, contexts and exception-group members."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [error]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        todo.extend(getattr(e, "exceptions", ()) or ())
+    return None
+
+
+def describe_cause(error: BaseException) -> str:
+    """A one-line cause: `[Errno 28] No space left on device` when the OS said so, else the
+    first line of the error's own message."""
+    os_error = os_error_in(error)
+    if os_error is not None:
+        name = errno.errorcode.get(os_error.errno, "")
+        text = os_error.strerror or os.strerror(os_error.errno)
+        where = f" ({os_error.filename})" if os_error.filename else ""
+        return f"{text} [{name}]{where}"
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    first = lines[0].strip() if lines else type(error).__name__
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
+def fault_from_os_error(error: BaseException, what: str) -> FaultError:
+    """A `FaultError` saying `what` failed and why (for errors at the filesystem edge)."""
+    return FaultError(f"{what}: {describe_cause(error)}")
+
+
+def find_metatrain_error(error: BaseException) -> MetatrainError | None:
+    """`error` itself or the first `MetatrainError` among its causes and contexts (a worker
+    process's error arrives wrapped in the data loader's own exception)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [error]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, MetatrainError):
+            return e
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        todo.extend(getattr(e, "exceptions", ()) or ())
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

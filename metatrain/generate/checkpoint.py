@@ -1,10 +1,10 @@
 """Loading what generation needs from a training run: parameters, model shape, encoder.
 
-A run's work directory (`metatrain train`) holds `checkpoints/<step>/` (orbax items
-`state`, `data`, `config`), `tokenizer.model` and `tags.yaml`. Only the parameters are
-restored from `state` (orbax partial restore: no optimizer moments are read), onto one
-device. The model shape and the mantra come from the checkpoint's own `config` item,
-so they are the ones the parameters were trained with.
+Checkpoints are read through `metatrain.train.checkpoint.Checkpointer`, the one home of
+their layout, read-only. Only the parameters are restored (no optimizer moments are
+read), onto one device. The model shape and the mantra come from the checkpoint's own
+stored config, so they are the ones the parameters were trained with; the tokenizer and
+tag registry are the run's copies beside `checkpoints/`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import orbax.checkpoint as ocp
 
 from metatrain.errors import UserError
 from metatrain.models import ModelConfig, init_params_shape
 from metatrain.tokenizer.encoder import Encoder
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA
+from metatrain.train.checkpoint import Checkpointer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,27 +42,24 @@ class LoadedCheckpoint:
     path: Path
 
 
-def resolve_checkpoint(workdir: Path | None = None, checkpoint: Path | None = None) -> Path:
-    """The step directory meant by `--workdir DIR` (its latest) or `--checkpoint PATH`.
+def resolve_checkpoint(workdir: Path | None = None, checkpoint: Path | None = None) -> tuple[Path, int | None]:
+    """`(work directory, step)` meant by `--workdir DIR` (step None: its newest intact
+    checkpoint) or `--checkpoint WORKDIR/checkpoints/<step>`.
 
     Raises:
-        UserError: neither or both given, or no checkpoint is there.
+        UserError: neither or both given, or the path is not a checkpoint step directory.
     """
     if (workdir is None) == (checkpoint is None):
         raise UserError("give exactly one of --workdir DIR (its latest checkpoint) or --checkpoint PATH")
-    if checkpoint is not None:
-        path = Path(checkpoint).resolve()
-        if not (path / "state").is_dir() or not path.name.isdigit():
-            raise UserError(
-                f"{checkpoint} is not a checkpoint step directory (expected WORKDIR/checkpoints/<step> "
-                "holding a `state` item, as written by `metatrain train`)"
-            )
-        return path
-    directory = Path(workdir).resolve() / "checkpoints"
-    steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / "state").is_dir()]
-    if not steps:
-        raise UserError(f"no checkpoint in {directory}; train first with `metatrain train --workdir {workdir}`")
-    return directory / str(max(steps))
+    if checkpoint is None:
+        return Path(workdir).resolve(), None
+    path = Path(checkpoint).resolve()
+    if not path.name.isdigit() or path.parent.name != "checkpoints" or not path.is_dir():
+        raise UserError(
+            f"{checkpoint} is not a checkpoint step directory (expected WORKDIR/checkpoints/<step>, "
+            "as written by `metatrain train`)"
+        )
+    return path.parent.parent, int(path.name)
 
 
 def _run_file(path: Path, name: str, configured: str | None) -> Path:
@@ -75,53 +72,46 @@ def _run_file(path: Path, name: str, configured: str | None) -> Path:
     raise UserError(f"checkpoint {path}: cannot find the run's {name} (looked for {copy} and {configured})")
 
 
-def _read_config(manager: ocp.CheckpointManager, path: Path) -> dict:
-    try:
-        config = manager.restore(int(path.name), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax raises several kinds for a missing or unreadable item
-        raise UserError(f"checkpoint {path}: cannot read its `config` item ({e})") from None
-    return config["config"]
-
-
-def _restore_params(manager: ocp.CheckpointManager, path: Path, config: ModelConfig) -> Any:
-    """Only the `params` subtree of the `state` item, onto the first local device."""
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shapes = nn.unbox(init_params_shape(config))
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
-    state = ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
-    )
-    try:
-        restored = manager.restore(int(path.name), args=ocp.args.Composite(state=state))
-    except Exception as e:  # shape mismatches and unreadable files alike
-        raise UserError(f"checkpoint {path}: cannot restore the model parameters ({e})") from None
-    return restored["state"]["params"]
-
-
 def load_checkpoint(workdir: Path | None = None, checkpoint: Path | None = None) -> LoadedCheckpoint:
-    """Restores a run's parameters and builds its encoder.
+    """Restores a run's parameters (through the run's `Checkpointer`) and builds its encoder.
 
     Args:
-        workdir: a `metatrain train` work directory (its latest checkpoint is used).
+        workdir: a `metatrain train` work directory (its newest intact checkpoint is used;
+            a damaged newer one is reported and skipped, never moved: this only reads).
         checkpoint: one step directory, `WORKDIR/checkpoints/<step>`.
 
     Raises:
         UserError: no checkpoint; its tokenizer lacks a tag of its tag registry or has
-            another vocabulary size than the model; its files cannot be read.
+            another vocabulary size than the model.
+        FaultError: the checkpoint (for `workdir`: every checkpoint) cannot be restored.
     """
-    path = resolve_checkpoint(workdir, checkpoint)
-    with ocp.CheckpointManager(path.parent) as manager:
-        return _load(manager, path)
-
-
-def _load(manager: ocp.CheckpointManager, path: Path) -> LoadedCheckpoint:
-    """`load_checkpoint` with the step directory's manager open."""
-    config = _read_config(manager, path)
+    run_dir, step = resolve_checkpoint(workdir, checkpoint)
+    checkpointer = Checkpointer(run_dir, read_only=True)
     try:
-        model_config = ModelConfig(**config["model"])
+        return _load(checkpointer, step)
+    finally:
+        checkpointer.close()
+
+
+def _model_config(stored: dict, where: Path) -> ModelConfig:
+    try:
+        return ModelConfig(**stored["model"])
     except (KeyError, TypeError) as e:
-        raise UserError(f"checkpoint {path}: its saved config has no usable `model` section ({e})") from None
+        raise UserError(f"checkpoint {where}: its saved config has no usable `model` section ({e})") from None
+
+
+def _load(checkpointer: Checkpointer, step: int | None) -> LoadedCheckpoint:
+    """Read the parameters first (the newest that restores), then build the encoder for
+    the config stored beside them."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def abstract_params(stored: dict, where: Path):
+        shapes = nn.unbox(init_params_shape(_model_config(stored, where)))
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+    step, params, config = checkpointer.restore_params(abstract_params, step)
+    path = checkpointer.step_dir(step)
+    model_config = _model_config(config, path)
     data = config.get("data", {})
     tokenizer = _run_file(path, "tokenizer.model", data.get("tokenizer"))
     tags = _run_file(path, "tags.yaml", data.get("tags"))
@@ -134,8 +124,8 @@ def _load(manager: ocp.CheckpointManager, path: Path) -> LoadedCheckpoint:
         raise UserError(f"checkpoint {path} cannot be decoded under its tag grammar: {e}") from None
     if encoder.vocab_size != model_config.vocab_size:
         raise UserError(
-            f"checkpoint {path}: the tokenizer {tokenizer} has {encoder.vocab_size} tokens but the "
-            f"model was trained for {model_config.vocab_size}; use the run's own tokenizer"
+            f"checkpoint {path}: model.vocab_size={model_config.vocab_size} but the tokenizer {tokenizer} "
+            f"has {encoder.vocab_size} pieces; use the run's own tokenizer (WORKDIR/tokenizer.model), or "
+            "`metatrain tokenizer resize-checkpoint` to grow the model to a new one"
         )
-    params = _restore_params(manager, path, model_config)
-    return LoadedCheckpoint(params, model_config, encoder, int(path.name), path)
+    return LoadedCheckpoint(params, model_config, encoder, step, path)

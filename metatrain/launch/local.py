@@ -7,7 +7,7 @@ The launcher streams every process's output line by line with a `[process N]` pr
 and supervises them:
 
 - all exit 0: exit 0;
-- all exit 0 or `PREEMPTED_EXIT_CODE` (75, after a SIGTERM and a collective save),
+- all exit 0 or `EXIT_PREEMPTED` (75, after a SIGTERM and a collective save),
   at least one 75: exit 75 (run the same command again to resume);
 - one dies (non-zero exit or a signal) while others run: the others are stopped
   (SIGTERM, then SIGKILL after a grace period), the failing process and its last lines
@@ -32,7 +32,7 @@ from typing import Mapping, Sequence, TextIO
 
 from metatrain.errors import UserError
 from metatrain.launch import distributed as dist
-from metatrain.train.loop import PREEMPTED_EXIT_CODE
+from metatrain.errors import EXIT_PREEMPTED
 
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
 
@@ -193,8 +193,8 @@ class _Watch:
     def expected_codes(self) -> tuple[int, ...]:
         """Exit statuses that are not failures (dying of a forwarded SIGTERM is not)."""
         if self.forwarded_at is None:
-            return (0, PREEMPTED_EXIT_CODE)
-        return (0, PREEMPTED_EXIT_CODE, -signal.SIGTERM)
+            return (0, EXIT_PREEMPTED)
+        return (0, EXIT_PREEMPTED, -signal.SIGTERM)
 
     def note_exits(self, running: Sequence["_Running"], codes: Sequence[int | None], now: float) -> None:
         for p, c in zip(running, codes):
@@ -323,14 +323,14 @@ class Supervisor:
 
     def _finished(self, running: list[_Running], codes: list[int | None]) -> LaunchResult:
         codes_t = tuple(int(c) for c in codes if c is not None)
-        exit_code = PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes_t else 0
+        exit_code = EXIT_PREEMPTED if EXIT_PREEMPTED in codes_t else 0
         for p in running:
             p.finish_output()
         if -signal.SIGTERM in codes_t:  # a forwarded SIGTERM reached a process before it could save
             ended = [p.spec.index for p, c in zip(running, codes_t) if c == -signal.SIGTERM]
             self.say(f"processes {ended} ended on SIGTERM before saving a checkpoint (still starting?)")
             return LaunchResult(128 + signal.SIGTERM, codes_t)
-        if exit_code == PREEMPTED_EXIT_CODE:
+        if exit_code == EXIT_PREEMPTED:
             self.say(f"preempted: a checkpoint was saved; run the same command again to resume (exit {exit_code})")
         else:
             self.say(f"all {len(running)} processes finished")

@@ -50,6 +50,44 @@ def read_model_proto(path: str | Path) -> model_pb2.ModelProto:
     return parse_model_proto(data, source=str(path))
 
 
+def vocab_size_of(path: str | Path) -> int:
+    """Pieces in a `.model` file (its vocabulary size); raises `UserError` if unreadable."""
+    return len(read_model_proto(path).pieces)
+
+
+def check_vocab_size(model_vocab_size: int, tokenizer: str | Path) -> None:
+    """Refuse a model whose `vocab_size` is not the tokenizer's number of pieces.
+
+    Too small and token ids index past the embedding table (NaN at the first step); too
+    large and the extra rows are never trained, and generation refuses the run.
+
+    Raises:
+        UserError: one line with both sizes and the fix.
+    """
+    size = vocab_size_of(tokenizer)
+    if size != model_vocab_size:
+        raise UserError(
+            f"model.vocab_size={model_vocab_size} but the tokenizer {tokenizer} has {size} pieces; "
+            f"set model.vocab_size: {size} (--set model.vocab_size={size}) or point data.tokenizer "
+            "at the tokenizer the model is sized for"
+        )
+
+
+def first_changed_id(old: model_pb2.ModelProto, new: model_pb2.ModelProto) -> tuple[int, str, str] | None:
+    """`(id, old piece, new piece)` of the first id whose piece or type differs, None when
+    `new` keeps every id of `old` (new ids may follow).
+
+    A model that is shorter than `old` changes id `len(new.pieces)` (it is gone).
+    """
+    for i, piece in enumerate(old.pieces):
+        if i >= len(new.pieces):
+            return i, piece.piece, "<missing>"
+        other = new.pieces[i]
+        if other.piece != piece.piece or other.type != piece.type:
+            return i, f"{piece.piece!r} ({_PIECE_TYPE_NAMES[piece.type]})", f"{other.piece!r} ({_PIECE_TYPE_NAMES[other.type]})"
+    return None
+
+
 def is_exact(proto: model_pb2.ModelProto) -> bool:
     """Whether every text round-trips exactly through a model with these settings.
 

@@ -1,79 +1,299 @@
-"""Checkpoints through orbax's CheckpointManager: async saves, retention, exact resume.
+"""Checkpoints: the one home of their layout, through orbax's CheckpointManager.
 
-A checkpoint at step s holds the train state after s updates, the data iterator's
-state (so the stream continues with exactly the batches that would have come next)
-and the resolved run config. Orbax writes to a temporary directory and renames it
-when complete, so a crash at any moment leaves the last complete checkpoint readable.
+    WORKDIR/checkpoints/<step>/state    train state after `step` updates (orbax StandardSave)
+    WORKDIR/checkpoints/<step>/data     the data iterator's state (JSON)
+    WORKDIR/checkpoints/<step>/config   the resolved run config (JSON)
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete,
+so a crash at any moment leaves the last complete checkpoint readable. A checkpoint
+that is complete but damaged afterwards (a truncated, zeroed or missing file) fails to
+restore: `restore_latest` reports it in one line, moves it aside to
+`<step>.corrupt-<time>` (never deletes it) and falls back to the next newest one.
+Readers (generation) open the directory read-only: they skip a damaged checkpoint the
+same way but leave it where it is.
+
+With several processes every process restores its own shards; they agree on each
+attempt (one failing process makes it fail for all), so they all fall back together.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import jax
 import orbax.checkpoint as ocp
 
 from metatrain.config import CheckpointConfig
+from metatrain.errors import FaultError, UserError, describe_cause
 from metatrain.train.state import TrainState
+
+#: Items of every checkpoint (the layout above).
+STATE_ITEM, DATA_ITEM, CONFIG_ITEM = "state", "data", "config"
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What `restore_latest` found: the step, train state, data state and stored config."""
+
+    step: int
+    state: Any
+    data_state: dict
+    config: dict
+
+
+def _report(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"metatrain: {message}", file=sys.stderr, flush=True)
+
+
+def _all_processes_ok(ok: bool) -> bool:
+    """True when `ok` holds on every process (collective with several processes)."""
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _is_resource_error(error: BaseException) -> bool:
+    """Out of memory while restoring says nothing about the checkpoint: never move it aside."""
+    text = str(error)
+    return isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
 
 
 class Checkpointer:
-    """Saves and restores (train state, data state, config) under `WORKDIR/checkpoints`."""
+    """Saves and restores (train state, data state, config) under `WORKDIR/checkpoints`.
 
-    def __init__(self, workdir: Path, config: CheckpointConfig):
-        self.directory = (workdir / "checkpoints").resolve()
+    Args:
+        workdir: the run's work directory.
+        config: retention and async saving (None: the defaults).
+        read_only: open for reading only (nothing is created, saved, moved or deleted).
+    """
+
+    def __init__(self, workdir: Path, config: CheckpointConfig | None = None, *, read_only: bool = False):
+        config = config or CheckpointConfig()
+        self.directory = (Path(workdir) / "checkpoints").resolve()
+        self.read_only = read_only
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=config.keep,
-                enable_async_checkpointing=config.async_save,
-                create=True,
+                max_to_keep=None if read_only else config.keep,
+                enable_async_checkpointing=config.async_save and not read_only,
+                create=False,
+                read_only=read_only,
+                cleanup_tmp_directories=not read_only,
             ),
         )
+        self._pending_step: int | None = None  # an async save not yet known to be complete
+
+    # -- what is there ------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
-    def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
 
+    # -- saving -------------------------------------------------------------------------
     def save(self, step: int, state: TrainState, data_state: dict, config: dict) -> None:
-        """Start saving (returns before the write finishes when async)."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                config=ocp.args.JsonSave(config),
-            ),
-            force=True,
+        """Start saving (returns before the write finishes when async).
+
+        Raises:
+            FaultError: this or the previous (async) save failed; the message names the
+                directory, the cause and the newest complete checkpoint, which stays.
+        """
+        self.wait()
+        if jax.process_index() == 0 and not self.read_only:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise self._save_fault(step, e) from None
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(**{
+                    STATE_ITEM: ocp.args.StandardSave(state),
+                    DATA_ITEM: ocp.args.JsonSave(data_state),
+                    CONFIG_ITEM: ocp.args.JsonSave(config),
+                }),
+                force=True,
+            )
+        except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "not saved"
+            raise self._save_fault(step, e) from e
+        self._pending_step = step
+
+    def wait(self) -> None:
+        """Wait for an async save to finish.
+
+        Raises:
+            FaultError: it failed (disk full, read-only filesystem, ...).
+        """
+        step, self._pending_step = self._pending_step, None
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_fault(step, e) from e
+
+    def _save_fault(self, step: int | None, error: BaseException) -> FaultError:
+        try:
+            self._manager.reload()
+            kept = self.latest_step()
+        except Exception:  # noqa: BLE001 - the directory itself may be what failed
+            kept = None
+        at = f" at step {step}" if step is not None else ""
+        keeps = (
+            f"the last complete checkpoint (step {kept}) is kept; fix the cause and run the same command to resume from it"
+            if kept is not None
+            else "no complete checkpoint exists yet; fix the cause and run the same command again"
+        )
+        return FaultError(f"saving the checkpoint{at} in {self.directory} failed: {describe_cause(error)}; {keeps}")
+
+    # -- restoring ------------------------------------------------------------------------
+    def read_config(self, step: int) -> dict[str, Any]:
+        """The run config stored with checkpoint `step` (raises whatever orbax raises)."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
+        config = restored[CONFIG_ITEM]
+        if not isinstance(config, dict) or "model" not in config:
+            raise ValueError("its config item holds no run config")
+        return config
+
+    def restore_latest(
+        self,
+        abstract_state: TrainState,
+        validate: Callable[[int, dict], None] | None = None,
+    ) -> Restored | None:
+        """The newest checkpoint that restores, into `abstract_state`'s shapes and shardings.
+
+        A checkpoint that fails to restore is reported in one line, moved aside (read
+        only: skipped) and the next newest is tried.
+
+        Args:
+            abstract_state: ShapeDtypeStructs with shardings (any mesh).
+            validate: `validate(step, stored_config)` before the state is read; it raises
+                (a `UserError`) to refuse the resume, which is passed on as it is.
+
+        Returns:
+            None when the directory holds no checkpoint.
+
+        Raises:
+            FaultError: there are checkpoints, but none restores.
+        """
+
+        def read(step: int) -> Restored:
+            config = self.read_config(step)
+            if validate is not None:
+                validate(step, config)
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(**{
+                    STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                    DATA_ITEM: ocp.args.JsonRestore(),
+                }),
+            )
+            if not isinstance(restored[DATA_ITEM], dict):
+                raise ValueError("its data item holds no data state")
+            return Restored(step, restored[STATE_ITEM], restored[DATA_ITEM], config)
+
+        return self._first_intact(read)
+
+    def restore_params(
+        self, abstract_params: Callable[[dict, Path], Any], step: int | None = None
+    ) -> tuple[int, Any, dict]:
+        """Only the parameters (no optimizer moments are read), with the stored config.
+
+        Args:
+            abstract_params: `abstract_params(stored_config, step_dir)` gives the
+                ShapeDtypeStructs (with shardings) of the `params` subtree.
+            step: this checkpoint only; None: the newest one that restores.
+
+        Raises:
+            UserError: there is no checkpoint (or no checkpoint `step`).
+            FaultError: the checkpoint (every checkpoint, for `step=None`) fails to restore.
+        """
+
+        def read(s: int) -> tuple[int, Any, dict]:
+            config = self.read_config(s)
+            target = abstract_params(config, self.step_dir(s))
+            restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+            state = ocp.args.PyTreeRestore(
+                item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
+            )
+            restored = self._manager.restore(s, args=ocp.args.Composite(**{STATE_ITEM: state}))
+            return s, restored[STATE_ITEM]["params"], config
+
+        if step is not None:
+            if step not in self.all_steps():
+                raise UserError(f"no complete checkpoint at step {step} in {self.directory} (steps: {self.all_steps()})")
+            try:
+                return read(step)
+            except Exception as e:  # noqa: BLE001
+                raise FaultError(f"checkpoint {self.step_dir(step)} cannot be restored: {describe_cause(e)}") from None
+        found = self._first_intact(read)
+        if found is None:
+            raise UserError(f"no checkpoint in {self.directory}; train first with `metatrain train --workdir {self.directory.parent}`")
+        return found
+
+    def _first_intact(self, read: Callable[[int], Any]) -> Any:
+        """`read(step)` of the newest step for which it succeeds on every process."""
+        steps = self.all_steps()
+        if not steps:
+            return None
+        damaged: list[str] = []
+        for step in reversed(steps):
+            error: BaseException | None = None
+            try:
+                result = read(step)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - truncated, zeroed and missing files fail differently
+                if _is_resource_error(e):
+                    raise
+                error = e
+            if _all_processes_ok(error is None):
+                return result
+            cause = describe_cause(error) if error is not None else "another process could not restore it"
+            damaged.append(self._set_aside(step, cause))
+        raise FaultError(
+            f"none of the {len(steps)} checkpoints in {self.directory} can be restored "
+            f"({'; '.join(damaged)}); nothing to resume from. Train in another --workdir, "
+            "or restore the checkpoints from a backup"
         )
 
-    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict, dict]:
-        """Restore into `abstract_state`'s shapes and shardings (any mesh)."""
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-                config=ocp.args.JsonRestore(),
-            ),
-        )
-        return restored["state"], restored["data"], restored["config"]
+    def _set_aside(self, step: int, cause: str) -> str:
+        """Report checkpoint `step` as damaged; move it aside unless read-only."""
+        path = self.step_dir(step)
+        if self.read_only:
+            _report(f"checkpoint {path} cannot be restored ({cause}); skipping it")
+            return f"step {step}: {cause}"
+        aside = path.with_name(f"{step}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        if jax.process_index() == 0:
+            path.rename(aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-    def restore_config(self, step: int) -> dict[str, Any]:
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-        )
-        return restored["config"]
+            multihost_utils.sync_global_devices(f"metatrain-checkpoint-aside-{step}")
+        self._manager.reload()
+        _report(f"checkpoint {path} cannot be restored ({cause}); moved it aside to {aside.name}")
+        return f"step {step}: {cause}, moved to {aside.name}"
 
+    # -- the rest ---------------------------------------------------------------------------
     def reached_preemption(self, step: int) -> bool:
         """True on every process at the step they agreed to stop at after a SIGTERM."""
         return self._manager.reached_preemption(step)
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for the last save (raising `FaultError` if it failed) and release orbax."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()

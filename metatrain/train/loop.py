@@ -1,60 +1,102 @@
-"""The training loop: data in, one jitted donating step, metrics/eval/checkpoints around it.
+"""The training loop: one jitted donating step that yields each step to its hooks.
 
-The loop owns the effects (files, clocks, logging, signals); the step is pure. Device
-metrics are fetched once per logging window, so the host never waits on the device
-between logs, except at checkpoint steps, where the window is flushed first so that a
-non-finite loss is caught before its state could be saved.
+    trainer = Trainer(config, workdir)
+    for info in trainer.steps(state, start):   # one StepInfo per optimizer update
+        trainer.hooks.run(info)                # metrics window, preemption, checkpoint, eval, yours
 
-Preemption: on SIGTERM the loop finishes the step in flight, saves a checkpoint at the
-step reached and returns with `TrainSummary.preempted` set; `metatrain train` then exits
-with `PREEMPTED_EXIT_CODE` (75), and running the same command again resumes. With one
-process a Python signal handler notices the signal; with several, JAX's preemption
-service (started by `jax.distributed.initialize`) catches it on any process and picks a
-step every process stops at (`reached_preemption_sync_point`), so the save is collective.
+`Trainer.run()` is that loop, inside the work directory's lock, after a validated
+restore. Everything with an effect is a hook with its own cadence:
+
+- `MetricsWindow` (every step): keeps the device metrics of the current window and
+  fetches them once per `trainer.log_every` steps (the host never waits on the device
+  in between), checks that the loss is finite (`check_finite`: a NaN stops the run
+  naming the step), and writes `metrics.jsonl` and TensorBoard.
+- `PreemptionHook` (every step): after a SIGTERM, saves at the step every process
+  agreed on and stops the loop; `metatrain train` then exits 75 and the same command
+  resumes. With one process a signal handler notices the signal; with several, JAX's
+  preemption service (started by `jax.distributed.initialize`) picks the step.
+- `CheckpointHook` (every `checkpoint.every` steps and at the end): flushes the metrics
+  window first, so a non-finite loss is caught before its state could be saved.
+- `EvalHook` (every `trainer.eval_every` steps and at the end): the held-out split's
+  loss, the same loss definition as training (z-loss included).
+
+Your own hooks: `Trainer(..., hooks=(Hook(every=N, fn=f),))`, `f(info)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
 
-from metatrain.config import RunConfig, config_to_dict, save_config
+from metatrain.config import RunConfig, config_to_dict
 from metatrain.data import global_batch, make_batch_iterator
-from metatrain.errors import UserError
+from metatrain.errors import DivergedError, MetatrainError, UserError
 from metatrain.hardware import local_chip
 from metatrain.parallel.mesh import sharding_context
 from metatrain.roles import LOSS_ROLE_LABELS
+from metatrain.tokenizer.spm import check_vocab_size
 from metatrain.train.checkpoint import Checkpointer
 from metatrain.train.metrics import MetricsWriter, add_sums, mfu, role_metrics
 from metatrain.train.program import build_train_program
+from metatrain.train.resume import check_resume
 from metatrain.train.state import init_state
+from metatrain.train.workdir import NoLock, WorkdirLock, check_origin, prepare_workdir
 
 
-#: Exit status of `metatrain train` when it stopped on SIGTERM after saving a checkpoint
-#: (EX_TEMPFAIL: run the same command again to resume).
-PREEMPTED_EXIT_CODE: int = 75
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """One optimizer update, as hooks see it.
 
+    Attributes:
+        step: updates applied so far (1 after the first step).
+        state: the train state after this step.
+        metrics: this step's device metric sums (not fetched).
+        final: the last step of this invocation (`trainer.steps` reached, or preempted).
+        preempted: the run stops here after a SIGTERM.
+    """
 
-class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+    step: int
+    state: Any
+    metrics: dict[str, jax.Array]
+    final: bool
+    preempted: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class Hook:
-    """`fn(step, state, metrics)` called after every `every`-th step (metrics may be None)."""
+    """`fn(info)` after every `every`-th step, and after the last step too if `at_end`."""
 
     every: int
-    fn: Callable[[int, Any, dict | None], None]
+    fn: Callable[[StepInfo], None]
+    at_end: bool = False
+
+    def __call__(self, info: StepInfo) -> None:
+        self.fn(info)
+
+
+class Hooks:
+    """Hooks in the order they run after each step."""
+
+    def __init__(self, hooks: Sequence[Any] = ()):
+        self._hooks: list[Any] = list(hooks)
+
+    def add(self, hook: Any) -> Any:
+        self._hooks.append(hook)
+        return hook
+
+    def run(self, info: StepInfo) -> None:
+        for hook in self._hooks:
+            if hook.every and info.step % hook.every == 0 or (info.final and getattr(hook, "at_end", False)):
+                hook(info)
 
 
 @dataclasses.dataclass
@@ -70,40 +112,137 @@ class TrainSummary:
     preempted: bool = False
 
 
-def weighted_loss(sums: dict[str, float], weights: dict[str, float]) -> float | None:
-    """Σ_r w_r·nll_r / Σ_r w_r·count_r from per-role sums (the joint loss without z-loss)."""
-    num = sum(weights[r] * sums[f"nll_sum/{r}"] for r in LOSS_ROLE_LABELS)
-    den = sum(weights[r] * sums[f"count/{r}"] for r in LOSS_ROLE_LABELS)
-    return num / den if den > 0 else None
+def check_finite(records: Sequence[tuple[int, dict]], checkpointer: Checkpointer) -> None:
+    """Stop at the first non-finite loss of a fetched window, naming it and the checkpoint kept.
+
+    Raises:
+        DivergedError: a loss is NaN or infinite.
+    """
+    for step, m in records:
+        if not np.isfinite(m["loss"]):
+            raise DivergedError(
+                f"loss is {float(m['loss'])} at step {step}; stopping. The last good checkpoint "
+                f"is kept in {checkpointer.directory} (step {checkpointer.latest_step()}); "
+                "lower optimizer.learning_rate or raise optimizer.warmup_steps and resume."
+            )
 
 
-def prepare_workdir(config: RunConfig, workdir: Path) -> None:
-    """Make the work directory self-contained: resolved config, tokenizer and tag registry."""
-    if jax.process_index() != 0:
-        return
-    workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir / "config.yaml")
-    for src, name in ((config.data.tokenizer, "tokenizer.model"), (config.data.tags, "tags.yaml")):
-        src_path = Path(src)
-        if not src_path.is_file():
-            raise UserError(f"data: file {src} does not exist (needed by the run, copied into {workdir})")
-        dst = workdir / name
-        if not dst.exists() or dst.read_bytes() != src_path.read_bytes():
-            shutil.copyfile(src_path, dst)
+class MetricsWindow:
+    """Device metrics of the steps since the last flush; fetched and written once a window."""
+
+    every = 1
+    at_end = True
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+        self.log_every = trainer.config.trainer.log_every
+        self.pending: list[tuple[int, dict]] = []
+        self.last: dict[str, Any] = {}
+        self.throughput: list[float] = []
+        self._window_start = time.perf_counter()
+        self._tokens_per_step = trainer.config.tokens_per_step
+
+    def __call__(self, info: StepInfo) -> None:
+        self.pending.append((info.step, info.metrics))
+        if info.step % self.log_every == 0 or info.final:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        host = [(s, jax.device_get(m)) for s, m in self.pending]
+        elapsed = time.perf_counter() - self._window_start
+        check_finite(host, self.trainer.checkpointer)
+        sums = None
+        for _, m in host:
+            sums = add_sums(sums, {k: v for k, v in m.items() if "/" in k or k == "weight_sum"})
+        n = len(host)
+        tps = n * self._tokens_per_step / elapsed if elapsed > 0 else 0.0
+        self.throughput.append(tps)
+        last_m = host[-1][1]
+        metrics: dict[str, Any] = {
+            "loss": float(np.mean([m["loss"] for _, m in host])),
+            **role_metrics(sums),
+            "learning_rate": float(last_m["learning_rate"]),
+            "grad_norm": float(last_m["grad_norm"]),
+            "tokens_per_sec": tps,
+            "step_time": elapsed / n,
+            "mfu": mfu(self.trainer.flops_per_token, tps, self.trainer.peak_flops, jax.device_count()),
+            "skipped_records": self.trainer.train_iter.skips.count,
+        }
+        self.trainer.writer.write(host[-1][0], metrics)
+        self.last = metrics
+        self.pending.clear()
+        self._window_start = time.perf_counter()
+        if self.trainer.progress is not None:
+            self.trainer.progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
+
+    def tokens_per_sec(self) -> float:
+        steady = self.throughput[1:] or self.throughput
+        return float(np.median(steady)) if steady else 0.0
 
 
-class _PreemptionWatch:
-    """Notices SIGTERM and says at which step every process should stop and save."""
+class CheckpointHook:
+    """Saves (state, data state, config) every `checkpoint.every` steps and at the end."""
 
-    def __init__(self, checkpointer: Checkpointer):
+    at_end = True
+
+    def __init__(self, trainer: "Trainer", window: MetricsWindow):
+        self.trainer = trainer
+        self.window = window
+        self.every = trainer.config.checkpoint.every
+        self.config_dict = config_to_dict(trainer.config)
+        self.last_saved: int | None = None
+
+    def __call__(self, info: StepInfo) -> None:
+        self.save(info)
+
+    def save(self, info: StepInfo) -> None:
+        if self.last_saved == info.step:
+            return
+        self.window.flush()  # a non-finite loss stops the run before its state is saved
+        self.trainer.checkpointer.save(info.step, info.state, self.trainer.train_iter.get_state(), self.config_dict)
+        self.last_saved = info.step
+
+
+class EvalHook:
+    """Per-role losses on the held-out split every `trainer.eval_every` steps and at the end."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+        self.every = trainer.config.trainer.eval_every
+        self.at_end = bool(self.every)
+        self.last: dict[str, Any] = {}
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.preempted:
+            return
+        metrics = self.trainer.evaluate(info.state.params)
+        if metrics:
+            self.trainer.writer.write(info.step, metrics)
+            self.last = metrics
+
+
+class PreemptionHook:
+    """After a SIGTERM: save at the step every process agrees on, then stop the loop.
+
+    The loop asks `reached(step)` before it yields each step, so that the step carries
+    `preempted`; this hook then saves through the checkpoint hook.
+    """
+
+    every = 1
+    at_end = False
+
+    def __init__(self, checkpointer: Checkpointer, checkpoint_hook: CheckpointHook):
         self._checkpointer = checkpointer
+        self._checkpoint_hook = checkpoint_hook
         self._signalled = False
         self._previous = None
         # With several processes JAX's preemption service owns SIGTERM (a Python handler
         # would replace it and the processes could stop at different steps).
         self._collective = jax.process_count() > 1
 
-    def __enter__(self) -> "_PreemptionWatch":
+    def __enter__(self) -> "PreemptionHook":
         if not self._collective and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
@@ -117,31 +256,52 @@ class _PreemptionWatch:
         self._signalled = True
 
     def reached(self, step: int) -> bool:
-        """Whether to save and stop after `step` (call after every step, on every process)."""
+        """Whether to save and stop after `step` (asked after every step, on every process)."""
         if self._collective:
             return self._checkpointer.reached_preemption(step)
         return self._signalled
 
+    def __call__(self, info: StepInfo) -> None:
+        if info.preempted:
+            self._checkpoint_hook.save(info)
+
 
 class Trainer:
-    """Builds everything a run needs from a `RunConfig`; `run()` trains to `trainer.steps`."""
+    """Builds everything a run needs from a `RunConfig`; `run()` trains to `trainer.steps`.
+
+    Building a trainer writes nothing: the work directory is locked, the resume
+    validated and the run's files written by `run()`.
+    """
 
     def __init__(
         self,
         config: RunConfig,
         workdir: Path,
-        hooks: tuple[Hook, ...] = (),
+        hooks: Sequence[Any] = (),
         devices: Sequence[jax.Device] | None = None,
+        *,
+        config_file: Path | None = None,
+        allow_other_config: bool = False,
     ):
         """Args:
         config: the resolved run config.
         workdir: where checkpoints, metrics and the run's tokenizer go.
-        hooks: called after every `hook.every`-th step.
+        hooks: your hooks, run after the built-in ones (`Hook(every, fn)`).
         devices: devices to lay the mesh over (default: every device of every process).
+        config_file: the YAML file `config` was read from; a work directory created
+            from another file is refused unless `allow_other_config`.
+        allow_other_config: continue a work directory created from another config file.
+
+        Raises:
+            UserError: the model's vocabulary is not the tokenizer's, or the model or
+                batch does not fit the mesh.
         """
+        check_vocab_size(config.model.vocab_size, config.data.tokenizer)
         self.config = config
         self.workdir = Path(workdir)
-        self.hooks = list(hooks)
+        self.config_file = config_file
+        self.allow_other_config = allow_other_config
+        self.user_hooks = list(hooks)
         self.is_main = jax.process_index() == 0
         tc = config.trainer
 
@@ -151,39 +311,48 @@ class Trainer:
         self.optimizer, self.schedule = program.optimizer, program.schedule
         self.shardings, self.batch_sharding = program.shardings, program.batch_sharding
         self.train_step, self.eval_step = program.train_step, program.eval_step
-        self.train_iter = make_batch_iterator(
-            config.data, batch_size=tc.batch_size, seq_len=tc.seq_len, split="train", seed=tc.seed
-        )
-        self.role_weights = {
-            r: float(getattr(config.loss.weights, r)) for r in LOSS_ROLE_LABELS
-        }
+        # The data order comes from `data.seed`; `trainer.seed` initialises the parameters.
+        self.train_iter = make_batch_iterator(config.data, batch_size=tc.batch_size, seq_len=tc.seq_len, split="train")
         self.checkpointer = Checkpointer(self.workdir, config.checkpoint)
         self.writer = MetricsWriter(self.workdir, enabled=self.is_main)
+        self.progress = None
         chip = local_chip()
         self.peak_flops = chip.peak_bf16_flops if chip else None
         self.flops_per_token = config.model.flops_per_token(tc.seq_len)
 
     # -- state ----------------------------------------------------------------
     def initial_state(self):
-        """Restore the latest checkpoint in the work directory, or initialise fresh."""
-        latest = self.checkpointer.latest_step()
-        if latest is None:
+        """`(state, step)`: the newest intact checkpoint, validated against the config, or a
+        fresh initialisation at step 0.
+
+        Raises:
+            ResumeRefused: the checkpoint was trained with a config that differs in a key
+                that may not change on resume.
+            FaultError: there are checkpoints but none restores.
+        """
+
+        def validate(step: int, stored: dict) -> None:
+            check_resume(stored, config_to_dict(self.config), step=step, workdir=self.workdir)
+
+        restored = self.checkpointer.restore_latest(self.program.abstract_state(), validate)
+        if restored is None:
             return init_state(self.model, self.optimizer, self.shardings, self.config.trainer.seed), 0
-        state, data_state, _ = self.checkpointer.restore(latest, self.program.abstract_state())
-        self.train_iter.set_state(data_state)
-        return state, latest
+        self.train_iter.set_state(restored.data_state)
+        return restored.state, restored.step
 
     def next_batch(self) -> dict[str, jax.Array]:
         return global_batch(next(self.train_iter), self.batch_sharding)
 
     # -- evaluation -----------------------------------------------------------
     def evaluate(self, params) -> dict[str, Any]:
-        """Per-role losses on the first `eval_batches` batches of the held-out split."""
+        """Per-role losses on the first `eval_batches` batches of the held-out split.
+
+        `eval/loss` is the training loss's definition (`metatrain.loss.joint_loss`, z-loss
+        included), weighted over the batches by their loss weight.
+        """
         tc = self.config.trainer
         sums = None
-        with make_batch_iterator(
-            self.config.data, batch_size=tc.batch_size, seq_len=tc.seq_len, split="eval", seed=tc.seed
-        ) as it:
+        with make_batch_iterator(self.config.data, batch_size=tc.batch_size, seq_len=tc.seq_len, split="eval") as it:
             for _ in range(tc.eval_batches):
                 try:
                     local = next(it)
@@ -192,117 +361,103 @@ class Trainer:
                 sums = add_sums(sums, self.eval_step(params, global_batch(local, self.batch_sharding)))
         if sums is None:
             return {}
-        out = {"eval/loss": weighted_loss(sums, self.role_weights)}
-        out.update(role_metrics(sums, prefix="eval/"))
-        return out
+        loss = sums["loss_weighted_sum"] / sums["weight_sum"] if sums["weight_sum"] > 0 else None
+        return {"eval/loss": loss, **role_metrics(sums, prefix="eval/")}
 
     # -- the loop ---------------------------------------------------------------
+    def steps(self, state, start: int, preemption: PreemptionHook | None = None) -> Iterator[StepInfo]:
+        """Train from `state` at step `start`, yielding every step until `trainer.steps`
+        (or the step a preemption stops at)."""
+        total = self.config.trainer.steps
+        step = start
+        while step < total:
+            state, metrics = self.train_step(state, self.next_batch())
+            step += 1
+            preempted = preemption is not None and preemption.reached(step) and step < total
+            yield StepInfo(step, state, metrics, final=step == total or preempted, preempted=preempted)
+            if preempted:
+                return
+
     def run(self) -> TrainSummary:
-        """Train from the latest checkpoint (or from scratch) to `trainer.steps`.
+        """Lock the work directory, resume (validated) or start, and train to `trainer.steps`.
 
         Steps are traced inside the mesh's sharding context, so the model's logical
         activation constraints take effect.
         """
-        with sharding_context(self.mesh, self.rules), _PreemptionWatch(self.checkpointer) as watch:
-            return self._run(watch)
+        with _lock(self.workdir):
+            if self.is_main:
+                check_origin(self.workdir, self.config_file, self.allow_other_config)
+            with sharding_context(self.mesh, self.rules):
+                state, start = self.initial_state()
+                if self.is_main:
+                    prepare_workdir(self.config, self.workdir, self.config_file)
+                self.writer.open()
+                return self._run(state, start)
 
-    def _run(self, watch: _PreemptionWatch) -> TrainSummary:
+    def _run(self, state, start: int) -> TrainSummary:
         tc = self.config.trainer
-        prepare_workdir(self.config, self.workdir)
-        state, start = self.initial_state()
-        config_dict = config_to_dict(self.config)
-        tokens_per_step = tc.batch_size * tc.seq_len
-        progress = _progress_bar(start, tc.steps, enabled=self.is_main and tc.progress)
-
-        pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
-        window_start = time.perf_counter()
-        last: dict[str, Any] = {}
-        eval_metrics: dict[str, Any] = {}
-        throughput: list[float] = []
-
-        def flush(step: int) -> None:
-            nonlocal window_start, last
-            if not pending:
-                return
-            host = [(s, jax.device_get(m)) for s, m in pending]
-            elapsed = time.perf_counter() - window_start
-            for s, m in host:
-                if not np.isfinite(m["loss"]):
-                    raise NonFiniteLossError(
-                        f"loss is {float(m['loss'])} at step {s}; stopping. The last good checkpoint "
-                        f"is kept in {self.checkpointer.directory} (step {self.checkpointer.latest_step()}); "
-                        "lower optimizer.learning_rate or raise optimizer.warmup_steps and resume."
-                    )
-            sums = None
-            for _, m in host:
-                sums = add_sums(sums, {k: v for k, v in m.items() if "/" in k or k == "weight_sum"})
-            n = len(host)
-            tps = n * tokens_per_step / elapsed if elapsed > 0 else 0.0
-            throughput.append(tps)
-            last_m = host[-1][1]
-            metrics: dict[str, Any] = {
-                "loss": float(np.mean([m["loss"] for _, m in host])),
-                **role_metrics(sums),
-                "learning_rate": float(last_m["learning_rate"]),
-                "grad_norm": float(last_m["grad_norm"]),
-                "tokens_per_sec": tps,
-                "step_time": elapsed / n,
-                "mfu": mfu(self.flops_per_token, tps, self.peak_flops, jax.device_count()),
-                "skipped_records": self.train_iter.skips.count,
-            }
-            self.writer.write(step, metrics)
-            last = metrics
-            pending.clear()
-            window_start = time.perf_counter()
-            if progress is not None:
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
-
-        step = start
-        preempted = False
-        while step < tc.steps and not preempted:
-            batch = self.next_batch()
-            state, metrics = self.train_step(state, batch)
-            step += 1
-            pending.append((step, metrics))
-            if progress is not None:
-                progress.update(1)
-            preempted = watch.reached(step) and step < tc.steps
-            save_now = step % self.config.checkpoint.every == 0 or step == tc.steps or preempted
-            if step % tc.log_every == 0 or save_now:
-                flush(step)
-            if save_now:
-                self.checkpointer.save(step, state, self.train_iter.get_state(), config_dict)
-            if preempted:
-                break
-            if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
-                eval_metrics = self.evaluate(state.params)
-                if eval_metrics:
-                    self.writer.write(step, eval_metrics)
-            for hook in self.hooks:
-                if step % hook.every == 0:
-                    hook.fn(step, state, last)
-        flush(step)
-        if progress is not None:
-            progress.close()
+        self.progress = _progress_bar(start, tc.steps, enabled=self.is_main and tc.progress)
+        window = MetricsWindow(self)
+        checkpoint = CheckpointHook(self, window)
+        evaluation = EvalHook(self)
+        with PreemptionHook(self.checkpointer, checkpoint) as preemption:
+            self.hooks = Hooks([window, preemption, checkpoint, evaluation, *self.user_hooks])
+            info = None
+            for info in self.steps(state, start, preemption):
+                if self.progress is not None:
+                    self.progress.update(1)
+                self.hooks.run(info)
+                state = info.state
+        if self.progress is not None:
+            self.progress.close()
         self.checkpointer.wait()
         self.state = state
-        steady = throughput[1:] or throughput
         return TrainSummary(
             workdir=self.workdir,
             start_step=start,
-            final_step=step,
-            last_metrics=last,
-            eval_metrics=eval_metrics,
-            tokens_per_sec=float(np.median(steady)) if steady else 0.0,
+            final_step=info.step if info is not None else start,
+            last_metrics=window.last,
+            eval_metrics=evaluation.last,
+            tokens_per_sec=window.tokens_per_sec(),
             checkpoint_dir=self.checkpointer.directory,
             skipped_records=self.train_iter.skips.count,
-            preempted=preempted,
+            preempted=info is not None and info.preempted,
         )
 
     def close(self) -> None:
-        self.checkpointer.close()
-        self.writer.close()
-        self.train_iter.close()
+        """Wait for the last save and release files; a failure here does not hide an earlier one."""
+        try:
+            self.checkpointer.close()
+        finally:
+            self.writer.close()
+            self.train_iter.close()
+
+
+class _lock:
+    """The work directory's lock for this run: process 0 takes it; every process learns
+    whether it got it (so that no process trains on a directory another trainer holds)."""
+
+    def __init__(self, workdir: Path):
+        self._inner = WorkdirLock(workdir) if jax.process_index() == 0 else NoLock()
+
+    def __enter__(self):
+        error: MetatrainError | None = None
+        try:
+            self._inner.__enter__()
+        except MetatrainError as e:
+            error = e
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+            if not ok and error is None:
+                raise UserError("process 0 could not take the work directory's lock (its log says why)")
+        if error is not None:
+            raise error
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._inner.__exit__(*exc)
 
 
 def _progress_bar(start: int, total: int, enabled: bool):
@@ -316,15 +471,24 @@ def _progress_bar(start: int, total: int, enabled: bool):
 def train(
     config: RunConfig,
     workdir: Path,
-    hooks: tuple[Hook, ...] = (),
+    hooks: Sequence[Any] = (),
     devices: Sequence[jax.Device] | None = None,
+    *,
+    config_file: Path | None = None,
+    allow_other_config: bool = False,
 ) -> TrainSummary:
-    """Train (or resume) the run described by `config` in `workdir`."""
-    trainer = Trainer(config, workdir, hooks, devices)
+    """Train (or resume) the run described by `config` in `workdir` (see `Trainer`)."""
+    trainer = Trainer(config, workdir, hooks, devices, config_file=config_file, allow_other_config=allow_other_config)
     try:
-        return trainer.run()
-    finally:
-        trainer.close()
+        summary = trainer.run()
+    except BaseException:
+        try:
+            trainer.close()
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            pass
+        raise
+    trainer.close()
+    return summary
 
 
 def format_summary(summary: TrainSummary) -> str:

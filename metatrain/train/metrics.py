@@ -14,6 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
+from metatrain.errors import fault_from_os_error
 from metatrain.roles import LOSS_ROLE_LABELS
 
 
@@ -58,29 +59,42 @@ def _clean(value):
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per line to `metrics.jsonl` and mirrors scalars to TensorBoard.
+
+    Nothing is opened until `open()` (the trainer calls it once the run has started from
+    a validated state). A failed write is a `FaultError` naming the file.
+    """
 
     def __init__(self, workdir: Path, enabled: bool = True):
         self.enabled = enabled
+        self.path = Path(workdir) / "metrics.jsonl"
         self._file = None
         self._tb = None
-        if not enabled:
+
+    def open(self) -> None:
+        if not self.enabled or self._file is not None:
             return
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise fault_from_os_error(e, f"cannot open {self.path} for writing") from None
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
         except ImportError:  # TensorBoard output is optional; metrics.jsonl is not.
             self._tb = None
 
     def write(self, step: int, metrics: Mapping[str, object]) -> None:
         if not self.enabled:
             return
+        self.open()
         record = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise fault_from_os_error(e, f"writing metrics of step {step} to {self.path} failed") from None
         if self._tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
@@ -88,6 +102,14 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass  # a write that failed has already been reported
+            self._file = None
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError:
+                pass
+            self._tb = None

@@ -1,11 +1,11 @@
-"""AdamW with warmup + decay, global-norm clipping and no decay on norms and biases."""
+"""AdamW with warmup + decay, global-norm clipping and no weight decay on norm scales."""
 
 from __future__ import annotations
 
-import jax
 import optax
 
 from metatrain.config import OptimizerConfig
+from metatrain.models import weight_decay_mask
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -27,11 +27,6 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
     )
 
 
-def decay_mask(params) -> object:
-    """True for weight matrices; norms scales and biases (ndim < 2) get no weight decay."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-
 def build_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """The optax chain used for training: clip -> AdamW(schedule, decay mask)."""
     return optax.chain(
@@ -42,6 +37,6 @@ def build_optimizer(config: OptimizerConfig, total_steps: int) -> optax.Gradient
             b2=config.b2,
             eps=config.eps,
             weight_decay=config.weight_decay,
-            mask=decay_mask,
+            mask=weight_decay_mask,  # by name: scanned norm scales are [L, D], not matrices
         ),
     )

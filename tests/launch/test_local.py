@@ -18,7 +18,7 @@ from pathlib import Path
 from metatrain.cli import main
 from metatrain.launch import distributed as dist
 from metatrain.launch.local import Failure, ProcessSpec, Supervisor, cpu_device_flags, local_process_specs
-from metatrain.train.loop import PREEMPTED_EXIT_CODE
+from metatrain.errors import EXIT_PREEMPTED
 
 #: A child that sleeps (long enough to be stopped, never long enough to hang the suite).
 SLEEPER = "import time; print('sleeping', flush=True); time.sleep(60)"
@@ -158,9 +158,9 @@ def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_pat
 
 
 def test_preempted_processes_give_the_preempted_exit_code():
-    specs = [child(0, f"import sys; sys.exit({PREEMPTED_EXIT_CODE})"), child(1, "import time; time.sleep(0.5)")]
+    specs = [child(0, f"import sys; sys.exit({EXIT_PREEMPTED})"), child(1, "import time; time.sleep(0.5)")]
     result, out, _ = supervise(specs)
-    assert result.exit_code == PREEMPTED_EXIT_CODE and result.failure is None
+    assert result.exit_code == EXIT_PREEMPTED and result.failure is None
     assert "run the same command again to resume" in out
 
 
@@ -175,7 +175,7 @@ def test_sigterm_to_the_launcher_is_forwarded_to_every_process(tmp_path: Path):
     specs = [
         child(i, f"""
             import pathlib, signal, sys, time
-            signal.signal(signal.SIGTERM, lambda *a: sys.exit({PREEMPTED_EXIT_CODE}))
+            signal.signal(signal.SIGTERM, lambda *a: sys.exit({EXIT_PREEMPTED}))
             pathlib.Path({str(ready[i])!r}).touch()
             time.sleep(60)
         """)
@@ -186,8 +186,8 @@ def test_sigterm_to_the_launcher_is_forwarded_to_every_process(tmp_path: Path):
     previous = signal.getsignal(signal.SIGTERM)
     result, out, elapsed = supervise(specs)
     assert signal.getsignal(signal.SIGTERM) is previous  # the launcher's handler is removed again
-    assert result.exit_code == PREEMPTED_EXIT_CODE, out
-    assert result.returncodes == (PREEMPTED_EXIT_CODE, PREEMPTED_EXIT_CODE)
+    assert result.exit_code == EXIT_PREEMPTED, out
+    assert result.returncodes == (EXIT_PREEMPTED, EXIT_PREEMPTED)
     assert "SIGTERM to every process" in out and elapsed < 30
 
 

@@ -29,7 +29,8 @@ from metatrain.config import load_config
 from metatrain.models import Transformer
 from metatrain.parallel.mesh import MeshConfig, build_mesh
 from metatrain.train.checkpoint import Checkpointer
-from metatrain.train.loop import PREEMPTED_EXIT_CODE, train
+from metatrain.errors import EXIT_PREEMPTED
+from metatrain.train.loop import train
 from metatrain.train.optimizer import build_optimizer
 from metatrain.train.state import abstract_state, state_shardings
 
@@ -107,7 +108,7 @@ def test_two_processes_train_the_losses_of_one_across_a_sigterm_and_resume(refer
     first = start(command, "first")
     wait_until(lambda: len(train_losses(workdir)) >= 1, "first step", first)
     first.popen.send_signal(signal.SIGTERM)  # the launcher forwards it to both processes
-    assert first.wait() == PREEMPTED_EXIT_CODE, first.output[-3000:]
+    assert first.wait() == EXIT_PREEMPTED, first.output[-3000:]
 
     reached = max(train_losses(workdir))
     assert reached < STEPS, "the run finished before the SIGTERM took effect; raise STEPS"
@@ -156,7 +157,7 @@ def test_one_process_sigterm_saves_at_the_step_reached_and_resumes_to_the_same_l
     first = start(command, "first")
     wait_until(lambda: len(train_losses(workdir)) >= 1, "first step", first)
     first.popen.send_signal(signal.SIGTERM)
-    assert first.wait() == PREEMPTED_EXIT_CODE, first.output[-3000:]
+    assert first.wait() == EXIT_PREEMPTED, first.output[-3000:]
     reached = max(train_losses(workdir))
     assert reached < STEPS
     assert complete_checkpoints(workdir)[-1] == reached

@@ -22,7 +22,8 @@ from metatrain.config import load_config
 from metatrain.data import global_batch, make_batch_iterator
 from metatrain.paths import REPO_ROOT
 from metatrain.roles import Role
-from metatrain.train.loop import Hook, NonFiniteLossError, Trainer, train
+from metatrain.errors import DivergedError
+from metatrain.train.loop import Hook, Trainer, train
 
 TINY = REPO_ROOT / "configs" / "tiny.yaml"
 STEPS = 6
@@ -99,8 +100,8 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(reference_run, tmp_pa
     class Crash(Exception):
         pass
 
-    def crash_after_step_4(step, state, metrics):
-        if step == 4:  # the checkpoint of step 3 exists; step 4 is lost
+    def crash_after_step_4(info):
+        if info.step == 4:  # the checkpoint of step 3 exists; step 4 is lost
             raise Crash()
 
     with pytest.raises(Crash):
@@ -201,7 +202,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
 
     trainer.train_step = step_that_diverges_at_3
     try:
-        with pytest.raises(NonFiniteLossError, match=r"at step 3.*step 2"):
+        with pytest.raises(DivergedError, match=r"at step 3.*step 2"):
             trainer.run()
     finally:
         trainer.close()

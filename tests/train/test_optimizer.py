@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from metatrain.config import OptimizerConfig
-from metatrain.train.optimizer import build_optimizer, decay_mask, learning_rate_schedule
+from metatrain.train.optimizer import build_optimizer, learning_rate_schedule
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
@@ -24,18 +24,35 @@ def test_schedule_warms_up_then_decays_to_floor(decay):
         np.testing.assert_allclose(lrs[60], 5.5e-3, rtol=1e-5)
 
 
-def test_no_weight_decay_on_norms_and_biases():
-    params = {"w": jnp.ones((3, 5)), "scale": jnp.ones((5,)), "b": jnp.ones((5,))}
-    assert decay_mask(params) == {"w": True, "scale": False, "b": False}
+def test_scanned_norm_scales_are_not_decayed_and_matrices_are():
+    """Every preset scans its layers, so norm scales are [L, D]: the mask must go by name."""
+    import flax.linen as nn
+    import jax
+
+    from metatrain.config import load_config
+    from metatrain.models import Transformer
+    from metatrain.paths import CONFIGS_DIR
+
+    model_config = load_config(CONFIGS_DIR / "tiny.yaml").model
+    assert model_config.scan_layers
+    ids = jnp.ones((1, 3), jnp.int32)
+    params = nn.unbox(Transformer(model_config).init(jax.random.key(0), ids, ids, ids)["params"])
+    assert params["layers"]["attention_norm"]["scale"].ndim == 2  # [L, D]: looks like a matrix
     cfg = OptimizerConfig(learning_rate=0.1, warmup_steps=0, decay="constant", weight_decay=0.5)
     opt = build_optimizer(cfg, total_steps=10)
     state = opt.init(params)
-    zero_grads = {k: jnp.zeros_like(v) for k, v in params.items()}
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = opt.update(zero_grads, state, params)
-    # With zero gradients only weight decay moves parameters.
-    np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((3, 5)), rtol=1e-6)
-    np.testing.assert_array_equal(updates["scale"], 0.0)
-    np.testing.assert_array_equal(updates["b"], 0.0)
+    # With zero gradients only weight decay moves parameters: -lr * wd * p.
+    flat = {jax.tree_util.keystr(k): (u, p) for (k, u), p in zip(
+        jax.tree_util.tree_leaves_with_path(updates), jax.tree_util.tree_leaves(params))}
+    scales = [k for k in flat if "scale" in k]
+    assert len(scales) == 3  # attention_norm, mlp_norm (both [L, D]) and final_norm [D]
+    for key, (update, param) in flat.items():
+        if key in scales:
+            np.testing.assert_array_equal(update, 0.0, err_msg=key)
+        else:
+            np.testing.assert_allclose(update, -0.1 * 0.5 * np.asarray(param), rtol=1e-5, err_msg=key)
 
 
 def test_global_norm_clipping_happens_before_adam():

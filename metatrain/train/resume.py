@@ -1,0 +1,116 @@
+"""Which parts of a run config may change when a run resumes, and the check that says so.
+
+A checkpoint stores the resolved config it was trained with. Resuming compares the
+new resolved config with it key by key (dotted keys, lists compared whole) before
+anything is written. Keys in `RESUMABLE_KEYS` (or under a prefix there) say *how* or
+*how long* to train and may change; every other key says *what* is trained (model
+shape and dtypes, tokenizer, data stream and order, batch, loss weights, optimizer),
+and a change is refused with one line per key, `key: old -> new`.
+
+The tokenizer and tag registry are compared by content: the run keeps copies of them,
+so pointing `data.tokenizer` at the same file in another place is not a change.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from metatrain.errors import UserError
+
+#: Keys that may differ from the checkpoint's config on resume, and why each is safe.
+RESUMABLE_KEYS: dict[str, str] = {
+    "trainer.steps": "how long to train (the learning-rate schedule is recomputed for the new total)",
+    "trainer.log_every": "metric cadence",
+    "trainer.eval_every": "evaluation cadence",
+    "trainer.eval_batches": "evaluation size",
+    "trainer.progress": "the progress bar",
+    "trainer.grad_accum": "micro-batching: the same gradient, less memory",
+    "checkpoint.": "checkpoint cadence, retention and async saving",
+    "mesh.": "the device layout: checkpoints restore onto any mesh",
+    "loss.impl": "the kernel computing the same loss",
+    "model.remat": "what is recomputed in the backward pass",
+    "model.attention": "the kernel computing the same attention",
+    "data.strict": "whether a bad record stops the run",
+}
+
+#: Keys compared by the content of the file they name, not by the path.
+CONTENT_KEYS: dict[str, str] = {"data.tokenizer": "tokenizer.model", "data.tags": "tags.yaml"}
+
+
+class ResumeRefused(UserError):
+    """The new config changes what the checkpoint was trained on."""
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are leaves."""
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _normal(value: Any) -> Any:
+    """JSON round trip: tuples become lists, so stored and new configs compare alike."""
+    return json.loads(json.dumps(value))
+
+
+def is_resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+
+
+def _same_file(workdir: Path | None, name: str, new: Any) -> bool:
+    if workdir is None or not isinstance(new, str):
+        return False
+    copy, path = Path(workdir) / name, Path(new)
+    try:
+        return copy.is_file() and path.is_file() and copy.read_bytes() == path.read_bytes()
+    except OSError:
+        return False
+
+
+def config_differences(
+    stored: Mapping[str, Any], new: Mapping[str, Any], workdir: Path | None = None
+) -> list[tuple[str, Any, Any]]:
+    """`(key, old, new)` for every key that differs and may not change on resume."""
+    old_flat, new_flat = flatten(_normal(stored)), flatten(_normal(new))
+    out = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        old, value = old_flat.get(key, "<unset>"), new_flat.get(key, "<unset>")
+        if old == value or is_resumable(key):
+            continue
+        if key in CONTENT_KEYS and _same_file(workdir, CONTENT_KEYS[key], value):
+            continue
+        out.append((key, old, value))
+    return out
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def check_resume(stored: Mapping[str, Any], new: Mapping[str, Any], *, step: int, workdir: Path) -> None:
+    """Refuse to resume from a checkpoint whose config differs in a key that may not change.
+
+    Raises:
+        ResumeRefused: one line per differing key, `key: old -> new`, and the fix.
+    """
+    diffs = config_differences(stored, new, workdir)
+    if not diffs:
+        return
+    lines = [f"  {key}: {_show(old)} -> {_show(value)}" for key, old, value in diffs]
+    sets = " ".join(f"--set {key}={_show(old)}" for key, old, _ in diffs if old != "<unset>")
+    raise ResumeRefused(
+        f"cannot resume {workdir} from its checkpoint at step {step}: the config changes what was trained\n"
+        + "\n".join(lines)
+        + f"\n  fix: train in another --workdir, or set the keys back ({sets})"
+    )
+
+
+def resumable_keys_doc(keys: Iterable[str] = RESUMABLE_KEYS) -> str:
+    """The Markdown table of `RESUMABLE_KEYS` (kept in the README; a test compares)."""
+    rows = [f"| `{k}{'*' if k.endswith('.') else ''}` | {RESUMABLE_KEYS[k]} |" for k in keys]
+    return "\n".join(["| key | why it may change |", "| --- | --- |", *rows])

@@ -1,0 +1,323 @@
+"""The work directory: one owner at a time, where it came from, and its self-contained files.
+
+    WORKDIR/train.lock       held while a trainer runs (host, pid, start time)
+    WORKDIR/run.json         the config file the run was created from
+    WORKDIR/config.yaml      the resolved config (written once the run has started)
+    WORKDIR/tokenizer.model  copies of what the run uses
+    WORKDIR/tags.yaml
+    WORKDIR/checkpoints/     `metatrain.train.checkpoint`
+    WORKDIR/metrics.jsonl, WORKDIR/tensorboard/
+
+The lock is an exclusive `flock` on `train.lock`, taken before anything else is written.
+The kernel drops it when its process dies, however it dies, so a lock file left behind
+by a dead process on this host is taken over (with a warning). The holder also rewrites
+its lock file every `HEARTBEAT_S` seconds: on a shared filesystem where `flock` does not
+reach across hosts, a lock written on another host is honoured while its heartbeat is
+younger than `STALE_AFTER_S`, and taken over (with a warning) once it is older, so a run
+rescheduled onto a new VM after a preemption is not stranded. In a multi-process run
+process 0 holds the lock for all; see the README for the shared-filesystem caveats.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from metatrain.errors import FaultError, UserError, describe_cause
+
+LOCK_FILE = "train.lock"
+RUN_FILE = "run.json"
+#: Seconds between the holder's rewrites of its lock file.
+HEARTBEAT_S: float = 15.0
+#: A lock file from another host whose heartbeat is older than this is stale.
+STALE_AFTER_S: float = 120.0
+
+
+class WorkdirLocked(UserError):
+    """Another trainer holds the work directory."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    started = holder.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (started {when})"
+
+
+class WorkdirLock:
+    """An exclusive lock on a work directory; a context manager.
+
+    Raises (on enter):
+        WorkdirLocked: another live trainer holds it (the message names it).
+        FaultError: the work directory cannot be created or written.
+    """
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self.path = self.workdir / LOCK_FILE
+        self._fd: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._record: dict[str, Any] = {}
+
+    def __enter__(self) -> "WorkdirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FaultError(f"cannot create the work directory {self.workdir}: {describe_cause(e)}") from None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise FaultError(
+                    f"cannot write to the work directory {self.workdir} (creating {LOCK_FILE}): {describe_cause(e)}; "
+                    "give a writable --workdir"
+                ) from None
+            try:
+                locked = self._flock(fd)
+                if not locked:
+                    holder = self._read(fd)
+                    raise WorkdirLocked(
+                        f"work directory {self.workdir} is in use by another trainer: {_describe(holder)}; "
+                        "wait for it to finish or stop it, or train in another --workdir"
+                    )
+                # The file may have been removed (released) between open and flock: retry.
+                if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                    os.close(fd)
+                    continue
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            break
+        try:
+            self._check_previous_holder(fd)
+            self._record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+            self._write(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._thread = threading.Thread(target=self._heartbeat, name="metatrain-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _flock(self, fd: int) -> bool:
+        """Take the flock; False when another process holds it."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return True  # no flock on this filesystem: the lock file's contents decide
+            raise FaultError(f"cannot lock {self.path}: {describe_cause(e)}") from None
+
+    def _check_previous_holder(self, fd: int) -> None:
+        """A lock file left by an earlier holder: refuse it while it may live, else take over."""
+        holder = self._read(fd)
+        if not holder:
+            return
+        here = socket.gethostname()
+        pid = holder.get("pid")
+        if holder.get("host") == here:
+            # We hold the flock, so on a local filesystem its holder is gone. Where flock is
+            # not supported the pid decides.
+            if isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid) and not self._flock_works():
+                raise WorkdirLocked(
+                    f"work directory {self.workdir} is in use by another trainer: {_describe(holder)}; "
+                    "wait for it to finish or stop it, or train in another --workdir"
+                )
+            print(
+                f"metatrain: taking over the stale lock {self.path} of {_describe(holder)} (that process is gone)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        age = time.time() - os.fstat(fd).st_mtime
+        if age < STALE_AFTER_S:
+            raise WorkdirLocked(
+                f"work directory {self.workdir} is in use by another trainer: {_describe(holder)}, "
+                f"last heartbeat {age:.0f} s ago; if that run is gone, wait {STALE_AFTER_S - age:.0f} s "
+                f"(a lock not refreshed for {STALE_AFTER_S:.0f} s is stale) or delete {self.path}"
+            )
+        print(
+            f"metatrain: taking over the stale lock {self.path} of {_describe(holder)} "
+            f"(no heartbeat for {age:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _flock_works(self) -> bool:
+        probe = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(probe, fcntl.LOCK_UN)
+            return False  # a second descriptor got it although we hold LOCK_EX: flock is a no-op here
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(probe)
+
+    @staticmethod
+    def _read(fd: int) -> dict[str, Any]:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            data = os.read(fd, 65536)
+            holder = json.loads(data.decode("utf-8")) if data.strip() else {}
+            return holder if isinstance(holder, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write(self, fd: int) -> None:
+        data = (json.dumps({**self._record, "heartbeat": time.time()}) + "\n").encode()
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.ftruncate(fd, 0)
+            os.write(fd, data)
+            os.fsync(fd)
+        except OSError as e:
+            raise FaultError(f"cannot write the lock file {self.path}: {describe_cause(e)}") from None
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            fd = self._fd
+            if fd is None:
+                return
+            try:
+                self._write(fd)
+            except FaultError:
+                pass  # a full disk must not kill the run through its lock; the save will say so
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+class NoLock:
+    """What processes other than 0 hold: nothing (process 0 holds the lock for the run)."""
+
+    def __enter__(self) -> "NoLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+# -- where the run came from ----------------------------------------------------------------
+
+
+def read_run_file(workdir: Path) -> dict[str, Any]:
+    path = Path(workdir) / RUN_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read it ({describe_cause(e)}); delete it if the run's origin does not matter") from None
+    return data if isinstance(data, dict) else {}
+
+
+def check_origin(workdir: Path, config_file: Path | None, allow_other_config: bool) -> None:
+    """Refuse a work directory created from another config file than `config_file`.
+
+    Resuming with the work directory's own `config.yaml` (or without `--config`) is always
+    fine; `allow_other_config` (the `--allow-other-config` flag) accepts any file.
+    """
+    if config_file is None or allow_other_config:
+        return
+    config_file = Path(config_file).resolve()
+    workdir = Path(workdir).resolve()
+    if config_file == workdir / "config.yaml":
+        return
+    origin = read_run_file(workdir).get("config_file")
+    if origin and Path(origin).resolve() != config_file:
+        raise UserError(
+            f"work directory {workdir} was created from {origin}, not {config_file}; "
+            "train in another --workdir, resume without --config, or pass --allow-other-config "
+            "to continue this run with the other file"
+        )
+
+
+def prepare_workdir(config: Any, workdir: Path, config_file: Path | None) -> None:
+    """Make the work directory self-contained: resolved config, tokenizer, tag registry and
+    `run.json`. Called once the run has started from a validated state (process 0 only).
+
+    Raises:
+        UserError: the tokenizer or tag registry does not exist.
+        FaultError: the files cannot be written.
+    """
+    from metatrain.config import save_config
+
+    workdir = Path(workdir)
+    copies = []
+    for src, name in ((config.data.tokenizer, "tokenizer.model"), (config.data.tags, "tags.yaml")):
+        src_path = Path(src)
+        if not src_path.is_file():
+            raise UserError(f"data: file {src} does not exist (needed by the run, copied into {workdir})")
+        copies.append((src_path, workdir / name))
+    try:
+        _write_atomically(workdir / "config.yaml", None, lambda tmp: save_config(config, tmp))
+        for src_path, dst in copies:
+            if not dst.exists() or dst.read_bytes() != src_path.read_bytes():
+                _write_atomically(dst, None, lambda tmp, s=src_path: shutil.copyfile(s, tmp))
+        run = read_run_file(workdir)
+        if config_file is not None and Path(config_file).resolve() != (workdir / "config.yaml").resolve():
+            # `check_origin` refused any other file unless the user adopted it explicitly.
+            run["config_file"] = str(Path(config_file).resolve())
+            run.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            _write_atomically(workdir / RUN_FILE, (json.dumps(run, indent=1) + "\n").encode(), None)
+    except OSError as e:
+        raise FaultError(f"cannot write the run's files into {workdir}: {describe_cause(e)}") from None
+
+
+def _write_atomically(path: Path, data: bytes | None, write: Any) -> None:
+    """Write `data` (or call `write(tmp_path)`) to a temporary file, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if data is not None:
+            tmp.write_bytes(data)
+        else:
+            write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
