@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.debug:
         os.environ["METATRAIN_DEBUG"] = "1"  # also seen by worker processes
+    if not debug_enabled():
+        _quiet_library_error_logs()
     try:
         if args.command in DISTRIBUTED_COMMANDS:
             from metatrain.launch.distributed import initialize_from_env
@@ -77,6 +79,30 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - every failure ends in one line and a documented status
         return _report(args.command, e)
+
+
+def _quiet_library_error_logs() -> None:
+    """Keep a failure to one line: orbax logs each failed background write with its
+    traceback (through absl), and a failed read or write leaves coroutines and
+    tensorstore callbacks whose errors Python reports as "ignored" at exit. Our own
+    message says what failed and where."""
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # orbax's failed write tasks
+    default_hook = sys.unraisablehook
+
+    def from_checkpoint_io(unraisable) -> bool:
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+            return True
+        frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+        return any("/orbax/" in f.filename or "/tensorstore/" in f.filename for f in frames)
+
+    def hook(unraisable) -> None:
+        if not from_checkpoint_io(unraisable):  # failed reads and writes are reported by us
+            default_hook(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def _report(command: str, error: Exception) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import re
 
 #: Exit statuses of every `metatrain` command (documented in the README).
 EXIT_SUCCESS: int = 0
@@ -86,17 +87,41 @@ def os_error_in(error: BaseException) -> OSError | None:
 
 
 def describe_cause(error: BaseException) -> str:
-    """A one-line cause: `[Errno 28] No space left on device` when the OS said so, else the
-    first line of the error's own message."""
+    """A one-line cause: `No space left on device [ENOSPC] (path)` when the OS said so,
+    else the first line of the innermost error's message (wrappers such as orbax's
+    restore errors put the useful words in their cause)."""
     os_error = os_error_in(error)
     if os_error is not None:
         name = errno.errorcode.get(os_error.errno, "")
         text = os_error.strerror or os.strerror(os_error.errno)
         where = f" ({os_error.filename})" if os_error.filename else ""
         return f"{text} [{name}]{where}"
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    first = lines[0].strip() if lines else type(error).__name__
+    for e in _chain(error):
+        code = re.search(r"os_error_code='(\d+)'", str(e))  # tensorstore's words for an OS error
+        if code:
+            number = int(code.group(1))
+            return f"{os.strerror(number)} [{errno.errorcode.get(number, number)}]"
+    chain, seen = [], set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if str(e).strip():
+            chain.append(e)
+        e = e.__cause__ or e.__context__
+    innermost = chain[-1] if chain else error
+    lines = [line for line in str(innermost).splitlines() if line.strip()]
+    first = lines[0].strip() if lines else type(innermost).__name__
     return first if len(first) <= 300 else first[:297] + "..."
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    out, seen = [], set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
 
 
 def fault_from_os_error(error: BaseException, what: str) -> FaultError:

@@ -28,10 +28,10 @@ import numpy as np
 import tensorstore as ts
 
 from metatrain.data.packing import shift_document
-from metatrain.data.sources import EncoderSpec, JsonlLines, JsonlReader, RecordFailure, SkipLog, expand_jsonl_paths
+from metatrain.data.sources import EncoderSpec, JsonlLines, JsonlReader, SkipLog, expand_jsonl_paths
 from metatrain.data.split import check_split, id_hash, in_split
 from metatrain.documents import SkipCounter
-from metatrain.errors import RecordError, UserError
+from metatrain.errors import FaultError, RecordError, UserError, describe_cause
 from metatrain.roles import LOSS_ROLES, ROLE_DTYPE
 
 CACHE_FORMAT = "metatrain-token-cache"
@@ -325,8 +325,9 @@ class CacheReader:
             ids, roles = self.cache.document(index)
             return shift_document(ids, roles)
         except Exception as e:  # name the document, also when this runs in a worker process
-            raise RecordFailure(
-                f"token cache {self.cache.directory}, document {index}: cannot read it ({e}); rebuild the cache"
+            raise FaultError(
+                f"token cache {self.cache.directory}, document {index}: cannot read it ({describe_cause(e)}); "
+                "rebuild the cache with `metatrain data cache`"
             ) from e
 
 

@@ -212,7 +212,8 @@ def _register_compile(subparsers: argparse._SubParsersAction) -> None:
             "Compile the run's real training step (its model, optimizer, mesh and shardings) for a "
             "TPU topology on this CPU, and print per-device memory (arguments, temporaries, total) "
             "against the chip's HBM and the model FLOPs per step. Exits 2 when the config does not "
-            "fit. Needs libtpu: pip install 'metatrain[tpu]'."
+            "fit, or (before compiling) when model.vocab_size is not the piece count of data.tokenizer "
+            "(checked when that file exists). Needs libtpu: pip install 'metatrain[tpu]'."
         ),
     )
     p.add_argument("--config", type=Path, default=None, help="run config YAML (default configs/default.yaml)")

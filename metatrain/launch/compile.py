@@ -10,6 +10,8 @@ memory against the chip's HBM (`metatrain.hardware`) and the model FLOPs of one 
 
 A config that does not fit is refused: either XLA's TPU compiler itself runs out of
 HBM (its numbers are quoted) or the compiled program needs more than the chip has.
+A model whose `vocab_size` is not its tokenizer's is refused before compiling, when the
+tokenizer file is here to read (a preset compiled without its data is not checked).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import glob
 import os
 import re
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 from metatrain.config import RunConfig
@@ -227,13 +230,28 @@ def _refused_memory(args: Any, message: str) -> DeviceMemory:
     )
 
 
+def check_tokenizer_vocab(config: RunConfig) -> None:
+    """Refuse a `model.vocab_size` that is not the tokenizer's piece count, when the
+    tokenizer is known (`data.tokenizer` is an existing file); otherwise check nothing.
+
+    Raises:
+        UserError: one line with both sizes and the fix.
+    """
+    if Path(config.data.tokenizer).is_file():
+        from metatrain.tokenizer.spm import check_vocab_size
+
+        check_vocab_size(config.model.vocab_size, config.data.tokenizer)
+
+
 def compile_for_topology(config: RunConfig, topology: str, num_slices: int = 1) -> CompileReport:
     """Compile `config`'s train step for `topology` (x `num_slices`) and measure it.
 
     Raises:
-        UserError: no libtpu, unknown topology, a mesh that does not fit the chips, or a
-            compile error other than running out of memory.
+        UserError: `model.vocab_size` is not the tokenizer's (when the tokenizer file
+            exists), no libtpu, unknown topology, a mesh that does not fit the chips, or
+            a compile error other than running out of memory.
     """
+    check_tokenizer_vocab(config)
     if num_slices < 1:
         raise UserError(f"--num-slices {num_slices}: need at least 1 slice")
     if num_slices > 1 and config.mesh.dcn_data not in (1, num_slices):

@@ -7,6 +7,10 @@ A point's work directory is `DIR/runs/<name>`, so `metatrain train --workdir
 DIR/runs/<name>` alone trains (or resumes) it. Token budgets become whole optimizer
 steps: `steps = round(tokens / (batch_size x seq_len))`, at least 1, and the manifest
 records the tokens actually trained on.
+
+Every point's `model.vocab_size` is checked against its tokenizer's piece count (once
+per distinct pair) before anything is written, so a mismatch is refused at plan time,
+naming the point, instead of failing each run at its first step.
 """
 
 from __future__ import annotations
@@ -66,12 +70,16 @@ def plan_runs(spec: SweepSpec, spec_dir: Path, overrides: Sequence[str] = ()) ->
     """The runs of `spec`; relative paths in its overrides are relative to `spec_dir`."""
     family = get_family(spec.family)
     runs: list[PlannedRun] = []
+    checked: set[tuple[int, str]] = set()
     for variant in spec.variant_names:
         settings = [*_as_sets(spec.overrides), *_as_sets(spec.variants.get(variant, {})), *overrides]
         where = f"variant {variant!r}" if variant else "the spec's overrides"
         needed = [family.find(n) for n in spec.grid.sizes] if spec.grid is not None else family.sizes()
         configs = {s.name: _load_point_config(spec.base, spec_dir, [*settings, *s.overrides()], where) for s in needed}
         if spec.grid is not None:
+            for size_name in spec.grid.sizes:  # before reading any data for count_tokens: text
+                name = _run_name(variant, family.find(size_name), spec.grid.tokens[0], None)
+                check_point_vocab(configs[size_name], name, checked)
             fraction = None
             if spec.count_tokens == "text":
                 fraction = text_token_fraction(configs[spec.grid.sizes[0]], spec.text_fraction_batches)
@@ -86,9 +94,34 @@ def plan_runs(spec: SweepSpec, spec_dir: Path, overrides: Sequence[str] = ()) ->
                 sizes = isoflop_sizes(family, configs, budget, iso.sizes_per_budget, iso.tokens_per_param)
                 for size in sizes:
                     config = configs[size.name]
+                    check_point_vocab(config, _run_name(variant, size, None, budget), checked)
                     tokens = budget / config.model.flops_per_token(config.trainer.seq_len)
                     runs.append(_planned(config, size, variant, tokens, budget=budget))
     return runs
+
+
+def check_point_vocab(config: RunConfig, point: str, checked: set[tuple[int, str]] | None = None) -> None:
+    """Refuse `point` when its `model.vocab_size` is not its tokenizer's piece count.
+
+    A tokenizer file that does not exist here (a sweep planned for a cluster's data) is
+    left to the trainer, which checks it at start. Pairs already in `checked` are not
+    read again; checked pairs are added to it.
+
+    Raises:
+        UserError: one line naming the point, with both sizes and the fix.
+    """
+    from metatrain.tokenizer.spm import check_vocab_size
+
+    key = (config.model.vocab_size, str(config.data.tokenizer))
+    if checked is not None and key in checked:
+        return
+    if Path(config.data.tokenizer).is_file():
+        try:
+            check_vocab_size(config.model.vocab_size, config.data.tokenizer)
+        except UserError as e:
+            raise UserError(f"sweep point {point}: {e}") from None
+    if checked is not None:
+        checked.add(key)
 
 
 def _as_sets(overrides: dict) -> list[str]:

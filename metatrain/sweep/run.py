@@ -162,18 +162,27 @@ def launch_commands(
     `metatrain launch TARGET [ARGS] [--dry-run] -- train --config C --workdir W` (the
     multi-host launchers). Paths are `directory` joined with the manifest's relative
     paths, so the sweep directory must be visible at the same path where they run.
+
+    Raises:
+        UserError: an unknown target, a point not planned here, or a point whose
+            `model.vocab_size` is not its tokenizer's (checked before anything is emitted).
     """
+    from metatrain.config import load_config
+    from metatrain.sweep.plan import check_point_vocab
+
     if target not in EMIT_TARGETS:
         raise UserError(f"--emit {target!r}: choose one of {', '.join(EMIT_TARGETS)}")
     directory = Path(directory)
     records = read_manifest(directory)
     selected = _select(records, only)
-    commands = []
-    for record in records:
-        if record["name"] not in selected or record.get("status") == "done":
-            continue
+    pending = [r for r in records if r["name"] in selected and r.get("status") != "done"]
+    checked: set[tuple[int, str]] = set()
+    for record in pending:
         if "config" not in record or "workdir" not in record:
             raise UserError(f"run {record['name']!r} has no `config`/`workdir` in the manifest; it was not planned here")
+        check_point_vocab(load_config(directory / record["config"]), record["name"], checked)
+    commands = []
+    for record in pending:
         train = ["train", "--config", str(directory / record["config"]), "--workdir", str(directory / record["workdir"])]
         if target == "local":
             argv = ["metatrain", *train]

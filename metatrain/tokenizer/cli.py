@@ -1,6 +1,8 @@
-"""`metatrain tokenizer train|extend|inspect` and `metatrain encode`.
+"""`metatrain tokenizer train|extend|inspect|resize-checkpoint` and `metatrain encode`.
 
 Thin wrappers: each parses its flags and calls a function that tests call directly.
+`resize-checkpoint` lives with the trainer (`metatrain.train.resize`) and is imported
+only when it runs, so the other commands never load JAX.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from metatrain.tokenizer.build import extend_tokenizer, train_tokenizer
 from metatrain.tokenizer.encoder import EncodeError, Encoder
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA, MANTRA_POLICIES
 from metatrain.tokenizer.registry import load_registry
+from metatrain.tokenizer.resize import DEFAULT_NOISE_SCALE
 from metatrain.tokenizer.spm import inspect_tokenizer
 
 
@@ -111,6 +114,15 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_resize_checkpoint(args: argparse.Namespace) -> int:
+    from metatrain.train.resize import resize_checkpoint
+
+    report = resize_checkpoint(args.workdir, args.tokenizer, args.out, tags=args.tags,
+                               seed=args.seed, noise_scale=args.noise_scale)
+    print(report.summary(), file=sys.stderr)
+    return 0
+
+
 def _run_encode(args: argparse.Namespace) -> int:
     encoder = Encoder.from_files(args.tokenizer, args.tags, mantra=_read_mantra(args.mantra_file),
                                  mantra_policy=args.mantra_policy)
@@ -127,8 +139,8 @@ def _add_tags_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Adds `tokenizer train|extend|inspect` and `encode` to the `metatrain` command."""
-    tok = subparsers.add_parser("tokenizer", help="train, extend and inspect SentencePiece tokenizers with tags")
+    """Adds `tokenizer train|extend|inspect|resize-checkpoint` and `encode` to the `metatrain` command."""
+    tok = subparsers.add_parser("tokenizer", help="train, extend and inspect SentencePiece tokenizers with tags; resize checkpoints for them")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
 
     train = tok_sub.add_parser("train", help="train a SentencePiece model on documents, tags as control pieces")
@@ -153,6 +165,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("--json", action="store_true", help="print a JSON object")
     _add_tags_flag(inspect)
     inspect.set_defaults(func=_run_inspect)
+
+    resize = tok_sub.add_parser(
+        "resize-checkpoint",
+        help="copy a run into a new work directory for an extended tokenizer (rows for the new ids)",
+        description=(
+            "Write --out: the run in --workdir at its newest checkpoint, with embedding and output "
+            "rows for the ids the extended --tokenizer adds (mean of the old rows plus small noise; "
+            "old rows unchanged, Adam moments of the new rows zero). Continue it with "
+            "`metatrain train --workdir OUT --set trainer.steps=N`."
+        ),
+    )
+    resize.add_argument("--workdir", required=True, type=Path, metavar="DIR", help="the run to resize (only read)")
+    resize.add_argument("--tokenizer", required=True, type=Path, metavar="NEW.model",
+                        help="`metatrain tokenizer extend` of DIR/tokenizer.model")
+    resize.add_argument("--out", required=True, type=Path, metavar="OUT",
+                        help="the new work directory (must not exist, or be empty)")
+    resize.add_argument("--tags", type=Path, default=None, metavar="FILE",
+                        help="tag registry of NEW.model (default: DIR/tags.yaml)")
+    resize.add_argument("--seed", type=int, default=0, help="seed of the new rows' noise (default: 0)")
+    resize.add_argument("--noise-scale", type=float, default=DEFAULT_NOISE_SCALE, metavar="X",
+                        help="noise std as a fraction of each feature's spread over the old rows "
+                             f"(default: {DEFAULT_NOISE_SCALE})")
+    resize.set_defaults(func=_run_resize_checkpoint)
 
     enc = subparsers.add_parser("encode", help="encode documents to token ids and roles (JSON Lines)")
     enc.add_argument("--tokenizer", required=True, metavar="T.model")

@@ -247,6 +247,13 @@ class Checkpointer:
         """`read(step)` of the newest step for which it succeeds on every process."""
         steps = self.all_steps()
         if not steps:
+            aside = sorted(p.name for p in self.directory.glob("*.corrupt-*")) if self.directory.is_dir() else []
+            if aside and not self.read_only:
+                raise FaultError(
+                    f"{self.directory} holds only damaged checkpoints, set aside earlier ({', '.join(aside)}); "
+                    "nothing to resume from, and starting over here would mix two runs. Train in another "
+                    "--workdir, or remove them to start this one over"
+                )
             return None
         damaged: list[str] = []
         for step in reversed(steps):

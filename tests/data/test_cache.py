@@ -12,7 +12,7 @@ from metatrain.cli import main
 from metatrain.data import make_batch_iterator
 from metatrain.data.cache import TokenCache, cache_stats, write_cache
 from metatrain.documents import parse_document
-from metatrain.errors import UserError
+from metatrain.errors import FaultError, UserError
 from metatrain.roles import LOSS_ROLES
 
 from .conftest import assert_batches_equal, data_config, make_docs, take, write_jsonl
@@ -127,5 +127,5 @@ def test_a_damaged_cache_fails_naming_the_document(tmp_path, built):
     shutil.copytree(directory, damaged)
     (damaged / "ids" / "0").write_bytes(b"not a chunk")
     it = make_batch_iterator(data_config(damaged), batch_size=2, seq_len=41)
-    with pytest.raises(RuntimeError, match=rf"token cache {damaged}, document \d+: cannot read it"):
+    with pytest.raises(FaultError, match=rf"token cache {damaged}, document \d+: cannot read it"):
         take(it, 3)

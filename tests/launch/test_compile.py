@@ -11,6 +11,7 @@ import re
 
 import pytest
 
+import metatrain.launch.compile as compile_module
 from metatrain.cli import main
 from metatrain.config import load_config
 from metatrain.hardware import CHIPS
@@ -19,6 +20,8 @@ from metatrain.paths import CONFIGS_DIR
 
 #: The pure-JAX loss instead of the Pallas (Mosaic) kernel that `loss.impl: auto` picks on TPU.
 CHUNKED = ["--set", "loss.impl=chunked"]
+#: A tokenizer that is not on this machine: its vocabulary cannot be checked here.
+ABSENT_TOKENIZER = ["--set", "data.tokenizer=/nonexistent/tokenizer-32k.model"]
 
 
 @pytest.fixture
@@ -67,7 +70,9 @@ def test_the_default_config_compiles_for_tpu_with_the_chunked_loss_too(capsys):
 
 @tpu_test
 def test_the_7b_preset_does_not_fit_v5e_2x2_and_is_refused_with_the_numbers(capsys):
-    assert main(["compile", "--config", str(CONFIGS_DIR / "7b.yaml"), "--topology", "v5e:2x2"]) == 2
+    # The preset's 32k tokenizer (tokenizer/32k.model) is not shipped, so it is not checked.
+    argv = ["compile", "--config", str(CONFIGS_DIR / "7b.yaml"), "--topology", "v5e:2x2"]
+    assert main(argv) == 2
     captured = capsys.readouterr()
     out, err = captured.out, captured.err
     assert "mesh         data=1 fsdp=4 tensor=1" in out
@@ -93,6 +98,33 @@ def test_slices_and_a_different_dcn_axis_are_refused_before_compiling(capsys):
     assert main(["compile", "--topology", "v5e:2x2", "--num-slices", "2", "--set", "mesh.dcn_data=4"]) == 2
     err = capsys.readouterr().err
     assert "--num-slices 2" in err and "mesh.dcn_data=4" in err
+
+
+def test_a_vocabulary_that_is_not_the_tokenizers_is_refused_before_compiling(capsys, monkeypatch):
+    def no_compile(*args, **kwargs):
+        raise AssertionError("libtpu was asked for the topology before the vocabulary was checked")
+
+    monkeypatch.setattr(compile_module, "tpu_topology", no_compile)
+    argv = ["compile", "--config", str(CONFIGS_DIR / "tiny.yaml"), "--topology", "v5e:2x2", "--set", "model.vocab_size=4000"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    assert "model.vocab_size=4000" in captured.err and "has 4096 pieces" in captured.err
+    assert "--set model.vocab_size=4096" in captured.err
+    # A preset sized for a 32k tokenizer, pointed at the bundled 4096-piece one, is refused the same way.
+    sample = CONFIGS_DIR.parent / "tokenizer" / "sample.model"
+    argv = ["compile", "--config", str(CONFIGS_DIR / "7b.yaml"), "--topology", "v5e:2x2", "--set", f"data.tokenizer={sample}"]
+    assert main(argv) == 2
+    assert "model.vocab_size=32768" in capsys.readouterr().err
+
+
+@tpu_test
+def test_a_tokenizer_that_is_not_here_is_not_checked(capsys):
+    argv = ["compile", "--config", str(CONFIGS_DIR / "tiny.yaml"), "--topology", "v5e:2x2", "--set", "model.vocab_size=4000",
+            *ABSENT_TOKENIZER, *CHUNKED]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.rstrip().endswith("fits: yes")
 
 
 @tpu_test

@@ -25,8 +25,7 @@ from metatrain.roles import Role
 from metatrain.errors import DivergedError
 from metatrain.train.loop import Hook, Trainer, train
 
-TINY = REPO_ROOT / "configs" / "tiny.yaml"
-STEPS = 6
+from .conftest import STEPS, TINY, read_records, tiny_config, train_losses
 
 # Keys every training record must carry (a contract read by scripts and sweeps).
 TRAIN_KEYS = (
@@ -34,30 +33,6 @@ TRAIN_KEYS = (
     "tokens/text", "tokens/thinking", "learning_rate", "grad_norm", "tokens_per_sec",
     "step_time", "mfu",
 )
-
-
-def tiny_config(*overrides: str):
-    return load_config(
-        TINY,
-        [
-            f"trainer.steps={STEPS}",
-            "trainer.log_every=1",
-            "trainer.eval_every=3",
-            "trainer.eval_batches=1",
-            "trainer.progress=false",
-            "checkpoint.every=3",
-            "checkpoint.async_save=true",
-            *overrides,
-        ],
-    )
-
-
-def read_records(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_losses(workdir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_records(workdir) if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +245,51 @@ def test_the_readme_default_run_reaches_a_clearly_lower_loss():
     losses = train_losses(workdir)
     first, last = losses[min(losses)], losses[max(losses)]
     assert last < first - 2.0, (first, last)
+
+
+def test_data_seed_orders_the_data_and_trainer_seed_initialises_the_parameters(tmp_path):
+    def first(*overrides):
+        trainer = Trainer(tiny_config(*overrides), tmp_path / "unused")
+        try:
+            state, _ = trainer.initial_state()
+            return next(trainer.train_iter), jax.device_get(state.params["embedding"]["table"])
+        finally:
+            trainer.close()
+
+    batch, table = first()
+    batch_data_seed, table_data_seed = first("data.seed=1")
+    batch_trainer_seed, table_trainer_seed = first("trainer.seed=1")
+    assert not np.array_equal(batch["inputs"], batch_data_seed["inputs"])
+    np.testing.assert_array_equal(table, table_data_seed)
+    for key in batch:
+        np.testing.assert_array_equal(batch[key], batch_trainer_seed[key])
+    assert not np.array_equal(table, table_trainer_seed)
+
+
+def test_train_and_eval_share_one_loss_z_loss_included(tmp_path):
+    """The eval loss of a batch is the loss the train step optimised on it."""
+    trainer = Trainer(tiny_config("loss.z_loss=0.05", "mesh.data=1"), tmp_path, devices=jax.devices()[:1])
+    try:
+        state, _ = trainer.initial_state()
+        batch = trainer.next_batch()
+        stats = jax.device_get(trainer.eval_step(state.params, batch))
+        _, metrics = trainer.train_step(state, batch)
+        train_loss = float(metrics["loss"])
+    finally:
+        trainer.close()
+    eval_loss = float(stats["loss_weighted_sum"]) / float(stats["weight_sum"])
+    np.testing.assert_allclose(eval_loss, train_loss, rtol=1e-6)
+    # Without the z-loss term the number would be clearly lower (so the test can fail).
+    weights = tiny_config().loss.weights
+    nll = sum(getattr(weights, r) * float(stats[f"nll_sum/{r}"]) for r in ("text", "thinking", "mantra", "tag"))
+    count = sum(getattr(weights, r) * float(stats[f"count/{r}"]) for r in ("text", "thinking", "mantra", "tag"))
+    assert eval_loss > nll / count + 0.1
+
+
+def test_a_model_vocabulary_other_than_the_tokenizers_is_refused_at_start(tmp_path):
+    from metatrain.errors import UserError
+
+    for size in (4000, 4200):
+        with pytest.raises(UserError, match=rf"model.vocab_size={size} but the tokenizer .*sample.model has 4096 pieces; set model.vocab_size: 4096"):
+            Trainer(tiny_config(f"model.vocab_size={size}"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

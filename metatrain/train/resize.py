@@ -1,0 +1,344 @@
+"""Carrying a run over to an extended tokenizer: `metatrain tokenizer resize-checkpoint`.
+
+After `metatrain tokenizer extend`, every old id keeps its meaning and the new ids
+follow them, so a run trained with the old vocabulary can continue with the new one
+once its vocab-sized leaves have entries for the new ids:
+
+    params     embedding/table [V, D], output_projection [D, V] (untied): new entries
+               at the mean of the old ones plus small noise (`grow_vocab_axis`)
+    opt_state  Adam mu/nu of those tables: zeros for the new entries (no history yet)
+
+Every old entry, every other leaf, the step and the data iterator's state are copied
+unchanged (the new ids are control pieces, so existing documents encode the same).
+`resize_checkpoint` writes the result as a new work directory, never over an old one;
+`metatrain train --workdir OUT --set trainer.steps=N` continues it.
+
+The state is restored onto one host (CPU) device: this is an offline step, and host
+memory is where a whole train state fits. The array surgery (`grow_train_state`) is a
+pure function of trees; files, the work directories and the checkpointer live in
+`resize_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metatrain.config import RunConfig, config_to_dict, load_config
+from metatrain.errors import UserError
+from metatrain.tokenizer.registry import load_registry
+from metatrain.tokenizer.resize import DEFAULT_NOISE_SCALE, grow_vocab_axis
+from metatrain.tokenizer.spm import SpmTokenizer, first_changed_id, read_model_proto
+from metatrain.train.checkpoint import Checkpointer
+from metatrain.train.program import build_train_program
+from metatrain.train.resume import config_differences
+from metatrain.train.workdir import LOCK_FILE, WorkdirLock, prepare_workdir
+
+TOKENIZER_FILE, TAGS_FILE, CONFIG_FILE = "tokenizer.model", "tags.yaml", "config.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizeReport:
+    """What `resize_checkpoint` wrote.
+
+    Attributes:
+        workdir: the run that was read (left unchanged).
+        out: the new work directory.
+        step: the checkpoint's step, unchanged in `out`.
+        old_vocab_size: V_old, pieces of the old tokenizer.
+        new_vocab_size: V_new, pieces of the new one (`model.vocab_size` of `out`).
+        new_pieces: `(id, piece)` of every id `>= V_old`.
+        grown: the leaves that gained entries, e.g. `params/embedding/table`.
+    """
+
+    workdir: Path
+    out: Path
+    step: int
+    old_vocab_size: int
+    new_vocab_size: int
+    new_pieces: tuple[tuple[int, str], ...]
+    grown: tuple[str, ...]
+
+    def summary(self) -> str:
+        """One line for the command line."""
+        added = ", ".join(f"{piece}={i}" for i, piece in self.new_pieces) or "none"
+        return (
+            f"wrote {self.out} from {self.workdir} at step {self.step}: vocabulary "
+            f"{self.old_vocab_size} -> {self.new_vocab_size} (new: {added}); grew {len(self.grown)} "
+            f"leaves; continue with `metatrain train --workdir {self.out} --set trainer.steps=N`"
+        )
+
+
+def _leaf_name(path: Sequence[Any]) -> str:
+    """`params/embedding/table`, `opt_state/1/0/mu/embedding/table` for a tree path."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _vocab_axis(name: str, old: tuple[int, ...], new: tuple[int, ...], old_vocab: int, new_vocab: int) -> int | None:
+    """The one axis where `old` and `new` differ (V_old -> V_new), None when they agree.
+
+    Raises:
+        ValueError: the shapes differ in some other way (a bug: only the vocabulary changed).
+    """
+    if old == new:
+        return None
+    axes = [a for a in range(len(old)) if old[a] != new[a]] if len(old) == len(new) else []
+    if len(axes) != 1 or (old[axes[0]], new[axes[0]]) != (old_vocab, new_vocab):
+        raise ValueError(
+            f"{name}: shape {old} -> {new} is not a vocabulary resize {old_vocab} -> {new_vocab} along one axis"
+        )
+    return axes[0]
+
+
+def _seed_for(seed: int, index: int) -> int:
+    """An independent noise seed for the `index`-th grown parameter (the embedding and the
+    output projection must not share their noise)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def grow_train_state(
+    state: Any,
+    target: Any,
+    *,
+    old_vocab_size: int,
+    new_vocab_size: int,
+    seed: int = 0,
+    noise_scale: float = DEFAULT_NOISE_SCALE,
+) -> tuple[Any, tuple[str, ...]]:
+    """`state` with entries for ids `old_vocab_size..new_vocab_size-1`, laid out as `target`.
+
+    Walks `state` and `target` together: a leaf whose shape differs from its target
+    along one axis (V_old -> V_new) is vocab-sized. Under `params` it grows with
+    `grow_vocab_axis` (mean of the old entries plus noise); anywhere else (optimizer
+    moments) with zeros. Every other leaf, and every old entry, is copied bit for bit.
+
+    Args:
+        state: a `TrainState` of arrays for V_old, e.g. `params/embedding/table` [V_old, D].
+        target: the same tree for V_new, of `jax.ShapeDtypeStruct`s (with shardings),
+            e.g. a `TrainProgram.abstract_state()`.
+        old_vocab_size: V_old.
+        new_vocab_size: V_new >= V_old.
+        seed: seed of the noise.
+        noise_scale: noise standard deviation as a fraction of each feature's spread.
+
+    Returns:
+        `(new state, names of the grown leaves)`; the new state's arrays carry the
+        target's shardings.
+
+    Raises:
+        ValueError: the trees differ in structure, or a leaf's shape differs other than
+            by the vocabulary along one axis.
+    """
+    grown: list[str] = []
+
+    def grow(path, leaf, spec):
+        name = _leaf_name(path)
+        value = np.asarray(jax.device_get(leaf))
+        if value.dtype != spec.dtype:
+            raise ValueError(f"{name}: dtype {value.dtype} in the checkpoint but {spec.dtype} in the new state")
+        axis = _vocab_axis(name, value.shape, tuple(spec.shape), old_vocab_size, new_vocab_size)
+        if axis is not None:
+            if name.startswith("params/"):
+                value = grow_vocab_axis(value, new_vocab_size, axis=axis, noise_scale=noise_scale,
+                                        seed=_seed_for(seed, sum(g.startswith("params/") for g in grown)))
+            else:
+                pad = [(0, 0)] * value.ndim
+                pad[axis] = (0, new_vocab_size - old_vocab_size)
+                value = np.pad(value, pad)  # zeros after the old entries, which stay as they were
+            grown.append(name)
+        sharding = getattr(spec, "sharding", None)
+        return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+
+    new_state = jax.tree_util.tree_map_with_path(grow, state, target)
+    return new_state, tuple(grown)
+
+
+def _host_devices() -> list[jax.Device]:
+    """One CPU device when JAX has the CPU backend (host memory holds the whole state),
+    else the first device."""
+    try:
+        return jax.local_devices(backend="cpu")[:1]
+    except RuntimeError:
+        return jax.local_devices()[:1]
+
+
+def _on_one_device(config: RunConfig) -> RunConfig:
+    """`config` laid over a single device (the layout does not change a checkpoint's shapes)."""
+    mesh = dataclasses.replace(config.mesh, data=1, fsdp=1, tensor=1, dcn_data=1)
+    return dataclasses.replace(config, mesh=mesh)
+
+
+def check_extension(old_tokenizer: Path, new_tokenizer: Path) -> tuple[int, int, tuple[tuple[int, str], ...]]:
+    """`(V_old, V_new, new pieces)` when `new_tokenizer` keeps every id of `old_tokenizer`.
+
+    Raises:
+        UserError: a file is unreadable, or an old id changed meaning (the first one is named).
+    """
+    old, new = read_model_proto(old_tokenizer), read_model_proto(new_tokenizer)
+    changed = first_changed_id(old, new)
+    if changed is not None:
+        i, was, now = changed
+        raise UserError(
+            f"tokenizer {new_tokenizer} is not an extension of the run's tokenizer {old_tokenizer}: id {i} "
+            f"was {was}, is {now}; the checkpoint's row {i} would mean something else. Make the new "
+            f"tokenizer with `metatrain tokenizer extend --base {old_tokenizer} ...`"
+        )
+    added = tuple((i, new.pieces[i].piece) for i in range(len(old.pieces), len(new.pieces)))
+    return len(old.pieces), len(new.pieces), added
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(
+            f"--out {out} already exists and is not empty; resize-checkpoint never overwrites a "
+            "directory: choose another --out"
+        )
+
+
+def _read_run_config(workdir: Path) -> RunConfig:
+    if not (workdir / "checkpoints").is_dir():
+        raise UserError(f"{workdir} holds no checkpoints; give the --workdir of a run trained with `metatrain train`")
+    if not (workdir / CONFIG_FILE).is_file():
+        raise UserError(f"{workdir}/{CONFIG_FILE} is missing; give the --workdir of a run trained with `metatrain train`")
+    return load_config(workdir / CONFIG_FILE)
+
+
+def resize_checkpoint(
+    workdir: str | Path,
+    tokenizer: str | Path,
+    out: str | Path,
+    *,
+    tags: str | Path | None = None,
+    seed: int = 0,
+    noise_scale: float = DEFAULT_NOISE_SCALE,
+) -> ResizeReport:
+    """Writes `out`: the run in `workdir` at its newest checkpoint, for the extended `tokenizer`.
+
+    `out` gets `config.yaml` (the run's config with `model.vocab_size` = V_new and
+    `data.tokenizer`/`data.tags` naming `out`'s own copies), `tokenizer.model`,
+    `tags.yaml` and one checkpoint at the same step: vocab-sized parameters grown
+    with `grow_vocab_axis`, their Adam moments zero for the new ids, everything else
+    (old rows included) bit-identical. `workdir` is only read.
+
+    Args:
+        workdir: a run's work directory (its `tokenizer.model` is the old tokenizer).
+        tokenizer: the new `.model`, `metatrain tokenizer extend` of the old one.
+        out: the new work directory; must not exist, or be empty.
+        tags: the tag registry of the new tokenizer (default: `workdir/tags.yaml`).
+        seed: seed of the new rows' noise.
+        noise_scale: the noise's standard deviation as a fraction of each feature's
+            spread over the old rows.
+
+    Raises:
+        UserError: `out` is not empty; `workdir` is not a trained run; the tokenizer
+            changes an old id, lacks a registry tag, or is unreadable.
+        FaultError: no checkpoint of `workdir` restores, or `out` cannot be written.
+    """
+    workdir, tokenizer, out = Path(workdir).resolve(), Path(tokenizer).resolve(), Path(out).resolve()
+    tags = Path(tags).resolve() if tags is not None else workdir / TAGS_FILE
+    if not (noise_scale >= 0 and math.isfinite(noise_scale)):
+        raise UserError(f"--noise-scale {noise_scale}: must be a finite number >= 0")
+    _check_out(out)
+    old_config = _read_run_config(workdir)
+    old_vocab, new_vocab, new_pieces = check_extension(workdir / TOKENIZER_FILE, tokenizer)
+    if old_config.model.vocab_size != old_vocab:
+        raise UserError(
+            f"{workdir}/{CONFIG_FILE} has model.vocab_size={old_config.model.vocab_size} but "
+            f"{workdir}/{TOKENIZER_FILE} has {old_vocab} pieces; the work directory is inconsistent"
+        )
+    SpmTokenizer.load(tokenizer, load_registry(tags))  # every tag present, as a control piece
+
+    old_program = build_train_program(_on_one_device(old_config), _host_devices())
+    restored = _restore_newest(workdir, old_config, old_program.abstract_state())
+
+    new_config = dataclasses.replace(
+        old_config,
+        model=dataclasses.replace(old_config.model, vocab_size=new_vocab),
+        data=dataclasses.replace(old_config.data, tokenizer=out / TOKENIZER_FILE, tags=out / TAGS_FILE),
+    )
+    new_program = build_train_program(_on_one_device(new_config), _host_devices())
+    state, grown = grow_train_state(
+        restored.state, new_program.abstract_state(),
+        old_vocab_size=old_vocab, new_vocab_size=new_vocab, seed=seed, noise_scale=noise_scale,
+    )
+    _write_workdir(out, new_config, tokenizer, tags, restored.step, state, restored.data_state)
+    return ResizeReport(workdir, out, restored.step, old_vocab, new_vocab, new_pieces, grown)
+
+
+def _restore_newest(workdir: Path, config: RunConfig, abstract_state: Any):
+    """The newest checkpoint of `workdir` that restores, read-only.
+
+    Raises:
+        UserError: there is none, or its stored config disagrees with `config.yaml` in a
+            key that decides what was trained.
+    """
+
+    def validate(step: int, stored: dict) -> None:
+        diffs = config_differences(stored, config_to_dict(config), workdir)
+        if diffs:
+            keys = "; ".join(f"{key}: {old} -> {new}" for key, old, new in diffs)
+            raise UserError(
+                f"{workdir}/{CONFIG_FILE} does not describe its checkpoint at step {step} ({keys}); "
+                "resize a work directory as `metatrain train` left it"
+            )
+
+    checkpointer = Checkpointer(workdir, read_only=True)
+    try:
+        restored = checkpointer.restore_latest(abstract_state, validate)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise UserError(f"{workdir} holds no complete checkpoint; train first with `metatrain train --workdir {workdir}`")
+    return restored
+
+
+def _write_workdir(
+    out: Path, config: RunConfig, tokenizer: Path, tags: Path, step: int, state: Any, data_state: dict
+) -> None:
+    """Creates `out` under its lock; on any failure removes what was written there."""
+    existed = out.exists()
+    lock = WorkdirLock(out)
+    lock.acquire()
+    if any(p.name != LOCK_FILE for p in out.iterdir()):  # someone wrote here since the check
+        lock.release()
+        raise UserError(f"--out {out} is no longer empty; choose another --out")
+    try:
+        shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
+        shutil.copyfile(tags, out / TAGS_FILE)
+        checkpointer = Checkpointer(out, config.checkpoint)
+        try:
+            checkpointer.save(step, state, data_state, config_to_dict(config))
+        finally:
+            checkpointer.close()  # waits for the (async) save; raises FaultError if it failed
+        prepare_workdir(config, out, None)
+    except BaseException:
+        lock.release()
+        _remove_contents(out, remove_dir=not existed)
+        raise
+    lock.release()
+
+
+def _remove_contents(out: Path, *, remove_dir: bool) -> None:
+    if remove_dir:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)

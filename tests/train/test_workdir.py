@@ -1,0 +1,107 @@
+"""One owner per work directory: the lock, stale locks, and runs created from another file."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from metatrain.train.loop import train
+from metatrain.train.workdir import LOCK_FILE, STALE_AFTER_S, WorkdirLock, WorkdirLocked
+
+from .conftest import TINY, error_lines, run_cli, tiny_config
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_second_trainer_on_a_held_directory_exits_2_naming_the_holder_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    # The holder is another process: a real `metatrain train` run held at its start.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time; from pathlib import Path; from metatrain.train.workdir import WorkdirLock\n"
+            f"lock = WorkdirLock(Path({str(workdir)!r})); lock.acquire(); print('held', flush=True); time.sleep(120)"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        done = run_cli("train", "--config", str(TINY), "--workdir", str(workdir), "--set", "trainer.steps=2")
+        assert done.returncode == 2, done.stderr[-2000:]
+        lines = error_lines(done.stderr)
+        assert len(lines) == 1, lines
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in lines[0] and "in use by another trainer" in lines[0]
+        assert time.monotonic() - started < 60  # at once: no training, no compilation
+        assert sorted(p.name for p in workdir.iterdir()) == [LOCK_FILE]  # nothing else was written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_locks_in_one_process_exclude_each_other_and_release(tmp_path):
+    with WorkdirLock(tmp_path):
+        with pytest.raises(WorkdirLocked, match=f"pid {os.getpid()}"):
+            WorkdirLock(tmp_path).acquire()
+    assert not (tmp_path / LOCK_FILE).exists()
+    with WorkdirLock(tmp_path):  # released: it can be taken again
+        pass
+
+
+def test_a_stale_lock_of_a_dead_process_on_this_host_is_taken_over_with_a_warning(tmp_path, capfd):
+    record = {"host": socket.gethostname(), "pid": _dead_pid(), "started": time.time() - 60}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(record))
+    summary = train(tiny_config("trainer.steps=1", "trainer.eval_every=0"), tmp_path)
+    assert summary.final_step == 1
+    err = capfd.readouterr().err
+    assert f"taking over the stale lock {tmp_path / LOCK_FILE} of pid {record['pid']}" in err
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_lock_from_another_host_is_honoured_while_its_heartbeat_is_fresh(tmp_path, capfd):
+    lock = tmp_path / LOCK_FILE
+    lock.write_text(json.dumps({"host": "other-vm-7", "pid": 4242, "started": time.time()}))
+    with pytest.raises(WorkdirLocked, match=r"pid 4242 on host other-vm-7 .* last heartbeat \d+ s ago"):
+        WorkdirLock(tmp_path).acquire()
+    assert json.loads(lock.read_text())["host"] == "other-vm-7"  # the holder's file is untouched
+    # A run rescheduled onto a new VM after a preemption: the old host's lock goes stale.
+    old = time.time() - STALE_AFTER_S - 5
+    os.utime(lock, (old, old))
+    with WorkdirLock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "taking over the stale lock" in capfd.readouterr().err
+
+
+def test_a_workdir_created_from_another_config_file_is_refused_unless_allowed(tmp_path):
+    a, b = tmp_path / "a" / "tiny.yaml", tmp_path / "b" / "tiny.yaml"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_text(f"base: {TINY}\n")
+    workdir = tmp_path / "run"
+    common = ["--workdir", str(workdir), "--set", "trainer.eval_every=0", "--set", "trainer.progress=false"]
+    first = run_cli("train", "--config", str(a), *common, "--set", "trainer.steps=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    config_before = (workdir / "config.yaml").read_bytes()
+
+    other = run_cli("train", "--config", str(b), *common, "--set", "trainer.steps=2")
+    assert other.returncode == 2
+    (line,) = error_lines(other.stderr)
+    assert f"was created from {a}, not {b}" in line and "--allow-other-config" in line
+    assert (workdir / "config.yaml").read_bytes() == config_before
+
+    # The plain resume (no --config) and the same file still work; the flag adopts the other.
+    again = run_cli("train", *common, "--set", "trainer.steps=2")
+    assert again.returncode == 0 and "trained steps 1 -> 2" in again.stdout, again.stderr[-2000:]
+    adopted = run_cli("train", "--config", str(b), *common, "--set", "trainer.steps=3", "--allow-other-config")
+    assert adopted.returncode == 0 and "trained steps 2 -> 3" in adopted.stdout, adopted.stderr[-2000:]
+    assert json.loads((workdir / "run.json").read_text())["config_file"] == str(b)
+
