@@ -70,8 +70,8 @@ def debug_enabled() -> bool:
     return os.environ.get("METATRAIN_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def os_error_in(error: BaseException) -> OSError | None:
-    """The first `OSError` in `error`, its causes, contexts and exception-group members."""
+def _related(error: BaseException):
+    """`error`, its causes and contexts and exception-group members, breadth first."""
     seen: set[int] = set()
     todo: list[BaseException] = [error]
     while todo:
@@ -79,11 +79,14 @@ def os_error_in(error: BaseException) -> OSError | None:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno is not None:
-            return e
+        yield e
         todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
         todo.extend(getattr(e, "exceptions", ()) or ())
-    return None
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The first `OSError` (with an errno) in `error`, its causes, contexts and group members."""
+    return next((e for e in _related(error) if isinstance(e, OSError) and e.errno is not None), None)
 
 
 def describe_cause(error: BaseException) -> str:
@@ -101,13 +104,7 @@ def describe_cause(error: BaseException) -> str:
         if code:
             number = int(code.group(1))
             return f"{os.strerror(number)} [{errno.errorcode.get(number, number)}]"
-    chain, seen = [], set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if str(e).strip():
-            chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain = [e for e in _chain(error) if str(e).strip()]
     innermost = chain[-1] if chain else error
     lines = [line for line in str(innermost).splitlines() if line.strip()]
     first = lines[0].strip() if lines else type(innermost).__name__
@@ -132,18 +129,7 @@ def fault_from_os_error(error: BaseException, what: str) -> FaultError:
 def find_metatrain_error(error: BaseException) -> MetatrainError | None:
     """`error` itself or the first `MetatrainError` among its causes and contexts (a worker
     process's error arrives wrapped in the data loader's own exception)."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [error]
-    while todo:
-        e = todo.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, MetatrainError):
-            return e
-        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
-        todo.extend(getattr(e, "exceptions", ()) or ())
-    return None
+    return next((e for e in _related(error) if isinstance(e, MetatrainError)), None)
 
 
 @dataclasses.dataclass(frozen=True)

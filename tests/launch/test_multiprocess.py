@@ -73,8 +73,8 @@ def assert_same_losses(actual: dict[int, float], expected: dict[int, float]) -> 
     np.testing.assert_allclose([actual[s] for s in steps], [expected[s] for s in steps], rtol=RTOL, atol=ATOL)
 
 
-def restore_here(workdir: Path, mesh: MeshConfig, step: int | None = None):
-    """The run's checkpoint (latest, or `step`) restored on this process's 8 devices over `mesh`."""
+def restore_here(workdir: Path, mesh: MeshConfig):
+    """The run's newest checkpoint restored on this process's 8 devices over `mesh`."""
     config = load_config(workdir / "config.yaml")
     config = dataclasses.replace(config, mesh=mesh)
     model = Transformer(config.model)
@@ -82,11 +82,10 @@ def restore_here(workdir: Path, mesh: MeshConfig, step: int | None = None):
     shardings = state_shardings(model, optimizer, build_mesh(mesh), mesh.rules)
     checkpointer = Checkpointer(workdir, config.checkpoint)
     try:
-        step = checkpointer.latest_step() if step is None else step
-        state, data_state, _ = checkpointer.restore(step, abstract_state(model, optimizer, shardings))
+        restored = checkpointer.restore_latest(abstract_state(model, optimizer, shardings))
     finally:
         checkpointer.close()
-    return step, state, data_state
+    return restored.step, restored.state, restored.data_state
 
 
 def assert_restores_on_another_mesh(workdir: Path) -> int:
