@@ -205,8 +205,14 @@ class _Watch:
 
     def cause(self, failed: Sequence["_Running"]) -> "_Running":
         """The first to end is the cause; among those seen in one check, one killed by a
-        signal (e.g. SIGKILL) rather than one that exited on losing its peer."""
-        return min(failed, key=lambda p: (self.ended_at[p.spec.index], p.popen.returncode >= 0, p.spec.index))
+        signal (e.g. SIGKILL) rather than one that ended on losing its peer: by exiting,
+        or by SIGABRT (the collectives' C++ runtime aborts when a peer's data stops)."""
+
+        def how(p: "_Running") -> int:
+            code = p.popen.returncode
+            return 2 if code >= 0 else 1 if code == -signal.SIGABRT else 0
+
+        return min(failed, key=lambda p: (self.ended_at[p.spec.index], how(p), p.spec.index))
 
 
 class Supervisor:

@@ -122,6 +122,22 @@ def test_a_process_killed_by_a_signal_is_named_with_the_signal():
     assert "  | about to die" in out
 
 
+def test_a_peer_that_aborts_on_losing_the_killed_process_is_not_taken_for_the_cause(tmp_path):
+    """As gloo does: process 1 is SIGKILLed, process 0 aborts (SIGABRT) when its peer's data
+    stops. Seen in one check, the SIGKILL is the cause."""
+    gone = tmp_path / "gone"
+    aborts = child(0, f"""
+        import os, pathlib, time
+        while not pathlib.Path({str(gone)!r}).exists():
+            time.sleep(0.01)
+        os.abort()
+    """)
+    killed = child(1, f"import os, pathlib, signal; pathlib.Path({str(gone)!r}).touch(); os.kill(os.getpid(), signal.SIGKILL)")
+    result, out, _ = supervise([aborts, killed], poll_s=1.0)
+    assert result.exit_code == 128 + signal.SIGKILL, out
+    assert result.failure.index == 1 and "killed by SIGKILL" in out
+
+
 def stubborn_child(index: int, ready: Path) -> ProcessSpec:
     """A child that ignores SIGTERM, then touches `ready` and sleeps."""
     return child(index, f"""
