@@ -122,6 +122,18 @@ def test_two_processes_train_the_losses_of_one_across_a_sigterm_and_resume(refer
     # Written by 2 processes x 4 devices, read by 1 process x 8 devices over another mesh.
     assert assert_restores_on_another_mesh(workdir) == STEPS
 
+    # A damaged newest checkpoint: both processes fall back together to the one before it,
+    # process 0 moves it aside, and the steps after it come out the same again.
+    for path in (workdir / "checkpoints" / str(STEPS) / "state").rglob("d/*"):
+        path.write_bytes(bytes(path.stat().st_size))
+    third = start(command, "third")
+    assert third.wait() == 0, third.output[-3000:]
+    reports = [line for line in third.output.splitlines() if "cannot be restored" in line]
+    assert len(reports) == 1 and "[process 0]" in reports[0] and "moved it aside" in reports[0], reports
+    assert any(p.name.startswith(f"{STEPS}.corrupt-") for p in (workdir / "checkpoints").iterdir())
+    assert complete_checkpoints(workdir)[-1] == STEPS
+    assert_same_losses(train_losses(workdir), reference)
+
 
 def test_sigkill_of_one_process_stops_the_others_and_leaves_a_checkpoint(tmp_path, start):
     workdir = tmp_path / "run"
