@@ -20,7 +20,7 @@ from metatrain.errors import UserError
 from metatrain.models import ModelConfig, init_params_shape
 from metatrain.tokenizer.encoder import Encoder
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA
-from metatrain.train.checkpoint import Checkpointer
+from metatrain.train.checkpoint import Checkpointer, split_step_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,23 +53,23 @@ def resolve_checkpoint(workdir: Path | None = None, checkpoint: Path | None = No
         raise UserError("give exactly one of --workdir DIR (its latest checkpoint) or --checkpoint PATH")
     if checkpoint is None:
         return Path(workdir).resolve(), None
-    path = Path(checkpoint).resolve()
-    if not path.name.isdigit() or path.parent.name != "checkpoints" or not path.is_dir():
+    found = split_step_dir(Path(checkpoint))
+    if found is None:
         raise UserError(
             f"{checkpoint} is not a checkpoint step directory (expected WORKDIR/checkpoints/<step>, "
             "as written by `metatrain train`)"
         )
-    return path.parent.parent, int(path.name)
+    return found
 
 
-def _run_file(path: Path, name: str, configured: str | None) -> Path:
+def _run_file(run_dir: Path, name: str, configured: str | None) -> Path:
     """The run's copy `WORKDIR/name` next to `checkpoints/`, else the configured path."""
-    copy = path.parent.parent / name
+    copy = run_dir / name
     if copy.is_file():
         return copy
     if configured and Path(configured).is_file():
         return Path(configured)
-    raise UserError(f"checkpoint {path}: cannot find the run's {name} (looked for {copy} and {configured})")
+    raise UserError(f"work directory {run_dir}: cannot find the run's {name} (looked for {copy} and {configured})")
 
 
 def load_checkpoint(workdir: Path | None = None, checkpoint: Path | None = None) -> LoadedCheckpoint:
@@ -113,8 +113,8 @@ def _load(checkpointer: Checkpointer, step: int | None) -> LoadedCheckpoint:
     path = checkpointer.step_dir(step)
     model_config = _model_config(config, path)
     data = config.get("data", {})
-    tokenizer = _run_file(path, "tokenizer.model", data.get("tokenizer"))
-    tags = _run_file(path, "tags.yaml", data.get("tags"))
+    tokenizer = _run_file(checkpointer.directory.parent, "tokenizer.model", data.get("tokenizer"))
+    tags = _run_file(checkpointer.directory.parent, "tags.yaml", data.get("tags"))
     try:
         encoder = Encoder.from_files(
             tokenizer, tags, mantra=data.get("mantra") or DEFAULT_MANTRA,

@@ -33,6 +33,15 @@ from metatrain.train.state import TrainState
 
 #: Items of every checkpoint (the layout above).
 STATE_ITEM, DATA_ITEM, CONFIG_ITEM = "state", "data", "config"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def split_step_dir(path: Path) -> tuple[Path, int] | None:
+    """`(workdir, step)` of a step directory `WORKDIR/checkpoints/<step>`, else None."""
+    path = Path(path).resolve()
+    if path.name.isdigit() and path.parent.name == CHECKPOINTS_DIR and path.is_dir():
+        return path.parent.parent, int(path.name)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +86,7 @@ class Checkpointer:
 
     def __init__(self, workdir: Path, config: CheckpointConfig | None = None, *, read_only: bool = False):
         config = config or CheckpointConfig()
-        self.directory = (Path(workdir) / "checkpoints").resolve()
+        self.directory = (Path(workdir) / CHECKPOINTS_DIR).resolve()
         self.read_only = read_only
         self._manager = ocp.CheckpointManager(
             self.directory,
