@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set trainer.steps=50 (repeatable)")
     p.add_argument("--allow-other-config", action="store_true",
                    help="continue a work directory that was created from another config file than --config")
+    p.add_argument("--allow-change", dest="allow_changes", action="append", default=[], metavar="KEY",
+                   help="on resume, accept a changed optimizer.* or loss.* key (e.g. a lower learning rate "
+                        "after a divergence); repeatable")
     p.set_defaults(func=run_train)
 
 
@@ -73,7 +76,10 @@ def run_train(args: argparse.Namespace) -> int:
     from metatrain.train.loop import format_summary, train
 
     config, workdir = resolve_run(args.config, args.workdir, args.overrides)
-    summary = train(config, workdir, config_file=args.config, allow_other_config=args.allow_other_config)
+    summary = train(
+        config, workdir, config_file=args.config,
+        allow_other_config=args.allow_other_config, allow_changes=args.allow_changes,
+    )
     if jax.process_index() == 0:
         print(format_summary(summary))
     if summary.preempted:

@@ -47,7 +47,7 @@ from metatrain.tokenizer.spm import check_vocab_size
 from metatrain.train.checkpoint import Checkpointer
 from metatrain.train.metrics import MetricsWriter, add_sums, mfu, role_metrics
 from metatrain.train.program import build_train_program
-from metatrain.train.resume import check_resume
+from metatrain.train.resume import check_allowed_changes, check_resume
 from metatrain.train.state import init_state
 from metatrain.train.workdir import NoLock, WorkdirLock, check_origin, prepare_workdir
 
@@ -123,7 +123,8 @@ def check_finite(records: Sequence[tuple[int, dict]], checkpointer: Checkpointer
             raise DivergedError(
                 f"loss is {float(m['loss'])} at step {step}; stopping. The last good checkpoint "
                 f"is kept in {checkpointer.directory} (step {checkpointer.latest_step()}); "
-                "lower optimizer.learning_rate or raise optimizer.warmup_steps and resume."
+                "to resume from it with a lower learning rate: --set optimizer.learning_rate=LR "
+                "--allow-change optimizer.learning_rate"
             )
 
 
@@ -282,6 +283,7 @@ class Trainer:
         *,
         config_file: Path | None = None,
         allow_other_config: bool = False,
+        allow_changes: Sequence[str] = (),
     ):
         """Args:
         config: the resolved run config.
@@ -291,6 +293,8 @@ class Trainer:
         config_file: the YAML file `config` was read from; a work directory created
             from another file is refused unless `allow_other_config`.
         allow_other_config: continue a work directory created from another config file.
+        allow_changes: training-recipe keys (`optimizer.*`, `loss.*`) that may differ
+            from the checkpoint's config on resume (`--allow-change`).
 
         Raises:
             UserError: the model's vocabulary is not the tokenizer's, or the model or
@@ -301,6 +305,7 @@ class Trainer:
         self.workdir = Path(workdir)
         self.config_file = config_file
         self.allow_other_config = allow_other_config
+        self.allow_changes = check_allowed_changes(allow_changes)
         self.user_hooks = list(hooks)
         self.is_main = jax.process_index() == 0
         tc = config.trainer
@@ -332,7 +337,7 @@ class Trainer:
         """
 
         def validate(step: int, stored: dict) -> None:
-            check_resume(stored, config_to_dict(self.config), step=step, workdir=self.workdir)
+            check_resume(stored, config_to_dict(self.config), step=step, workdir=self.workdir, allowed=self.allow_changes)
 
         restored = self.checkpointer.restore_latest(self.program.abstract_state(), validate)
         if restored is None:
@@ -476,9 +481,13 @@ def train(
     *,
     config_file: Path | None = None,
     allow_other_config: bool = False,
+    allow_changes: Sequence[str] = (),
 ) -> TrainSummary:
     """Train (or resume) the run described by `config` in `workdir` (see `Trainer`)."""
-    trainer = Trainer(config, workdir, hooks, devices, config_file=config_file, allow_other_config=allow_other_config)
+    trainer = Trainer(
+        config, workdir, hooks, devices,
+        config_file=config_file, allow_other_config=allow_other_config, allow_changes=allow_changes,
+    )
     try:
         summary = trainer.run()
     except BaseException:

@@ -35,6 +35,11 @@ RESUMABLE_KEYS: dict[str, str] = {
     "data.strict": "whether a bad record stops the run",
 }
 
+#: Prefixes of the keys `--allow-change KEY` may accept: the training recipe, which
+#: changes what is learnt from here on but not the shape of anything restored (lowering
+#: the learning rate after a divergence, say). Model, data and batch keys never.
+CHANGEABLE_ON_REQUEST: tuple[str, ...] = ("optimizer.", "loss.")
+
 #: Keys compared by the content of the file they name, not by the path.
 CONTENT_KEYS: dict[str, str] = {"data.tokenizer": "tokenizer.model", "data.tags": "tags.yaml"}
 
@@ -72,15 +77,34 @@ def _same_file(workdir: Path | None, name: str, new: Any) -> bool:
         return False
 
 
+def check_allowed_changes(keys: Iterable[str]) -> tuple[str, ...]:
+    """The `--allow-change` keys, each refused unless under `CHANGEABLE_ON_REQUEST`.
+
+    Raises:
+        UserError: a key outside the training recipe (it would change a restored shape
+            or the data stream).
+    """
+    keys = tuple(keys)
+    for key in keys:
+        if not key.startswith(CHANGEABLE_ON_REQUEST) or key in CHANGEABLE_ON_REQUEST:
+            raise UserError(
+                f"--allow-change {key}: only keys of the training recipe ({', '.join(p + '*' for p in CHANGEABLE_ON_REQUEST)}) "
+                "may be changed on resume on request; for anything else train in another --workdir"
+            )
+    return keys
+
+
 def config_differences(
-    stored: Mapping[str, Any], new: Mapping[str, Any], workdir: Path | None = None
+    stored: Mapping[str, Any], new: Mapping[str, Any], workdir: Path | None = None, allowed: Iterable[str] = ()
 ) -> list[tuple[str, Any, Any]]:
-    """`(key, old, new)` for every key that differs and may not change on resume."""
+    """`(key, old, new)` for every key that differs and may not change on resume
+    (`allowed`: keys accepted by `--allow-change`, see `check_allowed_changes`)."""
     old_flat, new_flat = flatten(_normal(stored)), flatten(_normal(new))
+    allowed = set(check_allowed_changes(allowed))
     out = []
     for key in sorted(set(old_flat) | set(new_flat)):
         old, value = old_flat.get(key, "<unset>"), new_flat.get(key, "<unset>")
-        if old == value or is_resumable(key):
+        if old == value or is_resumable(key) or key in allowed:
             continue
         if key in CONTENT_KEYS and _same_file(workdir, CONTENT_KEYS[key], value):
             continue
@@ -92,21 +116,26 @@ def _show(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def check_resume(stored: Mapping[str, Any], new: Mapping[str, Any], *, step: int, workdir: Path) -> None:
+def check_resume(
+    stored: Mapping[str, Any], new: Mapping[str, Any], *, step: int, workdir: Path, allowed: Iterable[str] = ()
+) -> None:
     """Refuse to resume from a checkpoint whose config differs in a key that may not change.
 
     Raises:
         ResumeRefused: one line per differing key, `key: old -> new`, and the fix.
     """
-    diffs = config_differences(stored, new, workdir)
+    diffs = config_differences(stored, new, workdir, allowed)
     if not diffs:
         return
     lines = [f"  {key}: {_show(old)} -> {_show(value)}" for key, old, value in diffs]
     sets = " ".join(f"--set {key}={_show(old)}" for key, old, _ in diffs if old != "<unset>")
+    fix = f"train in another --workdir, or set the keys back ({sets})"
+    if all(key.startswith(CHANGEABLE_ON_REQUEST) for key, _, _ in diffs):
+        fix += ", or keep them with " + " ".join(f"--allow-change {key}" for key, _, _ in diffs)
     raise ResumeRefused(
         f"cannot resume {workdir} from its checkpoint at step {step}: the config changes what was trained\n"
         + "\n".join(lines)
-        + f"\n  fix: train in another --workdir, or set the keys back ({sets})"
+        + f"\n  fix: {fix}"
     )
 
 

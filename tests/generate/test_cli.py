@@ -95,13 +95,13 @@ def test_the_default_train_run_ends_with_a_sample_and_a_failed_sample_is_only_re
 
     monkeypatch.setattr(loop, "train", lambda config, path, **kwargs: types.SimpleNamespace(preempted=False))
     monkeypatch.setattr(loop, "format_summary", lambda summary: "trained (summary)")
-    default = argparse.Namespace(config=None, workdir=workdir, overrides=[], allow_other_config=False)
+    default = argparse.Namespace(config=None, workdir=workdir, overrides=[], allow_other_config=False, allow_changes=[])
     assert run_train(default) == 0
     out = capsys.readouterr().out
     assert out.startswith("trained (summary)\nsample (metatrain generate --workdir")
     assert "\nBackground:" in out
 
-    assert run_train(argparse.Namespace(config=None, workdir=workdir, overrides=["trainer.steps=1"], allow_other_config=False)) == 0
+    assert run_train(argparse.Namespace(config=None, workdir=workdir, overrides=["trainer.steps=1"], allow_other_config=False, allow_changes=[])) == 0
     assert capsys.readouterr().out == "trained (summary)\n"  # not the embedded default: no sample
 
     def broken(path):

@@ -109,3 +109,15 @@ def test_the_readme_documents_the_keys_that_may_change():
     readme = (REPO_ROOT / "README.md").read_text()
     assert resumable_keys_doc() in readme
     assert all(re.match(r"^[a-z_]+\.([a-z_]+)?$", k) for k in RESUMABLE_KEYS)
+
+
+def test_the_training_recipe_may_change_when_asked_and_only_it(run):
+    lower = load_config(run / "config.yaml", [f"trainer.steps={STEPS + 1}", "optimizer.learning_rate=0.001"])
+    with pytest.raises(ResumeRefused, match="or keep them with --allow-change optimizer.learning_rate"):
+        train(lower, run)
+    summary = train(lower, run, allow_changes=["optimizer.learning_rate"])  # e.g. after a divergence
+    assert summary.start_step == STEPS and summary.final_step == STEPS + 1
+    from metatrain.errors import UserError
+
+    with pytest.raises(UserError, match="--allow-change model.d_model: only keys of the training recipe"):
+        train(load_config(run / "config.yaml", ["model.d_model=96"]), run, allow_changes=["model.d_model"])
