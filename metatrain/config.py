@@ -87,11 +87,16 @@ class LossConfig:
             (PaLM); 0 disables it.
         impl: "pallas" (fused kernel), "chunked" (pure JAX, vocabulary in chunks),
             "naive" (full logits; reference) or "auto" (the best available).
+        precision: dtype of the output projection's matmuls (always accumulated in f32):
+            "compute" casts the f32 parameters to the model's compute dtype (`model.dtype`,
+            bf16 in the presets), as the model's other matmuls do; "float32" casts the
+            hidden states up instead (twice the VMEM and HBM traffic on TPU).
     """
 
     weights: RoleWeights = RoleWeights()
     z_loss: float = 1e-4
     impl: Literal["auto", "pallas", "chunked", "naive"] = "auto"
+    precision: Literal["compute", "float32"] = "compute"
 
     def __post_init__(self) -> None:
         if not self.z_loss >= 0:

@@ -108,9 +108,13 @@ class LossSharding:
 # --------------------------------------------------------------------------- dispatch
 
 
-def _tpu_blocks(bs: BlockSizes, depth: int) -> dict:
-    # Two double-buffered [256, D] + [D, 512] bf16 tiles are 12 MiB at D=2048.
-    return dict(block_rows=bs.rows or 256, block_vocab=bs.vocab or (512 if depth <= 2048 else 256))
+def _tpu_blocks(bs: BlockSizes, shape: tuple[int, int, int], dtype, device) -> dict:
+    """Tiles and VMEM for the chip the kernels are compiled for (`device`; None: the
+    default device). Unset `BlockSizes` are chosen to fit that chip's VMEM at this D."""
+    rows, depth, vocab = shape
+    capacity = tpu.vmem_capacity_bytes(device)
+    bn, bv = tpu.choose_blocks(rows, vocab, depth, dtype, capacity, bs.rows, bs.vocab)
+    return dict(block_rows=bn, block_vocab=bv, vmem_capacity=capacity)
 
 
 def _check_tpu_blocks(blocks: dict, rows: int, vocab: int, dtype) -> None:
@@ -163,14 +167,15 @@ StatsFn = Callable[..., tiles.RowStats]  # (hidden, projection, targets, mask) -
 GradsFn = Callable[..., tuple[jax.Array, jax.Array]]  # (..., mask, lse, g_nll, g_lse)
 
 
-def _implementation(impl: str, bs: BlockSizes, shape: tuple[int, int, int], dtype):
-    """`(stats_fn, grads_fn)` for local (per-shard) arrays of `shape = (N, D, V)`."""
+def _implementation(impl: str, bs: BlockSizes, shape: tuple[int, int, int], dtype, device=None):
+    """`(stats_fn, grads_fn)` for local (per-shard) arrays of `shape = (N, D, V)` on
+    `device`'s kind of chip."""
     rows, depth, vocab = shape
     chunk = bs.chunk or chunked.default_chunk(rows)
     # The GPU backward keeps only a bf16 dlogits chunk; wider chunks mean fewer passes
     # over the f32 d_hidden accumulator (4096 columns was fastest on an H100 at N=16384).
     gpu_chunk = bs.chunk or chunked.default_chunk(rows, budget_bytes=256 << 20)
-    tpu_blocks = _tpu_blocks(bs, depth)
+    tpu_blocks = _tpu_blocks(bs, shape, dtype, device)
     gpu_blocks = _gpu_blocks(bs, dtype)
     # Interpret mode accepts any tile, so check the hardware's rules for the kernels that
     # will (or, on CPU, stand in for those that would) run here, with a clear message.
@@ -387,8 +392,9 @@ def fused_cross_entropy(
                     f"{sharding.vocab_axis!r}; pad the batch or the vocabulary"
                 )
             rows, vocab = rows // row_shards, vocab // vocab_shards
+        device = sharding.mesh.devices.flat[0] if sharding is not None else None
         stats_fn, grads_fn = _implementation(
-            impl, block_sizes or BlockSizes(), (rows, depth, vocab), dtype
+            impl, block_sizes or BlockSizes(), (rows, depth, vocab), dtype, device
         )
         nll, lse, correct = _fused(stats_fn, grads_fn, sharding, vocab)(
             hidden, projection, targets, mask

@@ -18,6 +18,15 @@ interpret mode), so out-of-range columns get logit `-inf`, and out-of-range rows
 columns are zeroed before they enter a contraction; their outputs are dropped on write.
 TPU tiling: block_rows must be a multiple of 8 (16 for bf16) and block_vocab a multiple
 of 128, unless the block covers the whole axis; `D` is never split.
+
+VMEM: every kernel keeps whole `[block_rows, D]` and `[D, block_vocab]` tiles (and a
+`[*, D]` f32 accumulator) in VMEM, so the tiles that fit depend on the chip (per-core
+VMEM: 16 MiB on v4, 64 MiB on v5p and v7x, 128 MiB on v5e and v6e; the table is JAX's,
+`pltpu.get_tpu_info_for_chip`, so later chips come with their reported size), on `D`
+and on the dtype. `choose_blocks` picks the largest tiles whose estimated footprint
+(`kernel_vmem_bytes`, checked against Mosaic by ahead-of-time compiles of every chip
+generation in the tests) fits half the chip's VMEM, and each kernel asks for
+`vmem_limit(capacity)` of scoped VMEM.
 """
 
 from __future__ import annotations
@@ -32,8 +41,81 @@ from jax.experimental.pallas import tpu as pltpu
 
 from metatrain.kernels import cross_entropy_tiles as tiles
 
-_VMEM_FLOOR = 32 << 20  # scoped VMEM we always ask for; every TPU since v4 has more
-_VMEM_CEIL = 100 << 20  # stay below v5e/v6e physical VMEM (128 MiB)
+#: Per-core VMEM assumed where the chip is unknown (interpret mode, CPU): v4's, the smallest.
+DEFAULT_VMEM_BYTES: int = 16 << 20
+#: Tiles are chosen so the estimated footprint stays within this share of the VMEM...
+_TILE_BUDGET = 0.5
+#: ...and each kernel's scoped-VMEM limit is this share of it (the rest is Mosaic's).
+_LIMIT_SHARE = 0.85
+#: Tile shapes `(block_rows, block_vocab)` in order of preference (largest MXU work first).
+_CANDIDATE_BLOCKS: tuple[tuple[int, int], ...] = (
+    (256, 512), (256, 256), (128, 512), (128, 256), (128, 128), (64, 256), (64, 128), (32, 128), (16, 128), (8, 128),
+)
+
+
+def vmem_capacity_bytes(device=None) -> int:
+    """Per-core VMEM of a TPU device (`DEFAULT_VMEM_BYTES` for anything else)."""
+    from jax._src.pallas.mosaic import tpu_info
+
+    kind = getattr(device, "device_kind", None) if device is not None else jax.devices()[0].device_kind
+    chip = tpu_info.chip_version_from_device_kind(kind or "")
+    if chip is None:
+        return DEFAULT_VMEM_BYTES
+    cores = getattr(device, "num_cores", 1) or 1
+    try:
+        return int(pltpu.get_tpu_info_for_chip(chip, cores).vmem_capacity_bytes)
+    except ValueError:  # a single-core chip asked with 2 cores
+        return int(pltpu.get_tpu_info_for_chip(chip, 1).vmem_capacity_bytes)
+
+
+def vmem_limit(capacity: int) -> int:
+    """The scoped-VMEM limit every kernel asks for on a chip with `capacity` bytes per core."""
+    return int(capacity * _LIMIT_SHARE)
+
+
+def kernel_vmem_bytes(kernel: str, bn: int, bv: int, depth: int, itemsize: int) -> int:
+    """Estimated scoped VMEM of one kernel with `[bn, D]` / `[D, bv]` tiles.
+
+    The tile that streams along the inner grid axis is double-buffered, the resident one
+    (and the output) single-buffered (`_resident`); then the tiles' loaded values (Mosaic
+    copies or transposes them for the contraction), the f32 accumulator update (and a
+    scratch accumulator for a bf16 output), and f32 `[bn, bv]` temporaries.
+    """
+    rows_tile, vocab_tile = bn * depth * itemsize, depth * bv * itemsize
+    temporaries = 8 * bn * bv * 4
+    chunk = max(hi - lo for lo, hi in _depth_chunks(depth))
+    scratch = 0 if itemsize == 4 else 1  # a bf16 output accumulates in an f32 scratch
+    if kernel == "stats":
+        return rows_tile + 2 * vocab_tile + (rows_tile + vocab_tile) + temporaries
+    if kernel == "d_hidden":
+        inputs = rows_tile + 2 * vocab_tile + (rows_tile + 2 * vocab_tile)
+        return inputs + temporaries + rows_tile + (scratch * depth + chunk) * bn * 4
+    if kernel == "d_projection":
+        inputs = 2 * rows_tile + vocab_tile + (2 * rows_tile + vocab_tile)
+        return inputs + temporaries + vocab_tile + (scratch * depth + chunk) * bv * 4
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def choose_blocks(
+    rows: int, vocab: int, depth: int, dtype, capacity: int,
+    block_rows: int | None = None, block_vocab: int | None = None,
+) -> tuple[int, int]:
+    """`(block_rows, block_vocab)`: the ones given, else the first candidate whose three
+    kernels fit `_TILE_BUDGET` of `capacity` (the smallest candidate if none does)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    sublanes = 8 * (4 // itemsize)
+    budget = _TILE_BUDGET * capacity
+    candidates = [
+        (block_rows or bn, block_vocab or bv)
+        for bn, bv in _CANDIDATE_BLOCKS
+        if bn % sublanes == 0 or bn >= rows
+    ]
+    for bn, bv in dict.fromkeys(candidates):
+        bn_used, bv_used = block_shape(rows, vocab, bn, bv)
+        need = max(kernel_vmem_bytes(k, bn_used, bv_used, depth, itemsize) for k in ("stats", "d_hidden", "d_projection"))
+        if need <= budget:
+            return bn, bv
+    return candidates[-1]
 
 
 def block_shape(rows: int, vocab: int, block_rows: int, block_vocab: int) -> tuple[int, int]:
@@ -48,14 +130,30 @@ def _live_blocks(mask: jax.Array, block_rows: int) -> jax.Array:
     return padded.reshape(-1, block_rows).any(axis=1).astype(jnp.int32)
 
 
-def _params(semantics: tuple[str, str], vmem_bytes: int) -> pltpu.CompilerParams:
-    limit = int(min(max(_VMEM_FLOOR, 2 * vmem_bytes), _VMEM_CEIL))
-    return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=limit)
+#: Accumulator updates go in D chunks of this size when D is a larger multiple of it.
+_DEPTH_CHUNK = 1024
 
 
-def _tile_vmem(bn: int, bv: int, depth: int, itemsize: int) -> int:
-    """Double-buffered input tiles plus a few f32 `[bn, bv]` temporaries."""
-    return 2 * (bn + bv) * depth * itemsize + 6 * bn * bv * 4
+def _depth_chunks(depth: int) -> list[tuple[int, int]]:
+    """`[(lo, hi)]` slices of D for the accumulator updates (all of D when it is small)."""
+    if depth <= 2 * _DEPTH_CHUNK or depth % _DEPTH_CHUNK:
+        return [(0, depth)]
+    return [(lo, lo + _DEPTH_CHUNK) for lo in range(0, depth, _DEPTH_CHUNK)]
+
+
+def _resident(block: tuple[int, int], index_map) -> pl.BlockSpec:
+    """A block whose index changes only with the outer grid axis: one VMEM buffer is
+    enough (its next block is fetched once per outer step), half the VMEM of two."""
+    return pl.BlockSpec(block, index_map, pipeline_mode=pl.Buffered(1))
+
+
+def _accumulator(shape: tuple[int, int], out_dtype) -> list:
+    """An f32 VMEM accumulator, unless the output itself is f32 (then it accumulates)."""
+    return [] if jnp.dtype(out_dtype) == jnp.float32 else [pltpu.VMEM(shape, jnp.float32)]
+
+
+def _params(semantics: tuple[str, str], capacity: int) -> pltpu.CompilerParams:
+    return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=vmem_limit(capacity))
 
 
 def _logits(h, p, col0, tgt, vocab: int, ragged_v: bool):
@@ -96,6 +194,7 @@ def mosaic_stats(
     block_rows: int,
     block_vocab: int,
     interpret: bool,
+    vmem_capacity: int = DEFAULT_VMEM_BYTES,
 ) -> tiles.RowStats:
     """Online log-sum-exp state `(m, s, t)`, each `[N, 1]` f32 (see `cross_entropy_tiles`).
 
@@ -103,8 +202,9 @@ def mosaic_stats(
         hidden: `[N, D]`; projection: `[D, V]` (same dtype).
         targets: `[N]` int32 (a target outside `[0, V)` contributes no target logit).
         mask: `[N]` bool; row blocks with no True row are not computed.
-        block_rows, block_vocab: tile shape (clipped to the array).
+        block_rows, block_vocab: tile shape (clipped to the array); see `choose_blocks`.
         interpret: run the kernel in Pallas interpret mode (CPU).
+        vmem_capacity: per-core VMEM of the chip (`vmem_capacity_bytes`).
     """
     (rows, depth), vocab = hidden.shape, projection.shape[1]
     bn, bv = block_shape(rows, vocab, block_rows, block_vocab)
@@ -119,26 +219,24 @@ def mosaic_stats(
             num_scalar_prefetch=1,
             grid=grid,
             in_specs=[
-                pl.BlockSpec((bn, depth), lambda i, j, live: (i, 0)),
+                _resident((bn, depth), lambda i, j, live: (i, 0)),
                 # Dead row blocks keep the projection block index still: no DMA.
                 pl.BlockSpec((depth, bv), lambda i, j, live: (0, j * live[i])),
                 row_spec,
             ],
             out_specs=(row_spec, row_spec, row_spec),
         ),
-        compiler_params=_params(
-            ("parallel", "arbitrary"), _tile_vmem(bn, bv, depth, hidden.dtype.itemsize)
-        ),
+        compiler_params=_params(("parallel", "arbitrary"), vmem_capacity),
         interpret=interpret,
         name="cross_entropy_stats",
     )(_live_blocks(mask, bn), hidden, projection, targets[:, None])
 
 
-def _dh_kernel(
-    live_ref, h_ref, p_ref, t_ref, lse_ref, gn_ref, gl_ref, dh_ref, acc_ref, *, vocab, ragged_v
-):
+def _dh_kernel(live_ref, h_ref, p_ref, t_ref, lse_ref, gn_ref, gl_ref, dh_ref, *scratch, vocab, ragged_v):
     i, j = pl.program_id(0), pl.program_id(1)
     bv = p_ref.shape[1]
+    # An f32 output block stays resident across the vocabulary axis: accumulate in it.
+    acc_ref = scratch[0] if scratch else dh_ref
 
     @pl.when(j == 0)
     def _init():
@@ -146,24 +244,29 @@ def _dh_kernel(
 
     @pl.when(live_ref[i] > 0)
     def _accumulate():
-        p = p_ref[...]
-        logits, hit, cols = _logits(h_ref[...], p, j * bv, t_ref[...], vocab, ragged_v)
-        d = tiles.dlogits(logits, hit, lse_ref[...], gn_ref[...], gl_ref[...])
-        if ragged_v:  # padded projection columns may be NaN: 0 * NaN would leak into dh
-            p = jnp.where(cols[:1] < vocab, p, jnp.zeros_like(p))
-        acc_ref[...] += tiles.dot_nt(d.astype(p.dtype), p)  # [bn, D]
+        logits, hit, cols = _logits(h_ref[...], p_ref[...], j * bv, t_ref[...], vocab, ragged_v)
+        d = tiles.dlogits(logits, hit, lse_ref[...], gn_ref[...], gl_ref[...]).astype(p_ref.dtype)
+        # [bn, D] in D chunks, each reloading its slice of the tile: a smaller f32 update,
+        # and no whole [D, bv] value kept live (it would spill to VMEM at large D).
+        for lo, hi in _depth_chunks(p_ref.shape[0]):
+            p = p_ref[lo:hi, :]
+            if ragged_v:  # padded projection columns may be NaN: 0 * NaN would leak into dh
+                p = jnp.where(cols[:1] < vocab, p, jnp.zeros_like(p))
+            acc_ref[:, lo:hi] += tiles.dot_nt(d, p)
 
-    @pl.when(j == pl.num_programs(1) - 1)
-    def _write():
-        dh_ref[...] = acc_ref[...].astype(dh_ref.dtype)
+    if scratch:
+        @pl.when(j == pl.num_programs(1) - 1)
+        def _write():
+            dh_ref[...] = acc_ref[...].astype(dh_ref.dtype)
 
 
 def _dp_kernel(
-    live_ref, h_ref, p_ref, t_ref, lse_ref, gn_ref, gl_ref, dp_ref, acc_ref,
-    *, rows, vocab, ragged_n, ragged_v,
+    live_ref, h_ref, p_ref, t_ref, lse_ref, gn_ref, gl_ref, dp_ref, *scratch,
+    rows, vocab, ragged_n, ragged_v,
 ):
     j, i = pl.program_id(0), pl.program_id(1)
     bn, bv = h_ref.shape[0], p_ref.shape[1]
+    acc_ref = scratch[0] if scratch else dp_ref  # as in `_dh_kernel`
 
     @pl.when(i == 0)
     def _init():
@@ -171,18 +274,23 @@ def _dp_kernel(
 
     @pl.when(live_ref[i] > 0)
     def _accumulate():
-        h = h_ref[...]
-        logits, hit, _ = _logits(h, p_ref[...], j * bv, t_ref[...], vocab, ragged_v)
+        logits, hit, _ = _logits(h_ref[...], p_ref[...], j * bv, t_ref[...], vocab, ragged_v)
         d = tiles.dlogits(logits, hit, lse_ref[...], gn_ref[...], gl_ref[...])
+        row_in = None
         if ragged_n:  # padded rows may be NaN: keep them out of the row contraction
             row_in = i * bn + lax.broadcasted_iota(jnp.int32, (bn, 1), 0) < rows
             d = jnp.where(row_in, d, 0.0)
-            h = jnp.where(row_in, h, jnp.zeros_like(h))
-        acc_ref[...] += tiles.dot_tn(h, d.astype(h.dtype))  # [D, bv]
+        d = d.astype(h_ref.dtype)
+        for lo, hi in _depth_chunks(h_ref.shape[1]):  # [D, bv] in D chunks, as in `_dh_kernel`
+            h = h_ref[:, lo:hi]
+            if row_in is not None:
+                h = jnp.where(row_in, h, jnp.zeros_like(h))
+            acc_ref[lo:hi, :] += tiles.dot_tn(h, d)
 
-    @pl.when(i == pl.num_programs(1) - 1)
-    def _write():
-        dp_ref[...] = acc_ref[...].astype(dp_ref.dtype)
+    if scratch:
+        @pl.when(i == pl.num_programs(1) - 1)
+        def _write():
+            dp_ref[...] = acc_ref[...].astype(dp_ref.dtype)
 
 
 def mosaic_grads(
@@ -197,12 +305,13 @@ def mosaic_grads(
     block_rows: int,
     block_vocab: int,
     interpret: bool,
+    vmem_capacity: int = DEFAULT_VMEM_BYTES,
 ) -> tuple[jax.Array, jax.Array]:
     """`(d_hidden [N, D], d_projection [D, V])` from two kernels that recompute the logits.
 
     Args:
-        hidden, projection, targets, mask, block_rows, block_vocab, interpret: as for
-            `mosaic_stats`.
+        hidden, projection, targets, mask, block_rows, block_vocab, interpret,
+            vmem_capacity: as for `mosaic_stats`.
         lse: `[N, 1]` f32, `+inf` on masked rows; g_nll, g_lse: `[N, 1]` f32, 0 there.
     """
     (rows, depth), vocab = hidden.shape, projection.shape[1]
@@ -210,7 +319,6 @@ def mosaic_grads(
     nb, nv = pl.cdiv(rows, bn), pl.cdiv(vocab, bv)
     live = _live_blocks(mask, bn)
     row_args = (targets[:, None], lse, g_nll, g_lse)
-    tile_bytes = _tile_vmem(bn, bv, depth, hidden.dtype.itemsize)
 
     row_spec = pl.BlockSpec((bn, 1), lambda i, j, live: (i, 0))
     d_hidden = pl.pallas_call(
@@ -220,14 +328,14 @@ def mosaic_grads(
             num_scalar_prefetch=1,
             grid=(nb, nv),
             in_specs=[
-                pl.BlockSpec((bn, depth), lambda i, j, live: (i, 0)),
+                _resident((bn, depth), lambda i, j, live: (i, 0)),
                 pl.BlockSpec((depth, bv), lambda i, j, live: (0, j * live[i])),
                 *[row_spec] * 4,
             ],
-            out_specs=pl.BlockSpec((bn, depth), lambda i, j, live: (i, 0)),
-            scratch_shapes=[pltpu.VMEM((bn, depth), jnp.float32)],
+            out_specs=_resident((bn, depth), lambda i, j, live: (i, 0)),
+            scratch_shapes=_accumulator((bn, depth), hidden.dtype),
         ),
-        compiler_params=_params(("parallel", "arbitrary"), tile_bytes + 8 * bn * depth),
+        compiler_params=_params(("parallel", "arbitrary"), vmem_capacity),
         interpret=interpret,
         name="cross_entropy_d_hidden",
     )(live, hidden, projection, *row_args)
@@ -243,13 +351,13 @@ def mosaic_grads(
             grid=(nv, nb),
             in_specs=[
                 pl.BlockSpec((bn, depth), lambda j, i, live: (i, 0)),
-                pl.BlockSpec((depth, bv), lambda j, i, live: (0, j)),
+                _resident((depth, bv), lambda j, i, live: (0, j)),
                 *[row_spec_t] * 4,
             ],
-            out_specs=pl.BlockSpec((depth, bv), lambda j, i, live: (0, j)),
-            scratch_shapes=[pltpu.VMEM((depth, bv), jnp.float32)],
+            out_specs=_resident((depth, bv), lambda j, i, live: (0, j)),
+            scratch_shapes=_accumulator((depth, bv), projection.dtype),
         ),
-        compiler_params=_params(("parallel", "arbitrary"), tile_bytes + 8 * depth * bv),
+        compiler_params=_params(("parallel", "arbitrary"), vmem_capacity),
         interpret=interpret,
         name="cross_entropy_d_projection",
     )(live, hidden, projection, *row_args)

@@ -30,6 +30,7 @@ RESUMABLE_KEYS: dict[str, str] = {
     "checkpoint.": "checkpoint cadence, retention and async saving",
     "mesh.": "the device layout: checkpoints restore onto any mesh",
     "loss.impl": "the kernel computing the same loss",
+    "loss.precision": "the matmul dtype of the same loss",
     "model.remat": "what is recomputed in the backward pass",
     "model.attention": "the kernel computing the same attention",
     "data.strict": "whether a bad record stops the run",

@@ -33,10 +33,15 @@ def _loss_and_stats(
 ) -> tuple[jax.Array, Metrics]:
     hidden = model.apply(
         {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
-    )  # [B, T, D]
+    )  # [B, T, D] in the compute dtype
+    projection = output_projection(params, model_config)  # [D, V] in the parameter dtype
+    if loss_config.precision == "float32":
+        hidden, projection = hidden.astype(jnp.float32), projection.astype(jnp.float32)
+    else:
+        projection = projection.astype(hidden.dtype)
     loss, stats = joint_loss(
         hidden,
-        output_projection(params, model_config),
+        projection,
         batch["targets"],
         batch["target_roles"],
         jnp.asarray(loss_config.weights.as_array()),
