@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from metatrain.hardware import quiet_libtpu_off_tpu
+
+    quiet_libtpu_off_tpu()  # before any backend starts: no TPU-initialisation errors on CPU/GPU
     args = build_parser().parse_args(argv)
     if args.debug:
         os.environ["METATRAIN_DEBUG"] = "1"  # also seen by worker processes

@@ -8,8 +8,29 @@ vendors' datasheets (no sparsity), and HBM per chip.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
 
 import jax
+
+#: What libtpu is told off a TPU VM: no metadata server, one local worker. Neither
+#: running on CPU/GPU nor compiling ahead of time for a TPU topology needs more.
+_NO_LOCAL_TPU = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": "v5litepod-4"}
+
+
+def on_tpu_vm() -> bool:
+    """Whether this machine has TPU chips attached (their device files exist)."""
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def quiet_libtpu_off_tpu() -> None:
+    """Off a TPU VM, keep an installed libtpu from looking for one (metadata server, worker
+    hostnames) and printing initialisation errors; JAX then falls back to CPU or GPU. A TPU
+    VM's own settings, and any the user set, are kept. Call before JAX's backends start.
+    """
+    if not on_tpu_vm():
+        for variable, value in _NO_LOCAL_TPU.items():
+            os.environ.setdefault(variable, value)
 
 
 @dataclasses.dataclass(frozen=True)

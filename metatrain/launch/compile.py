@@ -17,7 +17,6 @@ tokenizer file is here to read (a preset compiled without its data is not checke
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import re
 import time
@@ -26,7 +25,7 @@ from typing import Any, Sequence
 
 from metatrain.config import RunConfig
 from metatrain.errors import UserError
-from metatrain.hardware import Chip, chip_for_device_kind
+from metatrain.hardware import Chip, chip_for_device_kind, quiet_libtpu_off_tpu
 
 _GIB = float(1 << 30)
 #: XLA's TPU out-of-memory messages, as of libtpu 0.0.5x:
@@ -35,8 +34,15 @@ _XLA_OOM_TEMPS = re.compile(r"HLO temporaries \((?P<n>[\d.]+)(?P<unit>[KMGT])\)"
 #: "Ran out of memory in memory space hbm. Used 20.50G of 15.75G hbm."
 _XLA_OOM_USED = re.compile(r"Used (?P<n>[\d.]+)(?P<unit>[KMGT]) of [\d.]+[KMGT] hbm")
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-#: What libtpu is told off a TPU VM: no metadata server, one local worker (compiling needs neither).
-_NO_LOCAL_TPU = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": "v5litepod-4"}
+#: A Pallas (Mosaic) kernel's tiles did not fit VMEM, as XLA:TPU words it.
+_VMEM_OOM = re.compile(r"CompileTimeScopedVmemOom|memory space vmem")
+#: "size 39.24M and limit 38.00M exceeded scoped vmem limit" / "Used 17.30M of 16.00M vmem".
+_VMEM_SIZES = (
+    re.compile(r"size (?P<need>[\d.]+[KMGT]) and limit (?P<limit>[\d.]+[KMGT])"),
+    re.compile(r"Used (?P<need>[\d.]+[KMGT]) of (?P<limit>[\d.]+[KMGT]) vmem"),
+)
+#: The kernel named in the message: "%cross_entropy_d_hidden.1 = " or "XLA label: ...".
+_KERNEL_NAME = re.compile(r"(?:for %|label: (?:register allocator spill slots in HLO :: )?)(?P<name>[A-Za-z_][\w]*?)(?:\.\d+)?(?: =|\s)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,11 +129,7 @@ def tpu_topology(name: str, num_slices: int = 1) -> Any:
     # Several processes (pytest-xdist workers, parallel compiles) may each load libtpu to
     # compile; no TPU is opened, so the single-process lock does not apply.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    if not _on_tpu_vm():
-        # Off a TPU VM libtpu looks for one (metadata server, worker hostnames) and logs
-        # alarming errors; tell it there is none here. A TPU VM's own settings are kept.
-        for variable, value in _NO_LOCAL_TPU.items():
-            os.environ.setdefault(variable, value)
+    quiet_libtpu_off_tpu()
     try:
         import libtpu  # noqa: F401
     except ImportError:
@@ -137,6 +139,10 @@ def tpu_topology(name: str, num_slices: int = 1) -> Any:
     from jax.experimental import topologies
 
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    if name.lower().startswith("v4"):
+        # v4 chips hold two TensorCores; libtpu describes them one device per core unless
+        # asked for megacore (one device per chip), which JAX's TPU meshes require.
+        kwargs["chip_config_name"] = "megacore"
     try:
         return topologies.get_topology_desc(name, "tpu", **kwargs)
     except Exception as e:  # libtpu raises JaxRuntimeError(INVALID_ARGUMENT) for bad names
@@ -144,11 +150,6 @@ def tpu_topology(name: str, num_slices: int = 1) -> Any:
             f"--topology {name!r}: libtpu does not know this TPU topology ({str(e).splitlines()[0]}); "
             "use GENERATION:SHAPE such as v5e:2x2, v5e:4x8, v5p:4x4x4, v6e:8x8, v4:2x2x2"
         ) from None
-
-
-def _on_tpu_vm() -> bool:
-    """Whether this machine has TPU chips attached (their device files exist)."""
-    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def _bytes_per_device(tree: Any) -> int:
@@ -279,8 +280,13 @@ def compile_for_topology(config: RunConfig, topology: str, num_slices: int = 1) 
         compiled = lowered.compile()
     except Exception as e:
         message = str(e)
+        if _VMEM_OOM.search(message):
+            raise UserError(vmem_refusal(message, topology, kind)) from None
         if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
-            raise UserError(f"XLA could not compile the train step for {topology}: {message}") from None
+            first = " ".join(message.strip().splitlines()[:2])[:600]
+            raise UserError(
+                f"XLA could not compile the train step for {topology} (not a memory limit): {first}"
+            ) from None
         return CompileReport(
             **common,
             memory=_refused_memory(args, message),
@@ -348,6 +354,27 @@ def format_report(report: CompileReport) -> str:
     else:
         lines.append("fits: yes" if fits else "fits: NO")
     return "\n".join(lines)
+
+
+def vmem_refusal(message: str, topology: str, device_kind: str) -> str:
+    """Why a Pallas kernel did not fit the chip's VMEM (on-core scratch memory, not HBM),
+    with XLA's sizes, the kernel, and a change that avoids it."""
+    sizes = next((m for m in (p.search(message) for p in _VMEM_SIZES) if m), None)
+    found = _KERNEL_NAME.search(message)
+    kernel = found["name"] if found else "a Pallas kernel"
+    amount = f" needs {sizes['need']} of VMEM against a limit of {sizes['limit']} (XLA's sizes)" if sizes else " does not fit VMEM"
+    if kernel.startswith("cross_entropy"):
+        fix = ("--set loss.impl=chunked compiles the loss without the kernel (or --set loss.precision=compute "
+               "if it is float32); the kernel's tiles are chosen for the chip, so please report the chip, D and dtype")
+    elif "attention" in kernel or "splash" in kernel or "flash" in kernel:
+        fix = "--set model.attention=xla compiles attention without the kernel"
+    else:
+        fix = "use the XLA implementation of that part of the model"
+    return (
+        f"kernel {kernel}{amount} on {topology} ({device_kind}): its tiles do not fit the chip's "
+        f"on-core VMEM. This is not HBM: a larger topology, sharding or a smaller batch do not change it. "
+        f"Fix: {fix}"
+    )
 
 
 def refusal(report: CompileReport) -> str:

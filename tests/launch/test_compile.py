@@ -14,8 +14,8 @@ import pytest
 import metatrain.launch.compile as compile_module
 from metatrain.cli import main
 from metatrain.config import load_config
-from metatrain.hardware import CHIPS
-from metatrain.launch.compile import _NO_LOCAL_TPU, _XLA_OOM_TEMPS, _XLA_OOM_USED, DeviceMemory, _quoted_bytes
+from metatrain.hardware import _NO_LOCAL_TPU, CHIPS
+from metatrain.launch.compile import _XLA_OOM_TEMPS, _XLA_OOM_USED, DeviceMemory, _quoted_bytes, vmem_refusal
 from metatrain.paths import CONFIGS_DIR
 
 #: The pure-JAX loss instead of the Pallas (Mosaic) kernel that `loss.impl: auto` picks on TPU.
@@ -143,3 +143,41 @@ def test_memory_totals_and_xla_refusals_are_read():
     assert _quoted_bytes(_XLA_OOM_USED, "Ran out of memory in memory space hbm. Used 20.50G of 15.75G hbm.") == int(
         20.5 * 2**30
     )
+
+
+def test_a_kernel_that_does_not_fit_vmem_is_told_apart_from_hbm():
+    """Mosaic's VMEM refusal (as XLA:TPU words it) names the kernel, XLA's sizes and a fix."""
+    message = (
+        "RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom: Ran out of memory in memory space vmem "
+        "while allocating on stack for %cross_entropy_d_hidden.1 = f32[2048,2048]{1,0:T(8,128)} custom-call(...) "
+        "Scoped allocation with size 39.24M and limit 38.00M exceeded scoped vmem limit by 1.24M."
+    )
+    line = vmem_refusal(message, "v5e:2x2", "TPU v5 lite")
+    assert "kernel cross_entropy_d_hidden needs 39.24M of VMEM against a limit of 38.00M" in line
+    assert "not HBM" in line and "--set loss.impl=chunked" in line
+
+
+@tpu_test
+def test_a_v4_topology_compiles_in_megacore_mode(capsys):
+    argv = ["compile", "--config", str(CONFIGS_DIR / "tiny.yaml"), "--topology", "v4:2x2x1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "4 chips (TPU v4)" in out and out.rstrip().endswith("fits: yes")
+
+
+@pytest.mark.tpu
+def test_training_on_cpu_with_libtpu_installed_prints_no_tpu_errors(tmp_path):
+    pytest.importorskip("libtpu")
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_") and k != "JAX_PLATFORMS"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    done = subprocess.run(
+        [sys.executable, "-m", "metatrain.cli", "train", "--config", str(CONFIGS_DIR / "tiny.yaml"),
+         "--workdir", str(tmp_path), "--set", "trainer.steps=1", "--set", "trainer.eval_every=0"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "TPU" not in done.stderr and "libtpu" not in done.stderr, done.stderr[-2000:]
