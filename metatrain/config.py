@@ -153,6 +153,9 @@ class TrainerConfig:
         eval_batches: batches per evaluation.
         seed: parameter initialisation (the data order has its own seed in `data`).
         progress: show a live progress bar on a terminal.
+        profile: `[start, steps]`: a `jax.profiler` trace of steps `start .. start+steps-1`
+            (1-based) in `WORKDIR/tensorboard/plugins/profile/`, for TensorBoard's profile
+            plugin or xprof; null: no trace.
     """
 
     steps: int
@@ -164,9 +167,13 @@ class TrainerConfig:
     eval_batches: int = 4
     seed: int = 0
     progress: bool = True
+    profile: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"steps={self.steps} must be >= 1")
+        if self.profile is not None:
+            start, count = self.profile
+            _require(start >= 1 and count >= 1, f"profile={list(self.profile)}: give [start step >= 1, steps >= 1]")
         _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         _require(self.seq_len >= 1, f"seq_len={self.seq_len} must be >= 1")
         _require(self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1")

@@ -267,6 +267,39 @@ class PreemptionHook:
             self._checkpoint_hook.save(info)
 
 
+class ProfileHook:
+    """A `jax.profiler` trace of steps `start .. start+steps-1` (`trainer.profile`), written
+    under `WORKDIR/tensorboard` where TensorBoard's profile plugin (or xprof) finds it."""
+
+    every = 1
+    at_end = True
+
+    def __init__(self, workdir: Path, start: int, steps: int, first_step: int):
+        self.directory = Path(workdir) / "tensorboard"
+        self.start, self.last = start, start + steps - 1
+        self.tracing = False
+        if first_step + 1 >= start and first_step < self.last:  # the traced range begins now
+            self._begin()
+
+    def _begin(self) -> None:
+        jax.profiler.start_trace(str(self.directory))
+        self.tracing = True
+
+    def __call__(self, info: StepInfo) -> None:
+        if not self.tracing and info.step == self.start - 1 and not info.final:
+            self._begin()
+        elif self.tracing and (info.step >= self.last or info.final):
+            jax.block_until_ready(info.metrics)  # the traced steps' device work, finished
+            self.close()
+
+    def close(self) -> None:
+        if self.tracing:
+            self.tracing = False
+            jax.profiler.stop_trace()
+            if jax.process_index() == 0:
+                print(f"metatrain: profile of steps {self.start}-{self.last} in {self.directory}", file=sys.stderr)
+
+
 class Trainer:
     """Builds everything a run needs from a `RunConfig`; `run()` trains to `trainer.steps`.
 
@@ -405,14 +438,21 @@ class Trainer:
         window = MetricsWindow(self)
         checkpoint = CheckpointHook(self, window)
         evaluation = EvalHook(self)
+        profile = ProfileHook(self.workdir, *tc.profile, first_step=start) if tc.profile else None
         with PreemptionHook(self.checkpointer, checkpoint) as preemption:
             self.hooks = Hooks([window, preemption, checkpoint, evaluation, *self.user_hooks])
+            if profile is not None:
+                self.hooks.add(profile)
             info = None
-            for info in self.steps(state, start, preemption):
-                if self.progress is not None:
-                    self.progress.update(1)
-                self.hooks.run(info)
-                state = info.state
+            try:
+                for info in self.steps(state, start, preemption):
+                    if self.progress is not None:
+                        self.progress.update(1)
+                    self.hooks.run(info)
+                    state = info.state
+            finally:
+                if profile is not None:
+                    profile.close()
         if self.progress is not None:
             self.progress.close()
         self.checkpointer.wait()

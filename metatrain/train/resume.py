@@ -26,6 +26,7 @@ RESUMABLE_KEYS: dict[str, str] = {
     "trainer.eval_every": "evaluation cadence",
     "trainer.eval_batches": "evaluation size",
     "trainer.progress": "the progress bar",
+    "trainer.profile": "a profiler trace of some steps",
     "trainer.grad_accum": "micro-batching: the same gradient, less memory",
     "checkpoint.": "checkpoint cadence, retention and async saving",
     "mesh.": "the device layout: checkpoints restore onto any mesh",

@@ -293,3 +293,16 @@ def test_a_model_vocabulary_other_than_the_tokenizers_is_refused_at_start(tmp_pa
         with pytest.raises(UserError, match=rf"model.vocab_size={size} but the tokenizer .*sample.model has 4096 pieces; set model.vocab_size: 4096"):
             Trainer(tiny_config(f"model.vocab_size={size}"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_trainer_profile_writes_a_trace_tensorboard_can_read(tmp_path):
+    from jax.profiler import ProfileData
+
+    train(tiny_config("trainer.steps=4", "trainer.eval_every=0", "trainer.profile=[2, 2]"), tmp_path)
+    traces = sorted((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1, traces
+    data = ProfileData.from_file(str(traces[0]))
+    names = {plane.name for plane in data.planes}
+    assert any(name.startswith("/host:") for name in names), names
+    events = [e.name for plane in data.planes for line in plane.lines for e in line.events]
+    assert any("train_step" in name for name in events)  # the jitted step ran while tracing
