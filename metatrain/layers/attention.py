@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from metatrain.errors import UserError
 from metatrain.layers.rotary import apply_rotary
 
-AttentionImpl = Literal["xla", "cudnn"]
+AttentionImpl = Literal["auto", "xla", "cudnn", "splash"]
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -131,6 +131,68 @@ def _cudnn_attention(
     )
 
 
+#: Splash attention's query and key/value tile (its kernels need T divisible by it).
+SPLASH_BLOCK = 512
+
+
+def _splash_blocks(seq_len: int):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    block = next(b for b in (SPLASH_BLOCK, 256, 128) if seq_len % b == 0)
+    return splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+        block_q_dq=block, block_kv_dq=block,
+    )
+
+
+def _splash_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array, *, interpret: bool
+) -> jax.Array:
+    """JAX's TPU splash attention (Pallas, `jax.experimental.pallas.ops.tpu.splash_attention`),
+    causal and restricted to each document by `segment_ids`: the mask of `attention_mask`
+    without ever forming `[T, S]` scores in HBM.
+
+    Mosaic kernels are not partitioned by XLA, so on a mesh the kernel runs under
+    `shard_map`: batch over the mesh axes of `batch`, heads over those of `heads`
+    (the model's logical rules), one kernel per local example (vmapped).
+
+    Args:
+        query: [B, T, N, H]; key, value: [B, T, K, H]; segment_ids: [B, T] int32.
+        interpret: run the kernels in Pallas interpret mode (CPU).
+
+    Returns:
+        [B, T, N, H] in the dtype of `value`.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    seq_len, head_dim = query.shape[1], query.shape[3]
+    if seq_len % 128:
+        raise UserError(f"model.attention=splash needs the sequence length to be a multiple of 128, got {seq_len}")
+    q = (query * jnp.asarray(head_dim**-0.5, query.dtype)).transpose(0, 2, 1, 3)  # [B, N, T, H]
+    k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [B, K, T, H]
+
+    def local(q, k, v, seg):  # this device's examples and heads
+        mask = masks.MultiHeadMask([masks.CausalMask((seq_len, seq_len))] * q.shape[1])
+        kernel = splash.make_splash_mha(
+            mask, block_sizes=_splash_blocks(seq_len), head_shards=1, q_seq_shards=1, interpret=interpret
+        )
+        return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s)))(q, k, v, seg)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out = local(q, k, v, segment_ids)
+    else:
+        heads = nn.logical_to_mesh_axes(("batch", "heads", None, None))
+        kv_heads = nn.logical_to_mesh_axes(("batch", "kv_heads", None, None))
+        rows = nn.logical_to_mesh_axes(("batch", None))
+        out = jax.shard_map(
+            local, mesh=mesh, in_specs=(heads, kv_heads, kv_heads, rows), out_specs=heads, check_vma=False
+        )(q, k, v, segment_ids)
+    return out.transpose(0, 2, 1, 3).astype(value.dtype)
+
+
 def _fan_in_init(in_axis, out_axis):
     return nn.initializers.variance_scaling(
         1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
@@ -146,7 +208,9 @@ class Attention(nn.Module):
         n_kv_heads: key/value heads K (divides N).
         head_dim: H.
         rope_theta: rotary base.
-        implementation: "xla" (einsum, runs anywhere) or "cudnn" (fused, GPU only).
+        implementation: "xla" (einsum, runs anywhere), "cudnn" (fused, NVIDIA GPUs),
+            "splash" (JAX's TPU flash kernel; interpret mode elsewhere) or "auto"
+            (splash when compiled for TPU and T is a multiple of 128, else xla).
         dtype: compute dtype.
         param_dtype: parameter dtype.
     """
@@ -208,6 +272,18 @@ class Attention(nn.Module):
         query, key, value = self.project_qkv(x, positions)
         if self.implementation == "cudnn":
             out = _cudnn_attention(query, key, value, segment_ids)
+        elif self.implementation == "splash":  # TPU kernel; interpret mode off TPU (tests)
+            out = jax.lax.platform_dependent(
+                query, key, value, segment_ids,
+                tpu=lambda *a: _splash_attention(*a, interpret=False),
+                default=lambda *a: _splash_attention(*a, interpret=True),
+            )
+        elif self.implementation == "auto" and query.shape[1] % 128 == 0:  # splash on TPU, XLA elsewhere
+            out = jax.lax.platform_dependent(
+                query, key, value, segment_ids,
+                tpu=lambda *a: _splash_attention(*a, interpret=False),
+                default=lambda q, k, v, seg: dot_product_attention(q, k, v, attention_mask(seg)),
+            )
         else:
             out = dot_product_attention(query, key, value, attention_mask(segment_ids))
         return self.project_out(out)

@@ -15,13 +15,13 @@ from metatrain.errors import UserError
 ComputeDtype = Literal["bfloat16", "float32", "float16"]
 ParamDtype = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots"]
-AttentionImpl = Literal["xla", "cudnn"]
+AttentionImpl = Literal["auto", "xla", "cudnn", "splash"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("bfloat16", "float32", "float16"),
     "param_dtype": ("float32", "bfloat16"),
     "remat": ("none", "full", "dots"),
-    "attention": ("xla", "cudnn"),
+    "attention": ("auto", "xla", "cudnn", "splash"),
 }
 
 
@@ -48,8 +48,10 @@ class ModelConfig:
             weight matmuls and recomputes attention scores and elementwise work.
         scan_layers: stack the blocks with `nn.scan` (one compiled block, parameters with
             a leading `layers` axis) instead of unrolling them.
-        attention: "xla" (einsum attention, any backend) or "cudnn" (fused cuDNN flash
-            attention via `jax.nn.dot_product_attention`, NVIDIA GPUs only).
+        attention: "auto" (splash on TPU when seq_len is a multiple of 128, else xla),
+            "xla" (einsum attention, any backend; materialises [B, N, T, T] f32 scores),
+            "cudnn" (fused cuDNN flash attention via `jax.nn.dot_product_attention`, NVIDIA
+            GPUs only) or "splash" (JAX's TPU splash attention kernel; interpret mode off TPU).
     """
 
     vocab_size: int
@@ -67,7 +69,7 @@ class ModelConfig:
     param_dtype: ParamDtype = "float32"
     remat: Remat = "none"
     scan_layers: bool = True
-    attention: AttentionImpl = "xla"
+    attention: AttentionImpl = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
