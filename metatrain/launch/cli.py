@@ -220,6 +220,8 @@ def _register_compile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--topology", required=True, help="TPU topology, e.g. v5e:2x2, v5p:4x4x4, v6e:8x8")
     p.add_argument("--num-slices", type=int, default=1, help="slices of that topology (multi-slice; sets mesh.dcn_data)")
+    p.add_argument("--max-batch", action="store_true",
+                   help="find the largest global trainer.batch_size that fits, by compiling (doubling, then bisecting)")
     p.set_defaults(func=run_compile)
 
 
@@ -229,9 +231,29 @@ def run_compile(args: argparse.Namespace) -> int:
     from metatrain.launch.compile import compile_for_topology, format_report, refusal
 
     config = load_config(args.config, args.overrides)
+    if args.max_batch:
+        return _run_max_batch(config, args)
     report = compile_for_topology(config, args.topology, args.num_slices)
     print(format_report(report))
     sys.stdout.flush()
     if report.fits is False:
         raise UserError(refusal(report))
+    return 0
+
+
+def _run_max_batch(config, args: argparse.Namespace) -> int:
+    from metatrain.errors import UserError
+    from metatrain.launch.compile import find_max_batch, format_report
+
+    found = find_max_batch(
+        config, args.topology, args.num_slices, log=lambda line: print(line, file=sys.stderr, flush=True)
+    )
+    if found.batch_size is None:
+        raise UserError(
+            f"not even the smallest batch ({found.tried[0][0]} sequences) fits {args.topology}; "
+            "shard the state over more chips or lower the activation memory (model.remat)"
+        )
+    print(format_report(found.report))
+    print(f"largest batch that fits: {found.batch_size} sequences ({found.per_chip:g} a chip), "
+          f"found in {len(found.tried)} compiles")
     return 0

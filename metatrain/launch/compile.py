@@ -388,3 +388,83 @@ def refusal(report: CompileReport) -> str:
         "chips (a larger topology, mesh.fsdp=-1), lower the activation memory (trainer.grad_accum, "
         "a smaller trainer.batch_size or seq_len, model.remat=full), and compile again"
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class MaxBatch:
+    """What `find_max_batch` found.
+
+    Attributes:
+        batch_size: the largest global batch (sequences) that fits; None if none does.
+        per_chip: `batch_size` over the chips.
+        report: the compile report at `batch_size` (None if none fits).
+        tried: `(batch_size, fits)` of every compile, in order.
+    """
+
+    batch_size: int | None
+    per_chip: float | None
+    report: CompileReport | None
+    tried: tuple[tuple[int, bool], ...]
+
+
+def batch_unit(config: RunConfig, devices: Sequence[Any]) -> int:
+    """The step between valid global batches: the devices the batch is split over, times
+    the micro-batches (every micro-batch must split evenly over them)."""
+    from metatrain.parallel.mesh import build_mesh, mesh_axes_of
+
+    mesh = build_mesh(config.mesh, devices)
+    entry = mesh_axes_of(("batch",), config.mesh.rules)[0]
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    shards = 1
+    for name in names:
+        shards *= mesh.shape[name]
+    return shards * config.trainer.grad_accum
+
+
+def find_max_batch(
+    config: RunConfig, topology: str, num_slices: int = 1, *, limit: int = 1 << 16, log: Any = None
+) -> MaxBatch:
+    """The largest global `trainer.batch_size` whose train step fits the chips' HBM, found
+    by compiling: doubling from one batch unit until a compile does not fit, then bisecting.
+
+    Args:
+        limit: the largest batch tried (sequences).
+        log: `log(message)` after every compile (None: quiet).
+    """
+    check_tokenizer_vocab(config)
+    devices = list(tpu_topology(topology, num_slices).devices)
+    unit = batch_unit(config, devices)
+    tried: list[tuple[int, bool]] = []
+    reports: dict[int, CompileReport] = {}
+
+    def fits(units: int) -> bool:
+        batch = units * unit
+        trainer = dataclasses.replace(config.trainer, batch_size=batch)
+        report = compile_for_topology(dataclasses.replace(config, trainer=trainer), topology, num_slices)
+        ok = report.fits is not False
+        tried.append((batch, ok))
+        if ok:
+            reports[batch] = report
+        if log is not None:
+            total = f"{report.memory.total / _GIB:.2f} GiB" if report.memory.total is not None else "?"
+            log(f"batch {batch:6d} ({batch / len(devices):g} a chip): {total} a chip, {'fits' if ok else 'does not fit'}")
+        return ok
+
+    if not fits(1):
+        return MaxBatch(None, None, None, tuple(tried))
+    low, high = 1, None  # low fits; high (if known) does not
+    while high is None:
+        if 2 * low * unit > limit:
+            break
+        if fits(2 * low):
+            low *= 2
+        else:
+            high = 2 * low
+    while high is not None and high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    batch = low * unit
+    return MaxBatch(batch, batch / len(devices), reports[batch], tuple(tried))

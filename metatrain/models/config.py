@@ -14,13 +14,13 @@ from metatrain.errors import UserError
 
 ComputeDtype = Literal["bfloat16", "float32", "float16"]
 ParamDtype = Literal["float32", "bfloat16"]
-Remat = Literal["none", "full", "dots"]
+Remat = Literal["none", "full", "dots", "offload"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "splash"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("bfloat16", "float32", "float16"),
     "param_dtype": ("float32", "bfloat16"),
-    "remat": ("none", "full", "dots"),
+    "remat": ("none", "full", "dots", "offload"),
     "attention": ("auto", "xla", "cudnn", "splash"),
 }
 
@@ -45,7 +45,8 @@ class ModelConfig:
         param_dtype: dtype parameters (and so optimizer state) are stored in.
         remat: rematerialisation of each block in the backward pass: "none" keeps all
             activations, "full" recomputes the whole block, "dots" keeps the outputs of
-            weight matmuls and recomputes attention scores and elementwise work.
+            weight matmuls and recomputes attention scores and elementwise work, "offload"
+            keeps the same outputs in host memory (TPU) instead of the accelerator's.
         scan_layers: stack the blocks with `nn.scan` (one compiled block, parameters with
             a leading `layers` axis) instead of unrolling them.
         attention: "auto" (splash on TPU when seq_len is a multiple of 128, else xla),

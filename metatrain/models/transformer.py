@@ -37,6 +37,9 @@ Params = Any  # nested dict of arrays (or of flax `LogicallyPartitioned` boxes)
 _REMAT_POLICIES = {
     "full": None,  # save nothing inside a block: recompute it all in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The same weight-matmul outputs, kept in host memory instead of HBM (TPU v4 and later,
+    # where XLA supports the `pinned_host` memory space); moved back for the backward pass.
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
