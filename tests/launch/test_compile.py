@@ -181,3 +181,34 @@ def test_training_on_cpu_with_libtpu_installed_prints_no_tpu_errors(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "TPU" not in done.stderr and "libtpu" not in done.stderr, done.stderr[-2000:]
+
+
+def test_max_batch_doubles_then_bisects_to_the_largest_fitting_batch(monkeypatch):
+    """The search alone, against a stand-in compile whose limit is known (37 sequences)."""
+    import types
+
+    from metatrain.launch import compile as compile_module
+
+    monkeypatch.setattr(compile_module, "tpu_topology", lambda name, n=1: types.SimpleNamespace(devices=["chip"]))
+    monkeypatch.setattr(compile_module, "batch_unit", lambda config, devices: 1)
+
+    def fake_compile(config, topology, num_slices=1):
+        batch = config.trainer.batch_size
+        memory = types.SimpleNamespace(total=batch << 30)
+        return types.SimpleNamespace(fits=batch <= 37, memory=memory)
+
+    monkeypatch.setattr(compile_module, "compile_for_topology", fake_compile)
+    config = load_config(CONFIGS_DIR / "tiny.yaml", ["data.tokenizer=/nonexistent/tok.model"])
+    found = compile_module.find_max_batch(config, "v5e:1x1")
+    assert found.batch_size == 37 and found.per_chip == 37
+    batches = [b for b, _ in found.tried]
+    assert batches[:7] == [1, 2, 4, 8, 16, 32, 64] and len(batches) <= 12
+
+
+@pytest.mark.slow
+@tpu_test
+def test_max_batch_of_the_125m_preset_on_one_v5e_chip(capsys):
+    argv = ["compile", "--config", str(CONFIGS_DIR / "125m.yaml"), "--topology", "v5e:1x1", "--max-batch"]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "largest batch that fits: 50 sequences (50 a chip)" in out

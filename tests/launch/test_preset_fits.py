@@ -15,11 +15,11 @@ from metatrain.paths import CONFIGS_DIR, REPO_ROOT
 
 #: preset -> (topology, GiB a chip it was measured at)
 FITS = {
-    "tiny": ("v5e:1x1", 0.015),
-    "default": ("v5e:1x1", 0.23),
+    "tiny": ("v5e:1x1", 0.022),
+    "default": ("v5e:1x1", 0.24),
     "125m": ("v5e:4x4", 6.2),
-    "1b": ("v5p:2x2x2", 85.7),
-    "7b": ("v5p:4x4x4", 20.7),
+    "1b": ("v5p:2x2x2", 61.9),
+    "7b": ("v5p:4x4x4", 9.6),
 }
 
 
