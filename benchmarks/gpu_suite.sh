@@ -10,6 +10,7 @@
 # 3. the packed-attention test: fails if any attention backend there (xla, cudnn, splash in
 #    interpret mode) lets a token attend across segment_ids; and the kernels' correctness tests.
 #
+# SMOKE=1 JAX_PLATFORMS=cpu runs the same steps at toy sizes (a check of the script itself).
 # Needs JAX with CUDA. Packages missing there (grain, tensorboardX, portpicker, ...) can be
 # put as wheels in .whl/ (see the device README); they are installed into /tmp/site first.
 set -euo pipefail
@@ -20,16 +21,23 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
+loss_args=(--check)
+shape=(--set trainer.seq_len=2048 --set trainer.batch_size=8 --set model.attention=cudnn)
+if [ "${SMOKE:-0}" = 1 ]; then
+  loss_args=(--shapes 256,64,1024 --impls naive,chunked --iters 1)
+  shape=(--set trainer.seq_len=128 --set trainer.batch_size=2 --set model.attention=xla
+         --set model.d_model=64 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=4
+         --set model.d_ff=128 --set model.max_seq_len=128)
+fi
 python3 -c "import jax; d = jax.devices()[0]; print('device:', d.device_kind, 'jax', jax.__version__)" | tee "$out/device.txt"
 
 echo "== 1. loss kernel" | tee "$out/summary.txt"
-timeout 240 python3 benchmarks/loss_kernel.py --check 2>&1 | tee "$out/loss_kernel.txt"
+timeout 240 python3 benchmarks/loss_kernel.py "${loss_args[@]}" 2>&1 | tee "$out/loss_kernel.txt"
 
 echo "== 2. ~1B model, seq 2048, bf16" | tee -a "$out/summary.txt"
 timeout 240 python3 benchmarks/train_step.py --config configs/1b.yaml --steps 20 --rounds 1 \
-  --set data.tokenizer=tokenizer/sample.model --set model.vocab_size=4096 \
-  --set trainer.seq_len=2048 --set trainer.batch_size=8 --set model.attention=cudnn \
+  --set data.tokenizer=tokenizer/sample.model --set model.vocab_size=4096 "${shape[@]}" \
   --set mesh.fsdp=1 --set mesh.data=-1 --json "$out/train_step.json" 2>&1 | tee "$out/train_step.txt"
 grep -E "MFU|full loop|bare" "$out/train_step.txt" | tee -a "$out/summary.txt" || true
 
