@@ -296,9 +296,16 @@ def test_a_model_vocabulary_other_than_the_tokenizers_is_refused_at_start(tmp_pa
 
 
 def test_trainer_profile_writes_a_trace_tensorboard_can_read(tmp_path):
+    """Through the command line, in its own process (the profiler shares the process's
+    runtimes: a test worker that has loaded libtpu for TPU compiles is no place for it)."""
     from jax.profiler import ProfileData
 
-    train(tiny_config("trainer.steps=4", "trainer.eval_every=0", "trainer.profile=[2, 2]"), tmp_path)
+    from .conftest import run_cli
+
+    done = run_cli("train", "--config", str(TINY), "--workdir", str(tmp_path), "--set", "trainer.steps=4",
+                   "--set", "trainer.eval_every=0", "--set", "trainer.profile=[2, 2]")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "profile of steps 2-3 in" in done.stderr
     traces = sorted((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert len(traces) == 1, traces
     data = ProfileData.from_file(str(traces[0]))
