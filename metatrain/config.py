@@ -41,6 +41,7 @@ from metatrain.models.config import ModelConfig
 from metatrain.parallel.mesh import MeshConfig
 from metatrain.paths import DEFAULT_CONFIG
 from metatrain.roles import LOSS_ROLE_LABELS, NUM_ROLES, Role
+from metatrain.strict_parsing import DuplicateKeyError, load_yaml
 
 # -- sections owned here ----------------------------------------------------------------
 
@@ -307,7 +308,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
+    except DuplicateKeyError as e:
+        raise UserError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {e}") from None
     if data is None:
@@ -349,7 +352,9 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     if not sep or not key:
         raise UserError(f"--set {override!r}: expected KEY=VALUE, e.g. --set trainer.steps=50")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = load_yaml(text) if text.strip() else None
+    except DuplicateKeyError as e:
+        raise UserError(f"--set {override!r}: {e}") from None
     except yaml.YAMLError as e:
         raise UserError(f"--set {override!r}: value is not valid YAML: {e}") from None
     parts = key.split(".")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from metatrain.errors import RecordError
+from metatrain.strict_parsing import DuplicateKeyError, loads_json
 
 logger = logging.getLogger(__name__)
 
@@ -196,9 +197,12 @@ def _read_one_file(path: Path) -> Iterator[Document | RecordError]:
                 yield RecordError(name, line_no, f"invalid UTF-8 at byte {e.start} of the line: {raw[e.start:e.start + 4]!r}")
                 continue
             try:
-                obj = json.loads(text.rstrip("\r\n"))
+                obj = loads_json(text.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 yield RecordError(name, line_no, f"invalid JSON: {e.msg} at column {e.colno}")
+                continue
+            except DuplicateKeyError as e:
+                yield RecordError(name, line_no, f"invalid JSON: {e}")
                 continue
             try:
                 yield parse_document(obj, path=name, line=line_no)

@@ -31,6 +31,7 @@ from metatrain.data.packing import shift_document
 from metatrain.data.split import check_split, id_hash, in_split
 from metatrain.documents import parse_document
 from metatrain.errors import RecordError, UserError
+from metatrain.strict_parsing import DuplicateKeyError, loads_json
 
 _INDEX_CHUNK = 64 << 20  # bytes scanned at a time when indexing lines
 _GLOB_CHARS = frozenset("*?[")
@@ -211,11 +212,13 @@ class JsonlReader:
             return None
         try:
             try:
-                obj = json.loads(raw.decode("utf-8"))
+                obj = loads_json(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
                 raise RecordError(path, line, f"invalid UTF-8 at byte {e.start} of the line") from None
             except json.JSONDecodeError as e:
                 raise RecordError(path, line, f"invalid JSON: {e.msg} at column {e.colno}") from None
+            except DuplicateKeyError as e:
+                raise RecordError(path, line, f"invalid JSON: {e}") from None
             doc = parse_document(obj, path=path, line=line)
             if self.split is not None and not in_split(id_hash(doc.id), self.split, self.eval_fraction):
                 return None

@@ -34,6 +34,7 @@ import yaml
 from metatrain.config import build_typed
 from metatrain.errors import UserError
 from metatrain.sweep.family import get_family
+from metatrain.strict_parsing import DuplicateKeyError, load_yaml
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -182,7 +183,9 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not path.is_file():
         raise UserError(f"sweep spec {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
+    except DuplicateKeyError as e:
+        raise UserError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from metatrain.errors import UserError
+from metatrain.strict_parsing import DuplicateKeyError, load_yaml
 from metatrain.paths import DEFAULT_TAGS
 
 #: Piece names SentencePiece reserves for itself; a tag may not take one of them.
@@ -205,7 +206,9 @@ def load_registry(path: str | Path = DEFAULT_TAGS) -> TagRegistry:
     except UnicodeDecodeError as e:
         raise UserError(f"tag registry {path} is not UTF-8 text: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except DuplicateKeyError as e:
+        raise UserError(f"tag registry {path}: {e}") from None
     except yaml.YAMLError as e:
         raise UserError(f"tag registry {path} is not valid YAML: {e}") from None
     return registry_from_dict(data, source=str(path))
