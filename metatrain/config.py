@@ -300,8 +300,10 @@ def config_to_dict(config: Any) -> Any:
 
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config (no `base:`, absolute paths): `load_config(path) == config`."""
+    from metatrain.outputs import write_atomically
+
     text = yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=None)
-    Path(path).write_text(text)
+    write_atomically(path, text, option="config")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

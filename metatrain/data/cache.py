@@ -32,6 +32,7 @@ from metatrain.data.sources import EncoderSpec, JsonlLines, JsonlReader, SkipLog
 from metatrain.data.split import check_split, id_hash, in_split
 from metatrain.documents import SkipCounter
 from metatrain.errors import FaultError, RecordError, UserError, describe_cause
+from metatrain.outputs import check_output_dir, publish_dir, staging_dir
 from metatrain.roles import LOSS_ROLES, ROLE_DTYPE
 
 CACHE_FORMAT = "metatrain-token-cache"
@@ -181,19 +182,14 @@ def write_cache(
     """
     from tqdm import tqdm
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"cache output {out} already exists and is not empty; remove it or choose another --out")
+    out = check_output_dir(out, option="--out")
     files = [f for pattern in inputs for f in expand_jsonl_paths(pattern)]
     lines = JsonlLines(files)
     log = SkipLog()
     reader = JsonlReader(encoder, split=None, eval_fraction=0.0, strict=strict, skips=log)
     fingerprint = encoder_fingerprint(encoder, vocab_size=reader.encoder.vocab_size)
     skips = SkipCounter()
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out, option="--out")
     try:
         writer = _CacheWriter(tmp)
         for i in tqdm(range(len(lines)), desc="tokenizing", unit="doc", disable=not progress, mininterval=0.5):
@@ -223,9 +219,7 @@ def write_cache(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    publish_dir(tmp, out, option="--out")
     return meta
 
 

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from metatrain.errors import UserError
+from metatrain.outputs import write_atomically
 from metatrain.sweep.isoflop import IsoFlopFit, fit_isoflop
 from metatrain.sweep.law import PARAMS, LawFit, bootstrap_law, fit_law
 from metatrain.sweep.manifest import Record, manifest_path, read_manifest
@@ -117,7 +118,7 @@ def fit_sweep(
         from metatrain.sweep.plots import write_plots
 
         report["plots"] = [str(p) for p in write_plots(fits, directory / PLOTS_DIR)]
-    (directory / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    write_atomically(directory / REPORT, json.dumps(report, indent=1) + "\n", option="fit report")
     return report
 
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from metatrain.errors import UserError
+from metatrain.outputs import write_atomically
 
 MANIFEST = "manifest.jsonl"
 REQUIRED_KEYS: tuple[str, ...] = ("name", "params", "tokens", "flops", "status", "loss", "loss/text", "loss/thinking")
@@ -78,10 +78,8 @@ def read_manifest(directory: str | Path) -> list[Record]:
 
 def write_manifest(directory: str | Path, records: list[Record]) -> None:
     """Replace the manifest atomically (a crash leaves the old or the new one, never half)."""
-    path = manifest_path(directory)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in records))
-    os.replace(tmp, path)
+    text = "".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in records)
+    write_atomically(manifest_path(directory), text, option="manifest")
 
 
 def _json_safe(record: Record) -> Record:

@@ -260,6 +260,8 @@ def _run_name(variant: str | None, size: ModelSize, tokens: float | None, budget
 
 def write_plan(runs: list[PlannedRun], out: Path) -> None:
     """Write each run's config and the manifest (see `plan_sweep` for an existing `out`)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UserError(f"--out {out} exists and is not a directory; plan the sweep into a new directory")
     if manifest_path(out).is_file():
         _check_same_plan(runs, out)
         return

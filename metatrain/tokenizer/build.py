@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from metatrain.documents import SkipCounter, read_documents
 from metatrain.errors import UserError
+from metatrain.outputs import check_output_file, write_atomically
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA
 from metatrain.tokenizer.registry import TagRegistry, load_registry
 from metatrain.tokenizer.spm import SpmTokenizer, read_model_proto
@@ -118,35 +121,48 @@ def train_tokenizer(
                         f"{len(registry.tags)} tags already take {minimum}; use at least {minimum + 1}")
     if model_type not in ("bpe", "unigram"):
         raise UserError(f"unknown model type {model_type!r}; use bpe or unigram")
+    out_prefix = Path(out_prefix)
+    model_path = out_prefix.with_name(out_prefix.name + ".model")
+    vocab_path = out_prefix.with_name(out_prefix.name + ".vocab")
+    for path in (model_path, vocab_path):
+        check_output_file(path, inputs=[*inputs, registry.source], option="--out")
     documents = list(read_documents(inputs, strict=strict, skips=skips))
     if not documents:
         raise UserError(f"no valid documents in {', '.join(map(str, inputs))} ({skips.summary()})")
     texts = list(training_texts(documents, mantra=mantra))
-    out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    # SentencePiece writes PREFIX.model and PREFIX.vocab itself: let it write them in a
+    # private directory beside the outputs, then publish each atomically.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_prefix.name}.", suffix=".partial", dir=out_prefix.parent))
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts),
-            model_prefix=str(out_prefix),
-            model_type=model_type,
-            vocab_size=vocab_size,
-            control_symbols=list(registry.tags),
-            character_coverage=character_coverage,
-            input_sentence_size=max_texts,
-            shuffle_input_sentence=True,
-            max_sentence_length=4 * _MAX_CHUNK_CHARS + 16,  # bytes; chunks are <= _MAX_CHUNK_CHARS chars
-            num_threads=os.cpu_count() or 1,
-            minloglevel=2,
-            **EXACT_SETTINGS,
-        )
-    except RuntimeError as e:
-        raise UserError(f"SentencePiece refused to train: {e}") from None
-    model_path = out_prefix.with_name(out_prefix.name + ".model")
-    # The trainer records the output path; keep only the name so the same corpus gives
-    # the same bytes wherever it was trained.
-    proto = read_model_proto(model_path)
-    proto.trainer_spec.model_prefix = out_prefix.name
-    _write_atomically(model_path, proto.SerializeToString())
+        staged = staging / out_prefix.name
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts),
+                model_prefix=str(staged),
+                model_type=model_type,
+                vocab_size=vocab_size,
+                control_symbols=list(registry.tags),
+                character_coverage=character_coverage,
+                input_sentence_size=max_texts,
+                shuffle_input_sentence=True,
+                max_sentence_length=4 * _MAX_CHUNK_CHARS + 16,  # bytes; chunks are <= _MAX_CHUNK_CHARS chars
+                num_threads=os.cpu_count() or 1,
+                minloglevel=2,
+                **EXACT_SETTINGS,
+            )
+        except RuntimeError as e:
+            raise UserError(f"SentencePiece refused to train: {e}") from None
+        # The trainer records the output path; keep only the name so the same corpus gives
+        # the same bytes wherever it was trained.
+        proto = read_model_proto(staged.with_name(staged.name + ".model"))
+        proto.trainer_spec.model_prefix = out_prefix.name
+        inputs_and_tags = [*inputs, registry.source]
+        write_atomically(model_path, proto.SerializeToString(), inputs=inputs_and_tags, option="--out")
+        write_atomically(vocab_path, staged.with_name(staged.name + ".vocab").read_bytes(),
+                         inputs=inputs_and_tags, option="--out")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     tokenizer = SpmTokenizer.load(model_path, registry)
     _check_round_trip(tokenizer, texts[:_SELF_CHECK_TEXTS])
     return TrainReport(model_path, tokenizer.vocab_size, len(documents), len(texts), skips.count)
@@ -189,6 +205,7 @@ def extend_tokenizer(base: str | Path, registry: TagRegistry, out: str | Path) -
             (text-matched) piece, which cannot be turned into a tag without changing
             what existing ids mean.
     """
+    check_output_file(out, inputs=[base, registry.source], option="--out")
     proto = read_model_proto(base)
     piece_type = model_pb2.ModelProto.SentencePiece
     index = {p.piece: i for i, p in enumerate(proto.pieces)}
@@ -210,15 +227,6 @@ def extend_tokenizer(base: str | Path, registry: TagRegistry, out: str | Path) -
         new.piece, new.score, new.type = tag, 0.0, piece_type.CONTROL
         index[tag] = added[tag] = len(proto.pieces) - 1
     proto.trainer_spec.vocab_size = len(proto.pieces)
-    out = Path(out)
-    _write_atomically(out, proto.SerializeToString())
+    out = write_atomically(out, proto.SerializeToString(), inputs=[base, registry.source], option="--out")
     SpmTokenizer.load(out, registry)  # the result must pass the same check as any model
     return ExtendReport(out, added, present, len(proto.pieces))
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` so that readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)

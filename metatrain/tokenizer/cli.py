@@ -10,18 +10,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from metatrain.documents import SkipCounter, read_documents
 from metatrain.errors import UserError
+from metatrain.outputs import atomic_output, check_output_file
 from metatrain.paths import DEFAULT_TAGS
 from metatrain.roles import Role
 from metatrain.tokenizer.build import extend_tokenizer, train_tokenizer
 from metatrain.tokenizer.encoder import EncodeError, Encoder
-from metatrain.tokenizer.mantra import DEFAULT_MANTRA, MANTRA_POLICIES
+from metatrain.tokenizer.mantra import DEFAULT_MANTRA, MANTRA_POLICIES, check_mantra
 from metatrain.tokenizer.registry import load_registry
 from metatrain.tokenizer.resize import DEFAULT_NOISE_SCALE
 from metatrain.tokenizer.spm import inspect_tokenizer
@@ -43,41 +43,41 @@ def encode_jsonl(
     *,
     strict: bool = False,
     skips: SkipCounter | None = None,
+    also_reads: Sequence[str | Path] = (),
 ) -> EncodeReport:
     """Writes one `{"id", "ids", "roles"}` line per valid document of `inputs` to `output`.
 
     Bad records (unreadable, invalid, or rejected by the grammar) are skipped and
-    counted, or in strict mode stop the run; `output` is only replaced when the run
-    completes.
+    counted, or in strict mode stop the run. `output` is replaced atomically when the
+    run completes with at least one document (`metatrain.outputs`); it may not be one
+    of `inputs` or of `also_reads` (the tokenizer, tags and mantra files), nor anything
+    but a regular file.
 
     Raises:
         RecordError: in strict mode, the first bad record.
+        UserError: `output` is unsafe to replace, or no document was valid.
     """
     skips = SkipCounter() if skips is None else skips
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     labels = {int(role): role.label for role in Role}
     documents = tokens = 0
-    partial = output.with_name(output.name + ".partial")
-    try:
-        with partial.open("w", encoding="utf-8") as handle:
-            for doc in read_documents(inputs, strict=strict, skips=skips):
-                try:
-                    encoded = encoder.encode(doc)
-                except EncodeError as e:
-                    if strict:
-                        raise e.record_error() from None
-                    skips.add(e.record_error())
-                    continue
-                record = {"id": doc.id, "ids": encoded.ids.tolist(),
-                          "roles": [labels[r] for r in encoded.roles.tolist()]}
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                documents += 1
-                tokens += len(encoded)
-        os.replace(partial, output)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with atomic_output(output, inputs=[*inputs, *also_reads]) as handle:
+        for doc in read_documents(inputs, strict=strict, skips=skips):
+            try:
+                encoded = encoder.encode(doc)
+            except EncodeError as e:
+                if strict:
+                    raise e.record_error() from None
+                skips.add(e.record_error())
+                continue
+            record = {"id": doc.id, "ids": encoded.ids.tolist(),
+                      "roles": [labels[r] for r in encoded.roles.tolist()]}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            documents += 1
+            tokens += len(encoded)
+        if documents == 0:  # leaves `output` as it was
+            first = "; ".join(skips.messages[:3]) or "the inputs have no non-blank line"
+            raise UserError(f"no valid document in {', '.join(map(str, inputs))}, so nothing was "
+                            f"written to {output}: {first}")
     return EncodeReport(documents, tokens, skips.count)
 
 
@@ -85,9 +85,13 @@ def _read_mantra(path: str | None) -> str:
     if path is None:
         return DEFAULT_MANTRA
     try:
-        return Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read mantra file {path}: {e}") from None
+    try:
+        return check_mantra(text, f"--mantra-file {path}")
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -124,10 +128,13 @@ def _run_resize_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _run_encode(args: argparse.Namespace) -> int:
+    reads = [p for p in (args.tokenizer, args.tags, args.mantra_file) if p is not None]
+    check_output_file(args.output, inputs=[*args.input, *reads])  # before anything is loaded
     encoder = Encoder.from_files(args.tokenizer, args.tags, mantra=_read_mantra(args.mantra_file),
                                  mantra_policy=args.mantra_policy)
     skips = SkipCounter()
-    report = encode_jsonl(encoder, args.input, args.output, strict=args.strict, skips=skips)
+    report = encode_jsonl(encoder, args.input, args.output, strict=args.strict, skips=skips,
+                          also_reads=reads)
     print(f"wrote {report.documents} documents ({report.tokens} tokens) to {args.output}; "
           f"{skips.summary()}", file=sys.stderr)
     return 0

@@ -33,6 +33,7 @@ import numpy as np
 
 from metatrain.config import RunConfig, config_to_dict, load_config
 from metatrain.errors import UserError
+from metatrain.outputs import check_output_dir
 from metatrain.tokenizer.registry import load_registry
 from metatrain.tokenizer.resize import DEFAULT_NOISE_SCALE, grow_vocab_axis
 from metatrain.tokenizer.spm import SpmTokenizer, first_changed_id, read_model_proto
@@ -202,14 +203,6 @@ def check_extension(old_tokenizer: Path, new_tokenizer: Path) -> tuple[int, int,
     return len(old.pieces), len(new.pieces), added
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(
-            f"--out {out} already exists and is not empty; resize-checkpoint never overwrites a "
-            "directory: choose another --out"
-        )
-
-
 def _read_run_config(workdir: Path) -> RunConfig:
     if not (workdir / "checkpoints").is_dir():
         raise UserError(f"{workdir} holds no checkpoints; give the --workdir of a run trained with `metatrain train`")
@@ -249,11 +242,11 @@ def resize_checkpoint(
             changes an old id, lacks a registry tag, or is unreadable.
         FaultError: no checkpoint of `workdir` restores, or `out` cannot be written.
     """
+    check_output_dir(out, option="--out")  # before resolving: a symlink at --out is refused, not followed
     workdir, tokenizer, out = Path(workdir).resolve(), Path(tokenizer).resolve(), Path(out).resolve()
     tags = Path(tags).resolve() if tags is not None else workdir / TAGS_FILE
     if not (noise_scale >= 0 and math.isfinite(noise_scale)):
         raise UserError(f"--noise-scale {noise_scale}: must be a finite number >= 0")
-    _check_out(out)
     old_config = _read_run_config(workdir)
     old_vocab, new_vocab, new_pieces = check_extension(workdir / TOKENIZER_FILE, tokenizer)
     if old_config.model.vocab_size != old_vocab:

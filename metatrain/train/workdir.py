@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from metatrain.errors import FaultError, UserError, describe_cause
+from metatrain.outputs import write_atomically
 
 LOCK_FILE = "train.lock"
 RUN_FILE = "run.json"
@@ -296,28 +297,15 @@ def prepare_workdir(config: Any, workdir: Path, config_file: Path | None) -> Non
             raise UserError(f"data: file {src} does not exist (needed by the run, copied into {workdir})")
         copies.append((src_path, workdir / name))
     try:
-        _write_atomically(workdir / "config.yaml", None, lambda tmp: save_config(config, tmp))
+        save_config(config, workdir / "config.yaml")
         for src_path, dst in copies:
             if not dst.exists() or dst.read_bytes() != src_path.read_bytes():
-                _write_atomically(dst, None, lambda tmp, s=src_path: shutil.copyfile(s, tmp))
+                write_atomically(dst, lambda tmp, s=src_path: shutil.copyfile(s, tmp), option="run file")
         run = read_run_file(workdir)
         if config_file is not None and Path(config_file).resolve() != (workdir / "config.yaml").resolve():
             # `check_origin` refused any other file unless the user adopted it explicitly.
             run["config_file"] = str(Path(config_file).resolve())
             run.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            _write_atomically(workdir / RUN_FILE, (json.dumps(run, indent=1) + "\n").encode(), None)
+            write_atomically(workdir / RUN_FILE, json.dumps(run, indent=1) + "\n", option="run file")
     except OSError as e:
         raise FaultError(f"cannot write the run's files into {workdir}: {describe_cause(e)}") from None
-
-
-def _write_atomically(path: Path, data: bytes | None, write: Any) -> None:
-    """Write `data` (or call `write(tmp_path)`) to a temporary file, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        if data is not None:
-            tmp.write_bytes(data)
-        else:
-            write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

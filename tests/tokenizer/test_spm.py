@@ -143,13 +143,17 @@ def test_extend_again_changes_nothing_and_adds_only_new_tags(tmp_path):
     assert more.present == first.added
 
 
-def test_extend_in_place_is_idempotent(tmp_path):
+def test_extend_is_idempotent_and_never_writes_over_its_base(tmp_path):
     model = tmp_path / "m.model"
     _plain_model(model)
-    extend_tokenizer(model, load_registry(), model)
-    data = model.read_bytes()
-    extend_tokenizer(model, load_registry(), model)
-    assert model.read_bytes() == data
+    once, twice = tmp_path / "once.model", tmp_path / "twice.model"
+    extend_tokenizer(model, load_registry(), once)
+    extend_tokenizer(once, load_registry(), twice)
+    assert twice.read_bytes() == once.read_bytes()
+    before = model.read_bytes()
+    with pytest.raises(UserError, match="is one of the inputs"):
+        extend_tokenizer(model, load_registry(), model)
+    assert model.read_bytes() == before
 
 
 def test_inspect(model_path, tmp_path, registry):

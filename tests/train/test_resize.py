@@ -224,6 +224,16 @@ def test_out_that_is_not_empty_is_refused(run, tmp_path):
     assert tree_digest(base) == before and tree_digest(out) == mine
 
 
+@pytest.mark.hostile
+def test_out_that_is_a_symlink_is_refused_not_followed(run, tmp_path):
+    root, base, new_model, tags, _ = run
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(UserError, match="is a symbolic link"):
+        resize_checkpoint(base, new_model, tmp_path / "link", tags=tags)
+    assert (tmp_path / "link").is_symlink() and not any((tmp_path / "real").iterdir())
+
+
 def test_grow_train_state_grows_an_untied_output_projection_along_its_vocab_axis():
     """No training: a fresh untied model, grown from 13 to 17 ids (prime sizes)."""
     def program(vocab):

@@ -1,0 +1,218 @@
+"""Writing a command's output without destroying anything on the way.
+
+Every file metatrain writes goes through here, so three rules hold everywhere:
+
+- **An output is never one of the command's inputs.** `encode --input a.jsonl --output
+  a.jsonl` (or through a hard link, or a symlink to it) is refused before anything is
+  read: the same file (device and inode) cannot be both.
+- **Only regular files are replaced.** An existing output that is a symlink, a device
+  (`/dev/null`), a FIFO, a socket or a directory is refused, not replaced by a file; a
+  symlink is not followed, so a link planted at the output path cannot redirect a write.
+- **Writes are atomic.** The new contents go to a fresh temporary file next to the target
+  (same directory, so the same filesystem), are flushed to disk, and are renamed over the
+  target: readers see the old file or the new one, never half, and a failure or an
+  interrupt leaves the old file untouched. A replaced file keeps its permission bits.
+
+Directory outputs (a token cache, a resized work directory) are built the same way:
+`staging_dir` makes a fresh temporary directory beside the target and `publish_dir`
+renames it into place, refusing a target that exists and is not an empty directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO
+
+from metatrain.errors import UserError
+
+PathLike = str | os.PathLike[str]
+
+_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISREG, "a regular file"),
+)
+
+
+def _fix(option: str, prefix: str = "") -> str:
+    """What to do: another value for a flag, or moving a file metatrain owns out of the way."""
+    return f"{prefix}choose another {option}" if option.startswith("--") else "move it out of the way"
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "an unknown kind of file")
+
+
+def check_output_file(path: PathLike, *, inputs: Iterable[PathLike] = (), option: str = "--output") -> Path:
+    """`path` as a `Path`, once it is safe to replace: refused (UserError) when it exists
+    and is not a regular file, or when it is the same file as one of `inputs`.
+
+    `option` names the flag in the message (`--output`, `--out`).
+    """
+    path = Path(path)
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return path
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot check it: {e.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(
+            f"{option} {path} is {_kind(info.st_mode)}; metatrain only replaces regular files: "
+            f"{_fix(option)}"
+        )
+    for source in inputs:
+        try:
+            other = os.stat(source)
+        except OSError:
+            continue  # an input that does not exist is reported by whoever reads it
+        if (other.st_dev, other.st_ino) == (info.st_dev, info.st_ino):
+            same = "" if Path(source) == path else f" (the input {source})"
+            raise UserError(
+                f"{option} {path} is one of the inputs{same}; writing it would destroy what "
+                f"is being read: choose another {option}"
+            )
+    return path
+
+
+class atomic_output:  # noqa: N801 - used like `open`
+    """`with atomic_output(path) as handle:` writes a temporary file beside `path`; on a
+    clean exit it replaces `path`, on an exception it is removed and `path` is untouched.
+
+    Checks `path` with `check_output_file` first. (A class, not a generator-based context
+    manager: exceptions that are frozen dataclasses, like `RecordError`, must pass through
+    unchanged.)
+    """
+
+    def __init__(self, path: PathLike, *, inputs: Iterable[PathLike] = (), option: str = "--output",
+                 binary: bool = False):
+        self.path = check_output_file(path, inputs=inputs, option=option)
+        self.inputs, self.option, self.binary = list(inputs), option, binary
+
+    def __enter__(self) -> IO:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+        self.tmp = Path(tmp_name)
+        self.handle = os.fdopen(fd, "wb" if self.binary else "w", **({} if self.binary else {"encoding": "utf-8"}))
+        return self.handle
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.handle.flush()
+                os.fsync(self.handle.fileno())
+            self.handle.close()
+            if exc_type is None:
+                _publish_file(self.tmp, self.path, inputs=self.inputs, option=self.option)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def write_atomically(
+    path: PathLike,
+    data: bytes | str | Callable[[Path], None],
+    *,
+    inputs: Iterable[PathLike] = (),
+    option: str = "--output",
+) -> Path:
+    """Replace `path` with `data` (bytes, text, or a function that writes a given path)
+    atomically, after the checks of `check_output_file`. Returns `path`."""
+    path = check_output_file(path, inputs=inputs, option=option)
+    if callable(data):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            data(tmp)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            _publish_file(tmp, path, inputs=inputs, option=option)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+    with atomic_output(path, inputs=inputs, option=option, binary=isinstance(data, bytes)) as handle:
+        handle.write(data)
+    return path
+
+
+def _publish_file(tmp: Path, path: Path, *, inputs: Iterable[PathLike], option: str) -> None:
+    """Rename `tmp` over `path`, re-checking `path` (it may have changed while we wrote)."""
+    check_output_file(path, inputs=inputs, option=option)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable; some filesystems (and platforms) cannot open directories."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_output_dir(path: PathLike, *, option: str = "--out") -> Path:
+    """`path` as a `Path`, refused (UserError) unless it is absent or an empty directory
+    (not a symlink to one: a link is never followed or replaced)."""
+    path = Path(path)
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISDIR(info.st_mode):
+        raise UserError(f"{option} {path} already exists and is {_kind(info.st_mode)}, not a "
+                        f"directory to create: choose another {option}")
+    if any(path.iterdir()):
+        raise UserError(f"{option} {path} already exists and is not empty; metatrain never "
+                        f"writes into a directory with contents: {_fix(option, 'remove it or ')}")
+    return path
+
+
+def staging_dir(path: PathLike, *, option: str = "--out") -> Path:
+    """A fresh, empty temporary directory beside `path`, to build it in and `publish_dir`."""
+    path = check_output_dir(path, option=option)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+
+
+def publish_dir(staging: Path, path: PathLike, *, option: str = "--out") -> Path:
+    """Rename the built `staging` directory to `path` (absent or empty); removes `staging`
+    when `path` was taken meanwhile."""
+    path = Path(path)
+    try:
+        check_output_dir(path, option=option)
+        if path.exists():
+            path.rmdir()
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    os.chmod(path, 0o777 & ~_umask())
+    _fsync_directory(path.parent)
+    return path
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
