@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import types
 import typing
 from pathlib import Path
@@ -524,12 +525,19 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise _wrong_type(tp, value, key, where) from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _wrong_type(tp, value, key, where)
-        return float(value)
+        else:
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond float's range
+                number = math.inf
+        if not math.isfinite(number):  # `.inf`, `.nan`, 1e400: NaN by step 2, never a setting
+            raise UserError(f"{where}: '{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise _wrong_type(tp, value, key, where)

@@ -10,7 +10,8 @@ from metatrain.data.cache import cache_stats, write_cache
 from metatrain.data.sources import EncoderSpec
 from metatrain.paths import DEFAULT_TAGS
 from metatrain.roles import LOSS_ROLE_LABELS
-from metatrain.tokenizer.mantra import MANTRA_POLICIES
+from metatrain.errors import UserError
+from metatrain.tokenizer.mantra import MANTRA_POLICIES, check_mantra
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="tag registry (default: %(default)s)")
     cache.add_argument("--out", required=True, metavar="DIR", help="cache directory to create")
     cache.add_argument("--mantra", default=None, help="mantra text (default: the default mantra)")
-    cache.add_argument("--mantra-policy", default="every", choices=MANTRA_POLICIES)
+    cache.add_argument("--mantra-policy", default="every", choices=MANTRA_POLICIES,
+                       help="which thinking blocks open with the mantra; `none` for no mantra")
     cache.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     cache.add_argument("--no-progress", action="store_true", help="no progress bar")
     cache.set_defaults(func=_run_cache)
@@ -43,6 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_cache(args: argparse.Namespace) -> int:
+    if args.mantra is not None:
+        try:
+            check_mantra(args.mantra, "--mantra")
+        except ValueError as e:
+            raise UserError(str(e)) from None
     spec = EncoderSpec(args.tokenizer, args.tags, args.mantra, args.mantra_policy)
     meta = write_cache(args.input, args.out, spec, strict=args.strict, progress=not args.no_progress)
     print(

@@ -48,8 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from metatrain.generate.generator import Generator
+    from metatrain.generate.prompts import check_prompt_text
     from metatrain.generate.sampling import SamplingConfig
 
+    for prompt in args.prompt:  # before the checkpoint loads
+        check_prompt_text(prompt)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     generator = Generator.load(args.workdir, args.checkpoint)
     samples = generator.generate(

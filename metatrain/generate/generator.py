@@ -119,18 +119,25 @@ class Generator:
         return cls(loaded.params, loaded.model_config, loaded.encoder)
 
     def _budget(self, prompts: Sequence[EncodedPrompt], max_new_tokens: int | None) -> int:
-        room = self.model_config.max_seq_len - max(len(p.ids) for p in prompts)
+        limit = self.model_config.max_seq_len
+        lengths = [len(p.ids) for p in prompts]
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        room = limit - lengths[longest]
+        which = f"prompt {longest + 1}" if len(prompts) > 1 else "the prompt"
+        if room < 1:
+            raise UserError(
+                f"{which} has {lengths[longest]} tokens (forced mode tags included) and the model's "
+                f"max_seq_len is {limit}: no room to generate; shorten it to at most {limit - 1} tokens"
+            )
         if max_new_tokens is None:
             max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room)
+        elif max_new_tokens < 1:
+            raise UserError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
         elif max_new_tokens > room:
             raise UserError(
-                f"max-new-tokens {max_new_tokens} does not fit: the longest prompt has "
-                f"{self.model_config.max_seq_len - room} tokens and the model's max_seq_len is "
-                f"{self.model_config.max_seq_len}; ask for at most {max(room, 0)} or shorten the prompt"
+                f"max-new-tokens {max_new_tokens} does not fit: {which} has {lengths[longest]} tokens "
+                f"and the model's max_seq_len is {limit}; ask for at most {room} or shorten the prompt"
             )
-        if max_new_tokens < 1:
-            raise UserError(f"no room to generate: max-new-tokens must be >= 1 and fit in max_seq_len "
-                            f"{self.model_config.max_seq_len} after the prompt (room: {room})")
         return max_new_tokens
 
     def generate(

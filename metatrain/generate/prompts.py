@@ -73,6 +73,26 @@ def grammar_states(encoder: Encoder, ids: np.ndarray, start: int | None = None) 
     return out
 
 
+def check_prompt_text(prompt: str) -> str:
+    """`prompt` if it is text that UTF-8 can carry; UserError naming the bad byte otherwise.
+
+    A command-line argument that is not UTF-8 reaches Python with each bad byte as a lone
+    surrogate (U+DC80..U+DCFF, PEP 383); no tokenizer can encode those.
+    """
+    if not isinstance(prompt, str):
+        raise UserError(f"a prompt must be text, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(prompt[e.start])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"lone surrogate U+{char:04X}"
+        raise UserError(
+            f"prompt {prompt[:40]!r} is not valid UTF-8 ({what} at character {e.start}); "
+            "give the prompt as UTF-8 text"
+        ) from None
+    return prompt
+
+
 def encode_prompt(encoder: Encoder, prompt: Prompt, lock_mode: str | None = None) -> EncodedPrompt:
     """Encodes a prompt and, with a lock, the mode tags into the locked mode.
 
@@ -82,6 +102,7 @@ def encode_prompt(encoder: Encoder, prompt: Prompt, lock_mode: str | None = None
     if isinstance(prompt, Document):
         body = _document_ids(encoder, prompt)
     else:
+        check_prompt_text(prompt)
         body = np.asarray([encoder.bos_id, *encoder.tokenizer.encode_texts([prompt])[0]], np.int32)
     prompt_state = int(grammar_states(encoder, body)[-1])
     state = prompt_state

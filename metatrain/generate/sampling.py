@@ -10,11 +10,15 @@ module knows nothing about tags.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
 from metatrain.errors import UserError
+
+#: Below this a temperature's reciprocal overflows float32.
+_FLOAT32_TINY: float = float(jnp.finfo(jnp.float32).tiny)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +37,11 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (self.temperature == 0 or _FLOAT32_TINY <= self.temperature < math.inf):
+            raise UserError(
+                f"temperature must be 0 (greedy) or a finite number from {_FLOAT32_TINY:.4g} (float32's "
+                f"smallest normal: below it the scaled logits overflow), got {self.temperature}"
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise UserError(f"top-k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
@@ -101,9 +108,13 @@ def scaled_scores(logits: jax.Array, config: SamplingConfig) -> jax.Array:
 
     Forbidden tokens are set to -inf after this, by the caller.
     """
+    scores = finite_scores(logits)
     if config.greedy:
-        return finite_scores(logits)
-    return finite_scores(finite_scores(logits) * (1.0 / config.temperature))
+        return scores
+    # Shifted so the best is 0 first (softmax is unchanged): a small temperature then sends
+    # the others towards -inf instead of overflowing the best ones to one tied maximum.
+    shifted = finite_scores(scores - jnp.max(scores, axis=-1, keepdims=True))
+    return finite_scores(shifted * jnp.float32(1.0 / config.temperature))
 
 
 def pick_tokens(scores: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:

@@ -22,6 +22,20 @@ DEFAULT_MANTRA: str = (
 MANTRA_POLICIES: tuple[str, ...] = ("every", "first", "none")
 
 
+def check_mantra(mantra: str, where: str = "mantra") -> str:
+    """Returns `mantra` if it has visible text; raises `ValueError` naming `where` otherwise.
+
+    A blank mantra is almost always a mistake (an empty file, an unset variable); a run
+    without one says so with the policy `none`.
+    """
+    if not isinstance(mantra, str) or not mantra.strip():
+        raise ValueError(
+            f"{where} is {'empty' if not mantra else 'blank'} ({mantra!r}); give the mantra's text, "
+            "or use mantra policy `none` to train without one"
+        )
+    return mantra
+
+
 def check_mantra_policy(policy: str) -> str:
     """Returns `policy` if known; raises `ValueError` listing the policies otherwise."""
     if policy not in MANTRA_POLICIES:
