@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from metatrain.launch.plan import placeholder
+from metatrain.launch.validate import placeholder
 
 _COMMAND_HELP = "the metatrain command every process runs, after --: train [train args]"
 _EPILOG = "See launch/README.md for the path from a cluster to a training run."
@@ -172,7 +172,7 @@ def run_launch_tpu(args: argparse.Namespace) -> int:
         workload=args.workload, git_url=args.git_url, git_ref=args.git_ref, code_dir=args.code_dir,
         setup=args.setup, max_restarts=args.max_restarts, env=parse_env_assignments(args.env),
     )
-    return _finish(tpu_plan(options, parse_train_command(args.train_command)), args.dry_run)
+    return _finish(tpu_plan(options, parse_train_command(args.train_command, paths="checkout")), args.dry_run)
 
 
 def run_launch_gke(args: argparse.Namespace) -> int:
@@ -185,7 +185,7 @@ def run_launch_gke(args: argparse.Namespace) -> int:
         code_dir=args.code_dir, max_restarts=args.max_restarts, grace_period_s=args.grace_period,
         env=parse_env_assignments(args.env),
     )
-    return _finish(gke_plan(options, parse_train_command(args.train_command)), args.dry_run)
+    return _finish(gke_plan(options, parse_train_command(args.train_command, paths="checkout")), args.dry_run)
 
 
 def run_launch_slurm(args: argparse.Namespace) -> int:
@@ -198,7 +198,7 @@ def run_launch_slurm(args: argparse.Namespace) -> int:
         account=args.account, time=args.time, job_name=args.job_name, cpus_per_task=args.cpus_per_task,
         port=args.port, signal_seconds=args.signal_seconds, env=parse_env_assignments(args.env), **extra,
     )
-    return _finish(slurm_plan(options, parse_train_command(args.train_command)), args.dry_run)
+    return _finish(slurm_plan(options, parse_train_command(args.train_command, paths="shared")), args.dry_run)
 
 
 # -- compile --------------------------------------------------------------------------------

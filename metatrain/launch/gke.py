@@ -10,6 +10,13 @@ the coordinator, process count and id from the variables GKE's TPU webhook sets
 The work directory lives on a Cloud Storage bucket mounted with the GCS FUSE CSI driver
 (every host sees it; checkpoints are written collectively). On preemption every process
 saves and exits 75; the JobSet's failure policy restarts it and the run resumes.
+
+Paths: the container runs in `--code-dir` of the image, which holds this repository, so
+a relative `--config` is a file of this repository, relative to its root (an absolute one
+is read at that path in the pod); `--workdir` and `--set` paths are the pod's (the bucket
+is at /workdir). Names are validated before
+the manifest is made (`metatrain.launch.validate`): the YAML serializer quotes values,
+but only a valid name gets past Kubernetes and JobSet's webhook.
 """
 
 from __future__ import annotations
@@ -20,10 +27,26 @@ from typing import Any, Mapping
 import yaml
 
 from metatrain.launch import distributed as dist
+from metatrain.launch import validate
 from metatrain.launch.plan import Command, Plan, TrainCommand, check_run_shape, set_override, with_workdir
 from metatrain.launch.tpu import parse_topology
 
 WORKDIR_MOUNT = "/workdir"
+#: The manifest's one replicated Job (one per slice); part of every Job's and pod's name.
+REPLICATED_JOB = "slice"
+
+
+def max_name_length(num_slices: int, hosts: int) -> int:
+    """The longest JobSet name whose pods' names are DNS-1035 labels (63 characters).
+
+    A pod is named `<jobset>-<replicatedJob>-<jobIndex>-<podIndex>-<5 random characters>`;
+    JobSet's webhook checks the longest one, with the last job and pod index
+    (kubernetes-sigs/jobset, pkg/webhooks/jobset_webhook.go, ValidateCreate, and
+    pkg/util/placement GenPodName). Job names (`<jobset>-<replicatedJob>-<jobIndex>`) are
+    shorter, so the pods set the limit.
+    """
+    longest_pod_suffix = f"-{REPLICATED_JOB}-{num_slices - 1}-{hosts - 1}-abcde"
+    return 63 - len(longest_pod_suffix)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,6 +64,26 @@ class GkeOptions:
     max_restarts: int = 3
     grace_period_s: int = 300
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        hosts = parse_topology(self.topology).hosts
+        validate.check_range("--num-slices", self.num_slices, 1, what="the slice count")
+        limit = max_name_length(self.num_slices, hosts)
+        validate.JOBSET_NAME.check(
+            "--name", self.name, max_len=limit,
+            why_max=f" here (its pods are named <name>-{REPLICATED_JOB}-<slice>-<host>-<5 random characters>, "
+            f"at most 63 characters, with {self.num_slices} slice(s) of {hosts} host(s))",
+        )
+        validate.NAMESPACE.check("--namespace", self.namespace)
+        validate.IMAGE.check("--image", self.image)
+        validate.GCS_BUCKET.check("--bucket", self.bucket)
+        validate.SERVICE_ACCOUNT.check("--service-account", self.service_account)
+        if not validate.check_path("--code-dir", self.code_dir).startswith("/"):
+            raise validate.refusal("--code-dir", self.code_dir, "metatrain's directory in the image (the "
+                                   "container's working directory) must be an absolute path, e.g. --code-dir /app")
+        validate.check_range("--max-restarts", self.max_restarts, 0, what="the restart count")
+        validate.check_range("--grace-period", self.grace_period_s, 0, what="the grace period in seconds")
+        validate.check_env("--env", self.env)
 
 
 def _container(options: GkeOptions, train: TrainCommand, chips_per_host: int) -> dict[str, Any]:
@@ -78,7 +121,10 @@ def jobset_manifest(options: GkeOptions, train: TrainCommand) -> dict[str, Any]:
                     "name": "workdir",
                     "csi": {
                         "driver": "gcsfuse.csi.storage.gke.io",
-                        "volumeAttributes": {"bucketName": options.bucket},
+                        # Pods on the host network mount with their own service account only
+                        # when they opt in (GoogleCloudPlatform/gcs-fuse-csi-driver,
+                        # docs/authentication.md: hostNetwork pods set hostNetworkPodKSA: "true").
+                        "volumeAttributes": {"bucketName": options.bucket, "hostNetworkPodKSA": "true"},
                     },
                 }
             ],
@@ -96,7 +142,7 @@ def jobset_manifest(options: GkeOptions, train: TrainCommand) -> dict[str, Any]:
             "failurePolicy": {"maxRestarts": options.max_restarts},
             "replicatedJobs": [
                 {
-                    "name": "slice",
+                    "name": REPLICATED_JOB,
                     "replicas": options.num_slices,
                     "template": {
                         "spec": {

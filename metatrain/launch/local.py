@@ -30,9 +30,9 @@ import threading
 import time
 from typing import Mapping, Sequence, TextIO
 
-from metatrain.errors import UserError
+from metatrain.errors import EXIT_PREEMPTED, UserError
 from metatrain.launch import distributed as dist
-from metatrain.errors import EXIT_PREEMPTED
+from metatrain.launch.validate import check_port
 
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
 
@@ -104,7 +104,7 @@ def local_process_specs(
         command: the metatrain command and its arguments, e.g. `["train", "--config", "x.yaml"]`.
         processes: how many processes (P).
         devices_per_process: CPU devices each process has (D).
-        port: the coordinator's port on the loopback (process 0 listens on it).
+        port: the coordinator's port on the loopback (process 0 listens on it), 1..65535.
         base_env: environment to start from (default: this process's).
         python: the interpreter to run.
     """
@@ -112,6 +112,7 @@ def local_process_specs(
         raise UserError(f"--processes {processes}: need at least 1 process")
     if devices_per_process < 1:
         raise UserError(f"--devices-per-process {devices_per_process}: need at least 1 device per process")
+    check_port("--port", port)
     base = dict(os.environ if base_env is None else base_env)
     for name in (dist.ENV_MODE, dist.ENV_COORDINATOR, dist.ENV_NUM_PROCESSES, dist.ENV_PROCESS_ID, dist.ENV_LOCAL_DEVICE_IDS):
         base.pop(name, None)
@@ -415,7 +416,8 @@ def run_local(
     """Run `metatrain <command...>` as `processes` local processes; returns the exit code."""
     out = sys.stdout if out is None else out
     specs = local_process_specs(
-        command, processes=processes, devices_per_process=devices_per_process, port=port or pick_port()
+        command, processes=processes, devices_per_process=devices_per_process,
+        port=pick_port() if port is None else port,
     )
     if dry_run:
         out.write(format_specs(specs) + "\n")

@@ -9,34 +9,28 @@ options to set (`<TPU_NAME>` is filled by `--tpu-name`).
 
 Before any plan is made, the train command is parsed and its config loaded here, so a
 mesh that does not fit the devices or a batch that does not split over the processes is
-refused on the laptop rather than on the pod.
+refused on the laptop rather than on the pod. Its paths are first resolved for where the
+job runs (`PathView`: this directory, a filesystem the nodes share, or a clone or image
+of this repository), so the config checked here is the one the job reads, and a word
+with a control character is refused (`metatrain.launch.validate`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
+import os
 import shlex
 import shutil
 import subprocess
 import sys
-from typing import Sequence, TextIO
+from pathlib import Path
+from typing import Callable, Literal, Sequence, TextIO
 
 from metatrain.config import RunConfig
 from metatrain.errors import UserError
 from metatrain.launch import distributed as dist
-
-PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)>")
-
-
-def placeholder(option: str) -> str:
-    """The placeholder an option defaults to under --dry-run: `--tpu-name` -> `<TPU_NAME>`."""
-    return "<" + option.lstrip("-").replace("-", "_").upper() + ">"
-
-
-def option_of(name: str) -> str:
-    """The option that fills placeholder `<NAME>`: `TPU_NAME` -> `--tpu-name`."""
-    return "--" + name.lower().replace("_", "-")
+from metatrain.launch.validate import PLACEHOLDER, check_text, option_of, refusal
+from metatrain.paths import REPO_ROOT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,14 +101,29 @@ class TrainCommand:
     """The `train ...` command a launcher runs on every process, and its loaded config.
 
     Attributes:
-        args: the metatrain arguments, starting with "train".
+        args: the metatrain arguments, starting with "train", as the job runs them.
         config: the run config they describe (loaded here, to check the mesh).
         has_workdir: whether `--workdir` was given.
+        read_from: the directory a relative path in `args` is read from here: the launch
+            directory, or this checkout standing in for the workers' clone or image.
     """
 
     args: tuple[str, ...]
     config: RunConfig
     has_workdir: bool
+    read_from: Path
+
+
+#: Where a job finds the train command's relative paths (`parse_train_command(paths=...)`):
+#: "here": its processes start in this directory (`launch local`); paths stay as typed.
+#: "shared": it runs in this directory, on a filesystem the nodes share (Slurm);
+#:   `--config` and `--workdir` are written out absolute.
+#: "checkout": it runs in metatrain's directory of a clone or an image of this repository
+#:   (TPU VMs, GKE); a relative `--config` must be a file of this checkout (written relative
+#:   to its root); an absolute one elsewhere is read at that path on the workers too.
+PathView = Literal["here", "shared", "checkout"]
+
+_PATH_OPTIONS = ("--config", "--workdir")
 
 
 def strip_separator(command: Sequence[str]) -> list[str]:
@@ -123,30 +132,128 @@ def strip_separator(command: Sequence[str]) -> list[str]:
     return words[1:] if words[:1] == ["--"] else words
 
 
-def _load(words: Sequence[str]) -> TrainCommand:
+def _parse(words: Sequence[str]):
     from metatrain.cli import build_parser
-    from metatrain.train.cli import resolve_run
 
     try:
-        parsed = build_parser().parse_args(list(words))
+        return build_parser().parse_args(list(words))
     except SystemExit:
         raise UserError(f"the train arguments are not valid: {shlex.join(words)}") from None
-    config, _ = resolve_run(parsed.config, parsed.workdir, parsed.overrides)
-    return TrainCommand(tuple(words), config, parsed.workdir is not None)
 
 
-def parse_train_command(command: Sequence[str]) -> TrainCommand:
-    """Parse `train [train args]` as `metatrain train` would, and load its config.
+def _load(words: Sequence[str], read_from: Path) -> TrainCommand:
+    from metatrain.train.cli import resolve_run
+
+    parsed = _parse(words)
+    config_path = None if parsed.config is None else read_from / parsed.config  # an absolute path stays
+    workdir = None if parsed.workdir is None else read_from / parsed.workdir
+    config, _ = resolve_run(config_path, workdir, parsed.overrides)
+    return TrainCommand(tuple(words), config, parsed.workdir is not None, read_from)
+
+
+def parse_train_command(command: Sequence[str], *, paths: PathView = "here") -> TrainCommand:
+    """Parse `train [train args]` as `metatrain train` would, resolve its paths for where the
+    job runs (`paths`, see `PathView`), and load its config.
 
     Raises:
-        UserError: no command, a command other than `train`, or bad train arguments or config.
+        UserError: no command, a command other than `train`, a control character in a
+            word, a `--config` the job would not find, or bad train arguments or config.
     """
     words = strip_separator(command)
     if not words:
         raise UserError("no command to launch; add it after `--`, e.g. -- train --config configs/default.yaml")
     if words[0] != "train":
         raise UserError(f"can only launch `train` on every process, got {words[0]!r}; write -- train [train args]")
-    return _load(words)
+    check_train_words(words)
+    if paths == "shared":
+        return _load(_rewrite_paths(words, _absolute), Path.cwd())
+    if paths == "checkout":
+        return _load(_rewrite_paths(words, _in_checkout), REPO_ROOT)
+    return _load(words, Path.cwd())
+
+
+def check_train_words(words: Sequence[str]) -> None:
+    """Refuse a train word with a control character, naming its option (`--workdir`, `--set`).
+
+    Raises:
+        UserError: the first such word.
+    """
+    for i, word in enumerate(words):
+        option, value = "the train command", word
+        if word.startswith("--"):
+            name, eq, rest = word.partition("=")
+            option, value = (name, rest) if eq else (word, word)
+        elif i and words[i - 1].startswith("--"):
+            option = words[i - 1]
+        check_text(option, value)
+
+
+def _rewrite_paths(words: Sequence[str], resolve: Callable[[str, str], str]) -> list[str]:
+    """`words` with the value of each `--config` and `--workdir` replaced by `resolve(option, value)`.
+
+    Raises:
+        UserError: from `resolve`, or an option abbreviated (`--conf`), which is not rewritten.
+    """
+    out: list[str] = []
+    remaining = iter(words)
+    for word in remaining:
+        name, eq, value = word.partition("=")
+        if eq and name in _PATH_OPTIONS:
+            out.append(f"{name}={resolve(name, value)}")
+            continue
+        out.append(word)
+        if word in _PATH_OPTIONS:
+            value = next(remaining, None)
+            if value is not None:
+                out.append(resolve(word, value))
+    parsed = _parse(out)
+    for option, value in (("--config", parsed.config), ("--workdir", parsed.workdir)):
+        if value is not None and resolve(option, str(value)) != str(value):
+            raise refusal(option, str(value), f"write {option} out in full after `--`, so the launcher can "
+                          "resolve the path for the job")
+    return out
+
+
+def _absolute(option: str, value: str) -> str:
+    """("shared") `value` made absolute against this directory, which the job runs in too."""
+    path = Path(os.path.abspath(value))
+    if option == "--config" and not path.is_file():
+        in_repo = REPO_ROOT / value
+        hint = f"; did you mean --config {in_repo}?" if in_repo.is_file() and not Path(value).is_absolute() else ""
+        raise refusal(
+            option, value,
+            f"no such file: {path} (relative paths are relative to the directory you launch from, "
+            f"where the job runs too){hint}",
+        )
+    return str(path)
+
+
+def _in_checkout(option: str, value: str) -> str:
+    """("checkout") `--config` for a job that runs in metatrain's directory of a clone or an
+    image of this repository: a file of this checkout, relative to its root (an absolute
+    path into this checkout is made so); an absolute path elsewhere is kept, for storage
+    the workers see at the same path (a sweep directory). `--workdir` is kept as given (a
+    path on the worker, relative to that directory).
+    """
+    if option != "--config":
+        return value
+    path = (REPO_ROOT / value).resolve()  # an absolute value stays itself
+    if path.is_relative_to(REPO_ROOT) and path.is_file():
+        return str(path.relative_to(REPO_ROOT))
+    if Path(value).is_absolute() and not path.is_relative_to(REPO_ROOT):
+        return value  # the job reads it at that path; the launcher checks it here
+    here = Path(value).resolve()
+    if here.is_file() and here.is_relative_to(REPO_ROOT):
+        hint = f"; did you mean --config {here.relative_to(REPO_ROOT)}?"
+    elif here.is_file():
+        hint = f"; {here} is on this machine: give it absolute if the workers see it at that path"
+    else:
+        hint = ""
+    raise refusal(
+        option, value,
+        f"no such file in this checkout: {path} (the workers run in a clone or an image of this repository, "
+        f"where relative paths are relative to the repository root){hint}",
+    )
 
 
 def set_override(train: TrainCommand, key: str, value: int) -> TrainCommand:
@@ -161,7 +268,7 @@ def set_override(train: TrainCommand, key: str, value: int) -> TrainCommand:
         return train
     if any(a.startswith(f"{key}=") for a in train.args):
         raise UserError(f"the train command sets {key}={current}, but this launch needs {key}={value}")
-    return _load((*train.args, "--set", f"{key}={value}"))
+    return _load((*train.args, "--set", f"{key}={value}"), train.read_from)
 
 
 def with_workdir(train: TrainCommand, workdir: str) -> TrainCommand:
@@ -192,7 +299,8 @@ def check_run_shape(config: RunConfig, num_devices: int, num_processes: int) -> 
 
 
 def parse_env_assignments(pairs: Sequence[str]) -> dict[str, str]:
-    """`["KEY=VALUE", ...]` (from repeated --env) as a dict.
+    """`["KEY=VALUE", ...]` (from repeated --env) as a dict (names and values are checked
+    by the launcher's options, `validate.check_env`).
 
     Raises:
         UserError: an item without `=`, or one that sets a variable the launcher owns.

@@ -14,6 +14,13 @@ From it come the chip count, the hosts (one process each), gcloud's accelerator 
 
 Every process is started with `METATRAIN_DISTRIBUTED=auto`: `jax.distributed` finds the
 coordinator (worker 0), process count and id from the TPU environment itself.
+
+Paths: the train command runs in `--code-dir` of a clone of `--git-url` (gcloud) or of
+the image (xpk), so a relative `--config` is a file of this repository, relative to its
+root (the launcher reads it from this checkout to check the run); an absolute one is read
+at that path on the workers too (shared storage); `--workdir` and `--set` paths are the
+worker's. Names are validated (`metatrain.launch.validate`) and every value
+in the workers' shell command is `shlex.quote`d.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from typing import Mapping
 
 from metatrain.errors import UserError
 from metatrain.launch import distributed as dist
+from metatrain.launch import validate
 from metatrain.launch.plan import Command, Plan, TrainCommand, check_run_shape, set_override
 
-_TOPOLOGY = re.compile(r"^(?P<gen>v4|v5e|v5p|v6e):(?P<shape>\d+(x\d+){1,2})$")
+_TOPOLOGY = re.compile(r"(?P<gen>v4|v5e|v5p|v6e):(?P<shape>[0-9]+(x[0-9]+){1,2})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +113,7 @@ def parse_topology(topology: str) -> TpuSlice:
     Raises:
         UserError: not GENERATION:SHAPE for a known generation, or the wrong number of dims.
     """
-    match = _TOPOLOGY.match(topology.strip())
+    match = _TOPOLOGY.fullmatch(topology.strip())
     if match is None:
         raise UserError(
             f"--topology {topology!r}: expected GENERATION:SHAPE with GENERATION one of "
@@ -145,14 +153,26 @@ class TpuOptions:
     max_restarts: int = 3
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        validate.GCP_PROJECT.check("--project", self.project)
+        validate.GCP_ZONE.check("--zone", self.zone)
+        validate.TPU_NAME.check("--tpu-name", self.tpu_name)
+        validate.GKE_CLUSTER.check("--cluster", self.cluster)
+        validate.IMAGE.check("--image", self.image)
+        validate.XPK_WORKLOAD.check("--workload", self.workload)
+        validate.GIT_URL.check("--git-url", self.git_url)
+        validate.GIT_REF.check("--git-ref", self.git_ref)
+        validate.check_path("--code-dir", self.code_dir)
+        validate.check_range("--max-restarts", self.max_restarts, 0, what="the restart count")
+        validate.check_env("--env", self.env)
 
-_PLAIN_WORD = re.compile(r"[\w@%+=:,./~<>-]+")
 
-
-def _word(text: str) -> str:
-    """`text` as one word of the worker's shell: bare when it can be (paths keep `~`,
-    placeholders stay readable; a plan with placeholders never runs), else quoted."""
-    return text if _PLAIN_WORD.fullmatch(text) and "<" not in text.strip("<>") else shlex.quote(text)
+def _remote_path(path: str) -> str:
+    """`path` as one word of the worker's shell, quoted; a leading `~/` stays bare so the
+    worker's shell expands it to the home directory."""
+    if path == "~" or path.startswith("~/"):
+        return path[:2] + (shlex.quote(path[2:]) if path[2:] else "")
+    return shlex.quote(path)
 
 
 def _train_shell(train: TrainCommand, env: Mapping[str, str]) -> str:
@@ -179,17 +199,21 @@ def _notes(tpu: TpuSlice, slices: int, mesh: str, train: TrainCommand) -> list[s
 def _gcloud_plan(options: TpuOptions, tpu: TpuSlice, train: TrainCommand, notes: list[str]) -> Plan:
     where = [f"--project={options.project}", f"--zone={options.zone}", "--worker=all"]
     ssh = ("gcloud", "compute", "tpus", "tpu-vm", "ssh", options.tpu_name, *where)
-    code = _word(options.code_dir)
+    code = _remote_path(options.code_dir)
+    create = (
+        "gcloud", "compute", "tpus", "tpu-vm", "create", options.tpu_name, f"--project={options.project}",
+        f"--zone={options.zone}", f"--accelerator-type={tpu.accelerator_type}",
+        f"--version={tpu.generation.runtime_version}",
+    )
     commands = []
     text = [
         "# metatrain launch tpu: run these from a machine with gcloud access to the TPU VM",
-        f"#   (create it first: gcloud compute tpus tpu-vm create {options.tpu_name} --project={options.project} "
-        f"--zone={options.zone} --accelerator-type={tpu.accelerator_type} --version={tpu.generation.runtime_version})",
+        f"#   (create it first: {shlex.join(create)})",
         *notes,
     ]
     if options.setup:
         setup = (
-            f"git clone --branch {_word(options.git_ref)} {_word(options.git_url)} {code} 2>/dev/null "
+            f"git clone --branch {shlex.quote(options.git_ref)} -- {shlex.quote(options.git_url)} {code} 2>/dev/null "
             f'|| git -C {code} pull --ff-only; cd {code} && pip install -e ".[tpu]"'
         )
         commands.append(Command((*ssh, f"--command={setup}")))

@@ -226,7 +226,10 @@ def test_slurm_script_gives_every_task_its_id_and_the_coordinator_and_requeues_o
             f"{dist.ENV_NUM_PROCESSES}=4",
             f"{dist.ENV_PROCESS_ID}={task}",
         ]
-    assert (tasks / "argv").read_text().split() == ["-m", "metatrain.cli", "train", "--config", "configs/default.yaml"]
+    # -P: metatrain comes from --code-dir (PYTHONPATH), not the launch directory; the config path is absolute
+    assert (tasks / "argv").read_text().split() == [
+        "-P", "-m", "metatrain.cli", "train", "--config", os.path.abspath("configs/default.yaml"),
+    ]
     assert not Path(os.environ["RECORD"] + ".scontrol").exists()
 
     preempted = subprocess.run(["bash"], input=script, text=True, env={**env, "FAKE_EXIT": "75"}, timeout=60)
@@ -253,9 +256,9 @@ def test_a_plan_with_placeholders_is_not_launched(capsys, fake_bin):
     "argv",
     [
         ["slurm", "--partition", "gpu"],
-        ["gke", "--image", "img:1", "--bucket", "b", "--service-account", "sa"],
-        ["tpu", "--project", "p", "--zone", "z", "--tpu-name", "t", "--git-url", "https://example.com/m.git"],
-        ["tpu", "--project", "p", "--zone", "z", "--num-slices", "2", "--cluster", "c", "--image", "img:1"],
+        ["gke", "--image", "img:1", "--bucket", "my-bucket", "--service-account", "sa"],
+        ["tpu", "--project", "my-project", "--zone", "us-east5-a", "--tpu-name", "t", "--git-url", "https://example.com/m.git"],
+        ["tpu", "--project", "my-project", "--zone", "us-east5-a", "--num-slices", "2", "--cluster", "c", "--image", "img:1"],
     ],
 )
 def test_a_launch_runs_exactly_the_printed_plan(argv, capsys, fake_bin):
