@@ -13,26 +13,37 @@ are metadata); extra keys on a segment are refused, because a misspelt `"mdoe"` 
 otherwise silently put AI text in human mode.
 
 Bad records never stop a run by default: `read_documents` reports each one (file,
-line, document id, reason), counts it in a `SkipCounter` and goes on.
+line, document id, reason), counts it in a `SkipCounter` and goes on. `parse_record`
+turns one raw line into a `Document` for both read paths (this streaming one, and the
+random-access one in `metatrain.data.sources`): invalid UTF-8, invalid JSON, a repeated
+key and records past the limits of `metatrain.strict_parsing` (too deep, a number too
+large, a key too long) are all record errors. A UTF-8 byte order mark at the start of
+a line is ignored (editors put one at the start of a file; `cat` carries it inside).
+Files named `.jsonl.gz`, `.jsonl.zst`, `.jsonl.bz2` or `.jsonl.xz` are decompressed
+as they are read (`metatrain.compression`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from metatrain.compression import iter_lines
 from metatrain.errors import RecordError
-from metatrain.strict_parsing import DuplicateKeyError, loads_json
+from metatrain.strict_parsing import DuplicateKeyError, JsonLimitError, describe_json_error, loads_json
 
 logger = logging.getLogger(__name__)
 
 SEGMENT_KINDS: tuple[str, ...] = ("text", "thinking")
 DEFAULT_DOCUMENT_MODE = "human"
 _SEGMENT_KEYS = frozenset({"kind", "text", "mode", "control"})
+_BOM = b"\xef\xbb\xbf"
+_REPR_LIMIT = 60  # characters of a bad value quoted in a message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,16 +92,25 @@ class SkipCounter:
 
     Attributes:
         max_messages: how many messages to keep and log; later skips are only counted.
-        count: records skipped so far.
+        count: distinct records skipped so far.
         messages: the first `max_messages` reasons, as `file:line (document id): reason`.
     """
 
     max_messages: int = 10
     count: int = 0
     messages: list[str] = dataclasses.field(default_factory=list)
+    _seen: set[tuple[str, int]] = dataclasses.field(default_factory=set, repr=False)
 
     def add(self, error: RecordError) -> None:
-        """Counts one skipped record; logs it if it is among the first `max_messages`."""
+        """Counts one skipped record; logs it if it is among the first `max_messages`.
+
+        A record already counted (same file and line: read again in the next epoch, or by
+        the eval stream) is neither counted nor logged again, so `count` and the log agree.
+        """
+        key = (str(error.path), int(error.line))
+        if key in self._seen:
+            return
+        self._seen.add(key)
         self.count += 1
         if len(self.messages) < self.max_messages:
             self.messages.append(str(error))
@@ -102,6 +122,12 @@ class SkipCounter:
         """One line for the end of a run, e.g. `skipped 3 bad records`."""
         plural = "" if self.count == 1 else "s"
         return f"skipped {self.count} bad record{plural}"
+
+
+def _short_repr(value: Any) -> str:
+    """`repr(value)`, cut to `_REPR_LIMIT` characters: a message never quotes a megabyte."""
+    text = repr(value)
+    return text if len(text) <= _REPR_LIMIT else text[:_REPR_LIMIT] + f"... ({len(text)} characters)"
 
 
 def _check_text(text: str, where: str) -> None:
@@ -127,7 +153,7 @@ def _parse_segment(obj: Any, index: int) -> Segment:
         raise ValueError(f"{where} has no `kind`; expected one of {', '.join(SEGMENT_KINDS)}")
     kind = obj["kind"]
     if kind not in SEGMENT_KINDS:
-        raise ValueError(f"{where} has unknown kind {kind!r}; expected one of {', '.join(SEGMENT_KINDS)}")
+        raise ValueError(f"{where} has unknown kind {_short_repr(kind)}; expected one of {', '.join(SEGMENT_KINDS)}")
     if "text" not in obj:
         raise ValueError(f"{where} has no `text`")
     text = obj["text"]
@@ -139,7 +165,7 @@ def _parse_segment(obj: Any, index: int) -> Segment:
     for key in ("mode", "control"):
         value = obj.get(key)
         if value is not None and (not isinstance(value, str) or not value):
-            raise ValueError(f"{where}: `{key}` must be a non-empty string, got {value!r}")
+            raise ValueError(f"{where}: `{key}` must be a non-empty string, got {_short_repr(value)}")
     return Segment(kind=kind, text=text, mode=obj.get("mode"), control=obj.get("control"))
 
 
@@ -168,7 +194,7 @@ def parse_document(obj: Any, *, path: str, line: int) -> Document:
             raise ValueError("`segments` is empty; a document needs at least one segment")
         mode = obj.get("mode", DEFAULT_DOCUMENT_MODE)
         if not isinstance(mode, str) or not mode:
-            raise ValueError(f"`mode` must be a non-empty string, got {mode!r}")
+            raise ValueError(f"`mode` must be a non-empty string, got {_short_repr(mode)}")
         parsed = tuple(_parse_segment(s, i) for i, s in enumerate(segments))
     except ValueError as e:
         raise RecordError(path, line, str(e), doc_id) from None
@@ -181,33 +207,50 @@ def parse_document(obj: Any, *, path: str, line: int) -> Document:
     )
 
 
+def parse_record(raw: bytes, *, path: str, line: int) -> Document | None:
+    """The `Document` of one raw JSON Lines line, or None for a blank line.
+
+    Raises:
+        RecordError: the line is not valid UTF-8, not JSON, past the JSON limits
+            (`metatrain.strict_parsing`), or not a valid document.
+    """
+    if raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
+    if not raw.strip():
+        return None
+    try:
+        text = raw.rstrip(b"\r\n").decode("utf-8")  # so `json` counts columns on this line
+    except UnicodeDecodeError as e:
+        raise RecordError(path, line, f"invalid UTF-8 at byte {e.start} of the line: "
+                                      f"{raw[e.start:e.start + 4]!r}") from None
+    try:
+        obj = loads_json(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(path, line, f"invalid JSON: {describe_json_error(e)}") from None
+    except DuplicateKeyError as e:
+        raise RecordError(path, line, f"invalid JSON: {e}") from None
+    except JsonLimitError as e:
+        raise RecordError(path, line, str(e)) from None
+    return parse_document(obj, path=path, line=line)
+
+
 def _read_one_file(path: Path) -> Iterator[Document | RecordError]:
     name = str(path)
+    lines = iter_lines(path)
     try:
-        handle = path.open("rb")
+        first = next(lines, None)
     except OSError as e:
         raise RecordError(name, 0, f"cannot open: {e.strerror or e}") from None
-    with handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield RecordError(name, line_no, f"invalid UTF-8 at byte {e.start} of the line: {raw[e.start:e.start + 4]!r}")
-                continue
-            try:
-                obj = loads_json(text.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                yield RecordError(name, line_no, f"invalid JSON: {e.msg} at column {e.colno}")
-                continue
-            except DuplicateKeyError as e:
-                yield RecordError(name, line_no, f"invalid JSON: {e}")
-                continue
-            try:
-                yield parse_document(obj, path=name, line=line_no)
-            except RecordError as e:
-                yield e
+    if first is None:
+        return
+    for line_no, raw in enumerate(itertools.chain([first], lines), start=1):
+        try:
+            doc = parse_record(raw, path=name, line=line_no)
+        except RecordError as e:
+            yield e
+            continue
+        if doc is not None:
+            yield doc
 
 
 def read_documents(
@@ -218,8 +261,9 @@ def read_documents(
 ) -> Iterator[Document]:
     """Streams the valid documents of one or more JSON Lines files, in order.
 
-    Blank lines are ignored. A bad record (invalid UTF-8, invalid JSON, invalid
-    document) is skipped, counted in `skips` and, for the first few, logged with
+    Blank lines are ignored; compressed files (by name) are decompressed. A bad
+    record (invalid UTF-8, invalid JSON, too deep, a number too large or a key too
+    long, an invalid document) is skipped, counted in `skips` and, for the first few, logged with
     file:line, document id and reason; every good record before and after it is
     still yielded.
 
@@ -231,6 +275,7 @@ def read_documents(
     Raises:
         RecordError: in strict mode, the first bad record; always, a file that
             cannot be opened (line 0).
+        UserError: a compressed file with a plain name, or a damaged compressed file.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]

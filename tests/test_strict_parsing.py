@@ -58,3 +58,31 @@ def test_a_document_with_a_key_twice_is_a_record_error_skipped_and_counted(tmp_p
     assert skips.count == 1
     with pytest.raises(RecordError, match=rf"{path}:2: invalid JSON: duplicate key 'kind'"):
         list(read_documents(path, strict=True))
+
+
+def test_json_limits_are_checked_without_recursing_and_only_outside_strings():
+    from metatrain.strict_parsing import MAX_JSON_DEPTH, JsonLimitError, check_json_depth
+
+    deep = "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)
+    with pytest.raises(JsonLimitError, match=f"nested deeper than {MAX_JSON_DEPTH} levels"):
+        loads_json(deep)
+    # brackets in strings, escaped quotes included, do not nest
+    text = json.dumps({"a": '\\"' + "[" * 500, "b": ["x\\", "{" * 500]})
+    check_json_depth(text)
+    assert loads_json(text)["b"][1] == "{" * 500
+    assert loads_json('{"n": -12, "x": 1.5e3, "y": [0.25]}') == {"n": -12, "x": 1500.0, "y": [0.25]}
+    for bad, reason in [("1e999", "number too large"), ("Infinity", "Infinity is not a JSON number"),
+                        ("-Infinity", "-Infinity is not a JSON number"), ("1" * 101, "number too large")]:
+        with pytest.raises(JsonLimitError, match=reason):
+            loads_json(f'{{"v": {bad}}}')
+
+
+def test_json_error_messages_say_at_once():
+    from metatrain.strict_parsing import describe_json_error
+
+    for text, expected in [('{"a": "x', "Unterminated string starting at column 7"),
+                           ('{"a": "\x01"}', "Invalid control character at column 8"),
+                           ('{"a" 1}', "Expecting ':' delimiter at column 6")]:
+        with pytest.raises(json.JSONDecodeError) as info:
+            loads_json(text)
+        assert describe_json_error(info.value) == expected

@@ -31,8 +31,10 @@ class SourceConfig:
     """One document source of the training mixture.
 
     Attributes:
-        path: a JSON Lines file, a glob of them (`data/*.jsonl`), or a token-cache
-            directory written by `metatrain data cache`.
+        path: a JSON Lines file (plain, or compressed: `.jsonl.gz`, `.jsonl.zst`,
+            `.jsonl.bz2`, `.jsonl.xz`), a glob of them (`data/*.jsonl`, which also finds
+            the compressed ones), or a token-cache directory written by `metatrain data
+            cache`. A directory of JSON Lines files is given as a glob (`data/*.jsonl`).
         weight: relative share of this source in the mixture (weights need not sum to 1).
     """
 

@@ -150,7 +150,8 @@ class BatchIterator:
         lanes: the global rows this process makes.
     """
 
-    def __init__(self, dataset: grain.IterDataset, *, identity: dict[str, Any], lanes: range, gather: bool):
+    def __init__(self, dataset: grain.IterDataset, *, identity: dict[str, Any], lanes: range, gather: bool,
+                 skips: SkipCounter | None = None):
         self._dataset = dataset
         self._iter = dataset.__iter__()
         self._identity = identity
@@ -158,7 +159,7 @@ class BatchIterator:
         self.lanes = lanes
         self.batch_size = identity["batch_size"]
         self.seq_len = identity["seq_len"]
-        self.skips = SkipCounter()
+        self.skips = SkipCounter() if skips is None else skips
         self._copy = identity["num_workers"] > 0
 
     def __iter__(self) -> "BatchIterator":
@@ -297,6 +298,7 @@ def make_batch_iterator(
     seed: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    skips: SkipCounter | None = None,
 ) -> BatchIterator:
     """The batch stream of one split, for this process.
 
@@ -308,6 +310,8 @@ def make_batch_iterator(
         seed: order of the train split; None uses `data.seed`.
         process_index: this process (default `jax.process_index()`).
         process_count: number of processes (default `jax.process_count()`).
+        skips: the counter bad records go to (default: a new one); a trainer shares one
+            between its train and eval streams, so each bad record is counted once.
 
     Returns:
         A `BatchIterator` yielding `[batch_size // process_count, seq_len]` batches.
@@ -329,8 +333,8 @@ def make_batch_iterator(
     except ValueError as e:
         raise UserError(f"trainer.batch_size: {e}") from None
 
-    skips = SkipLog()
-    sources = [_open_source(data, k, split, skips) for k in range(len(data.sources))]
+    log = SkipLog()
+    sources = [_open_source(data, k, split, log) for k in range(len(data.sources))]
     found = [_has_document(src, split, data) for src in sources]
     if split == "train" and not all(found):
         empty = [s.name for s, f in zip(sources, found) if not f]
@@ -348,7 +352,7 @@ def make_batch_iterator(
     for lane in lanes:
         examples = train_lane(sources, lane, batch_size, seed) if split == "train" else eval_lane(sources, lane, batch_size)
         packed.append(pack_examples(examples.to_iter_dataset(_SYNC), seq_len))
-    ds: grain.IterDataset = LanesIterDataset(packed, lanes, seq_len, finite=split == "eval", skips=skips)
+    ds: grain.IterDataset = LanesIterDataset(packed, lanes, seq_len, finite=split == "eval", skips=log)
     # Records of the other split read as None and are dropped; that is by design, so
     # grain's "most elements were filtered" warning would only be noise for eval.
     ds = grain.experimental.WithOptionsIterDataset(
@@ -368,4 +372,4 @@ def make_batch_iterator(
         "eval_fraction": data.eval_fraction,
     }
     gather = process_count == real_processes and real_processes > 1
-    return BatchIterator(ds, identity=identity, lanes=lanes, gather=gather)
+    return BatchIterator(ds, identity=identity, lanes=lanes, gather=gather, skips=skips)

@@ -2,9 +2,14 @@
 
 A source path (`SourceConfig.path`) is one of
 
-    a JSON Lines file        data/corpus.jsonl
-    a glob of them           data/shards/*.jsonl   (sorted, read as one source)
+    a JSON Lines file        data/corpus.jsonl, or compressed: data/corpus.jsonl.gz (.zst, .bz2, .xz)
+    a glob of them           data/shards/*.jsonl   (sorted, read as one source; a glob
+                             ending in .jsonl also finds the compressed .jsonl.gz etc.)
     a token cache directory  written by `metatrain data cache` (see `cache.py`)
+
+A compressed file is decompressed once into a spill file under `$TMPDIR`, which is
+what gets indexed and memory-mapped (`metatrain.compression` says why and what it costs);
+records and errors still name the compressed file and its line numbers.
 
 `JsonlLines` indexes the non-blank lines of its files once (byte offsets, found with
 NumPy) so grain can shuffle and shard them without reading them; `JsonlReader` parses,
@@ -21,17 +26,16 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from metatrain.compression import COMPRESSIONS, random_access_path
 from metatrain.data.packing import shift_document
 from metatrain.data.split import check_split, id_hash, in_split
-from metatrain.documents import parse_document
+from metatrain.documents import parse_record
 from metatrain.errors import RecordError, UserError
-from metatrain.strict_parsing import DuplicateKeyError, loads_json
 
 _INDEX_CHUNK = 64 << 20  # bytes scanned at a time when indexing lines
 _GLOB_CHARS = frozenset("*?[")
@@ -40,19 +44,39 @@ _GLOB_CHARS = frozenset("*?[")
 def expand_jsonl_paths(path: str | Path) -> list[Path]:
     """The JSON Lines files a source path names (a file, or the sorted files of a glob).
 
+    A glob ending in `.jsonl` also matches the compressed files beside them
+    (`*.jsonl` finds `a.jsonl` and `b.jsonl.gz`).
+
     Raises:
-        UserError: the file does not exist, or the glob matches no file.
+        UserError: the file does not exist or is a directory, the glob matches no
+            file, or it matches one corpus both plain and compressed.
     """
     text = str(path)
     if _GLOB_CHARS & set(text):
-        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        patterns = [text, *(text + suffix for suffix in COMPRESSIONS)] if text.endswith(".jsonl") else [text]
+        found = {Path(p) for pattern in patterns for p in glob.glob(pattern, recursive=True)}
+        files = sorted(p for p in found if p.is_file())
         if not files:
             raise UserError(f"data source {text}: the glob matches no file")
+        _refuse_twins(text, files)
         return files
     p = Path(text)
+    if p.is_dir():
+        raise UserError(f"data source {text} is a directory, and not a token cache (it has no cache.json); "
+                        f"to read its JSON Lines files give a glob such as {p / '*.jsonl'}")
     if not p.is_file():
         raise UserError(f"data source {text} does not exist (expected a JSON Lines file, a glob or a token cache)")
     return [p]
+
+
+def _refuse_twins(pattern: str, files: list[Path]) -> None:
+    """A glob that finds `a.jsonl` and `a.jsonl.gz` would read the same documents twice."""
+    names = {str(f) for f in files}
+    for f in files:
+        for suffix in COMPRESSIONS:
+            if str(f) + suffix in names:
+                raise UserError(f"data source {pattern} matches both {f} and {f}{suffix}; its documents "
+                                "would be read twice: remove one, or narrow the glob")
 
 
 def _index_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -76,16 +100,25 @@ def _index_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return starts[keep], ends[keep], keep + 1
 
 
+def _random_access(path: Path) -> Path:
+    try:
+        return random_access_path(path)
+    except OSError as e:
+        raise UserError(f"data source {path}: cannot open: {e.strerror or e}") from None
+
+
 class JsonlLines:
     """Random access to the non-blank lines of one or more JSON Lines files.
 
     `lines[i]` is `(path, line_number, raw_bytes)`; it implements grain's
-    `RandomAccessDataSource` (`__len__`, `__getitem__`).
+    `RandomAccessDataSource` (`__len__`, `__getitem__`). A compressed file is read
+    from its decompressed spill file; `path` still names the compressed file.
     """
 
     def __init__(self, files: list[Path]):
-        self.files = [str(f) for f in files]
-        starts, ends, numbers = zip(*(_index_lines(Path(f)) for f in self.files)) if files else ((), (), ())
+        self.files = [str(f) for f in files]  # the names records and errors report
+        self._data_files = [str(_random_access(Path(f))) for f in self.files]  # what is mapped
+        starts, ends, numbers = zip(*(_index_lines(Path(f)) for f in self._data_files)) if files else ((), (), ())
         self._starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
         self._ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
         self._numbers = np.concatenate(numbers) if numbers else np.zeros(0, np.int64)
@@ -102,7 +135,7 @@ class JsonlLines:
             self._maps = {}
         data = self._maps.get(file_index)
         if data is None:
-            data = self._maps[file_index] = np.memmap(self.files[file_index], dtype=np.uint8, mode="r")
+            data = self._maps[file_index] = np.memmap(self._data_files[file_index], dtype=np.uint8, mode="r")
         raw = data[self._starts[index]:self._ends[index]].tobytes()
         return self.files[file_index], int(self._numbers[index]), raw
 
@@ -208,18 +241,10 @@ class JsonlReader:
     def _encode(self, path: str, line: int, raw: bytes):
         from metatrain.tokenizer import EncodeError
 
-        if not raw.strip():
-            return None
         try:
-            try:
-                obj = loads_json(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise RecordError(path, line, f"invalid UTF-8 at byte {e.start} of the line") from None
-            except json.JSONDecodeError as e:
-                raise RecordError(path, line, f"invalid JSON: {e.msg} at column {e.colno}") from None
-            except DuplicateKeyError as e:
-                raise RecordError(path, line, f"invalid JSON: {e}") from None
-            doc = parse_document(obj, path=path, line=line)
+            doc = parse_record(raw, path=path, line=line)
+            if doc is None:
+                return None
             if self.split is not None and not in_split(id_hash(doc.id), self.split, self.eval_fraction):
                 return None
             try:

@@ -39,6 +39,7 @@ import numpy as np
 
 from metatrain.config import RunConfig, config_to_dict
 from metatrain.data import global_batch, make_batch_iterator
+from metatrain.documents import SkipCounter
 from metatrain.errors import DivergedError, MetatrainError, UserError
 from metatrain.hardware import local_chip
 from metatrain.parallel.mesh import sharding_context
@@ -169,7 +170,7 @@ class MetricsWindow:
             "tokens_per_sec": tps,
             "step_time": elapsed / n,
             "mfu": mfu(self.trainer.flops_per_token, tps, self.trainer.peak_flops, jax.device_count()),
-            "skipped_records": self.trainer.train_iter.skips.count,
+            "skipped_records": self.trainer.skips.count,
         }
         self.trainer.writer.write(host[-1][0], metrics)
         self.last = metrics
@@ -350,7 +351,11 @@ class Trainer:
         self.shardings, self.batch_sharding = program.shardings, program.batch_sharding
         self.train_step, self.eval_step = program.train_step, program.eval_step
         # The data order comes from `data.seed`; `trainer.seed` initialises the parameters.
-        self.train_iter = make_batch_iterator(config.data, batch_size=tc.batch_size, seq_len=tc.seq_len, split="train")
+        # One counter for the train and every eval stream: a bad record is counted (and
+        # logged) once however often the streams read it, so the summary matches the log.
+        self.skips = SkipCounter()
+        self.train_iter = make_batch_iterator(config.data, batch_size=tc.batch_size, seq_len=tc.seq_len,
+                                              split="train", skips=self.skips)
         self.checkpointer = Checkpointer(self.workdir, config.checkpoint)
         self.writer = MetricsWriter(self.workdir, enabled=self.is_main)
         self.progress = None
@@ -390,7 +395,8 @@ class Trainer:
         """
         tc = self.config.trainer
         sums = None
-        with make_batch_iterator(self.config.data, batch_size=tc.batch_size, seq_len=tc.seq_len, split="eval") as it:
+        with make_batch_iterator(self.config.data, batch_size=tc.batch_size, seq_len=tc.seq_len, split="eval",
+                                 skips=self.skips) as it:
             for _ in range(tc.eval_batches):
                 try:
                     local = next(it)
@@ -465,7 +471,7 @@ class Trainer:
             eval_metrics=evaluation.last,
             tokens_per_sec=window.tokens_per_sec(),
             checkpoint_dir=self.checkpointer.directory,
-            skipped_records=self.train_iter.skips.count,
+            skipped_records=self.skips.count,
             preempted=info is not None and info.preempted,
         )
 
