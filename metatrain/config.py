@@ -307,9 +307,12 @@ def save_config(config: RunConfig, path: str | Path) -> None:
     write_atomically(path, text, option="config")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, named_by: str = "config file") -> dict[str, Any]:
+    """The mapping in YAML file `path`; `named_by` says who named it, for the messages."""
+    if path.is_dir():
+        raise UserError(f"{named_by} {path} is a directory; give a YAML file")
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
+        raise UserError(f"{named_by} {path} does not exist")
     try:
         data = load_yaml(path.read_text())
     except DuplicateKeyError as e:
@@ -328,7 +331,7 @@ def _read_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
         raise UserError(f"config `base:` chain loops: {cycle}")
-    data = _read_yaml(path)
+    data = _read_yaml(path, f"{chain[-1]}: `base:`" if chain else "config file")
     _resolve_paths(RunConfig, data, path.parent)
     base = data.pop(_BASE_KEY, None)
     if base is None:

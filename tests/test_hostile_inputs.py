@@ -76,3 +76,13 @@ def test_tokenizer_train_refuses_an_empty_mantra_file(docs, tmp_path, capsys):
                  "--out", str(tmp_path / "tok"), "--mantra-file", str(mantra)])
     assert code == 2 and "--mantra-file" in capsys.readouterr().err
     assert not (tmp_path / "tok.model").exists()
+
+
+def test_a_directory_as_config_or_base_is_named_as_a_directory(tmp_path):
+    (tmp_path / "configs").mkdir()
+    with pytest.raises(UserError, match=r"^config file .*/configs is a directory; give a YAML file$"):
+        load_config(tmp_path / "configs")
+    child = tmp_path / "run.yaml"
+    child.write_text("base: configs\n")
+    with pytest.raises(UserError, match=rf"^{child}: `base:` .*/configs is a directory; give a YAML file$"):
+        load_config(child)
