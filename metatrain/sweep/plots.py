@@ -23,6 +23,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from metatrain.outputs import write_atomically
 from metatrain.sweep.fit import RoleFit
 
 _STYLES = ("-", "--", ":", "-.")
@@ -53,8 +54,9 @@ def _save(fig: Figure, path: Path) -> Path:
     for ax in fig.axes:  # log axes label decades only; minor labels collide
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.yaxis.set_minor_formatter(NullFormatter())
-    fig.savefig(path, dpi=90)
-    return path
+    # The temporary has no .png suffix, so the format is named.
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format=path.suffix.lstrip(".") or "png"),
+                            option="plot")
 
 
 def _figure(rows: int, cols: int) -> tuple[Figure, np.ndarray]:
