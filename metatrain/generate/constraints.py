@@ -74,7 +74,8 @@ class TagConstraints:
         Args:
             encoder: tokenizer, grammar and mantra the model was trained with.
             lock_mode: lock generation into this mode (e.g. "ai"): a row ends when the
-                grammar returns to the base mode. None: no lock.
+                grammar returns to the base mode. `THINKING_LOCK`: a row is one thinking
+                block and ends at `</thinking>`. None: no lock.
 
         Raises:
             UserError: `lock_mode` is not a mode of the grammar, or is its base mode.
@@ -82,7 +83,9 @@ class TagConstraints:
         bound = encoder.bound_grammar
         grammar = bound.grammar
         ends = np.zeros((grammar.num_states,), bool)
-        if lock_mode is not None:
+        if lock_mode == THINKING_LOCK:  # one thinking block: the row ends at its </thinking>
+            ends = np.array([not s.thinking for s in grammar.states])
+        elif lock_mode is not None:
             check_lock_mode(encoder, lock_mode)
             ends = np.array([s.mode == grammar.base_mode for s in grammar.states])
         mantra = np.asarray(encoder.mantra_ids if encoder.mantra else [], np.int32)
@@ -102,8 +105,17 @@ class TagConstraints:
         )
 
 
+#: The lock that writes one thinking block: generation starts after `<thinking>` (and the
+#: mantra, when the policy gives this block one) and ends at `</thinking>`. This is how a
+#: trained model annotates a corpus (`metatrain annotate --generator metatrain`).
+THINKING_LOCK = "thinking"
+
+
 def check_lock_mode(encoder: Encoder, mode: str) -> None:
-    """Raises `UserError` unless generation can be locked into `mode`."""
+    """Raises `UserError` unless generation can be locked into `mode` (a mode of the
+    grammar other than its base mode, or `THINKING_LOCK`)."""
+    if mode == THINKING_LOCK:
+        return
     grammar = encoder.grammar
     if mode not in grammar.modes:
         raise UserError(f"cannot lock generation into mode {mode!r}: the tag registry "

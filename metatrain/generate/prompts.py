@@ -16,8 +16,9 @@ import numpy as np
 
 from metatrain.documents import Document
 from metatrain.errors import UserError
-from metatrain.generate.constraints import check_lock_mode
+from metatrain.generate.constraints import THINKING_LOCK, check_lock_mode
 from metatrain.tokenizer.encoder import EncodeError, Encoder
+from metatrain.tokenizer.mantra import block_gets_mantra
 
 Prompt = str | Document
 
@@ -93,6 +94,16 @@ def check_prompt_text(prompt: str) -> str:
     return prompt
 
 
+def _thinking_prefix(encoder: Encoder, body: np.ndarray, state: int) -> tuple[int, ...]:
+    """`<thinking>`, then the mantra when the policy gives this block one, as in training."""
+    if encoder.grammar.states[state].thinking:
+        raise UserError("the prompt ends inside a thinking block; the thinking lock opens a new one")
+    opening = encoder.tag_ids[encoder.grammar.registry.thinking_open]
+    blocks = int(np.sum(body == opening))
+    mantra = encoder.mantra_ids.tolist() if encoder.mantra and block_gets_mantra(encoder.mantra_policy, blocks) else []
+    return (opening, *mantra)
+
+
 def encode_prompt(encoder: Encoder, prompt: Prompt, lock_mode: str | None = None) -> EncodedPrompt:
     """Encodes a prompt and, with a lock, the mode tags into the locked mode.
 
@@ -107,7 +118,10 @@ def encode_prompt(encoder: Encoder, prompt: Prompt, lock_mode: str | None = None
     prompt_state = int(grammar_states(encoder, body)[-1])
     state = prompt_state
     prefix: tuple[int, ...] = ()
-    if lock_mode is not None:
+    if lock_mode == THINKING_LOCK:
+        prefix = _thinking_prefix(encoder, body, state)
+        state = int(grammar_states(encoder, np.asarray(prefix), start=state)[-1])
+    elif lock_mode is not None:
         check_lock_mode(encoder, lock_mode)
         mode = encoder.grammar.states[state].mode
         prefix = tuple(encoder.tag_ids[t] for t in encoder.grammar.mode_path(mode, lock_mode))
