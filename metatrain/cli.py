@@ -38,6 +38,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "metatrain.generate.cli",
     "metatrain.launch.cli",
     "metatrain.sweep.cli",
+    "metatrain.annotate.cli",
 )
 
 #: Commands that, started by a launcher on every host, join the run before they start.

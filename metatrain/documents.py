@@ -207,12 +207,13 @@ def parse_document(obj: Any, *, path: str, line: int) -> Document:
     )
 
 
-def parse_record(raw: bytes, *, path: str, line: int) -> Document | None:
-    """The `Document` of one raw JSON Lines line, or None for a blank line.
+def load_record(raw: bytes, *, path: str, line: int) -> Any:
+    """The parsed JSON value of one raw JSON Lines line, or None for a blank line (a
+    leading BOM is ignored).
 
     Raises:
-        RecordError: the line is not valid UTF-8, not JSON, past the JSON limits
-            (`metatrain.strict_parsing`), or not a valid document.
+        RecordError: the line is not valid UTF-8, not JSON, or past the JSON limits
+            (`metatrain.strict_parsing`).
     """
     if raw.startswith(_BOM):
         raw = raw[len(_BOM):]
@@ -224,14 +225,24 @@ def parse_record(raw: bytes, *, path: str, line: int) -> Document | None:
         raise RecordError(path, line, f"invalid UTF-8 at byte {e.start} of the line: "
                                       f"{raw[e.start:e.start + 4]!r}") from None
     try:
-        obj = loads_json(text)
+        return loads_json(text)
     except json.JSONDecodeError as e:
         raise RecordError(path, line, f"invalid JSON: {describe_json_error(e)}") from None
     except DuplicateKeyError as e:
         raise RecordError(path, line, f"invalid JSON: {e}") from None
     except JsonLimitError as e:
         raise RecordError(path, line, str(e)) from None
-    return parse_document(obj, path=path, line=line)
+
+
+def parse_record(raw: bytes, *, path: str, line: int) -> Document | None:
+    """The `Document` of one raw JSON Lines line, or None for a blank line.
+
+    Raises:
+        RecordError: the line is not valid UTF-8, not JSON, past the JSON limits
+            (`metatrain.strict_parsing`), or not a valid document.
+    """
+    obj = load_record(raw, path=path, line=line)
+    return None if obj is None else parse_document(obj, path=path, line=line)
 
 
 def _read_one_file(path: Path) -> Iterator[Document | RecordError]:

@@ -19,3 +19,23 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    """A work directory with one checkpoint, written by the real trainer (tiny model, 1 step):
+    what generation and the annotate `metatrain` generator read."""
+    from metatrain.config import load_config
+    from metatrain.paths import CONFIGS_DIR
+    from metatrain.train.loop import train
+
+    path = tmp_path_factory.mktemp("run")
+    config = load_config(CONFIGS_DIR / "tiny.yaml", [
+        "trainer.steps=1", "trainer.batch_size=8", "trainer.seq_len=32", "trainer.eval_every=0",
+        "trainer.progress=false", "checkpoint.every=1", "checkpoint.async_save=false",
+    ])
+    train(config, path)
+    return path

@@ -1,0 +1,101 @@
+"""What writes the thinking: one small interface, and the registry of generators.
+
+A generator turns one `ThinkRequest` (an insertion point of one document: the rendered
+chat prompt, and the document so far as segments) into one `ThinkReply` (the thinking
+text, stripped; "" means "no thinking here", which is not an error). Generators are
+async so that many requests can be in flight (`--concurrency`); one that cannot overlap
+requests (a local checkpoint) simply serialises them.
+
+Adding a generator: a class with the attributes and methods of `ThoughtGenerator`,
+and an entry in `GENERATORS` naming the function that builds it from the CLI's options.
+
+Errors: a request that fails for good (after the generator's own retries) raises
+`GenerationError` with a reason that never contains a secret (API keys are never part
+of any message); the runner then lists the document as failed, with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from metatrain.documents import Segment
+
+
+@dataclasses.dataclass(frozen=True)
+class ThinkRequest:
+    """One insertion point to write a thought for.
+
+    Attributes:
+        doc_id: the document's id.
+        point: index of the insertion point in the document (0-based).
+        messages: the chat messages ({"role", "content"}), rendered from the template.
+        context: the document up to the insertion point, as segments (the text so far and
+            the thinking kept or accepted so far); a model trained by metatrain continues it.
+        attempt: 0 for the first request, then 1, 2, ... after rejected blocks.
+        seed: a seed derived from the run's seed, the document and the point (and attempt),
+            for generators that sample.
+        mode: the document's mode (the base of `context`).
+    """
+
+    doc_id: str
+    point: int
+    messages: tuple[dict[str, str], ...]
+    context: tuple[Segment, ...]
+    attempt: int = 0
+    seed: int = 0
+    mode: str = "human"
+
+
+@dataclasses.dataclass(frozen=True)
+class ThinkReply:
+    """A generator's answer: the thinking text (stripped; "" for none) and token counts."""
+
+    text: str
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+class GenerationError(Exception):
+    """A request failed for good (after retries); `reason` is safe to print and store."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ThoughtGenerator(Protocol):
+    """The interface every generator implements.
+
+    Attributes:
+        kind: the `--generator` name (`openai`, `metatrain`).
+        model: what wrote the thoughts, for provenance (a model name, a checkpoint path).
+        settings: sampling settings and the like, JSON-serialisable, for provenance.
+    """
+
+    kind: str
+    model: str
+    settings: dict[str, Any]
+
+    async def think(self, request: ThinkRequest) -> ThinkReply:
+        """The thought for `request`. Raises `GenerationError` when it fails for good."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and devices."""
+        ...
+
+
+#: `--generator` name -> builder from the parsed CLI options (`argparse.Namespace`).
+GENERATORS: dict[str, Callable[[Any], ThoughtGenerator]] = {}
+
+
+def register_generator(kind: str) -> Callable[[Callable[[Any], ThoughtGenerator]], Callable[[Any], ThoughtGenerator]]:
+    """Decorator: `@register_generator("openai")` on a builder `fn(args) -> ThoughtGenerator`."""
+
+    def add(builder: Callable[[Any], ThoughtGenerator]) -> Callable[[Any], ThoughtGenerator]:
+        GENERATORS[kind] = builder
+        return builder
+
+    return add

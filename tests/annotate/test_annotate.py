@@ -1,0 +1,237 @@
+"""`metatrain annotate` end to end: the real command against a real OpenAI-compatible HTTP
+server on 127.0.0.1 (scripted replies, injected faults), its output read back by `encode`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from metatrain.cli import main
+from metatrain.documents import read_documents
+from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+from metatrain.tokenizer import Encoder
+
+from .chat_server import ChatServer, Fault, last_user_message
+
+SECRET = "sk-test-0123456789-do-not-leak"
+
+RAW = [
+    {"id": "alpha", "text": "The river rises in the north.\n\nIt reaches the sea after 900 km.\n", "title": "Rivers"},
+    {"id": "beta", "text": "Exports grew by 3 percent in 2019.\r\n\r\nImports fell. Caf\u00e9 prices \U0001f600 rose.",
+     "url": "https://example.org/b"},
+    {"id": "gamma", "text": "One paragraph only, no newline at the end"},
+]
+
+
+def write_raw(path: Path, records=RAW) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def doc_of(body) -> str:
+    """The document id a request is about (the default templates show `Document: <title or id>`)."""
+    match = re.search(r"^Document: (.*)$", last_user_message(body), re.MULTILINE)
+    return match.group(1) if match else ""
+
+
+def annotate(server: ChatServer, raw: Path, out: Path, *extra: str) -> int:
+    return main(["annotate", "--input", str(raw), "--out", str(out), "--generator", "openai",
+                 "--base-url", server.base_url, "--model", "scripted", "--timeout", "2", "--no-progress",
+                 *extra])
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def text_of(record: dict) -> str:
+    return "".join(s["text"] for s in record["segments"] if s["kind"] == "text")
+
+
+@pytest.fixture()
+def raw(tmp_path) -> Path:
+    return write_raw(tmp_path / "raw.jsonl")
+
+
+def test_passages_get_thoughts_and_the_text_is_unchanged(raw, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    out = tmp_path / "docs.jsonl"
+    with ChatServer() as server:
+        assert annotate(server, raw, out) == 0
+        requests = server.requests
+        headers = server.headers
+    got = records(out)
+    assert [r["id"] for r in got] == ["alpha", "beta", "gamma"]
+    assert [text_of(r) for r in got] == [r["text"] for r in RAW]
+    alpha = got[0]
+    assert [s["kind"] for s in alpha["segments"]] == ["text", "thinking", "text", "thinking"]
+    assert alpha["segments"][1]["text"].startswith("Thinking about ")  # stripped reply
+    assert alpha["title"] == "Rivers" and got[1]["url"] == "https://example.org/b"  # metadata kept
+    a = alpha["annotation"]
+    assert (a["generator"], a["model"], a["where"], a["points"], a["accepted"], a["rejected"]) == (
+        "openai", "scripted", "passage", 2, 2, 0)
+    assert len(a["prompt_sha256"]) == 64 and a["settings"]["temperature"] == 0.7
+    assert len(requests) == sum(r["annotation"]["points"] for r in got)
+    assert all(h.get("authorization") == f"Bearer {SECRET}" for h in headers)
+    err = capsys.readouterr().err
+    assert "annotated 3 documents" in err and "blocks: 5 accepted, 0 rejected" in err
+    for path in (out, Path(str(out) + ".annotate.json")):
+        assert SECRET not in path.read_text()
+    assert SECRET not in err
+    # What annotate writes, encode reads: the real command, the real encoder.
+    encoded = tmp_path / "ids.jsonl"
+    assert main(["encode", "--tokenizer", str(SAMPLE_TOKENIZER), "--input", str(out), "--output", str(encoded)]) == 0
+    assert len(encoded.read_text().splitlines()) == 3
+
+
+def test_document_and_chunk_placements(raw, tmp_path):
+    with ChatServer() as server:
+        assert annotate(server, raw, tmp_path / "tpt.jsonl", "--where", "document") == 0
+        assert annotate(server, raw, tmp_path / "bolt.jsonl", "--where", "chunk", "--split", "sentence",
+                        "--order", "random", "--seed", "7") == 0
+    for r in records(tmp_path / "tpt.jsonl"):
+        assert [s["kind"] for s in r["segments"]] == ["text", "thinking"]
+    bolt = records(tmp_path / "bolt.jsonl")
+    assert [text_of(r) for r in bolt] == [r["text"] for r in RAW]
+    kinds = [s["kind"] for r in bolt for s in r["segments"]]
+    assert kinds.count("thinking") == sum(r["annotation"]["accepted"] for r in bolt) >= 3
+
+
+def test_faults_are_retried_and_a_document_that_keeps_failing_is_listed(raw, tmp_path, capsys):
+    faults = {0: Fault("status", 429), 1: Fault("status", 500), 2: Fault("malformed"), 3: Fault("close"),
+              4: Fault("timeout", seconds=5)}
+
+    def fault(index, body):
+        if doc_of(body) == "beta":
+            return Fault("status", 503)  # always: beta fails after the retries
+        return faults.get(index)
+
+    out = tmp_path / "docs.jsonl"
+    with ChatServer(faults=fault) as server:
+        assert annotate(server, raw, out, "--max-retries", "5", "--timeout", "1", "--concurrency", "1") == 0
+    assert [r["id"] for r in records(out)] == ["alpha", "gamma"]
+    failed = records(Path(str(out) + ".failed.jsonl"))
+    assert [f["id"] for f in failed] == ["beta"] and "503" in failed[0]["reason"]
+    assert failed[0]["line"] == 2 and failed[0]["path"].endswith("raw.jsonl")
+    assert "failed: 1 documents" in capsys.readouterr().err
+
+
+def test_empty_replies_mean_no_thinking_and_rejected_blocks_are_retried(raw, tmp_path):
+    seen: dict[str, int] = {}
+
+    def reply(body):
+        key = last_user_message(body)
+        seen[key] = seen.get(key, 0) + 1
+        if doc_of(body) == "gamma":
+            return ""  # no thinking here
+        return "Hm." if seen[key] == 1 else "A second, longer thought about this passage."
+
+    out = tmp_path / "docs.jsonl"
+    with ChatServer(reply=reply) as server:
+        assert annotate(server, raw, out, "--concurrency", "1") == 0
+    alpha, beta, gamma = records(out)
+    assert alpha["annotation"]["rejected"] == 2 and alpha["annotation"]["accepted"] == 2
+    assert {s["text"] for s in alpha["segments"] if s["kind"] == "thinking"} == {
+        "A second, longer thought about this passage."}
+    assert [s["kind"] for s in gamma["segments"]] == ["text"] and gamma["annotation"]["empty"] == 1
+
+
+def test_a_user_filter_rejects_blocks_and_a_point_goes_without_after_the_retries(raw, tmp_path, monkeypatch):
+    (tmp_path / "myfilters.py").write_text(
+        "def no_rivers(thought, context):\n"
+        "    return 'about rivers' if context['id'] == 'alpha' else True\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "docs.jsonl"
+    with ChatServer() as server:
+        assert annotate(server, raw, out, "--filter", "myfilters:no_rivers", "--retries", "1") == 0
+        assert sum(doc_of(b) == "Rivers" for b in server.requests) == 4  # 2 points x (1 + 1 retry)
+    alpha = records(out)[0]
+    assert [s["kind"] for s in alpha["segments"]] == ["text"]  # no block: the text stays one segment
+    assert alpha["annotation"]["rejected"] == 4 and alpha["annotation"]["filter"] == "myfilters:no_rivers"
+
+
+def test_tag_strings_in_generated_thinking_stay_text(raw, tmp_path):
+    hostile = "I wonder </thinking><AI> whether <|good|> tags <thinking> leak."
+    out = tmp_path / "docs.jsonl"
+    with ChatServer(reply=lambda body: hostile) as server:
+        assert annotate(server, raw, out, "--where", "document") == 0
+    encoder = Encoder.from_files(SAMPLE_TOKENIZER, DEFAULT_TAGS)
+    for doc in read_documents([out]):
+        segments = encoder.decode_segments(encoder.encode(doc).ids)
+        assert [s.text for s in segments if s.kind == "thinking"] == [hostile]
+        assert "".join(s.text for s in segments if s.kind == "text") == "".join(
+            s.text for s in doc.segments if s.kind == "text")
+
+
+def test_a_resume_with_other_settings_or_a_foreign_output_is_refused(raw, tmp_path, capsys):
+    out = tmp_path / "docs.jsonl"
+    with ChatServer() as server:
+        assert annotate(server, raw, out) == 0
+        before = out.read_bytes()
+        assert annotate(server, raw, out, "--where", "document") == 2
+        err = capsys.readouterr().err
+        assert "was annotated with other settings (" in err and "where: 'passage' -> 'document'" in err
+        assert annotate(server, raw, out) == 0  # same settings: nothing left to do
+        assert out.read_bytes() == before
+        foreign = tmp_path / "mine.jsonl"
+        foreign.write_text("my notes\n")
+        assert annotate(server, raw, foreign) == 2
+        assert "was not written by annotate" in capsys.readouterr().err
+        assert foreign.read_text() == "my notes\n"
+        assert annotate(server, raw, raw) == 2
+        assert "is one of the inputs" in capsys.readouterr().err
+
+
+def _many(n: int) -> list[dict]:
+    return [{"id": f"doc-{i:02d}", "text": f"Passage {i} one.\n\nPassage {i} two.\n"} for i in range(n)]
+
+
+def _subprocess_annotate(server, raw, out, *extra):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "OPENAI_API_KEY": SECRET}
+    return subprocess.Popen(
+        [sys.executable, "-m", "metatrain.cli", "annotate", "--input", str(raw), "--out", str(out),
+         "--generator", "openai", "--base-url", server.base_url, "--model", "scripted", "--no-progress",
+         "--concurrency", "2", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def _wait_for_lines(path: Path, n: int, process, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_bytes().splitlines()) >= n:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"annotate ended early: {process.stderr.read().decode()}")
+        time.sleep(0.02)
+    raise AssertionError("annotate wrote too little in time")
+
+
+@pytest.mark.parametrize("how", ["kill", "sigterm"])
+def test_killed_and_resumed_equals_an_uninterrupted_run_and_requests_nothing_twice(tmp_path, how):
+    raw = write_raw(tmp_path / "raw.jsonl", _many(14))
+    whole, cut = tmp_path / "whole.jsonl", tmp_path / "cut.jsonl"
+    with ChatServer(latency=0.15) as server:  # one server: its URL is part of the provenance
+        assert annotate(server, raw, whole, "--concurrency", "2") == 0
+        process = _subprocess_annotate(server, raw, cut)
+        _wait_for_lines(cut, 4, process)
+        process.send_signal(signal.SIGKILL if how == "kill" else signal.SIGTERM)
+        code = process.wait(timeout=60)
+        assert code == (-signal.SIGKILL if how == "kill" else 75), process.stderr.read().decode()
+        finished = [r["id"] for r in records(cut)]
+        assert 4 <= len(finished) < 14
+        before = len(server.requests)
+        resumed = _subprocess_annotate(server, raw, cut)
+        assert resumed.wait(timeout=120) == 0, resumed.stderr.read().decode()
+        again = {doc_of(b) for b in server.requests[before:]}
+    assert not again & set(finished), "a finished document was requested again"
+    assert cut.read_bytes() == whole.read_bytes()
+    assert SECRET not in cut.read_text()
