@@ -235,3 +235,15 @@ def test_killed_and_resumed_equals_an_uninterrupted_run_and_requests_nothing_twi
     assert not again & set(finished), "a finished document was requested again"
     assert cut.read_bytes() == whole.read_bytes()
     assert SECRET not in cut.read_text()
+
+
+def test_a_line_cut_short_by_a_crash_is_done_again(raw, tmp_path):
+    out = tmp_path / "docs.jsonl"
+    with ChatServer() as server:
+        assert annotate(server, raw, out) == 0
+        whole = out.read_bytes()
+        out.write_bytes(whole[: whole.rindex(b"\n", 0, len(whole) - 1) + 40])  # the last line, cut
+        before = len(server.requests)
+        assert annotate(server, raw, out) == 0
+        assert {doc_of(b) for b in server.requests[before:]} == {"gamma"}  # only the cut document
+    assert out.read_bytes() == whole
