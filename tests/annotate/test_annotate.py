@@ -215,7 +215,7 @@ def _wait_for_lines(path: Path, n: int, process, timeout: float = 60) -> None:
     raise AssertionError("annotate wrote too little in time")
 
 
-@pytest.mark.parametrize("how", ["kill", "sigterm"])
+@pytest.mark.parametrize("how", ["kill", "sigterm", "sigint"])
 def test_killed_and_resumed_equals_an_uninterrupted_run_and_requests_nothing_twice(tmp_path, how):
     raw = write_raw(tmp_path / "raw.jsonl", _many(14))
     whole, cut = tmp_path / "whole.jsonl", tmp_path / "cut.jsonl"
@@ -223,9 +223,11 @@ def test_killed_and_resumed_equals_an_uninterrupted_run_and_requests_nothing_twi
         assert annotate(server, raw, whole, "--concurrency", "2") == 0
         process = _subprocess_annotate(server, raw, cut)
         _wait_for_lines(cut, 4, process)
-        process.send_signal(signal.SIGKILL if how == "kill" else signal.SIGTERM)
+        signum, status = {"kill": (signal.SIGKILL, -signal.SIGKILL), "sigterm": (signal.SIGTERM, 75),
+                          "sigint": (signal.SIGINT, 130)}[how]
+        process.send_signal(signum)
         code = process.wait(timeout=60)
-        assert code == (-signal.SIGKILL if how == "kill" else 75), process.stderr.read().decode()
+        assert code == status, process.stderr.read().decode()
         finished = [r["id"] for r in records(cut)]
         assert 4 <= len(finished) < 14
         before = len(server.requests)
@@ -247,3 +249,20 @@ def test_a_line_cut_short_by_a_crash_is_done_again(raw, tmp_path):
         assert annotate(server, raw, out) == 0
         assert {doc_of(b) for b in server.requests[before:]} == {"gamma"}  # only the cut document
     assert out.read_bytes() == whole
+
+
+def test_a_prompt_file_replaces_the_template_and_unknown_fields_are_refused(raw, tmp_path, capsys):
+    template = tmp_path / "mine.txt"
+    template.write_text("[$id $point/$points] $passage")
+    out = tmp_path / "docs.jsonl"
+    with ChatServer() as server:
+        assert annotate(server, raw, out, "--prompt", str(template)) == 0
+        messages = [last_user_message(b) for b in server.requests]
+    assert {"[alpha 1/2] The river rises in the north.\n\n", "[alpha 2/2] It reaches the sea after 900 km.\n"} <= set(messages)
+    sha = __import__("hashlib").sha256(template.read_bytes()).hexdigest()
+    assert records(out)[0]["annotation"]["prompt_sha256"] == sha
+    template.write_text("Think about $pasage.")
+    with ChatServer() as server:
+        assert annotate(server, raw, tmp_path / "other.jsonl", "--prompt", str(template)) == 2
+        assert not server.requests
+    assert "uses $pasage, which is not a template field" in capsys.readouterr().err
