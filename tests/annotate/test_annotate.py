@@ -266,3 +266,14 @@ def test_a_prompt_file_replaces_the_template_and_unknown_fields_are_refused(raw,
         assert annotate(server, raw, tmp_path / "other.jsonl", "--prompt", str(template)) == 2
         assert not server.requests
     assert "uses $pasage, which is not a template field" in capsys.readouterr().err
+
+
+def test_annotating_annotated_documents_again_keeps_the_lineage(raw, tmp_path):
+    first, second = tmp_path / "gen0.jsonl", tmp_path / "gen1.jsonl"
+    with ChatServer() as server:
+        assert annotate(server, raw, first) == 0
+        assert annotate(server, first, second, "--replace-thinking", "--where", "document") == 0
+    for a, b in zip(records(first), records(second)):
+        assert text_of(a) == text_of(b) and a["id"] == b["id"]
+        assert b["annotation"]["where"] == "document" and b["annotation"]["previous"] == a["annotation"]
+        assert [s["kind"] for s in b["segments"]] == ["text", "thinking"]
