@@ -63,7 +63,8 @@ class MetatrainGenerator:
         keep = self.context_chars
         while True:
             prompt = Document(request.doc_id, _last_chars(request.context, keep), mode=request.mode)
-            length = len(encode_prompt(encoder, prompt, THINKING_LOCK).ids)
+            encoded = encode_prompt(encoder, prompt, THINKING_LOCK)
+            length = len(encoded.ids)  # the forced <thinking> and mantra included
             if length <= room:
                 break
             if keep <= 1:
@@ -78,7 +79,8 @@ class MetatrainGenerator:
         thinking = next((s.text for s in sample.segments if s.kind == "thinking"), "")
         if encoder.mantra and thinking.startswith(encoder.mantra):
             thinking = thinking[len(encoder.mantra):]
-        return ThinkReply(thinking.strip(), tokens_in=length, tokens_out=len(sample.ids))
+        # `sample.ids` starts with the forced prefix, already counted in `tokens_in`.
+        return ThinkReply(thinking.strip(), tokens_in=length, tokens_out=len(sample.ids) - len(encoded.prefix))
 
     async def aclose(self) -> None:
         return None
