@@ -39,6 +39,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "metatrain.launch.cli",
     "metatrain.sweep.cli",
     "metatrain.annotate.cli",
+    "metatrain.hf.cli",
 )
 
 #: Commands that, started by a launcher on every host, join the run before they start.

@@ -169,7 +169,7 @@ def grow_train_state(
     return new_state, tuple(grown)
 
 
-def _host_devices() -> list[jax.Device]:
+def host_devices() -> list[jax.Device]:
     """One CPU device when JAX has the CPU backend (host memory holds the whole state),
     else the first device."""
     try:
@@ -178,7 +178,7 @@ def _host_devices() -> list[jax.Device]:
         return jax.local_devices()[:1]
 
 
-def _on_one_device(config: RunConfig) -> RunConfig:
+def on_one_device(config: RunConfig) -> RunConfig:
     """`config` laid over a single device (the layout does not change a checkpoint's shapes)."""
     mesh = dataclasses.replace(config.mesh, data=1, fsdp=1, tensor=1, dcn_data=1)
     return dataclasses.replace(config, mesh=mesh)
@@ -256,7 +256,7 @@ def resize_checkpoint(
         )
     SpmTokenizer.load(tokenizer, load_registry(tags))  # every tag present, as a control piece
 
-    old_program = build_train_program(_on_one_device(old_config), _host_devices())
+    old_program = build_train_program(on_one_device(old_config), host_devices())
     restored = _restore_newest(workdir, old_config, old_program.abstract_state())
 
     new_config = dataclasses.replace(
@@ -264,12 +264,12 @@ def resize_checkpoint(
         model=dataclasses.replace(old_config.model, vocab_size=new_vocab),
         data=dataclasses.replace(old_config.data, tokenizer=out / TOKENIZER_FILE, tags=out / TAGS_FILE),
     )
-    new_program = build_train_program(_on_one_device(new_config), _host_devices())
+    new_program = build_train_program(on_one_device(new_config), host_devices())
     state, grown = grow_train_state(
         restored.state, new_program.abstract_state(),
         old_vocab_size=old_vocab, new_vocab_size=new_vocab, seed=seed, noise_scale=noise_scale,
     )
-    _write_workdir(out, new_config, tokenizer, tags, restored.step, state, restored.data_state)
+    write_workdir(out, new_config, tokenizer, tags, restored.step, state, restored.data_state)
     return ResizeReport(workdir, out, restored.step, old_vocab, new_vocab, new_pieces, grown)
 
 
@@ -300,7 +300,7 @@ def _restore_newest(workdir: Path, config: RunConfig, abstract_state: Any):
     return restored
 
 
-def _write_workdir(
+def write_workdir(
     out: Path, config: RunConfig, tokenizer: Path, tags: Path, step: int, state: Any, data_state: dict
 ) -> None:
     """Creates `out` under its lock; on any failure removes what was written there."""

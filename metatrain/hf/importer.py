@@ -1,0 +1,248 @@
+"""`metatrain import`: a Llama-family Hugging Face checkpoint -> a metatrain work directory.
+
+    FROM/config.json                      -> the `model` section of OUT/config.yaml
+    FROM/model*.safetensors (+ index)     -> OUT/checkpoints/0 (parameters; fresh optimizer)
+    FROM/tokenizer.model (SentencePiece)  -> OUT/tokenizer.model, with every tag of the
+                                             registry it lacks appended (`extend_tokenizer`)
+
+`metatrain train --workdir OUT --set trainer.steps=N` then trains on from the imported
+weights (step 0, empty Adam moments, warmup from the config). The rest of the run config
+(data, loss, optimizer, trainer, compute dtypes) comes from `--config` (default: the
+embedded default) and `--set`; the architecture always comes from config.json.
+
+New tag ids follow the tokenizer's own, so every old id keeps its row; the new rows of
+the embedding (and untied output projection) start as `metatrain tokenizer
+resize-checkpoint` starts them: the mean of the old rows plus small noise
+(`metatrain.train.resize.grow_train_state`). A checkpoint whose function metatrain's
+model cannot compute exactly (RoPE scaling, biases, another activation, a sliding
+window, tensors the model has no place for) is refused, naming the field or tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from metatrain.config import RunConfig, load_config
+from metatrain.data.pipeline import make_batch_iterator
+from metatrain.errors import FaultError, UserError, describe_cause
+from metatrain.hf.convert import (
+    ARCHITECTURE_FIELDS,
+    LLAMA_FAMILY,
+    check_hf_names,
+    from_hf_tensors,
+    model_fields_from_llama,
+)
+from metatrain.hf.export import require_hf
+from metatrain.models.config import ModelConfig
+from metatrain.outputs import check_output_dir
+from metatrain.paths import DEFAULT_TAGS
+from metatrain.tokenizer.build import extend_tokenizer
+from metatrain.tokenizer.registry import load_registry
+from metatrain.tokenizer.resize import DEFAULT_NOISE_SCALE
+from metatrain.tokenizer.spm import vocab_size_of
+from metatrain.train.program import build_train_program
+from metatrain.train.resize import (
+    TAGS_FILE,
+    TOKENIZER_FILE,
+    grow_train_state,
+    host_devices,
+    on_one_device,
+    write_workdir,
+)
+from metatrain.train.state import TrainState
+
+SAFETENSORS_FILE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportReport:
+    """What `import_checkpoint` wrote.
+
+    Attributes:
+        source: the Hugging Face directory (only read).
+        out: the new work directory.
+        model: the imported model's shape.
+        added_tags: tags appended to the tokenizer, with their ids.
+        grown: parameter leaves that gained rows for them.
+    """
+
+    source: Path
+    out: Path
+    model: ModelConfig
+    added_tags: dict[str, int]
+    grown: tuple[str, ...]
+
+    def summary(self) -> str:
+        """One line for the command line."""
+        added = ", ".join(f"{t}={i}" for t, i in self.added_tags.items()) or "none"
+        return (f"wrote {self.out} from {self.source}: {self.model.num_params:,} parameters, vocabulary "
+                f"{self.model.vocab_size} (tags added: {added}); continue with "
+                f"`metatrain train --workdir {self.out} --set trainer.steps=N`")
+
+
+def read_hf_config(source: Path) -> dict[str, Any]:
+    """config.json with the installed transformers' defaults filled in (Llama family only).
+
+    Raises:
+        UserError: no config.json, or not a Llama-family model (its `model_type` is named).
+    """
+    path = source / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--from {source}: no config.json; give a Hugging Face model directory") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read it ({describe_cause(e)})") from None
+    if not isinstance(raw, dict) or raw.get("model_type") not in LLAMA_FAMILY:
+        model_type = raw.get("model_type") if isinstance(raw, dict) else None
+        raise UserError(f"{path}: model_type={model_type!r} is not a Llama-family model ({', '.join(LLAMA_FAMILY)}); "
+                        "metatrain cannot represent it exactly, so it is not imported")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source).to_dict()
+    except Exception as e:  # noqa: BLE001 - transformers' validation raises several kinds (strict dataclasses)
+        raise UserError(f"{path}: transformers refuses it: {str(e).splitlines()[-1].strip() or e}") from None
+
+
+def _weight_files(source: Path) -> list[Path]:
+    index = source / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{index}: not a safetensors index ({describe_cause(e)})") from None
+        return [source / name for name in sorted(set(weight_map.values()))]
+    if (source / SAFETENSORS_FILE).is_file():
+        return [source / SAFETENSORS_FILE]
+    raise UserError(f"--from {source}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}; metatrain imports safetensors "
+                    "weights only (save the model with `save_pretrained(..., safe_serialization=True)`)")
+
+
+def read_hf_tensors(source: Path, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """Every tensor of the checkpoint's safetensors files as NumPy `dtype` arrays (float32
+    holds float32, bfloat16 and float16 exactly)."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    tensors: dict[str, np.ndarray] = {}
+    for path in _weight_files(source):
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name).to(torch.float32).numpy().astype(dtype, copy=False)
+        except OSError as e:
+            raise FaultError(f"cannot read {path}: {describe_cause(e)}") from None
+        except SafetensorError as e:
+            raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    return tensors
+
+
+def _base_config(config_file: Path | None, overrides: Sequence[str]) -> RunConfig:
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if key.startswith("model.") and key[len("model."):] in ARCHITECTURE_FIELDS:
+            raise UserError(f"--set {override}: {key} comes from the checkpoint's config.json and cannot be set on import")
+    return load_config(config_file, overrides)
+
+
+def _initial_data_state(config: RunConfig, tokenizer: Path, tags: Path) -> dict:
+    """The data iterator's state before its first batch, as a fresh run would save it."""
+    data = dataclasses.replace(config.data, tokenizer=tokenizer, tags=tags)
+    tc = config.trainer
+    with make_batch_iterator(data, batch_size=tc.batch_size, seq_len=tc.seq_len, split="train") as it:
+        return it.get_state()
+
+
+def import_checkpoint(
+    source: str | Path,
+    out: str | Path,
+    *,
+    tags: str | Path | None = None,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    seed: int = 0,
+    noise_scale: float = DEFAULT_NOISE_SCALE,
+) -> ImportReport:
+    """Writes the work directory `out` from the Hugging Face directory `source`.
+
+    Args:
+        source: holds config.json, tokenizer.model and safetensors weights.
+        out: the new work directory; must not exist, or be empty.
+        tags: the tag registry (default: the shipped `tokenizer/tags.yaml`).
+        config_file: run config the non-model sections come from (default: the embedded
+            default config).
+        overrides: `--set KEY=VALUE` on that config (not the model's architecture).
+        seed: seed of the noise in the new tag rows.
+        noise_scale: that noise's standard deviation, as a fraction of each feature's
+            spread over the old rows.
+
+    Raises:
+        UserError: `out` is not empty; a file is missing; the architecture (a field or a
+            tensor, named) is not one metatrain computes exactly; the tokenizer does not
+            match the embedding or has a tag as an ordinary piece.
+        FaultError: a file cannot be read, or `out` cannot be written.
+    """
+    require_hf()
+    check_output_dir(out, option="--out")
+    if not (noise_scale >= 0 and math.isfinite(noise_scale)):
+        raise UserError(f"--noise-scale {noise_scale}: must be a finite number >= 0")
+    source, out = Path(source).resolve(), Path(out).resolve()
+    tags = Path(tags).resolve() if tags is not None else DEFAULT_TAGS
+    registry = load_registry(tags)
+    base = _base_config(Path(config_file) if config_file is not None else None, overrides)
+
+    fields = model_fields_from_llama(read_hf_config(source), source=str(source / "config.json"))
+    compute = {name: getattr(base.model, name) for name in ("dtype", "param_dtype", "remat", "scan_layers", "attention")}
+    try:
+        old_model = ModelConfig(**fields, **compute)
+    except UserError as e:
+        raise UserError(f"{source}/config.json: {e}") from None
+    spm_file = source / TOKENIZER_FILE
+    if not spm_file.is_file():
+        raise UserError(f"--from {source}: no {TOKENIZER_FILE}; metatrain imports models with a SentencePiece tokenizer")
+    pieces = vocab_size_of(spm_file)
+    if pieces != old_model.vocab_size:
+        raise UserError(
+            f"{source}/config.json: vocab_size={old_model.vocab_size} but {spm_file} has {pieces} pieces; metatrain "
+            "needs one embedding row per SentencePiece piece (tags are appended after them)"
+        )
+    tensors = read_hf_tensors(source, np.dtype(old_model.param_dtype))
+    check_hf_names(list(tensors), old_model, source=str(source))
+    try:
+        params = from_hf_tensors(tensors, old_model)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    del tensors
+
+    with tempfile.TemporaryDirectory(prefix="metatrain-import-") as tmp:
+        tokenizer = Path(tmp) / TOKENIZER_FILE
+        extended = extend_tokenizer(spm_file, registry, tokenizer)
+        model = dataclasses.replace(old_model, vocab_size=extended.vocab_size)
+        try:
+            config = dataclasses.replace(
+                base, model=model,
+                data=dataclasses.replace(base.data, tokenizer=out / TOKENIZER_FILE, tags=out / TAGS_FILE),
+            )
+        except UserError as e:
+            raise UserError(f"{e} (model.max_seq_len is config.json's max_position_embeddings; "
+                            "shorten trainer.seq_len with --set)") from None
+        program = build_train_program(on_one_device(config), host_devices())
+        old_state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               opt_state=program.optimizer.init(params))
+        state, grown = grow_train_state(
+            old_state, program.abstract_state(), old_vocab_size=old_model.vocab_size,
+            new_vocab_size=model.vocab_size, seed=seed, noise_scale=noise_scale,
+        )
+        data_state = _initial_data_state(config, tokenizer, tags)
+        write_workdir(out, config, tokenizer, tags, 0, state, data_state)
+    return ImportReport(source, out, model, dict(extended.added), grown)
