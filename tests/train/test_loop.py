@@ -7,11 +7,9 @@ is the reference the resume and sharding tests compare against.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 
 from metatrain.config import load_config
-from metatrain.data import global_batch, make_batch_iterator
+from metatrain.data import global_batch
 from metatrain.paths import REPO_ROOT
 from metatrain.roles import Role
 from metatrain.errors import DivergedError
