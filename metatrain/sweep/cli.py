@@ -5,7 +5,7 @@
     metatrain sweep run DIR [--spec SWEEP.yaml] [--fit] [--only NAME ...]
     metatrain sweep run DIR --emit local|tpu|gke|slurm [--launch-arg ARG ...] [--dry-run]
     metatrain sweep run DIR --collect
-    metatrain sweep fit DIR [--role text|thinking|joint|all] [--json] [--no-plots]
+    metatrain sweep fit DIR [--role text|thinking|joint|all | --loss-key KEY] [--json] [--no-plots]
 
 `sweep run DIR --spec SWEEP.yaml --fit` is the whole sweep in one command: plan (if DIR
 has no manifest yet), train every point here, fit and plot. See docs/sweeps.md.
@@ -64,6 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("directory", type=Path, metavar="DIR", help="directory holding manifest.jsonl")
     fit.add_argument("--role", default="all", choices=("text", "thinking", "joint", "all"),
                      help="loss to fit: text, thinking, the joint loss, or all of them (default)")
+    fit.add_argument("--loss-key", default=None, metavar="KEY",
+                     help="fit this numeric manifest key instead of --role, e.g. bpb/text (bits per byte "
+                          "of text, comparable across tokenizers)")
     fit.add_argument("--json", action="store_true", help="print the JSON report instead of text")
     fit.add_argument("--tokens-key", default="tokens",
                      help="manifest key used as D (default: tokens; text_tokens with count_tokens: text)")
@@ -161,7 +164,7 @@ def run_run(args: argparse.Namespace) -> int:
     failed = [r["name"] for r in selected if r.get("status") == "failed"]
     print(f"{done}/{len(selected)} runs done" + (f"; failed: {', '.join(failed)}" if failed else ""))
     if args.fit and done == len(records):
-        _fit_and_print(args.directory, role="all", as_json=False, tokens_key="tokens",
+        _fit_and_print(args.directory, role="all", loss_key=None, as_json=False, tokens_key="tokens",
                        resamples=args.bootstrap, seed=args.seed, plots=True)
     elif args.fit:
         print("not fitting yet: some runs are not done (metatrain sweep fit DIR fits the finished ones)")
@@ -169,18 +172,19 @@ def run_run(args: argparse.Namespace) -> int:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    _fit_and_print(args.directory, role=args.role, as_json=args.json, tokens_key=args.tokens_key,
-                   resamples=args.bootstrap, seed=args.seed, plots=not args.no_plots)
+    _fit_and_print(args.directory, role=args.role, loss_key=args.loss_key, as_json=args.json,
+                   tokens_key=args.tokens_key, resamples=args.bootstrap, seed=args.seed, plots=not args.no_plots)
     return 0
 
 
-def _fit_and_print(directory: Path, *, role: str, as_json: bool, tokens_key: str, resamples: int, seed: int,
-                   plots: bool) -> None:
+def _fit_and_print(directory: Path, *, role: str, loss_key: str | None, as_json: bool, tokens_key: str,
+                   resamples: int, seed: int, plots: bool) -> None:
     from metatrain.sweep.fit import REPORT, fit_sweep, format_report
 
     if resamples < 0:
         raise UserError(f"--bootstrap {resamples}: give a number of resamples >= 0")
-    report = fit_sweep(directory, role=role, tokens_key=tokens_key, resamples=resamples, seed=seed, plots=plots)
+    report = fit_sweep(directory, role=role, loss_key=loss_key, tokens_key=tokens_key, resamples=resamples,
+                       seed=seed, plots=plots)
     if as_json:
         print(json.dumps(report))
     else:

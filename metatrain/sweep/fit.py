@@ -1,11 +1,14 @@
 """`sweep fit`: from a manifest to fitted scaling laws, a JSON report and plots.
 
-For each variant (or the whole sweep, without variants) and each role fitted, the
-finished runs give points (N, D, loss): N the non-embedding parameters (`params`), D the
-training tokens (`tokens`, or another key such as `text_tokens`), and the final
-evaluation loss of the role (`loss/text`, `loss/thinking`, or the joint `loss`). They
-are fitted with L(N, D) (`metatrain.sweep.law`, approach 3) and, where runs carry an
-IsoFLOP `budget`, with parabolas per budget (`metatrain.sweep.isoflop`, approach 2).
+For each variant (or the whole sweep, without variants) and each loss fitted, the
+finished runs give points (N, D, L): N the non-embedding parameters (`params`), D the
+training tokens (`tokens`, or another key such as `text_tokens`), and L a manifest key:
+the final evaluation loss of a role (`--role`: `loss/text`, `loss/thinking`, or the
+joint `loss`) or any other numeric key (`--loss-key`, e.g. `bpb/text`, bits per byte of
+text, comparable across tokenizers). A series is named by a label (the role, or the key
+itself) and fitted with L(N, D) (`metatrain.sweep.law`, approach 3) and, where runs
+carry an IsoFLOP `budget`, with parabolas per budget (`metatrain.sweep.isoflop`,
+approach 2).
 
 Inputs that cannot identify the law are refused with a `UserError` saying what is
 missing: no finished run, a key absent, a NaN or non-positive loss, fewer than 5 runs,
@@ -13,10 +16,13 @@ a single model size or a single token budget.
 
 `DIR/fit.json` holds the report (`fit_sweep` returns the same dict):
 
-    {"fits": [{"variant": null, "role": "text", "E": .., "A": .., "B": .., "alpha": ..,
-               "beta": .., "ci": {"E": [lo, hi], ...}, ...}, ...],
-     "isoflop": [{"variant": .., "role": .., "budgets": [..], "N_opt": {..}, "D_opt": {..}}],
+    {"fits": [{"variant": null, "role": "text", "loss_key": "loss/text", "E": .., "A": ..,
+               "B": .., "alpha": .., "beta": .., "ci": {"E": [lo, hi], ...}, ...}, ...],
+     "isoflop": [{"variant": .., "role": .., "loss_key": .., "budgets": [..], "N_opt": {..},
+                  "D_opt": {..}}],
      "notes": [...], "plots": [...]}
+
+`role` is the series' label: the role, or with `--loss-key` the key itself.
 """
 
 from __future__ import annotations
@@ -45,20 +51,34 @@ PLOTS_DIR = "plots"
 
 
 @dataclasses.dataclass(frozen=True)
+class Target:
+    """One loss to fit: `key` is its manifest key, `label` names it in reports and plots."""
+
+    label: str
+    key: str
+
+    @property
+    def is_role(self) -> bool:
+        return ROLE_KEYS.get(self.label) == self.key
+
+
+@dataclasses.dataclass(frozen=True)
 class Series:
-    """The finished runs of one variant, as arrays for one role's loss.
+    """The finished runs of one variant, as arrays for one loss.
 
     Attributes:
         variant: the variant (None for a sweep without variants).
-        role: "text", "thinking" or "joint".
+        label: "text", "thinking" or "joint" (`--role`), or the manifest key (`--loss-key`).
+        loss_key: the manifest key of L ("loss/text", ..., or the `--loss-key`).
         names: run names, in manifest order.
-        N: non-embedding parameters; D: tokens (of `tokens_key`); L: the role's loss.
+        N: non-embedding parameters; D: tokens (of `tokens_key`); L: values of `loss_key`.
         flops: training compute; flops_per_token: flops / training tokens.
         budget: IsoFLOP budget of each run (NaN where a run has none).
     """
 
     variant: str | None
-    role: str
+    label: str
+    loss_key: str
     names: tuple[str, ...]
     N: np.ndarray
     D: np.ndarray
@@ -77,17 +97,33 @@ class RoleFit:
     isoflop: IsoFlopFit | None
 
 
-def roles_for(choice: str) -> tuple[str, ...]:
-    """`--role` value -> roles to fit ("all": text, thinking and the joint loss)."""
-    if choice not in ROLE_CHOICES:
-        raise UserError(f"--role {choice!r}: choose one of {', '.join(ROLE_CHOICES)}")
-    return ("text", "thinking", "joint") if choice == "all" else (choice,)
+def targets_for(role: str = "all", loss_key: str | None = None) -> tuple[Target, ...]:
+    """The losses to fit: the `--role` roles ("all": text, thinking and the joint loss), or
+    the one manifest key `loss_key` (`--loss-key`, which replaces `--role`)."""
+    if loss_key is not None:
+        if role != "all":
+            raise UserError(f"--role {role} and --loss-key {loss_key}: give one of them (--loss-key replaces --role)")
+        if not loss_key.strip():
+            raise UserError("--loss-key '': give a numeric manifest key, e.g. --loss-key bpb/text")
+        return (Target(label=loss_key, key=loss_key),)
+    if role not in ROLE_CHOICES:
+        raise UserError(f"--role {role!r}: choose one of {', '.join(ROLE_CHOICES)}")
+    roles = ("text", "thinking", "joint") if role == "all" else (role,)
+    return tuple(Target(label=r, key=ROLE_KEYS[r]) for r in roles)
+
+
+def loss_name(label: str, key: str, *, with_key: bool = False) -> str:
+    """How reports and plots name a loss: "text loss" ("text loss (loss/text)"), or the key."""
+    if ROLE_KEYS.get(label) != key:
+        return key
+    return f"{label} loss ({key})" if with_key else f"{label} loss"
 
 
 def fit_sweep(
     directory: str | Path,
     *,
     role: str = "all",
+    loss_key: str | None = None,
     tokens_key: str = "tokens",
     resamples: int = 100,
     level: float = 0.95,
@@ -99,6 +135,8 @@ def fit_sweep(
     Args:
         directory: holds `manifest.jsonl`.
         role: "text", "thinking", "joint" or "all".
+        loss_key: fit this numeric manifest key instead of the roles (e.g. "bpb/text");
+            its label in the report is the key itself. Only with `role="all"`.
         tokens_key: the manifest key used as D.
         resamples: bootstrap resamples for the intervals (0: none).
         level: coverage of the intervals.
@@ -110,7 +148,8 @@ def fit_sweep(
     """
     directory = Path(directory)
     records = read_manifest(directory)
-    series, notes = select_series(records, roles_for(role), tokens_key, source=str(manifest_path(directory)))
+    targets = targets_for(role, loss_key)
+    series, notes = select_series(records, targets, tokens_key, source=str(manifest_path(directory)))
     fits = [fit_series(s, resamples=resamples, level=level, seed=seed) for s in series]
     report = build_report(fits, notes, tokens_key=tokens_key, level=level, resamples=resamples)
     report["sweep"] = str(directory)
@@ -146,13 +185,13 @@ def fit_series(series: Series, *, resamples: int = 100, level: float = 0.95, see
 
 
 def select_series(
-    records: Sequence[Record], roles: Sequence[str], tokens_key: str = "tokens", source: str = "the manifest"
+    records: Sequence[Record], targets: Sequence[Target], tokens_key: str = "tokens", source: str = "the manifest"
 ) -> tuple[list[Series], list[str]]:
-    """The fittable series of each variant and role, and notes on what was left out.
+    """The fittable series of each variant and target, and notes on what was left out.
 
-    A (variant, role) whose runs all have a null loss (no token of that role was
-    evaluated, e.g. a corpus without thinking blocks) is left out with a note when
-    several roles are fitted, and refused when it is the only one asked for.
+    A (variant, target) whose runs all have a null loss (e.g. no thinking token was
+    evaluated, a corpus without thinking blocks) is left out with a note when several
+    targets are fitted, and refused when it is the only one asked for.
 
     Raises:
         UserError: what is missing for the law to be identified (module docstring).
@@ -168,36 +207,55 @@ def select_series(
         )
     if left:
         notes.append(f"{len(left)} run(s) not done are left out: {_names(left)}")
+    for target in targets:
+        _check_key_exists(done, target, source)
     variants = list(dict.fromkeys(r.get("variant") for r in done))
     series, skipped = [], []
     for variant in variants:
         runs = [r for r in done if r.get("variant") == variant]
-        for role in roles:
-            s = _series(runs, variant, role, tokens_key, source)
+        for target in targets:
+            s = _series(runs, variant, target, tokens_key, source)
             if s is None:
-                skipped.append((variant, role))
+                skipped.append((variant, target))
             else:
                 series.append(s)
                 notes += _identification_notes(s, tokens_key)
-    for variant, role in skipped:
+    for variant, target in skipped:
         what = f"variant {variant!r}, " if variant is not None else ""
-        message = f"{what}role {role}: every finished run has {ROLE_KEYS[role]} null (no {role} token evaluated)"
-        if len(roles) == 1:
-            raise UserError(f"{message}; nothing to fit for this role")
+        if target.is_role:
+            message = (f"{what}role {target.label}: every finished run has {target.key} null "
+                       f"(no {target.label} token evaluated)")
+        else:
+            message = f"{what}{target.key}: every finished run has {target.key} null"
+        if len(targets) == 1:
+            raise UserError(f"{message}; nothing to fit for this {'role' if target.is_role else 'key'}")
         notes.append(message + "; not fitted")
     if not series:
         raise UserError(f"no role has losses to fit in {source}: " + "; ".join(notes))
     return series, notes
 
 
-def _series(runs: list[Record], variant: str | None, role: str, tokens_key: str, source: str) -> Series | None:
-    loss_key = ROLE_KEYS[role]
+def _check_key_exists(done: list[Record], target: Target, source: str) -> None:
+    """A `--loss-key` no finished run has is most likely a typo: say which keys could be fitted."""
+    if target.is_role or any(target.key in r for r in done):
+        return
+    numeric = dict.fromkeys(
+        k for r in done for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    )
+    raise UserError(
+        f"{source}: no finished run has the key {target.key!r} (--loss-key {target.key}); numeric keys of the "
+        f"finished runs: {_names(list(numeric), limit=12) or 'none'}"
+    )
+
+
+def _series(runs: list[Record], variant: str | None, target: Target, tokens_key: str, source: str) -> Series | None:
+    loss_key = target.key
     for r in runs:
         missing = [k for k in ("params", tokens_key, "tokens", "flops", loss_key) if k not in r]
         if missing:
             raise UserError(
                 f"{source}: run {r['name']!r} is done but has no {', '.join(repr(k) for k in missing)}; "
-                "sweep fit needs params (non-embedding N), tokens (D), flops and the losses of each run"
+                f"sweep fit needs params (non-embedding N), tokens (D), flops and the fitted {loss_key} of each run"
             )
     nulls = [r["name"] for r in runs if r[loss_key] is None]
     if len(nulls) == len(runs):
@@ -230,7 +288,8 @@ def _series(runs: list[Record], variant: str | None, role: str, tokens_key: str,
     flops = _positive(runs, "flops", source)
     return Series(
         variant=variant,
-        role=role,
+        label=target.label,
+        loss_key=loss_key,
         names=names,
         N=N,
         D=D,
@@ -297,8 +356,8 @@ def _law_entry(fit: RoleFit) -> dict[str, Any]:
     alpha, beta = law.alpha, law.beta
     return {
         "variant": fit.series.variant,
-        "role": fit.series.role,
-        "loss_key": ROLE_KEYS[fit.series.role],
+        "role": fit.series.label,
+        "loss_key": fit.series.loss_key,
         **law.as_dict(),
         "ci": {p: list(v) for p, v in fit.law.intervals.items()},
         "resamples": fit.law.resamples,
@@ -319,7 +378,8 @@ def _isoflop_entry(fit: RoleFit) -> dict[str, Any]:
 
     return {
         "variant": fit.series.variant,
-        "role": fit.series.role,
+        "role": fit.series.label,
+        "loss_key": fit.series.loss_key,
         "budgets": [
             {"flops": m.budget, "N_opt": m.n_opt, "D_opt": m.d_opt, "loss": m.loss, "bracketed": m.bracketed, "points": m.points}
             for m in iso.minima
@@ -330,7 +390,7 @@ def _isoflop_entry(fit: RoleFit) -> dict[str, Any]:
 
 
 def _label(series: Series) -> str:
-    return f"{series.variant}/{series.role}" if series.variant is not None else series.role
+    return f"{series.variant}/{series.label}" if series.variant is not None else series.label
 
 
 def _ci(entry: dict, name: str) -> str:
@@ -345,7 +405,7 @@ def format_report(report: dict[str, Any]) -> str:
     for e in report["fits"]:
         head = f"variant {e['variant']}, " if e["variant"] is not None else ""
         lines.append(
-            f"\n{head}{e['role']} loss ({e['loss_key']}): {e['points']} runs, rms log residual "
+            f"\n{head}{loss_name(e['role'], e['loss_key'], with_key=True)}: {e['points']} runs, rms log residual "
             f"{e['rms_log_residual']:.3g}, {e['resamples']} bootstrap resamples"
         )
         for name in PARAMS:
@@ -357,7 +417,7 @@ def format_report(report: dict[str, Any]) -> str:
             )
     for e in report["isoflop"]:
         head = f"variant {e['variant']}, " if e["variant"] is not None else ""
-        lines.append(f"\nIsoFLOP, {head}{e['role']} loss:")
+        lines.append(f"\nIsoFLOP, {head}{loss_name(e['role'], e['loss_key'])}:")
         for b in e["budgets"]:
             flag = "" if b["bracketed"] else "  (extrapolated)"
             lines.append(

@@ -14,9 +14,11 @@ Keys every run has (`REQUIRED_KEYS`; enough to fit runs made anywhere, by hand):
 Keys `sweep plan` and `sweep run` add: `variant` (when the spec has variants), `budget`
 (IsoFLOP sweeps), the shape (`size`, `n_layers`, `d_model`, ...), `embedding_params`,
 `flops_per_token`, `steps`, `config` and `workdir` (relative to DIR), the final loss of
-every role (`loss/mantra`, `loss/tag`), the best evaluation losses (`best_loss`,
-`best_loss/<role>`) and `error` for failed runs. Losses are null until a run is done,
-and a role's loss is null when the evaluation split has no token of that role.
+every role (`loss/mantra`, `loss/tag`), bits per UTF-8 byte of text (`bpb/text`), the
+best evaluation values (`best_loss`, `best_loss/<role>`, `best_bpb/text`) and `error`
+for failed runs. Losses are null until a run is done, a role's loss is null when the
+evaluation split has no token of that role, and `bpb/text` is null where the trainer did
+not log it. `sweep fit --loss-key KEY` fits any such numeric key.
 """
 
 from __future__ import annotations

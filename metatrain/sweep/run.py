@@ -6,8 +6,11 @@ updated) is collected without training; any other point is trained with the real
 trainer, which itself resumes from the latest checkpoint in the point's work directory.
 
 Results come from each point's `metrics.jsonl` (the trainer's record of every
-evaluation): the final evaluation losses per role (`loss`, `loss/<role>`) and the best
-(`best_loss`, `best_loss/<role>`, each the minimum over the run's evaluations).
+evaluation): the final evaluation losses per role (`loss`, `loss/<role>`) and bits per
+UTF-8 byte of text (`bpb/text`, comparable across tokenizers), and the best of each
+(`best_loss`, `best_loss/<role>`, `best_bpb/text`: the minimum over the run's
+evaluations). A value absent from the metrics (`eval/bpb/text` in runs older than that
+metric) or null in them (no text in the evaluation split) is null in the manifest.
 `--collect` does only that, for points trained elsewhere from the emitted commands.
 """
 
@@ -29,22 +32,26 @@ Runner = Callable[[Any, Path], Any]
 #: Where `--emit` commands go: here (`metatrain train`) or a launcher target.
 EMIT_TARGETS: tuple[str, ...] = ("local", "tpu", "gke", "slurm")
 
-_LOSS_KEYS: tuple[str, ...] = ("loss", *(f"loss/{role}" for role in LOSS_ROLE_LABELS))
+#: Evaluation values recorded per point: `KEY` (final evaluation) and `best_KEY` (minimum)
+#: from the trainer's `eval/KEY`.
+RESULT_KEYS: tuple[str, ...] = ("loss", *(f"loss/{role}" for role in LOSS_ROLE_LABELS), "bpb/text")
 
 
 def collect_results(workdir: Path, steps: int) -> Record | None:
-    """Final and best evaluation losses of the run in `workdir`, or None if it has not finished.
+    """Final and best evaluation values of the run in `workdir`, or None if it has not finished.
 
     A run has finished when `metrics.jsonl` holds an evaluation at step >= `steps` (the
-    trainer always evaluates the last step). Every `loss*` value of the result may be
-    None where the evaluation split had no token of that role.
+    trainer always evaluates the last step). Every value of `RESULT_KEYS` (and its
+    `best_`) may be None: where the evaluation split had no token of that role, or the
+    trainer did not log it (`bpb/text` before it existed). `best_step` is the step of
+    `best_loss`.
     """
     evals = _eval_records(workdir / "metrics.jsonl")
     if not evals or evals[-1][0] < steps:
         return None
     final_step, final = evals[-1]
     result: Record = {"final_step": final_step}
-    for key in _LOSS_KEYS:
+    for key in RESULT_KEYS:
         result[key] = final.get(f"eval/{key}")
         seen = [(r[f"eval/{key}"], step) for step, r in evals if r.get(f"eval/{key}") is not None]
         best = min(seen, default=(None, None))
@@ -218,5 +225,5 @@ def _point_paths(directory: Path, record: Record) -> tuple[Path, int]:
 
 
 def _losses(record: Record) -> str:
-    parts = [f"{key} {record[key]:.4f}" for key in ("loss", "loss/text", "loss/thinking") if record.get(key) is not None]
+    parts = [f"{key} {record[key]:.4f}" for key in ("loss", "loss/text", "loss/thinking", "bpb/text") if record.get(key) is not None]
     return ", ".join(parts) or "no evaluation loss"

@@ -137,3 +137,90 @@ def test_runs_not_done_are_left_out_with_a_note(tmp_path, capsys):
     assert report["notes"][1].startswith("text: only 2 values of tokens, so B, beta and E are not separately")
     assert main(["sweep", "fit", str(tmp_path / "nowhere")]) == 2
     assert "manifest.jsonl does not exist" in capsys.readouterr().err
+
+
+# -- --loss-key: any numeric manifest key --------------------------------------------------------
+
+BPB_LAW = Law(E=0.7, A=120.0, B=300.0, alpha=0.30, beta=0.26)
+
+
+def bpb_manifest(sizes=4, budgets=4, sigma=0.003, seed=1):
+    """Runs whose bpb/text follows BPB_LAW; their role losses follow LAWS, so fitting the wrong key shows."""
+    rng = np.random.default_rng(seed)
+    records = manifest(variants=("joint",), sizes=sizes, budgets=budgets, sigma=sigma, seed=seed)
+    for r in records:
+        r["bpb/text"] = float(BPB_LAW(r["params"], r["tokens"]) * math.exp(rng.normal(0, sigma)))
+    return records
+
+
+def test_loss_key_fits_bits_per_byte_and_recovers_the_law(tmp_path, capsys):
+    write_manifest(tmp_path, bpb_manifest())
+    assert main(["sweep", "fit", str(tmp_path), "--loss-key", "bpb/text", "--json", "--bootstrap", "0",
+                 "--no-plots"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (fit,) = report["fits"]
+    assert fit["loss_key"] == "bpb/text" and fit["role"] == "bpb/text" and fit["variant"] == "joint"
+    assert fit["points"] == 16
+    assert fit["alpha"] == pytest.approx(BPB_LAW.alpha, abs=0.03)
+    assert fit["beta"] == pytest.approx(BPB_LAW.beta, abs=0.03)
+    assert fit["E"] == pytest.approx(BPB_LAW.E, rel=0.05)
+    assert json.loads((tmp_path / "fit.json").read_text())["fits"] == report["fits"]
+
+    assert main(["sweep", "fit", str(tmp_path), "--loss-key", "bpb/text", "--bootstrap", "0", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "variant joint, bpb/text: 16 runs" in out and "text loss" not in out
+
+
+def test_loss_key_is_the_python_entry_too_and_plots_name_the_key(tmp_path):
+    write_manifest(tmp_path, bpb_manifest(sizes=3, budgets=3))
+    report = fit_sweep(tmp_path, loss_key="bpb/text", resamples=0)
+    assert [(f["role"], f["loss_key"]) for f in report["fits"]] == [("bpb/text", "bpb/text")]
+    assert sorted(p.rsplit("/", 1)[1] for p in report["plots"]) == ["frontier.png", "loss_vs_tokens.png"]
+    # the role fits keep their labels and keys
+    report = fit_sweep(tmp_path, resamples=0, plots=False)
+    assert [(f["role"], f["loss_key"]) for f in report["fits"]] == [
+        ("text", "loss/text"), ("thinking", "loss/thinking"), ("joint", "loss")]
+
+
+def test_loss_key_and_a_role_together_are_refused_in_one_line(tmp_path, capsys):
+    write_manifest(tmp_path, bpb_manifest(sizes=3, budgets=3))
+    assert main(["sweep", "fit", str(tmp_path), "--role", "text", "--loss-key", "bpb/text"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--role text and --loss-key bpb/text" in err and "replaces --role" in err
+    with pytest.raises(UserError, match="give one of them"):
+        fit_sweep(tmp_path, role="thinking", loss_key="bpb/text", plots=False)
+
+
+def without(records, key, runs=None):
+    """`records` with `key` removed from the runs at indices `runs` (all by default)."""
+    return [{k: v for k, v in r.items() if k != key} if runs is None or i in runs else r for i, r in enumerate(records)]
+
+
+def with_value(records, key, value, run=4):
+    return [dict(r, **{key: value}) if i == run else r for i, r in enumerate(records)]
+
+
+BPB = bpb_manifest(sizes=3, budgets=3)
+
+
+@pytest.mark.parametrize(
+    "records, key, words",
+    [
+        (BPB, "bpb/txt", ["no finished run has the key 'bpb/txt'", "--loss-key bpb/txt", "bpb/text", "loss/text"]),
+        (without(BPB, "bpb/text"), "bpb/text", ["no finished run has the key 'bpb/text'"]),
+        (without(BPB, "bpb/text", runs={4}), "bpb/text", [f"run {BPB[4]['name']!r} is done but has no 'bpb/text'"]),
+        ([dict(r, **{"bpb/text": None}) for r in BPB], "bpb/text",
+         ["every finished run has bpb/text null", "nothing to fit for this key"]),
+        (with_value(BPB, "bpb/text", None), "bpb/text", [f"bpb/text is null for {BPB[4]['name']} but not"]),
+        (with_value(BPB, "bpb/text", 0.0), "bpb/text", ["has bpb/text=0.0", "finite number > 0"]),
+        (with_value(BPB, "bpb/text", "1.2"), "bpb/text", ["has bpb/text='1.2'"]),
+        (BPB, "", ["--loss-key ''", "e.g. --loss-key bpb/text"]),
+    ],
+    ids=["unknown", "absent", "missing-in-one", "all-null", "some-null", "zero", "string", "empty"],
+)
+def test_bad_loss_keys_are_refused_naming_the_key(tmp_path, records, key, words):
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(UserError) as e:
+        fit_sweep(tmp_path, loss_key=key, resamples=0, plots=False)
+    for word in words:
+        assert word in str(e.value)

@@ -44,6 +44,7 @@ class FakeTrainer:
                     record = {"step": step, "eval/loss": fake_loss(config, step, "joint")}
                     for role in ("text", "thinking", "mantra", "tag"):
                         record[f"eval/loss/{role}"] = fake_loss(config, step, role)
+                    record["eval/bpb/text"] = fake_loss(config, step, "text") / 4  # as if 4 bytes per nat
                     f.write(json.dumps(record) + "\n")
 
 
@@ -67,6 +68,7 @@ def test_run_trains_every_point_and_records_final_and_best_losses(sweep):
     assert r["loss"] == pytest.approx(3.0 + 2.0 + 2.0 + 0.1)
     assert r["best_loss/text"] == r["loss/text"] and r["best_step"] == 4
     assert r["loss/mantra"] == pytest.approx(6.0)
+    assert r["bpb/text"] == pytest.approx(7.0 / 4) and r["best_bpb/text"] == r["bpb/text"]
 
 
 def test_best_loss_is_the_minimum_over_evaluations(tmp_path):
@@ -81,6 +83,31 @@ def test_best_loss_is_the_minimum_over_evaluations(tmp_path):
     assert result["loss/text"] == 5.4 and result["best_loss/text"] == 5.4
     assert result["loss/thinking"] is None and result["best_loss/thinking"] is None
     assert collect_results(tmp_path, steps=6) is None  # not finished
+    assert result["bpb/text"] is None and result["best_bpb/text"] is None  # not logged by this trainer
+
+
+def test_bits_per_byte_of_text_are_recorded_final_and_best(tmp_path):
+    lines = [
+        {"step": 2, "eval/loss": 5.0, "eval/loss/text": 5.5, "eval/bpb/text": 2.5},
+        {"step": 4, "eval/loss": 4.8, "eval/loss/text": 5.3, "eval/bpb/text": 2.25},
+        {"step": 6, "eval/loss": 4.9, "eval/loss/text": 5.4, "eval/bpb/text": 2.375},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    result = collect_results(tmp_path, steps=6)
+    assert result["bpb/text"] == 2.375 and result["best_bpb/text"] == 2.25
+    assert result["loss"] == 4.9 and result["best_loss"] == 4.8 and result["best_step"] == 4  # loss keys kept
+    assert result["loss/text"] == 5.4 and result["best_loss/text"] == 5.3
+    assert result["loss/mantra"] is None and result["best_loss/mantra"] is None
+
+
+def test_bits_per_byte_null_where_the_split_has_no_text(tmp_path):
+    lines = [
+        {"step": 2, "eval/loss": 5.0, "eval/loss/text": None, "eval/bpb/text": None},
+        {"step": 4, "eval/loss": 4.0, "eval/loss/text": None, "eval/bpb/text": None},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    result = collect_results(tmp_path, steps=4)
+    assert "bpb/text" in result and result["bpb/text"] is None and result["best_bpb/text"] is None
 
 
 def test_resume_skips_done_points_and_collects_trained_ones(sweep):
@@ -161,3 +188,5 @@ def test_the_real_trainer_fills_the_manifest(tmp_path):
     for key in ("loss", "loss/text", "loss/thinking", "loss/mantra", "loss/tag"):
         assert record[key] == evaluation[f"eval/{key}"] == record[f"best_{key}"]
         assert 0 < record[key] < 10
+    # null until the trainer logs eval/bpb/text, then its value
+    assert record["bpb/text"] == evaluation.get("eval/bpb/text") == record["best_bpb/text"]
