@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,11 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_resumes_exactly
 
     def fill_after_step_4(info):
         if info.step == 4:  # checkpoint 3 is saved; the one at 6 will not fit
+            # The save of step 3 is asynchronous: under load it may still be writing, and
+            # would take the space left for the metrics of steps 5 and 6.
+            deadline = time.monotonic() + 120
+            while not (workdir / "checkpoints" / "3").is_dir() and time.monotonic() < deadline:
+                time.sleep(0.05)
             _fill(root, leave_bytes=256 << 10)
 
     with pytest.raises(FaultError) as fault:
