@@ -40,6 +40,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "metatrain.sweep.cli",
     "metatrain.annotate.cli",
     "metatrain.hf.cli",
+    "metatrain.evaluation.cli",
 )
 
 #: Commands that, started by a launcher on every host, join the run before they start.

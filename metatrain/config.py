@@ -153,6 +153,10 @@ class TrainerConfig:
         log_every: steps between metric lines.
         eval_every: steps between evaluations on the held-out split (0: never).
         eval_batches: batches per evaluation.
+        eval_ablation: at every evaluation also score held-out documents with and without
+            their thinking (`eval/ablation/removed_minus_kept`, bits per byte of text the
+            thinking saves; `metatrain.evaluation.in_loop`), in at most `eval_batches`
+            batches of each.
         seed: parameter initialisation (the data order has its own seed in `data`).
         progress: show a live progress bar on a terminal.
         profile: `[start, steps]`: a `jax.profiler` trace of steps `start .. start+steps-1`
@@ -167,6 +171,7 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4
+    eval_ablation: bool = True
     seed: int = 0
     progress: bool = True
     profile: tuple[int, int] | None = None

@@ -33,6 +33,7 @@ class LoadedCheckpoint:
         encoder: tokenizer, tag grammar and mantra (policy) of the run.
         step: the checkpoint's training step.
         path: the checkpoint's step directory.
+        config: the resolved run config stored with the checkpoint (a dict).
     """
 
     params: Any
@@ -40,6 +41,7 @@ class LoadedCheckpoint:
     encoder: Encoder
     step: int
     path: Path
+    config: dict = dataclasses.field(default_factory=dict)
 
 
 def resolve_checkpoint(workdir: Path | None = None, checkpoint: Path | None = None) -> tuple[Path, int | None]:
@@ -128,4 +130,4 @@ def _load(checkpointer: Checkpointer, step: int | None) -> LoadedCheckpoint:
             f"has {encoder.vocab_size} pieces; use the run's own tokenizer (WORKDIR/tokenizer.model), or "
             "`metatrain tokenizer resize-checkpoint` to grow the model to a new one"
         )
-    return LoadedCheckpoint(params, model_config, encoder, step, path)
+    return LoadedCheckpoint(params, model_config, encoder, step, path, config)

@@ -177,6 +177,25 @@ class Generator:
         budget = self._budget(encoded, max_new_tokens)
         rows = [p for p in encoded for _ in range(num_samples)]
         constraints = TagConstraints.from_encoder(self.encoder, lock_mode=lock_mode)
+        tokens, lengths, done = self.decode_rows(rows, constraints, max_new_tokens=budget,
+                                                 chooser=chooser or GrammarChooser(sampling), seed=seed)
+        return [
+            self._sample(row // num_samples, row % num_samples, rows[row], tokens[row, : lengths[row]], done[row])
+            for row in range(len(rows))
+        ]
+
+    def decode_rows(
+        self, rows: Sequence[EncodedPrompt], constraints: TagConstraints, *, max_new_tokens: int,
+        chooser: Chooser, seed: int = 0,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Runs the decode loop once over encoded prompts (one row each), on the host after.
+
+        Prompts are padded to a multiple of `PROMPT_BUCKET`, so similar lengths share a
+        compile. `max_new_tokens` must fit (`generate` checks it).
+
+        Returns:
+            `(tokens [B, N] int32 (-1 after a row's end), lengths [B], done [B] bool)`.
+        """
         length = -(-max(len(p.ids) for p in rows) // PROMPT_BUCKET) * PROMPT_BUCKET
         out = generate_tokens(
             self.params,
@@ -186,14 +205,10 @@ class Generator:
             constraints,
             jax.random.key(seed),
             model_config=self.model_config,
-            max_new_tokens=budget,
-            chooser=chooser or GrammarChooser(sampling),
+            max_new_tokens=max_new_tokens,
+            chooser=chooser,
         )
-        tokens, lengths, done = jax.device_get((out.tokens, out.lengths, out.rows.done))
-        return [
-            self._sample(row // num_samples, row % num_samples, rows[row], tokens[row, : lengths[row]], done[row])
-            for row in range(len(rows))
-        ]
+        return jax.device_get((out.tokens, out.lengths, out.rows.done))
 
     def _sample(self, prompt_index: int, sample_index: int, prompt: EncodedPrompt,
                 generated: np.ndarray, done: bool) -> Sample:

@@ -18,7 +18,9 @@ restore. Everything with an effect is a hook with its own cadence:
 - `CheckpointHook` (every `checkpoint.every` steps and at the end): flushes the metrics
   window first, so a non-finite loss is caught before its state could be saved.
 - `EvalHook` (every `trainer.eval_every` steps and at the end): the held-out split's
-  loss, the same loss definition as training (z-loss included).
+  loss, the same loss definition as training (z-loss included), bits per byte of text
+  (`eval/bpb/text`) and, with `trainer.eval_ablation`, how much the thinking helps
+  predict the text after it (`eval/ablation/removed_minus_kept`, `metatrain.evaluation`).
 
 Your own hooks: `Trainer(..., hooks=(Hook(every=N, fn=f),))`, `f(info)`.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import sys
 import threading
@@ -344,7 +347,12 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         tc = config.trainer
 
-        program = build_train_program(config, devices)
+        from metatrain.evaluation.text_bytes import token_byte_lengths
+        from metatrain.tokenizer.spm import SpmTokenizer
+
+        # UTF-8 bytes per token, for eval/bpb/text (tags are checked by the encoder later).
+        self.token_bytes = token_byte_lengths(SpmTokenizer.load(config.data.tokenizer, _registry(config)))
+        program = build_train_program(config, devices, token_bytes=self.token_bytes)
         self.program = program
         self.mesh, self.rules, self.model = program.mesh, program.rules, program.model
         self.optimizer, self.schedule = program.optimizer, program.schedule
@@ -359,6 +367,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.workdir, config.checkpoint)
         self.writer = MetricsWriter(self.workdir, enabled=self.is_main)
         self.progress = None
+        self._ablation = None  # built at the first evaluation (reads the held-out documents)
         chip = local_chip()
         self.peak_flops = chip.peak_bf16_flops if chip else None
         self.flops_per_token = config.model.flops_per_token(tc.seq_len)
@@ -391,7 +400,10 @@ class Trainer:
         """Per-role losses on the first `eval_batches` batches of the held-out split.
 
         `eval/loss` is the training loss's definition (`metatrain.loss.joint_loss`, z-loss
-        included), weighted over the batches by their loss weight.
+        included), weighted over the batches by their loss weight. `eval/bpb/text` is bits
+        per UTF-8 byte of text (`metatrain.evaluation.text_bytes`), and with
+        `trainer.eval_ablation` the `eval/ablation/*` keys say how much the thinking helps
+        predict the text after it (`metatrain.evaluation.in_loop`).
         """
         tc = self.config.trainer
         sums = None
@@ -406,7 +418,22 @@ class Trainer:
         if sums is None:
             return {}
         loss = sums["loss_weighted_sum"] / sums["weight_sum"] if sums["weight_sum"] > 0 else None
-        return {"eval/loss": loss, **role_metrics(sums, prefix="eval/")}
+        metrics = {"eval/loss": loss, **role_metrics(sums, prefix="eval/")}
+        text_bytes = sums.get("bytes/text", 0.0)
+        metrics["eval/bpb/text"] = sums["nll_sum/text"] / math.log(2) / text_bytes if text_bytes > 0 else None
+        if tc.eval_ablation:
+            metrics.update(self._in_loop_ablation().evaluate(self.eval_step, params, self.batch_sharding))
+        return metrics
+
+    def _in_loop_ablation(self):
+        if self._ablation is None:
+            from metatrain.data.sources import EncoderSpec
+            from metatrain.evaluation.in_loop import InLoopAblation
+
+            d = self.config.data
+            encoder = EncoderSpec(str(d.tokenizer), str(d.tags), d.mantra, d.mantra_policy).build()
+            self._ablation = InLoopAblation(self.config, encoder, self.skips)
+        return self._ablation
 
     # -- the loop ---------------------------------------------------------------
     def steps(self, state, start: int, preemption: PreemptionHook | None = None) -> Iterator[StepInfo]:
@@ -482,6 +509,12 @@ class Trainer:
         finally:
             self.writer.close()
             self.train_iter.close()
+
+
+def _registry(config: RunConfig):
+    from metatrain.tokenizer.registry import load_registry
+
+    return load_registry(config.data.tags)
 
 
 class _lock:

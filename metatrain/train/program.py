@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
@@ -85,8 +86,13 @@ class TrainProgram:
         }
 
 
-def build_train_program(config: RunConfig, devices: Sequence[Any] | None = None) -> TrainProgram:
+def build_train_program(
+    config: RunConfig, devices: Sequence[Any] | None = None, *, token_bytes: np.ndarray | None = None
+) -> TrainProgram:
     """Mesh, model, optimizer and jitted steps for `config` over `devices` (default: all).
+
+    `token_bytes` (int [V], UTF-8 bytes per token) makes the eval step also sum the
+    bytes of text targets (`bytes/text`), for bits per byte.
 
     Trace (first call, or `.lower`) the steps inside
     `metatrain.parallel.mesh.sharding_context(program.mesh, program.rules)`.
@@ -112,7 +118,7 @@ def build_train_program(config: RunConfig, devices: Sequence[Any] | None = None)
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        make_eval_step(model, config.model, config.loss, loss_sharding),
+        make_eval_step(model, config.model, config.loss, loss_sharding, token_bytes),
         in_shardings=(shardings.params, rows),
     )
     return TrainProgram(

@@ -25,6 +25,7 @@ RESUMABLE_KEYS: dict[str, str] = {
     "trainer.log_every": "metric cadence",
     "trainer.eval_every": "evaluation cadence",
     "trainer.eval_batches": "evaluation size",
+    "trainer.eval_ablation": "whether evaluations also score held-out text without its thinking",
     "trainer.progress": "the progress bar",
     "trainer.profile": "a profiler trace of some steps",
     "trainer.grad_accum": "micro-batching: the same gradient, less memory",

@@ -11,12 +11,14 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from metatrain.config import LossConfig
 from metatrain.kernels import LossSharding
 from metatrain.loss import joint_loss
 from metatrain.models import ModelConfig, Transformer, output_projection
+from metatrain.roles import Role
 from metatrain.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -130,13 +132,22 @@ def make_eval_step(
     model_config: ModelConfig,
     loss_config: LossConfig,
     loss_sharding: LossSharding | None = None,
+    token_bytes: np.ndarray | None = None,
 ) -> Callable[[object, Batch], Metrics]:
-    """`eval_step(params, batch) -> metric sums`, same per-role statistics as training."""
+    """`eval_step(params, batch) -> metric sums`, same per-role statistics as training.
+
+    With `token_bytes` (int [V], `metatrain.evaluation.text_bytes`), also `bytes/text`:
+    the UTF-8 bytes of the text targets, the denominator of bits per byte.
+    """
+    table = None if token_bytes is None else jnp.asarray(token_bytes, jnp.float32)
 
     def eval_step(params, batch: Batch) -> Metrics:
         loss, stats = _loss_and_stats(params, batch, model, model_config, loss_config, loss_sharding)
         stats = dict(stats)
         stats["loss_weighted_sum"] = loss * stats["weight_sum"]
+        if table is not None:
+            is_text = batch["target_roles"] == Role.TEXT
+            stats["bytes/text"] = jnp.sum(jnp.where(is_text, table[batch["targets"]], 0.0))
         return stats
 
     return eval_step
