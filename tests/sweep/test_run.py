@@ -188,5 +188,5 @@ def test_the_real_trainer_fills_the_manifest(tmp_path):
     for key in ("loss", "loss/text", "loss/thinking", "loss/mantra", "loss/tag"):
         assert record[key] == evaluation[f"eval/{key}"] == record[f"best_{key}"]
         assert 0 < record[key] < 10
-    # null until the trainer logs eval/bpb/text, then its value
-    assert record["bpb/text"] == evaluation.get("eval/bpb/text") == record["best_bpb/text"]
+    assert record["bpb/text"] == evaluation["eval/bpb/text"] == record["best_bpb/text"]
+    assert 0 < record["bpb/text"] < 10

@@ -7,6 +7,7 @@ is the reference the resume and sharding tests compare against.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -243,6 +244,15 @@ def test_the_readme_default_run_reaches_a_clearly_lower_loss():
     losses = train_losses(workdir)
     first, last = losses[min(losses)], losses[max(losses)]
     assert last < first - 2.0, (first, last)
+    # docs/eval.md's first command: the report of the default run
+    done = subprocess.run(
+        [sys.executable, "-m", "metatrain.cli", "eval", "--workdir", str(workdir)], capture_output=True, text=True,
+        timeout=600, cwd=REPO_ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "thinking ablation" in done.stdout and "too few documents" in done.stdout
+    report = json.loads((workdir / "eval" / "200" / "report.json").read_text())
+    assert report["documents"] == 9 and report["ablation"]["removed"]["minus_kept"]["bpb/text"] is not None
 
 
 def test_data_seed_orders_the_data_and_trainer_seed_initialises_the_parameters(tmp_path):
