@@ -1,5 +1,6 @@
-"""Data pipeline throughput: tokens/s from raw JSON Lines and from the token cache,
-next to the tokens/s the default model consumes in training.
+"""Data pipeline throughput: tokens/s from raw JSON Lines, Parquet, ArrayRecord, a
+scheduled two-source mixture and the token cache, next to the tokens/s the default
+model consumes in training.
 
     python benchmarks/data_pipeline.py [--copies 30] [--seconds 5] [--seq-len N] [--batch-size N] [--json OUT]
 
@@ -8,7 +9,10 @@ with fresh document ids (so the split and the shuffle see a corpus of realistic 
 grain's index shuffle is slow for tiny corpora). The pipeline is measured on one CPU
 core: each measurement runs in a child process pinned to core 0, `num_workers=0`,
 single process (the path every host runs), train split. Tokens counted are non-padding
-positions of the batches produced. A row with `num_workers=2` (all cores) is added when
+positions of the batches produced. The Parquet copy has row groups of
+`PARQUET_ROW_GROUP` documents (a shuffled read decodes a row group per record); the
+ArrayRecord copy is written with `group_size:1`. The mixture reads the JSON Lines corpus
+and its Parquet copy as two sources under a two-stage `data.schedule`. A row with `num_workers=2` (all cores) is added when
 the machine has more than one core.
 
 The model column times the lead's jitted, donating train step (`metatrain.train`) on
@@ -31,6 +35,7 @@ import time
 from pathlib import Path
 
 _WORKER_FLAG = "--_measure"
+PARQUET_ROW_GROUP = 64
 
 
 def build_corpus(out: Path, copies: int) -> Path:
@@ -48,11 +53,35 @@ def build_corpus(out: Path, copies: int) -> Path:
     return path
 
 
-def measure_pipeline(source: str, batch_size: int, seq_len: int, seconds: float, workers: int) -> dict:
-    """Tokens/s of `make_batch_iterator` over `source` (runs in the pinned child)."""
-    from metatrain.data import DataConfig, SourceConfig, make_batch_iterator
+def write_formats(corpus: Path) -> tuple[Path, Path]:
+    """The corpus as Parquet (`segments` column) and as ArrayRecord, beside it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from array_record.python.array_record_module import ArrayRecordWriter
 
-    cfg = DataConfig(sources=(SourceConfig(source),), num_workers=workers)
+    lines = [line for line in corpus.read_bytes().splitlines() if line.strip()]
+    parquet, array_record = corpus.with_suffix(".parquet"), corpus.with_suffix(".array_record")
+    records = [json.loads(line) for line in lines]
+    for r in records:
+        r["segments"] = json.dumps(r["segments"])  # one string column: the schema of any document
+    columns = {key: [r.get(key) for r in records] for key in ("id", "segments", "mode")}
+    pq.write_table(pa.table(columns), parquet, row_group_size=PARQUET_ROW_GROUP)
+    writer = ArrayRecordWriter(str(array_record), "group_size:1")
+    for line in lines:
+        writer.write(line)
+    writer.close()
+    return parquet, array_record
+
+
+def measure_pipeline(source: str | list, batch_size: int, seq_len: int, seconds: float, workers: int,
+                     schedule: list | None = None) -> dict:
+    """Tokens/s of `make_batch_iterator` over `source` (one path or several; runs in the pinned child)."""
+    from metatrain.data import DataConfig, SourceConfig, make_batch_iterator
+    from metatrain.data.config import ScheduleStage
+
+    sources = tuple(SourceConfig(s) for s in ([source] if isinstance(source, str) else source))
+    stages = tuple(ScheduleStage(**stage) for stage in schedule or ())
+    cfg = DataConfig(sources=sources, num_workers=workers, schedule=stages)
     t0 = time.perf_counter()
     it = make_batch_iterator(cfg, batch_size=batch_size, seq_len=seq_len)
     for _ in range(5):
@@ -196,12 +225,19 @@ def main(argv: list[str] | None = None) -> int:
     one_core = {min(os.sched_getaffinity(0))}
     try:
         corpus = build_corpus(tmp, args.copies)
+        parquet, array_record = write_formats(corpus)
         cache_dir = tmp / "cache"
         build = run_pinned({"kind": "cache_build", "corpus": str(corpus), "out": str(cache_dir)}, one_core)
         common = {"kind": "pipeline", "batch_size": batch_size, "seq_len": seq_len, "seconds": args.seconds}
         rows = [
             ("raw JSON Lines", "1 core", run_pinned({**common, "source": str(corpus), "workers": 0}, one_core)),
             ("token cache", "1 core", run_pinned({**common, "source": str(cache_dir), "workers": 0}, one_core)),
+            ("ArrayRecord", "1 core", run_pinned({**common, "source": str(array_record), "workers": 0}, one_core)),
+            (f"Parquet ({PARQUET_ROW_GROUP}-doc groups)", "1 core",
+             run_pinned({**common, "source": str(parquet), "workers": 0}, one_core)),
+            ("JSONL + Parquet, scheduled", "1 core", run_pinned({
+                **common, "source": [str(corpus), str(parquet)], "workers": 0,
+                "schedule": [{"step": 0, "weights": [0.8, 0.2]}, {"step": 10, "weights": [0.2, 0.8]}]}, one_core)),
         ]
         n_cores = len(os.sched_getaffinity(0))
         if n_cores > 1:
@@ -213,13 +249,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\ndata pipeline benchmark  corpus={build['documents']:,} documents, {build['tokens']:,} tokens  "
           f"batch={batch_size} seq_len={seq_len}  cores={len(os.sched_getaffinity(0))}")
-    print(f"| {'what':<32} | {'where':<20} | {'tokens/s':>12} | {'x model':>8} |")
-    print(f"|{'-' * 34}|{'-' * 22}|{'-' * 14}|{'-' * 10}|")
-    print(f"| {'cache build (tokenize once)':<32} | {'1 core':<20} | {build['tokens_per_s']:>12,.0f} | {'':>8} |")
+    print(f"| {'what':<42} | {'where':<20} | {'tokens/s':>12} | {'x model':>8} |")
+    print(f"|{'-' * 44}|{'-' * 22}|{'-' * 14}|{'-' * 10}|")
+    print(f"| {'cache build (tokenize once)':<42} | {'1 core':<20} | {build['tokens_per_s']:>12,.0f} | {'':>8} |")
     for name, where, r in rows:
-        print(f"| {'pipeline from ' + name:<32} | {where:<20} | {r['tokens_per_s']:>12,.0f} | "
+        print(f"| {'pipeline from ' + name:<42} | {where:<20} | {r['tokens_per_s']:>12,.0f} | "
               f"{r['tokens_per_s'] / model_tps:>7.1f}x |")
-    print(f"| {'default model consumes':<32} | {'all cores':<20} | {model_tps:>12,.0f} | {1:>7.1f}x |")
+    print(f"| {'default model consumes':<42} | {'all cores':<20} | {model_tps:>12,.0f} | {1:>7.1f}x |")
     print(f"model: {how}, batch={model_batch} seq_len={model_seq}")
     cached = rows[1][2]["tokens_per_s"]
     print(f"goals: cached >= 20x model: {'met' if cached >= 20 * model_tps else 'NOT met'} ({cached / model_tps:.1f}x); "

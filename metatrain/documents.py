@@ -14,35 +14,32 @@ otherwise silently put AI text in human mode.
 
 Bad records never stop a run by default: `read_documents` reports each one (file,
 line, document id, reason), counts it in a `SkipCounter` and goes on. `parse_record`
-turns one raw line into a `Document` for both read paths (this streaming one, and the
+turns one raw record into a `Document` for both read paths (this streaming one, and the
 random-access one in `metatrain.data.sources`): invalid UTF-8, invalid JSON, a repeated
 key and records past the limits of `metatrain.strict_parsing` (too deep, a number too
 large, a key too long) are all record errors. A UTF-8 byte order mark at the start of
 a line is ignored (editors put one at the start of a file; `cat` carries it inside).
 Files named `.jsonl.gz`, `.jsonl.zst`, `.jsonl.bz2` or `.jsonl.xz` are decompressed
-as they are read (`metatrain.compression`).
+as they are read (`metatrain.compression`). The same documents may come as Parquet rows
+or ArrayRecord records (`metatrain.formats`), checked by the same code.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from metatrain.compression import iter_lines
 from metatrain.errors import RecordError
-from metatrain.strict_parsing import DuplicateKeyError, JsonLimitError, describe_json_error, loads_json
+from metatrain.formats import load_record, read_records
 
 logger = logging.getLogger(__name__)
 
 SEGMENT_KINDS: tuple[str, ...] = ("text", "thinking")
 DEFAULT_DOCUMENT_MODE = "human"
 _SEGMENT_KEYS = frozenset({"kind", "text", "mode", "control"})
-_BOM = b"\xef\xbb\xbf"
 _REPR_LIMIT = 60  # characters of a bad value quoted in a message
 
 
@@ -76,7 +73,7 @@ class Document:
         segments: the segments in order, at least one.
         mode: the document's mode; "ai" makes the whole document AI text.
         path: file the document was read from ("" when built in code).
-        line: 1-based line in that file (0 when built in code).
+        line: 1-based line (Parquet row, ArrayRecord record) in that file (0 when built in code).
     """
 
     id: str
@@ -207,38 +204,12 @@ def parse_document(obj: Any, *, path: str, line: int) -> Document:
     )
 
 
-def load_record(raw: bytes, *, path: str, line: int) -> Any:
-    """The parsed JSON value of one raw JSON Lines line, or None for a blank line (a
-    leading BOM is ignored).
+def parse_record(raw: bytes | Mapping, *, path: str, line: int) -> Document | None:
+    """The `Document` of one raw record (a JSON Lines line, an ArrayRecord record or a
+    Parquet row; see `metatrain.formats.load_record`), or None for a blank line.
 
     Raises:
-        RecordError: the line is not valid UTF-8, not JSON, or past the JSON limits
-            (`metatrain.strict_parsing`).
-    """
-    if raw.startswith(_BOM):
-        raw = raw[len(_BOM):]
-    if not raw.strip():
-        return None
-    try:
-        text = raw.rstrip(b"\r\n").decode("utf-8")  # so `json` counts columns on this line
-    except UnicodeDecodeError as e:
-        raise RecordError(path, line, f"invalid UTF-8 at byte {e.start} of the line: "
-                                      f"{raw[e.start:e.start + 4]!r}") from None
-    try:
-        return loads_json(text)
-    except json.JSONDecodeError as e:
-        raise RecordError(path, line, f"invalid JSON: {describe_json_error(e)}") from None
-    except DuplicateKeyError as e:
-        raise RecordError(path, line, f"invalid JSON: {e}") from None
-    except JsonLimitError as e:
-        raise RecordError(path, line, str(e)) from None
-
-
-def parse_record(raw: bytes, *, path: str, line: int) -> Document | None:
-    """The `Document` of one raw JSON Lines line, or None for a blank line.
-
-    Raises:
-        RecordError: the line is not valid UTF-8, not JSON, past the JSON limits
+        RecordError: the record is not valid UTF-8, not JSON, past the JSON limits
             (`metatrain.strict_parsing`), or not a valid document.
     """
     obj = load_record(raw, path=path, line=line)
@@ -247,21 +218,15 @@ def parse_record(raw: bytes, *, path: str, line: int) -> Document | None:
 
 def _read_one_file(path: Path) -> Iterator[Document | RecordError]:
     name = str(path)
-    lines = iter_lines(path)
-    try:
-        first = next(lines, None)
-    except OSError as e:
-        raise RecordError(name, 0, f"cannot open: {e.strerror or e}") from None
-    if first is None:
-        return
-    for line_no, raw in enumerate(itertools.chain([first], lines), start=1):
+    for item in read_records(path):
+        if isinstance(item, RecordError):
+            yield item
+            continue
+        number, obj = item
         try:
-            doc = parse_record(raw, path=name, line=line_no)
+            yield parse_document(obj, path=name, line=number)
         except RecordError as e:
             yield e
-            continue
-        if doc is not None:
-            yield doc
 
 
 def read_documents(
@@ -270,9 +235,10 @@ def read_documents(
     strict: bool = False,
     skips: SkipCounter | None = None,
 ) -> Iterator[Document]:
-    """Streams the valid documents of one or more JSON Lines files, in order.
+    """Streams the valid documents of one or more files, in order.
 
-    Blank lines are ignored; compressed files (by name) are decompressed. A bad
+    A file is JSON Lines, Parquet or ArrayRecord, by its name (`metatrain.formats`);
+    blank lines are ignored; compressed files (by name) are decompressed. A bad
     record (invalid UTF-8, invalid JSON, too deep, a number too large or a key too
     long, an invalid document) is skipped, counted in `skips` and, for the first few, logged with
     file:line, document id and reason; every good record before and after it is
@@ -286,7 +252,8 @@ def read_documents(
     Raises:
         RecordError: in strict mode, the first bad record; always, a file that
             cannot be opened (line 0).
-        UserError: a compressed file with a plain name, or a damaged compressed file.
+        UserError: a compressed file with a plain name, a damaged compressed file, or
+            a file that is not valid Parquet or ArrayRecord.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]

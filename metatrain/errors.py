@@ -138,7 +138,8 @@ class RecordError(UserError):
 
     Attributes:
         path: file the record came from.
-        line: 1-based line number in that file.
+        line: 1-based line number in that file (row of a Parquet file, record of an
+            ArrayRecord file; 0: the file itself).
         reason: why the record was refused.
         doc_id: the document's `id`, when it could be read.
     """
@@ -150,6 +151,14 @@ class RecordError(UserError):
 
     def __str__(self) -> str:
         where = f"{self.path}:{self.line}"
+        if self.line > 0:  # rows of a Parquet file and records of an ArrayRecord file are not lines
+            from metatrain.formats import ARRAY_RECORD, PARQUET, format_of
+
+            kind = format_of(self.path)
+            if kind == PARQUET:
+                where = f"{self.path}, row {self.line}"
+            elif kind == ARRAY_RECORD:
+                where = f"{self.path}, record {self.line}"
         if self.doc_id is not None:
             where += f" (document {self.doc_id!r})"
         return f"{where}: {self.reason}"

@@ -1,7 +1,7 @@
 """The corpus `metatrain annotate` reads: raw text and metatrain documents, as `RawDocument`s.
 
-Three kinds of input, told apart by file name (a compression suffix `.gz`, `.zst`,
-`.bz2` or `.xz` may follow; see `metatrain.compression`):
+Five kinds of input, told apart by file name (after `.jsonl` and `.txt` a compression
+suffix `.gz`, `.zst`, `.bz2` or `.xz` may follow; see `metatrain.compression`):
 
 - `*.jsonl`: one record per line, either raw text
 
@@ -15,12 +15,16 @@ Three kinds of input, told apart by file name (a compression suffix `.gz`, `.zst
   name, not the path, so the ids stay the same when the corpus moves and a resumed run
   matches what an earlier run wrote). `mode` (default "human") is the document's mode
   in both forms. Every other top-level key is metadata, kept in its order.
+- `*.parquet`: one row per document, with a `text` column (raw text) or a `segments`
+  column (metatrain documents), optional `id` and `mode` columns, and every other
+  column as metadata; `*.array_record`: one JSON record per document, as a `.jsonl`
+  line (`metatrain.formats` says how; rows and records are numbered from 1, like lines).
 - `*.txt`: the whole file is one document, its text exactly as in the file (UTF-8, a
   leading byte order mark dropped). Its id is the file name without `.txt` and the
   compression suffix (`notes/a.txt.gz` -> `a`); its metadata is empty (`path` says
   where it came from).
-- a directory: its `.txt` and `.jsonl` files (compressed or not), sorted by name, not
-  descending into subdirectories; other files in it are ignored.
+- a directory: its files of these kinds, sorted by name, not descending into
+  subdirectories; other files in it are ignored.
 
 An input that does not exist but holds `*`, `?` or `[` is a glob, expanded in sorted
 order. Every input is resolved before the first record is read, so a misspelt third
@@ -44,11 +48,14 @@ from pathlib import Path
 from typing import Any
 
 from metatrain.compression import COMPRESSIONS, iter_lines
-from metatrain.documents import DEFAULT_DOCUMENT_MODE, Segment, SkipCounter, load_record, parse_document
+from metatrain.documents import DEFAULT_DOCUMENT_MODE, Segment, SkipCounter, parse_document
 from metatrain.errors import RecordError, UserError
+from metatrain.formats import JSONL, format_of, read_records
 
-#: Kinds of input file, by the suffix before any compression suffix.
+#: Kinds of text input file, by the suffix before any compression suffix.
 INPUT_KINDS: dict[str, str] = {".jsonl": "jsonl", ".txt": "txt"}
+#: Kinds read without a compression suffix (they compress inside).
+_BINARY_KINDS: tuple[str, ...] = (".parquet", ".array_record")
 _BOM = b"\xef\xbb\xbf"
 _GLOB_CHARS = frozenset("*?[")
 _DOCUMENT_KEYS = frozenset({"id", "segments", "mode"})
@@ -83,7 +90,10 @@ class RawDocument:
 
 
 def input_kind(path: str | Path) -> str | None:
-    """"jsonl" or "txt" for a file name metatrain annotate reads, else None."""
+    """"jsonl", "txt", "parquet" or "array_record" for a file name metatrain annotate reads, else None."""
+    kind = format_of(path)
+    if kind != JSONL:
+        return kind
     name = Path(path).name.lower()
     for suffix in COMPRESSIONS:
         if name.endswith(suffix):
@@ -101,7 +111,7 @@ def _stem(path: Path) -> str:
 
 
 def _supported(what: str) -> str:
-    kinds = ", ".join(f"{s}{c}" for s in INPUT_KINDS for c in ("", *COMPRESSIONS))
+    kinds = ", ".join([*(f"{s}{c}" for s in INPUT_KINDS for c in ("", *COMPRESSIONS)), *_BINARY_KINDS])
     return f"{what}; metatrain annotate reads {kinds} files and directories of them"
 
 
@@ -144,7 +154,7 @@ def _files_of(path: Path, given: str | Path) -> list[Path]:
         return found
     if input_kind(path) is None:
         raise UserError(_supported(f"input {path}{'' if str(path) == str(given) else f' (from {given})'} "
-                                   "is neither a .txt nor a .jsonl file"))
+                                   "is not a .txt, .jsonl, .parquet or .array_record file"))
     return [path]
 
 
@@ -177,7 +187,7 @@ def read_raw_documents(
 def _read_all(files: list[Path], strict: bool, skips: SkipCounter) -> Iterator[RawDocument]:
     first_seen: dict[str, str] = {}
     for path in files:
-        items = _read_txt(path) if input_kind(path) == "txt" else _read_jsonl(path)
+        items = _read_txt(path) if input_kind(path) == "txt" else _read_records(path)
         for item in items:
             if isinstance(item, RawDocument):
                 where = f"{item.path}:{item.line}"
@@ -221,22 +231,19 @@ def _read_txt(path: Path) -> Iterator[RawDocument | RecordError]:
     yield RawDocument(id=doc_id, segments=(Segment("text", text),), path=name, line=1)
 
 
-def _read_jsonl(path: Path) -> Iterator[RawDocument | RecordError]:
-    for line_no, raw in enumerate(_open_lines(path), start=1):
+def _read_records(path: Path) -> Iterator[RawDocument | RecordError]:
+    for item in read_records(path, metadata=True):
+        if isinstance(item, RecordError):
+            yield item
+            continue
         try:
-            doc = _parse_line(raw, path, line_no)
+            yield _parse_record(*item, path)
         except RecordError as e:
             yield e
-            continue
-        if doc is not None:
-            yield doc
 
 
-def _parse_line(raw: bytes, path: Path, line: int) -> RawDocument | None:
+def _parse_record(line: int, obj: Any, path: Path) -> RawDocument:
     name = str(path)
-    obj = load_record(raw, path=name, line=line)
-    if obj is None:
-        return None
     if not isinstance(obj, Mapping):
         raise RecordError(name, line, f"a record must be a JSON object, got {type(obj).__name__}")
     has_text, has_segments = "text" in obj, "segments" in obj

@@ -1,7 +1,7 @@
 """The data pipeline (DESIGN.md sections 3-5): documents in, batches of the batch contract out.
 
     config.py     `DataConfig`, `SourceConfig`
-    sources.py    JSON Lines sources (indexed lines) and the record reader
+    sources.py    document sources (JSON Lines lines, Parquet rows, ArrayRecord records) and the record reader
     split.py      the train/eval split by document-id hash
     cache.py      the tensorstore token cache: write, read, stats
     packing.py    per-document shift and grain's concat-then-split packing

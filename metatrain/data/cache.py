@@ -9,8 +9,8 @@ Layout of a cache directory:
     offsets/     int64  [docs + 1]    document d is ids[offsets[d]:offsets[d + 1]]
     id_hash/     uint64 [docs]        `split.id_hash` of each document id (train/eval split)
 
-Training reads a cache like a JSON Lines source (same document order, same split, so
-the same batches when no record was skipped), and refuses one built with a different
+Training reads a cache like the source it was built from (same document order, same
+split, so the same batches when no record was skipped), and refuses one built with a different
 tokenizer, tag registry or mantra: the ids would silently mean something else.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 import tensorstore as ts
 
 from metatrain.data.packing import shift_document
-from metatrain.data.sources import EncoderSpec, JsonlLines, JsonlReader, SkipLog, expand_jsonl_paths
+from metatrain.data.sources import EncoderSpec, JsonlReader, SkipLog, expand_jsonl_paths, open_records
 from metatrain.data.split import check_split, id_hash, in_split
 from metatrain.documents import SkipCounter
 from metatrain.errors import FaultError, RecordError, UserError, describe_cause
@@ -164,10 +164,11 @@ def write_cache(
     strict: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Tokenizes JSON Lines documents once into a token cache directory.
+    """Tokenizes documents once into a token cache directory.
 
     Args:
-        inputs: JSON Lines files or globs, read in order.
+        inputs: JSON Lines, Parquet or ArrayRecord files, or globs of them, read in order
+            (a Parquet file one row group at a time).
         out: the cache directory to create (must not exist, or be empty).
         encoder: tokenizer, tag registry and mantra to encode with.
         strict: stop at the first bad record instead of skipping it.
@@ -184,7 +185,7 @@ def write_cache(
 
     out = check_output_dir(out, option="--out")
     files = [f for pattern in inputs for f in expand_jsonl_paths(pattern)]
-    lines = JsonlLines(files)
+    records = open_records(files)
     log = SkipLog()
     reader = JsonlReader(encoder, split=None, eval_fraction=0.0, strict=strict, skips=log)
     fingerprint = encoder_fingerprint(encoder, vocab_size=reader.encoder.vocab_size)
@@ -192,8 +193,8 @@ def write_cache(
     tmp = staging_dir(out, option="--out")
     try:
         writer = _CacheWriter(tmp)
-        for i in tqdm(range(len(lines)), desc="tokenizing", unit="doc", disable=not progress, mininterval=0.5):
-            encoded = reader.encode_record(lines[i])
+        for i in tqdm(range(len(records)), desc="tokenizing", unit="doc", disable=not progress, mininterval=0.5):
+            encoded = reader.encode_record(records[i])
             for path, line, reason, doc_id in log.drain():
                 skips.add(RecordError(path, line, reason, doc_id))
             if encoded is not None:

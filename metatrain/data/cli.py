@@ -21,12 +21,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     cache = commands.add_parser(
         "cache",
-        help="tokenize JSON Lines documents once into a tensorstore token cache",
+        help="tokenize documents (JSON Lines, Parquet, ArrayRecord) once into a tensorstore token cache",
         description="Tokenize documents once into a token cache directory that training can read "
-        "instead of the JSON Lines (a data source path may name the directory).",
+        "instead of the documents (a data source path may name the directory).",
     )
-    cache.add_argument("--input", action="append", required=True, metavar="DOCS.jsonl",
-                       help="JSON Lines file or glob; repeat for several (read in order)")
+    cache.add_argument("--input", action="append", required=True, metavar="DOCS",
+                       help="JSON Lines, Parquet or ArrayRecord file, or a glob; repeat for several (read in order)")
     cache.add_argument("--tokenizer", required=True, metavar="T.model", help="SentencePiece model with the tags")
     cache.add_argument("--tags", default=str(DEFAULT_TAGS), metavar="TAGS.yaml",
                        help="tag registry (default: %(default)s)")

@@ -4,6 +4,9 @@ Path fields are typed `Path` so the run-config loader (`metatrain.config`) resol
 relative path against the YAML file that wrote it; a plain string is accepted too
 (converted in `__post_init__`). The defaults point at the shipped sample corpus,
 tokenizer and tag registry.
+
+A mixture schedule (`DataConfig.schedule`, a list of `ScheduleStage`) changes the
+sources' weights over training; how the stream follows it is in `mixture.py`.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ class SourceConfig:
 
     Attributes:
         path: a JSON Lines file (plain, or compressed: `.jsonl.gz`, `.jsonl.zst`,
-            `.jsonl.bz2`, `.jsonl.xz`), a glob of them (`data/*.jsonl`, which also finds
-            the compressed ones), or a token-cache directory written by `metatrain data
-            cache`. A directory of JSON Lines files is given as a glob (`data/*.jsonl`).
-        weight: relative share of this source in the mixture (weights need not sum to 1).
+            `.jsonl.bz2`, `.jsonl.xz`), a Parquet file (`.parquet`), an ArrayRecord file
+            (`.array_record`), a glob of them (`data/*.jsonl`, which also finds the
+            compressed ones), or a token-cache directory written by `metatrain data
+            cache`. A directory of files is given as a glob (`data/*.jsonl`).
+        weight: relative share of this source in the mixture (weights need not sum to 1);
+            not used when `DataConfig.schedule` gives the weights.
     """
 
     path: Path
@@ -52,12 +57,84 @@ class SourceConfig:
             )
 
 
+def _is_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleStage:
+    """One stage of a mixture schedule: from training step `step` on, the sources mix by `weights`.
+
+    Attributes:
+        step: the first training step of the stage (the stage lasts until the next one starts).
+        weights: one weight per source, in the order of `DataConfig.sources`, >= 0 with a
+            positive sum (they need not sum to 1); 0 leaves a source out of this stage.
+    """
+
+    step: int
+    weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
+            raise ValueError(f"schedule stage: `step` must be an integer >= 0 (a training step), got {self.step!r}")
+        where = f"schedule stage at step {self.step}"
+        if not isinstance(self.weights, (list, tuple)):
+            raise ValueError(f"{where}: `weights` must be a list of numbers, one per source, got {self.weights!r}")
+        for w in self.weights:
+            if not _is_number(w) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"{where}: weights must be finite numbers >= 0, got {w!r} in {list(self.weights)}")
+        if not sum(self.weights) > 0:
+            raise ValueError(f"{where}: every weight is 0, so no source would be read; make one positive")
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+
+
+def _as_stage(stage: object) -> ScheduleStage:
+    """A `ScheduleStage` from itself, a mapping `{step, weights}` or a pair `(step, weights)`."""
+    if isinstance(stage, ScheduleStage):
+        return stage
+    if isinstance(stage, dict) and set(stage) == {"step", "weights"}:
+        return ScheduleStage(**stage)
+    if isinstance(stage, (list, tuple)) and len(stage) == 2:
+        return ScheduleStage(*stage)
+    raise ValueError(f"`schedule` holds {stage!r}; each stage is {{step: STEP, weights: [W, ...]}}")
+
+
+def _check_schedule(schedule: tuple[ScheduleStage, ...], sources: tuple[SourceConfig, ...]) -> None:
+    """The stages start at step 0, in increasing steps, and each weighs every source."""
+    if schedule[0].step != 0:
+        raise ValueError(
+            f"`schedule` must start at step 0, but its first stage starts at step {schedule[0].step}; "
+            "add a stage {step: 0, weights: [...]} for the steps before it"
+        )
+    for before, stage in zip(schedule, schedule[1:]):
+        if stage.step <= before.step:
+            raise ValueError(
+                f"`schedule` steps must increase: a stage at step {stage.step} follows the stage at step {before.step}"
+            )
+    for stage in schedule:
+        if len(stage.weights) != len(sources):
+            raise ValueError(
+                f"schedule stage at step {stage.step} has {len(stage.weights)} weights for {len(sources)} sources; "
+                "give one weight per source, in the order of `sources`"
+            )
+    for k, source in enumerate(sources):
+        if all(stage.weights[k] == 0 for stage in schedule):
+            raise ValueError(
+                f"source {source.path} has weight 0 in every stage of `schedule`, so it is never read; "
+                "drop it from `sources` (and its weight from every stage)"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Training data: sources and their mixture, tokenizer, mantra, split and order.
 
     Attributes:
         sources: the sources, mixed by weight (one source means no mixing).
+        schedule: optional stages `{step, weights}` that replace the sources' weights as
+            training goes on (the first starts at step 0; step s uses the stage with the
+            largest start <= s); empty: the sources' own weights hold for the whole run.
+            See `mixture.py` for the exact semantics.
         tokenizer: SentencePiece `.model` file with the registry's tags.
         tags: the tag registry (YAML).
         mantra: text opening thinking blocks; None means the default mantra.
@@ -74,6 +151,7 @@ class DataConfig:
     """
 
     sources: tuple[SourceConfig, ...] = (SourceConfig(SAMPLE_CORPUS),)
+    schedule: tuple[ScheduleStage, ...] = ()
     tokenizer: Path = SAMPLE_TOKENIZER
     tags: Path = DEFAULT_TAGS
     mantra: str | None = None
@@ -89,11 +167,17 @@ class DataConfig:
             sources = (sources,)
         sources = tuple(SourceConfig(s) if isinstance(s, (str, Path)) else s for s in sources)
         if not sources:
-            raise ValueError("`sources` is empty; give at least one JSON Lines file, glob or token cache")
+            raise ValueError("`sources` is empty; give at least one JSON Lines, Parquet or ArrayRecord file, glob or token cache")
         for s in sources:
             if not isinstance(s, SourceConfig):
                 raise ValueError(f"`sources` holds {s!r}; each source is {{path: ..., weight: ...}}")
         object.__setattr__(self, "sources", sources)
+        if not isinstance(self.schedule, (list, tuple)):
+            raise ValueError(f"`schedule` must be a list of stages {{step, weights}}, got {self.schedule!r}")
+        schedule = tuple(_as_stage(stage) for stage in self.schedule)
+        if schedule:
+            _check_schedule(schedule, sources)
+        object.__setattr__(self, "schedule", schedule)
         _as_path(self, "tokenizer")
         _as_path(self, "tags")
         if self.mantra is not None and (not isinstance(self.mantra, str) or not self.mantra.strip()):

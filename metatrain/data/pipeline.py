@@ -4,11 +4,11 @@
 
 per lane (one row of the global batch, see `sharding.py`), all grain:
 
-    records (JSON Lines lines | cache documents)        sources.py, cache.py
+    records (JSON Lines, Parquet, ArrayRecord | cache)  sources.py, formats.py, cache.py
       .shuffle(seed).repeat()[lane::B]  per source      mixture.py
       .map(read + split + encode + shift)               sources.py, packing.py
-      MapDataset.mix(weights)
-      .to_iter_dataset()
+      MapDataset.mix(weights)                           (or, with data.schedule,
+      .to_iter_dataset()                                 ScheduledMixIterDataset: mixture.py)
       ConcatThenSplitIterDataset(L)                     packing.py
 
 then `LanesIterDataset` takes one row from each of this process's lanes per step
@@ -37,10 +37,10 @@ import numpy as np
 
 from metatrain.data.cache import CacheReader, TokenCache, check_cache_matches, is_cache_dir
 from metatrain.data.config import DataConfig
-from metatrain.data.mixture import Source, eval_lane, train_lane
+from metatrain.data.mixture import Source, eval_lane, scheduled_train_lane, train_lane
 from metatrain.data.packing import empty_row, pack_examples, rows_to_batch
 from metatrain.data.sharding import gather_state, local_lanes, select_lanes, LANES_KEY
-from metatrain.data.sources import EncoderSpec, JsonlLines, JsonlReader, SkipLog, expand_jsonl_paths
+from metatrain.data.sources import EncoderSpec, JsonlReader, SkipLog, expand_jsonl_paths, open_records
 from metatrain.data.split import check_split, in_split
 from metatrain.documents import SkipCounter
 from metatrain.errors import RecordError, UserError
@@ -240,7 +240,7 @@ def _open_source(data: DataConfig, index: int, split: str, skips: SkipLog) -> So
         reader = CacheReader(cache, split=split, eval_fraction=data.eval_fraction)
         records = grain.MapDataset.range(len(cache))
     else:
-        lines = JsonlLines(expand_jsonl_paths(cfg.path))
+        lines = open_records(expand_jsonl_paths(cfg.path))
         reader = JsonlReader(spec, split=split, eval_fraction=data.eval_fraction, strict=data.strict, skips=skips)
         records = grain.MapDataset.source(lines)
     if len(records) == 0:
@@ -289,6 +289,17 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _lane_examples(
+    data: DataConfig, sources: Sequence[Source], split: str, lane: int, num_lanes: int, seed: int, seq_len: int
+) -> grain.IterDataset:
+    """The examples one lane packs: mixed by weight or by `data.schedule` (train), or one pass (eval)."""
+    if split == "eval":
+        return eval_lane(sources, lane, num_lanes).to_iter_dataset(_SYNC)
+    if data.schedule:
+        return scheduled_train_lane(sources, data.schedule, lane, num_lanes, seed, seq_len)
+    return train_lane(sources, lane, num_lanes, seed).to_iter_dataset(_SYNC)
+
+
 def make_batch_iterator(
     data: DataConfig,
     *,
@@ -303,7 +314,7 @@ def make_batch_iterator(
     """The batch stream of one split, for this process.
 
     Args:
-        data: sources, tokenizer, split fraction, strictness, workers.
+        data: sources and their schedule, tokenizer, split fraction, strictness, workers.
         batch_size: global batch size (rows over all processes).
         seq_len: positions per row.
         split: "train" (infinite, reshuffled each epoch) or "eval" (finite, one pass).
@@ -348,10 +359,8 @@ def make_batch_iterator(
             "raise data.eval_fraction or add documents"
         )
 
-    packed = []
-    for lane in lanes:
-        examples = train_lane(sources, lane, batch_size, seed) if split == "train" else eval_lane(sources, lane, batch_size)
-        packed.append(pack_examples(examples.to_iter_dataset(_SYNC), seq_len))
+    packed = [pack_examples(_lane_examples(data, sources, split, lane, batch_size, seed, seq_len), seq_len)
+              for lane in lanes]
     ds: grain.IterDataset = LanesIterDataset(packed, lanes, seq_len, finite=split == "eval", skips=log)
     # Records of the other split read as None and are dropped; that is by design, so
     # grain's "most elements were filtered" warning would only be noise for eval.
@@ -371,5 +380,7 @@ def make_batch_iterator(
         "sources": [{"path": str(s.path), "weight": s.weight} for s in data.sources],
         "eval_fraction": data.eval_fraction,
     }
+    if split == "train" and data.schedule:  # absent without one: such states are as they always were
+        identity["schedule"] = [{"step": stage.step, "weights": list(stage.weights)} for stage in data.schedule]
     gather = process_count == real_processes and real_processes > 1
     return BatchIterator(ds, identity=identity, lanes=lanes, gather=gather, skips=skips)

@@ -3,9 +3,16 @@
 A source path (`SourceConfig.path`) is one of
 
     a JSON Lines file        data/corpus.jsonl, or compressed: data/corpus.jsonl.gz (.zst, .bz2, .xz)
+    a Parquet file           data/corpus.parquet (rows: `text`, or `segments`; see `metatrain.formats`)
+    an ArrayRecord file      data/corpus.array_record (each record one JSON document)
     a glob of them           data/shards/*.jsonl   (sorted, read as one source; a glob
                              ending in .jsonl also finds the compressed .jsonl.gz etc.)
     a token cache directory  written by `metatrain data cache` (see `cache.py`)
+
+A file's format is told by its name (`metatrain.formats.format_of`; any name but
+Parquet's and ArrayRecord's is read as JSON Lines). `open_records` gives random access
+to the records of a source's files: `JsonlLines` for JSON Lines, `ParquetRows` and
+`ArrayRecords` (in `metatrain.formats`) for the others.
 
 A compressed file is decompressed once into a spill file under `$TMPDIR`, which is
 what gets indexed and memory-mapped (`metatrain.compression` says why and what it costs);
@@ -13,10 +20,11 @@ records and errors still name the compressed file and its line numbers.
 
 `JsonlLines` indexes the non-blank lines of its files once (byte offsets, found with
 NumPy) so grain can shuffle and shard them without reading them; `JsonlReader` parses,
-splits, encodes and shifts one line when grain asks for it. A record that cannot be
-used becomes `None` (grain skips it) and is noted in the shared `SkipLog`; in strict
-mode it raises instead. Every other exception is re-raised naming the record, so an
-error inside a worker process says which line caused it.
+splits, encodes and shifts one record (a line, a row or an ArrayRecord record) when
+grain asks for it. A record that cannot be used becomes `None` (grain skips it) and is
+noted in the shared `SkipLog`; in strict mode it raises instead. Every other exception
+is re-raised naming the record, so an error inside a worker process says which line
+caused it.
 
 Readers and sources are pickled into grain's worker processes: they carry paths and
 small index arrays, and open files and the tokenizer lazily in each process.
@@ -26,6 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +46,14 @@ from metatrain.data.packing import shift_document
 from metatrain.data.split import check_split, id_hash, in_split
 from metatrain.documents import parse_record
 from metatrain.errors import RecordError, UserError
+from metatrain.formats import ARRAY_RECORD, JSONL, PARQUET, ArrayRecords, ParquetRows, format_of
 
 _INDEX_CHUNK = 64 << 20  # bytes scanned at a time when indexing lines
 _GLOB_CHARS = frozenset("*?[")
 
 
 def expand_jsonl_paths(path: str | Path) -> list[Path]:
-    """The JSON Lines files a source path names (a file, or the sorted files of a glob).
+    """The files a source path names (a file, or the sorted files of a glob), of any format.
 
     A glob ending in `.jsonl` also matches the compressed files beside them
     (`*.jsonl` finds `a.jsonl` and `b.jsonl.gz`).
@@ -65,7 +76,8 @@ def expand_jsonl_paths(path: str | Path) -> list[Path]:
         raise UserError(f"data source {text} is a directory, and not a token cache (it has no cache.json); "
                         f"to read its JSON Lines files give a glob such as {p / '*.jsonl'}")
     if not p.is_file():
-        raise UserError(f"data source {text} does not exist (expected a JSON Lines file, a glob or a token cache)")
+        raise UserError(f"data source {text} does not exist (expected a JSON Lines, Parquet or ArrayRecord "
+                        "file, a glob of them, or a token cache)")
     return [p]
 
 
@@ -148,6 +160,35 @@ class JsonlLines:
         return f"JsonlLines({len(self.files)} files, {len(self)} lines)"
 
 
+class ConcatRecords:
+    """The records of several random-access sources, one after another."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self._bounds = np.cumsum([0, *map(len, parts)], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self._bounds[-1])
+
+    def __getitem__(self, index: int):
+        k = int(np.searchsorted(self._bounds, index, side="right")) - 1
+        return self.parts[k][index - int(self._bounds[k])]
+
+
+def open_records(files: list[Path]):
+    """Random access to the records of `files`, in order: `records[i]` is `(path, number, raw)`.
+
+    Consecutive files of one format share one index (`JsonlLines`, `ParquetRows`,
+    `ArrayRecords`); `metatrain.formats.load_record` turns `raw` into a record.
+
+    Raises:
+        UserError: a file cannot be opened, or is not valid Parquet or ArrayRecord.
+    """
+    opener = {JSONL: JsonlLines, PARQUET: ParquetRows, ARRAY_RECORD: ArrayRecords}
+    parts = [opener[kind](list(group)) for kind, group in itertools.groupby(files, format_of)]
+    return parts[0] if len(parts) == 1 else ConcatRecords(parts)
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderSpec:
     """What builds the encoder; the encoder itself is built lazily in each process."""
@@ -188,7 +229,8 @@ class RecordFailure(RuntimeError):
 
 
 class JsonlReader:
-    """One JSON Lines record -> training example, or None (blank, other split, skipped).
+    """One record (a JSON Lines line, a Parquet row, an ArrayRecord record) -> training
+    example, or None (blank, other split, skipped).
 
     Args:
         encoder: how to build the encoder.
@@ -219,11 +261,11 @@ class JsonlReader:
         state["_encoder"] = None  # SentencePiece does not pickle; rebuilt in each process
         return state
 
-    def __call__(self, record: tuple[str, int, bytes]) -> dict[str, np.ndarray] | None:
+    def __call__(self, record: tuple[str, int, bytes | Mapping]) -> dict[str, np.ndarray] | None:
         encoded = self.encode_record(record)
         return None if encoded is None else shift_document(encoded.ids, encoded.roles)
 
-    def encode_record(self, record: tuple[str, int, bytes]):
+    def encode_record(self, record: tuple[str, int, bytes | Mapping]):
         """The record's `EncodedDocument`, or None when it is blank, of the other split or skipped.
 
         Raises:
@@ -238,7 +280,7 @@ class JsonlReader:
         except Exception as e:  # a bug or an unexpected failure: say which record
             raise RecordFailure(f"{path}:{line}: unexpected error while reading this record: {e!r}") from e
 
-    def _encode(self, path: str, line: int, raw: bytes):
+    def _encode(self, path: str, line: int, raw: bytes | Mapping):
         from metatrain.tokenizer import EncodeError
 
         try:

@@ -26,6 +26,8 @@ from metatrain.tokenizer.registry import load_registry
 from metatrain.tokenizer.resize import DEFAULT_NOISE_SCALE
 from metatrain.tokenizer.spm import inspect_tokenizer
 
+_INPUT_FORMATS = "JSON Lines (.jsonl, or compressed .jsonl.gz etc.), Parquet (.parquet) or ArrayRecord (.array_record)"
+
 
 @dataclasses.dataclass(frozen=True)
 class EncodeReport:
@@ -46,6 +48,8 @@ def encode_jsonl(
     also_reads: Sequence[str | Path] = (),
 ) -> EncodeReport:
     """Writes one `{"id", "ids", "roles"}` line per valid document of `inputs` to `output`.
+
+    `inputs` are JSON Lines, Parquet or ArrayRecord files (`metatrain.documents.read_documents`).
 
     Bad records (unreadable, invalid, or rejected by the grammar) are skipped and
     counted, or in strict mode stop the run. `output` is replaced atomically when the
@@ -151,8 +155,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
 
     train = tok_sub.add_parser("train", help="train a SentencePiece model on documents, tags as control pieces")
-    train.add_argument("--input", action="append", required=True, metavar="DOCS.jsonl",
-                       help="document file (repeat for several)")
+    train.add_argument("--input", action="append", required=True, metavar="DOCS",
+                       help=f"document file: {_INPUT_FORMATS} (repeat for several)")
     train.add_argument("--vocab-size", type=int, required=True, metavar="N")
     train.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab")
     train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
@@ -198,8 +202,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     enc = subparsers.add_parser("encode", help="encode documents to token ids and roles (JSON Lines)")
     enc.add_argument("--tokenizer", required=True, metavar="T.model")
-    enc.add_argument("--input", action="append", required=True, metavar="DOCS.jsonl",
-                     help="document file (repeat for several)")
+    enc.add_argument("--input", action="append", required=True, metavar="DOCS",
+                     help=f"document file: {_INPUT_FORMATS} (repeat for several)")
     enc.add_argument("--output", required=True, metavar="OUT.jsonl")
     enc.add_argument("--mantra-policy", choices=MANTRA_POLICIES, default="every")
     enc.add_argument("--mantra-file", metavar="FILE", help="mantra text (default: the built-in mantra)")

@@ -5,7 +5,9 @@ new resolved config with it key by key (dotted keys, lists compared whole) befor
 anything is written. Keys in `RESUMABLE_KEYS` (or under a prefix there) say *how* or
 *how long* to train and may change; every other key says *what* is trained (model
 shape and dtypes, tokenizer, data stream and order, batch, loss weights, optimizer),
-and a change is refused with one line per key, `key: old -> new`.
+and a change is refused with one line per key, `key: old -> new`. A key added to the
+config after a checkpoint was written (`ADDED_KEYS`) reads, in that checkpoint's config,
+as the value that keeps the old behaviour.
 
 The tokenizer and tag registry are compared by content: the run keeps copies of them,
 so pointing `data.tokenizer` at the same file in another place is not a change.
@@ -42,6 +44,10 @@ RESUMABLE_KEYS: dict[str, str] = {
 #: changes what is learnt from here on but not the shape of anything restored (lowering
 #: the learning rate after a divergence, say). Model, data and batch keys never.
 CHANGEABLE_ON_REQUEST: tuple[str, ...] = ("optimizer.", "loss.")
+
+#: Keys added to the config after checkpoints were written without them, and the value
+#: such a checkpoint's config means by their absence (so its resume is not refused).
+ADDED_KEYS: dict[str, Any] = {"data.schedule": []}
 
 #: Keys compared by the content of the file they name, not by the path.
 CONTENT_KEYS: dict[str, str] = {"data.tokenizer": "tokenizer.model", "data.tags": "tags.yaml"}
@@ -106,7 +112,7 @@ def config_differences(
     allowed = set(check_allowed_changes(allowed))
     out = []
     for key in sorted(set(old_flat) | set(new_flat)):
-        old, value = old_flat.get(key, "<unset>"), new_flat.get(key, "<unset>")
+        old, value = old_flat.get(key, ADDED_KEYS.get(key, "<unset>")), new_flat.get(key, "<unset>")
         if old == value or is_resumable(key) or key in allowed:
             continue
         if key in CONTENT_KEYS and _same_file(workdir, CONTENT_KEYS[key], value):

@@ -153,8 +153,8 @@ def test_directories_and_globs_expand_sorted(tmp_path):
 @pytest.mark.parametrize("make, given, message", [
     (lambda d: None, "nothing-*.txt", "the pattern matches no file"),
     (lambda d: None, "missing.txt", "no such file or directory"),
-    (lambda d: (d / "notes.md").write_text("x"), "notes.md", "is neither a .txt nor a .jsonl file"),
-    (lambda d: (d / "notes.md").write_text("x"), "*.md", r"notes\.md \(from .*\*\.md\) is neither"),
+    (lambda d: (d / "notes.md").write_text("x"), "notes.md", "is not a .txt, .jsonl, .parquet or .array_record file"),
+    (lambda d: (d / "notes.md").write_text("x"), "*.md", r"notes\.md \(from .*\*\.md\) is not a"),
     (lambda d: (d / "e").mkdir(), "e", "holds no input files"),
 ])
 def test_inputs_that_name_no_input_are_user_errors(tmp_path, make, given, message):
@@ -172,3 +172,5 @@ def test_a_file_given_twice_is_refused(tmp_path):
 def test_input_kind():
     assert [input_kind(n) for n in ("a.jsonl", "a.JSONL.GZ", "a.txt.xz", "a.json", "a.gz", "txt")] == [
         "jsonl", "jsonl", "txt", None, None, None]
+    assert [input_kind(n) for n in ("a.parquet", "a.array_record-00000-of-00002", "a.parquet.gz")] == [
+        "parquet", "array_record", None]
