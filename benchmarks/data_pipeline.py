@@ -12,7 +12,9 @@ single process (the path every host runs), train split. Tokens counted are non-p
 positions of the batches produced. The Parquet copy has row groups of
 `PARQUET_ROW_GROUP` documents (a shuffled read decodes a row group per record); the
 ArrayRecord copy is written with `group_size:1`. The mixture reads the JSON Lines corpus
-and its Parquet copy as two sources under a two-stage `data.schedule`. A row with `num_workers=2` (all cores) is added when
+and its Parquet copy as two sources under a two-stage `data.schedule`. With the `seqio`
+extra installed, a seqio Mixture of two document Tasks (the corpus halves, rates 3:1) is
+measured too; its start-up (reading both Tasks into the spill file) is not in its tokens/s. A row with `num_workers=2` (all cores) is added when
 the machine has more than one core.
 
 The model column times the lead's jitted, donating train step (`metatrain.train`) on
@@ -24,6 +26,7 @@ times a forward + backward of `metatrain.models.Transformer` instead, and says s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -73,13 +76,36 @@ def write_formats(corpus: Path) -> tuple[Path, Path]:
     return parquet, array_record
 
 
+def write_seqio_registry(corpus: Path) -> Path | None:
+    """A seqio registry module: the corpus halves as two document Tasks and a Mixture
+    `bench_mix` of them at rates 3:1; None without the `seqio` extra."""
+    if importlib.util.find_spec("seqio") is None:
+        return None
+    from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+
+    lines = [line for line in corpus.read_text().splitlines() if line.strip()]
+    halves = [corpus.with_name("first.jsonl"), corpus.with_name("second.jsonl")]
+    halves[0].write_text("\n".join(lines[0::2]) + "\n")
+    halves[1].write_text("\n".join(lines[1::2]) + "\n")
+    module = corpus.with_name("bench_registry.py")
+    module.write_text(
+        "import seqio\n"
+        "from metatrain.data.seqio import register_document_task\n"
+        f"register_document_task('bench_a', {str(halves[0])!r}, {str(SAMPLE_TOKENIZER)!r}, {str(DEFAULT_TAGS)!r})\n"
+        f"register_document_task('bench_b', {str(halves[1])!r}, {str(SAMPLE_TOKENIZER)!r}, {str(DEFAULT_TAGS)!r})\n"
+        "seqio.MixtureRegistry.add('bench_mix', [('bench_a', 3.0), ('bench_b', 1.0)])\n"
+    )
+    return module
+
+
 def measure_pipeline(source: str | list, batch_size: int, seq_len: int, seconds: float, workers: int,
                      schedule: list | None = None) -> dict:
     """Tokens/s of `make_batch_iterator` over `source` (one path or several; runs in the pinned child)."""
     from metatrain.data import DataConfig, SourceConfig, make_batch_iterator
     from metatrain.data.config import ScheduleStage
 
-    sources = tuple(SourceConfig(s) for s in ([source] if isinstance(source, str) else source))
+    given = [source] if isinstance(source, (str, dict)) else source
+    sources = tuple(SourceConfig(**s) if isinstance(s, dict) else SourceConfig(s) for s in given)
     stages = tuple(ScheduleStage(**stage) for stage in schedule or ())
     cfg = DataConfig(sources=sources, num_workers=workers, schedule=stages)
     t0 = time.perf_counter()
@@ -239,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                 **common, "source": [str(corpus), str(parquet)], "workers": 0,
                 "schedule": [{"step": 0, "weights": [0.8, 0.2]}, {"step": 10, "weights": [0.2, 0.8]}]}, one_core)),
         ]
+        registry = write_seqio_registry(corpus)
+        if registry is not None:
+            rows.append(("seqio mixture (2 Tasks, 3:1)", "1 core", run_pinned({
+                **common, "source": {"seqio": "bench_mix", "module": str(registry)}, "workers": 0}, one_core)))
         n_cores = len(os.sched_getaffinity(0))
         if n_cores > 1:
             rows.append(("token cache", f"{n_cores} cores, 2 workers",

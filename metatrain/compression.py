@@ -142,10 +142,12 @@ def _remove_spill_dir(owner: int, directory: Path) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _spill_directory() -> Path:
+def spill_directory() -> Path:
+    """This process's private directory under `$TMPDIR` for spill files (decompressed
+    corpora, seqio Tasks), removed when the process that made it exits."""
     global _spill_dir
     if _spill_dir is None:
-        _spill_dir = Path(tempfile.mkdtemp(prefix="metatrain-decompressed-"))
+        _spill_dir = Path(tempfile.mkdtemp(prefix="metatrain-spill-"))
         atexit.register(_remove_spill_dir, os.getpid(), _spill_dir)
     return _spill_dir
 
@@ -170,7 +172,7 @@ def random_access_path(path: str | Path) -> Path:
     if spill is not None and spill.exists():
         return spill
     source = _open_decompressed(path, compression)  # an OSError here: the input cannot be opened
-    directory = _spill_directory()
+    directory = spill_directory()
     fd, name = tempfile.mkstemp(dir=directory, prefix=path.name + ".", suffix=".jsonl")
     spill = Path(name)
     try:

@@ -31,7 +31,7 @@ def _as_path(config: object, name: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
-    """One document source of the training mixture.
+    """One document source of the training mixture: a file path, or a seqio Task or Mixture.
 
     Attributes:
         path: a JSON Lines file (plain, or compressed: `.jsonl.gz`, `.jsonl.zst`,
@@ -41,20 +41,51 @@ class SourceConfig:
             cache`. A directory of files is given as a glob (`data/*.jsonl`).
         weight: relative share of this source in the mixture (weights need not sum to 1);
             not used when `DataConfig.schedule` gives the weights.
+        seqio: instead of `path`, the name of a seqio Task or Mixture (the `seqio` extra;
+            see `metatrain.data.seqio`).
+        module: with `seqio`, the module that registers it: a dotted module name
+            importable from `sys.path`, or a `.py` file.
+        split: with `seqio`, the seqio split to read.
+        feature: with `seqio`, the feature holding the text of a Task that has no
+            `ids` and `roles` features.
     """
 
-    path: Path
+    path: Path | None = None
     weight: float = 1.0
+    seqio: str | None = None
+    module: str | None = None
+    split: str = "train"
+    feature: str = "targets"
 
     def __post_init__(self) -> None:
-        _as_path(self, "path")
+        if self.seqio is None:
+            if self.path is None:
+                raise ValueError("a source needs `path` (a file, glob or token cache) or `seqio` (a seqio Task "
+                                 "or Mixture, with `module`)")
+            _as_path(self, "path")
+        else:
+            self._check_seqio()
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)):
-            raise ValueError(f"source {self.path}: `weight` must be a number, got {self.weight!r}")
+            raise ValueError(f"source {self.name}: `weight` must be a number, got {self.weight!r}")
         if not math.isfinite(self.weight) or self.weight <= 0:
             raise ValueError(
-                f"source {self.path}: `weight` must be a positive number, got {self.weight!r} "
+                f"source {self.name}: `weight` must be a positive number, got {self.weight!r} "
                 "(drop the source instead of giving it weight 0)"
             )
+
+    def _check_seqio(self) -> None:
+        if self.path is not None:
+            raise ValueError(f"source seqio:{self.seqio} also has `path` {self.path}; give one of them")
+        for key in ("seqio", "module", "split", "feature"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value.strip():
+                fix = " (the module that registers the Task or Mixture)" if key == "module" else ""
+                raise ValueError(f"source seqio:{self.seqio}: `{key}` must be a non-empty string{fix}, got {value!r}")
+
+    @property
+    def name(self) -> str:
+        """How messages name the source: its path, or `seqio:NAME`."""
+        return str(self.path) if self.seqio is None else f"seqio:{self.seqio}"
 
 
 def _is_number(value: object) -> bool:
@@ -120,7 +151,7 @@ def _check_schedule(schedule: tuple[ScheduleStage, ...], sources: tuple[SourceCo
     for k, source in enumerate(sources):
         if all(stage.weights[k] == 0 for stage in schedule):
             raise ValueError(
-                f"source {source.path} has weight 0 in every stage of `schedule`, so it is never read; "
+                f"source {source.name} has weight 0 in every stage of `schedule`, so it is never read; "
                 "drop it from `sources` (and its weight from every stage)"
             )
 
@@ -170,7 +201,8 @@ class DataConfig:
             raise ValueError("`sources` is empty; give at least one JSON Lines, Parquet or ArrayRecord file, glob or token cache")
         for s in sources:
             if not isinstance(s, SourceConfig):
-                raise ValueError(f"`sources` holds {s!r}; each source is {{path: ..., weight: ...}}")
+                raise ValueError(f"`sources` holds {s!r}; each source is {{path: ..., weight: ...}} "
+                                 "or {seqio: NAME, module: MODULE, weight: ...}")
         object.__setattr__(self, "sources", sources)
         if not isinstance(self.schedule, (list, tuple)):
             raise ValueError(f"`schedule` must be a list of stages {{step, weights}}, got {self.schedule!r}")

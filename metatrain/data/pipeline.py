@@ -4,7 +4,8 @@
 
 per lane (one row of the global batch, see `sharding.py`), all grain:
 
-    records (JSON Lines, Parquet, ArrayRecord | cache)  sources.py, formats.py, cache.py
+    records (JSON Lines, Parquet, ArrayRecord | cache | seqio Task)
+                                                        sources.py, formats.py, cache.py, seqio.py
       .shuffle(seed).repeat()[lane::B]  per source      mixture.py
       .map(read + split + encode + shift)               sources.py, packing.py
       MapDataset.mix(weights)                           (or, with data.schedule,
@@ -36,7 +37,7 @@ import jax
 import numpy as np
 
 from metatrain.data.cache import CacheReader, TokenCache, check_cache_matches, is_cache_dir
-from metatrain.data.config import DataConfig
+from metatrain.data.config import DataConfig, ScheduleStage, SourceConfig
 from metatrain.data.mixture import Source, eval_lane, scheduled_train_lane, train_lane
 from metatrain.data.packing import empty_row, pack_examples, rows_to_batch
 from metatrain.data.sharding import gather_state, local_lanes, select_lanes, LANES_KEY
@@ -230,9 +231,15 @@ def _encoder_spec(data: DataConfig) -> EncoderSpec:
     return EncoderSpec(str(data.tokenizer), str(data.tags), data.mantra, data.mantra_policy)
 
 
-def _open_source(data: DataConfig, index: int, split: str, skips: SkipLog) -> Source:
+def _open_source(data: DataConfig, index: int, split: str, skips: SkipLog) -> list[Source]:
+    """The grain sources of one configured source: one, or one per Task of a seqio Mixture."""
     cfg = data.sources[index]
     spec = _encoder_spec(data)
+    if cfg.seqio is not None:
+        from metatrain.data.seqio import open_seqio_source  # the `seqio` extra: TensorFlow, only when asked
+
+        return open_seqio_source(cfg, spec, split=split, eval_fraction=data.eval_fraction, strict=data.strict,
+                                 skips=skips)
     name = str(cfg.path)
     if is_cache_dir(cfg.path):
         cache = TokenCache(cfg.path)
@@ -245,7 +252,14 @@ def _open_source(data: DataConfig, index: int, split: str, skips: SkipLog) -> So
         records = grain.MapDataset.source(lines)
     if len(records) == 0:
         raise UserError(f"data source {name} is empty: it holds no documents")
-    return Source(name=name, records=records, reader=reader, weight=cfg.weight)
+    return [Source(name=name, records=records, reader=reader, weight=cfg.weight)]
+
+
+def _expand_schedule(schedule: Sequence[ScheduleStage], owners: Sequence[int], shares: Sequence[float]):
+    """The schedule over grain sources: a configured source's stage weight split by its shares
+    (the rates of a seqio Mixture's Tasks; 1 for every other source)."""
+    return tuple(ScheduleStage(stage.step, tuple(stage.weights[k] * share for k, share in zip(owners, shares)))
+                 for stage in schedule)
 
 
 def _has_document(source: Source, split: str, data: DataConfig) -> bool:
@@ -259,6 +273,8 @@ def _has_document(source: Source, split: str, data: DataConfig) -> bool:
     if isinstance(reader, CacheReader):
         hashes = reader.cache.id_hashes
         return any(in_split(int(h), split, data.eval_fraction) for h in hashes)
+    if not isinstance(reader, JsonlReader):  # a seqio Task's examples, checked when they were read
+        return reader.has_document()
     log = SkipLog()
     probe = JsonlReader(reader.encoder_spec, split=None, eval_fraction=0.0, strict=data.strict, skips=log)
     probe._encoder = reader.encoder  # share the (already built) encoder
@@ -290,14 +306,22 @@ def _mark_absl_flags_parsed() -> None:
 
 
 def _lane_examples(
-    data: DataConfig, sources: Sequence[Source], split: str, lane: int, num_lanes: int, seed: int, seq_len: int
+    schedule: Sequence[ScheduleStage], sources: Sequence[Source], split: str, lane: int, num_lanes: int, seed: int,
+    seq_len: int,
 ) -> grain.IterDataset:
-    """The examples one lane packs: mixed by weight or by `data.schedule` (train), or one pass (eval)."""
+    """The examples one lane packs: mixed by weight or by `schedule` (train), or one pass (eval)."""
     if split == "eval":
         return eval_lane(sources, lane, num_lanes).to_iter_dataset(_SYNC)
-    if data.schedule:
-        return scheduled_train_lane(sources, data.schedule, lane, num_lanes, seed, seq_len)
+    if schedule:
+        return scheduled_train_lane(sources, schedule, lane, num_lanes, seed, seq_len)
     return train_lane(sources, lane, num_lanes, seed).to_iter_dataset(_SYNC)
+
+
+def _source_identity(source: SourceConfig) -> dict[str, Any]:
+    if source.seqio is None:  # as states always had it
+        return {"path": str(source.path), "weight": source.weight}
+    return {"seqio": source.seqio, "module": source.module, "split": source.split, "feature": source.feature,
+            "weight": source.weight}
 
 
 def make_batch_iterator(
@@ -345,7 +369,11 @@ def make_batch_iterator(
         raise UserError(f"trainer.batch_size: {e}") from None
 
     log = SkipLog()
-    sources = [_open_source(data, k, split, log) for k in range(len(data.sources))]
+    opened = [_open_source(data, k, split, log) for k in range(len(data.sources))]
+    sources = [src for group in opened for src in group]
+    owners = [k for k, group in enumerate(opened) for _ in group]
+    shares = [src.weight / data.sources[k].weight for k, src in zip(owners, sources)]
+    schedule = _expand_schedule(data.schedule, owners, shares) if split == "train" else ()
     found = [_has_document(src, split, data) for src in sources]
     if split == "train" and not all(found):
         empty = [s.name for s, f in zip(sources, found) if not f]
@@ -359,7 +387,7 @@ def make_batch_iterator(
             "raise data.eval_fraction or add documents"
         )
 
-    packed = [pack_examples(_lane_examples(data, sources, split, lane, batch_size, seed, seq_len), seq_len)
+    packed = [pack_examples(_lane_examples(schedule, sources, split, lane, batch_size, seed, seq_len), seq_len)
               for lane in lanes]
     ds: grain.IterDataset = LanesIterDataset(packed, lanes, seq_len, finite=split == "eval", skips=log)
     # Records of the other split read as None and are dropped; that is by design, so
@@ -377,7 +405,7 @@ def make_batch_iterator(
         "seq_len": seq_len,
         "seed": seed,
         "num_workers": data.num_workers,
-        "sources": [{"path": str(s.path), "weight": s.weight} for s in data.sources],
+        "sources": [_source_identity(s) for s in data.sources],
         "eval_fraction": data.eval_fraction,
     }
     if split == "train" and data.schedule:  # absent without one: such states are as they always were

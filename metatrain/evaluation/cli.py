@@ -123,7 +123,7 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         data = dataclasses.replace(config.data, strict=args.strict or config.data.strict)
         docs = split_documents(data, loaded.encoder, "eval", skips=skips, limit=limit)
-        data_label = f"held-out split of {', '.join(str(s.path) for s in data.sources)} (eval_fraction {data.eval_fraction})"
+        data_label = f"held-out split of {', '.join(s.name for s in data.sources)} (eval_fraction {data.eval_fraction})"
     settings = EvalSettings(
         seq_len=seq_len, stride=args.stride, batch_rows=args.batch_rows, resamples=args.bootstrap,
         level=args.level, seed=args.seed, min_documents=args.min_documents, prompts=args.prompts,

@@ -6,8 +6,9 @@ ways in:
 
     split_documents(data, encoder)   the run's held-out split, as `metatrain train`
                                      chooses it (document id hash < eval_fraction), from
-                                     every source in order: JSON Lines or token caches
-    file_documents(paths, encoder)   every document of JSON Lines files (`--data`)
+                                     every source in order: JSON Lines, Parquet, ArrayRecord,
+                                     token caches, seqio Tasks and Mixtures (the `seqio` extra)
+    file_documents(paths, encoder)   every document of JSON Lines, Parquet or ArrayRecord files (`--data`)
 
 Bad records are skipped and counted in a `SkipCounter` (the first few logged with
 file:line), or stop with one line in strict mode; a file that cannot be read is a
@@ -101,7 +102,9 @@ def iter_split_documents(
     corpus stops reading when it has them."""
     skips = SkipCounter() if skips is None else skips
     for source in data.sources:
-        if is_cache_dir(source.path):
+        if source.seqio is not None:
+            yield from _seqio_documents(source, data, split)
+        elif is_cache_dir(source.path):
             yield from _cache_documents(Path(source.path), data, split)
         else:
             docs = (
@@ -119,3 +122,18 @@ def _cache_documents(path: Path, data: DataConfig, split: str) -> Iterator[Encod
         if in_split(int(h), split, data.eval_fraction):
             ids, roles = cache.document(index)
             yield EncodedDocument(f"{path}#{index}", ids, roles)
+
+
+def _seqio_documents(source, data: DataConfig, split: str) -> Iterator[EncodedDocument]:
+    """The examples of a seqio Task or Mixture (the `seqio` extra) in `split`, in Task order."""
+    from metatrain.data.seqio import open_seqio_source
+    from metatrain.data.sources import SkipLog
+
+    spec = EncoderSpec(str(data.tokenizer), str(data.tags), data.mantra, data.mantra_policy)
+    for part in open_seqio_source(source, spec, split=split, eval_fraction=data.eval_fraction, strict=data.strict,
+                                  skips=SkipLog()):
+        examples = part.reader.examples
+        for index in range(len(examples)):
+            if in_split(int(examples.hashes[index]), split, data.eval_fraction):
+                ids, roles = examples[index]
+                yield EncodedDocument(f"{part.name}#{int(examples.numbers[index])}", ids, roles)

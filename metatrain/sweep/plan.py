@@ -163,7 +163,7 @@ def text_token_fraction(config: RunConfig, batches: int) -> float:
             total += roles.size
     if text == 0:
         raise UserError(
-            f"count_tokens: text, but the first {batches} training batches of {config.data.sources[0].path} "
+            f"count_tokens: text, but the first {batches} training batches of {config.data.sources[0].name} "
             "hold no text token; count all tokens instead (count_tokens: all)"
         )
     return text / total
