@@ -5,7 +5,8 @@ held-out documents: the text of the same documents scored with their thinking bl
 and without them (`ablation.remove_thinking`), through the trainer's own jitted eval
 step. The documents are chosen once, at the first evaluation: this process's share of
 the held-out split (every `process_count`-th document), in order, up to the first that
-does not fit in `trainer.eval_batches` batches in both variants, laid out whole (`layout.py`, windows
+does not fit in what is left of `trainer.eval_batches` batches in both variants (a
+document too long for them on its own is passed over), laid out whole (`layout.py`, windows
 of `seq_len` without overlap for longer documents). Every process runs the same number
 of batches (the largest any process needs, agreed once), so the sums are global.
 
@@ -15,6 +16,7 @@ free generation and probes; this is the number to watch while a run trains.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +33,9 @@ from metatrain.evaluation.layout import RowCounter, Rows, layout_documents
 from metatrain.train.metrics import add_sums
 
 LN2 = math.log(2.0)
+logger = logging.getLogger(__name__)
+#: Held-out documents too long for the budget that are skipped before giving up.
+_MAX_TOO_LONG = 1000
 #: Metric keys this writes (under `eval/`), a contract with scripts and dashboards.
 KEYS: tuple[str, ...] = ("ablation/removed_minus_kept", "ablation/kept/bpb/text", "ablation/removed/bpb/text",
                          "ablation/tokens/text", "ablation/documents")
@@ -51,17 +56,27 @@ class InLoopAblation:
         self.local_rows = tc.batch_size // count
         budget = self.local_rows * tc.eval_batches
         kept_count, removed_count = RowCounter(tc.seq_len), RowCounter(tc.seq_len)
-        docs, removed = [], []
-        # Read lazily, and stop at the first document that does not fit: a pod's held-out
-        # split can be far larger than what one evaluation scores.
+        docs, removed, too_long = [], [], 0
+        # Read lazily, and stop at the first document that does not fit what is left: a
+        # pod's held-out split can be far larger than what one evaluation scores.
         for i, doc in enumerate(iter_split_documents(config.data, encoder, "eval", skips=skips)):
             if i % count != index:
                 continue
             without = remove_thinking(encoder, doc)
+            if RowCounter(tc.seq_len).add(len(doc)) > budget:  # would never fit: the next may
+                too_long += 1
+                if too_long >= _MAX_TOO_LONG:
+                    break
+                continue
             if kept_count.add(len(doc)) > budget or removed_count.add(len(without)) > budget:
                 break
             docs.append(doc)
             removed.append(without)
+        if not docs:
+            logger.warning(
+                "in-loop ablation: no held-out document fits %d rows (trainer.eval_batches x the batch rows of a "
+                "process; %d longer ones skipped), so eval/ablation/* are null: raise trainer.eval_batches",
+                budget, too_long)
         self.documents = len(docs)
         self.kept = layout_documents(docs, tc.seq_len)
         self.removed = layout_documents(removed, tc.seq_len)

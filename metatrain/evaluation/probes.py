@@ -202,6 +202,7 @@ def run_probes(
     *,
     seq_len: int,
     max_tokens: int = 50_000,
+    memory_bytes: int = 4 << 30,
     test_fraction: float = 0.3,
     seed: int = 0,
     batch_rows: int = 8,
@@ -210,8 +211,9 @@ def run_probes(
 
     Each document is one row of its first `seq_len` tokens (no packing, so every token
     sees only its own document). Hidden states are kept only for the sampled tokens:
-    host memory is about `max_tokens * (L + 2) * D * 4` bytes (50k tokens of a 7B model
-    with D = 4096, L = 32: ~26 GiB; lower `max_tokens` to fit).
+    host memory is `tokens * (L + 2) * D * 4` bytes, so the tokens are also capped to
+    `memory_bytes` (4 GiB by default: all 50k tokens of the default run, about 7,700 of a
+    7B model with D = 4096, L = 32); the report's `tokens_capped_by_memory` says when.
 
     Args:
         params, model_config: the model.
@@ -251,12 +253,15 @@ def run_probes(
     is_test[rng.permutation(n_docs)[:n_test]] = True
     rows = [doc.ids[:seq_len] for doc in documents]
     labels = [token_labels(encoder, doc.ids[:seq_len], doc.roles[:seq_len]) for doc in documents]
-    kept = _sample_tokens([len(r) for r in rows], is_test, max_tokens, rng)
+    per_token = (model_config.n_layers + 2) * model_config.d_model * 4  # float32 hidden states, every layer
+    capped = min(max_tokens, max(2, memory_bytes // per_token))
+    kept = _sample_tokens([len(r) for r in rows], is_test, capped, rng)
     features = _kept_hidden_states(params, model_config, encoder, rows, kept, seq_len, batch_rows)
     token_test = np.concatenate([np.full(len(k), t) for k, t in zip(kept, is_test)])
     token_doc = np.concatenate([np.full(len(k), d) for d, k in enumerate(kept)])
     report: dict = {"layer_names": ["embeddings", *(f"block_{i}" for i in range(1, model_config.n_layers + 1)),
-                                    "final_norm"]}
+                                    "final_norm"],
+                    "tokens_capped_by_memory": capped < max_tokens and sum(map(len, rows)) > capped}
     for task, column, classes in (("mode", 0, encoder.grammar.modes), ("role", 1, ROLE_CLASSES)):
         y = np.concatenate([lab[column][k] for lab, k in zip(labels, kept)])
         report[task] = _probe_task(features, y, token_test, token_doc, classes, int(n_test), seed)

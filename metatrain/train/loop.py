@@ -415,12 +415,13 @@ class Trainer:
                 except StopIteration:
                     break
                 sums = add_sums(sums, self.eval_step(params, global_batch(local, self.batch_sharding)))
-        if sums is None:
-            return {}
-        loss = sums["loss_weighted_sum"] / sums["weight_sum"] if sums["weight_sum"] > 0 else None
-        metrics = {"eval/loss": loss, **role_metrics(sums, prefix="eval/")}
-        text_bytes = sums.get("bytes/text", 0.0)
-        metrics["eval/bpb/text"] = sums["nll_sum/text"] / math.log(2) / text_bytes if text_bytes > 0 else None
+        metrics: dict[str, Any] = {}
+        if sums is not None:
+            loss = sums["loss_weighted_sum"] / sums["weight_sum"] if sums["weight_sum"] > 0 else None
+            metrics = {"eval/loss": loss, **role_metrics(sums, prefix="eval/")}
+            text_bytes = sums.get("bytes/text", 0.0)
+            metrics["eval/bpb/text"] = sums["nll_sum/text"] / math.log(2) / text_bytes if text_bytes > 0 else None
+        # On every process, even one whose own eval stream was empty: its batches are collective.
         if tc.eval_ablation:
             metrics.update(self._in_loop_ablation().evaluate(self.eval_step, params, self.batch_sharding))
         return metrics

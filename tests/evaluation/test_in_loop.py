@@ -94,3 +94,16 @@ def test_the_ablation_set_fits_its_budget_in_both_variants():
         more = docs[:ablation.documents + 1]
         assert max(len(layout_documents(more, 128)), len(layout_documents(
             [remove_thinking(encoder, x) for x in more], 128))) > budget
+
+
+def test_no_document_fitting_the_budget_says_so(caplog):
+    """Rows too short for any held-out document: nothing is scored, and the log says why."""
+    config = load_config(CONFIGS_DIR / "tiny.yaml", OVERRIDES + ["trainer.seq_len=8", "trainer.eval_batches=1"])
+    from metatrain.data.sources import EncoderSpec
+
+    d = config.data
+    encoder = EncoderSpec(str(d.tokenizer), str(d.tags), d.mantra, d.mantra_policy).build()
+    with caplog.at_level("WARNING"):
+        ablation = InLoopAblation(config, encoder, SkipCounter())
+    assert ablation.documents == 0 and len(ablation.kept) == 0
+    assert "no held-out document fits 8 rows" in caplog.text and "raise trainer.eval_batches" in caplog.text

@@ -213,6 +213,17 @@ def test_report_is_deterministic_and_bounded(loaded):
     assert a == b
     assert a["role"]["train_tokens"] + a["role"]["test_tokens"] <= 150
     assert a["role"]["test_documents"] == 2  # round(0.3 * 6)
+    assert a["tokens_capped_by_memory"] is False
+
+
+def test_hidden_states_are_capped_to_the_memory_budget(loaded):
+    docs = _sample_documents(loaded, [1, 2, 3, 152, 153, 154])
+    cfg = loaded.model_config
+    per_token = (cfg.n_layers + 2) * cfg.d_model * 4
+    r = run_probes(loaded.params, cfg, loaded.encoder, docs, seq_len=64, max_tokens=150, seed=3, batch_rows=4,
+                   memory_bytes=40 * per_token)
+    assert r["tokens_capped_by_memory"] is True
+    assert r["role"]["train_tokens"] + r["role"]["test_tokens"] <= 40
 
 
 def test_one_class_task_is_reported_not_faked(loaded):
