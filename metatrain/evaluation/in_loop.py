@@ -17,7 +17,6 @@ free generation and probes; this is the number to watch while a run trains.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -30,9 +29,9 @@ from metatrain.documents import SkipCounter
 from metatrain.evaluation.ablation import remove_thinking
 from metatrain.evaluation.documents import iter_split_documents
 from metatrain.evaluation.layout import RowCounter, Rows, layout_documents
+from metatrain.evaluation.text_bytes import bits_per_byte
 from metatrain.train.metrics import add_sums
 
-LN2 = math.log(2.0)
 logger = logging.getLogger(__name__)
 #: Held-out documents too long for the budget that are skipped before giving up.
 _MAX_TOO_LONG = 1000
@@ -103,15 +102,10 @@ class InLoopAblation:
             raise AssertionError(f"in-loop ablation scored {removed['count/text']} text tokens without thinking, "
                                  f"{kept['count/text']} with it")
         text_bytes = kept.get("bytes/text", 0.0)
-
-        def bpb(s):
-            return s["nll_sum/text"] / LN2 / text_bytes if text_bytes > 0 else None
-
-        diff = None if not text_bytes else (removed["nll_sum/text"] - kept["nll_sum/text"]) / LN2 / text_bytes
         return {
-            "eval/ablation/removed_minus_kept": diff,
-            "eval/ablation/kept/bpb/text": bpb(kept),
-            "eval/ablation/removed/bpb/text": bpb(removed),
+            "eval/ablation/removed_minus_kept": bits_per_byte(removed["nll_sum/text"] - kept["nll_sum/text"], text_bytes),
+            "eval/ablation/kept/bpb/text": bits_per_byte(kept["nll_sum/text"], text_bytes),
+            "eval/ablation/removed/bpb/text": bits_per_byte(removed["nll_sum/text"], text_bytes),
             "eval/ablation/tokens/text": int(kept["count/text"]),
             "eval/ablation/documents": self.documents,
         }

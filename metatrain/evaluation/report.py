@@ -27,9 +27,9 @@ from metatrain.config import LossConfig
 from metatrain.errors import UserError
 from metatrain.evaluation.ablation import VARIANTS, make_variants
 from metatrain.evaluation.layout import layout_documents
-from metatrain.evaluation.scoring import LN2, DocumentSums, score_rows
+from metatrain.evaluation.scoring import DocumentSums, score_rows
 from metatrain.evaluation.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, MIN_DOCUMENTS, paired_ratio_difference
-from metatrain.evaluation.text_bytes import token_byte_lengths
+from metatrain.evaluation.text_bytes import LN2, token_byte_lengths
 from metatrain.roles import LOSS_ROLE_LABELS, Role
 from metatrain.tokenizer.encoder import EncodedDocument, Encoder
 
@@ -83,12 +83,12 @@ def ablation_report(sums: dict[str, DocumentSums], settings: EvalSettings) -> di
     """`ablation.<variant>` with `loss/text`, `bpb/text`, `tokens/text`, and for every
     variant but `kept` a `minus_kept` difference with its interval."""
     kept = sums["kept"]
+    kept_tokens = kept.metrics()["tokens/text"]
     out: dict[str, Any] = {}
     for name, s in sums.items():
         m = s.metrics()
-        if m["tokens/text"] != kept.metrics()["tokens/text"]:
-            raise AssertionError(f"ablation {name} scored {m['tokens/text']} text tokens, kept "
-                                 f"{kept.metrics()['tokens/text']}")
+        if m["tokens/text"] != kept_tokens:
+            raise AssertionError(f"ablation {name} scored {m['tokens/text']} text tokens, kept {kept_tokens}")
         entry: dict[str, Any] = {"loss/text": m["loss/text"], "bpb/text": m["bpb/text"], "tokens/text": m["tokens/text"]}
         if name != "kept":
             interval = paired_ratio_difference(

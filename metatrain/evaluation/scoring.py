@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -20,11 +19,11 @@ import numpy as np
 
 from metatrain.config import LossConfig
 from metatrain.evaluation.layout import Rows
+from metatrain.evaluation.text_bytes import bits_per_byte
 from metatrain.kernels import fused_cross_entropy
 from metatrain.models import ModelConfig, Transformer, output_projection
 from metatrain.roles import LOSS_ROLE_LABELS, LOSS_ROLES, Role
 
-LN2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +58,6 @@ class DocumentSums:
         out["bpb/text"] = bits_per_byte(nll[0], self.text_bytes.sum())
         out["bytes/text"] = int(self.text_bytes.sum())
         return out
-
-
-def bits_per_byte(nll_nats: float, text_bytes: float) -> float | None:
-    """Σ nll / ln 2 / bytes, or None without bytes."""
-    return float(nll_nats / LN2 / text_bytes) if text_bytes > 0 else None
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "impl", "precision"))

@@ -17,12 +17,15 @@ of the *normalised* text, which is what its model predicts.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from metatrain.tokenizer.spm import SpmTokenizer
 
 _META_SPACE = "\u2581"
+LN2 = math.log(2.0)
 _TYPES = model_pb2.ModelProto.SentencePiece.Type
 _TEXT_TYPES = frozenset({_TYPES.NORMAL, _TYPES.USER_DEFINED, _TYPES.UNUSED})
 
@@ -36,3 +39,8 @@ def token_byte_lengths(tokenizer: SpmTokenizer) -> np.ndarray:
         elif piece.type in _TEXT_TYPES:
             out[i] = len(piece.piece.replace(_META_SPACE, " ").encode("utf-8"))
     return out
+
+
+def bits_per_byte(nll_nats: float, text_bytes: float) -> float | None:
+    """Σ nll (nats) / ln 2 / bytes, or None without bytes."""
+    return float(nll_nats / LN2 / text_bytes) if text_bytes > 0 else None

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import signal
 import sys
 import threading
@@ -43,6 +42,7 @@ import numpy as np
 from metatrain.config import RunConfig, config_to_dict
 from metatrain.data import global_batch, make_batch_iterator
 from metatrain.documents import SkipCounter
+from metatrain.evaluation.text_bytes import bits_per_byte, token_byte_lengths
 from metatrain.errors import DivergedError, MetatrainError, UserError
 from metatrain.hardware import local_chip
 from metatrain.parallel.mesh import sharding_context
@@ -347,7 +347,6 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         tc = config.trainer
 
-        from metatrain.evaluation.text_bytes import token_byte_lengths
         from metatrain.tokenizer.spm import SpmTokenizer
 
         # UTF-8 bytes per token, for eval/bpb/text (tags are checked by the encoder later).
@@ -419,8 +418,7 @@ class Trainer:
         if sums is not None:
             loss = sums["loss_weighted_sum"] / sums["weight_sum"] if sums["weight_sum"] > 0 else None
             metrics = {"eval/loss": loss, **role_metrics(sums, prefix="eval/")}
-            text_bytes = sums.get("bytes/text", 0.0)
-            metrics["eval/bpb/text"] = sums["nll_sum/text"] / math.log(2) / text_bytes if text_bytes > 0 else None
+            metrics["eval/bpb/text"] = bits_per_byte(sums["nll_sum/text"], sums.get("bytes/text", 0.0))
         # On every process, even one whose own eval stream was empty: its batches are collective.
         if tc.eval_ablation:
             metrics.update(self._in_loop_ablation().evaluate(self.eval_step, params, self.batch_sharding))
