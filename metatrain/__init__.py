@@ -5,3 +5,7 @@ LLM-written thinking blocks. See DESIGN.md (shared) for the picture of the syste
 """
 
 __version__ = "0.1.0"
+
+from metatrain.storage import configure_storage as _configure_storage
+
+_configure_storage()  # before gcsfs is imported: STORAGE_EMULATOR_HOST reaches every library

@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import enum
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -41,6 +42,7 @@ from metatrain.errors import UserError
 from metatrain.models.config import ModelConfig
 from metatrain.parallel.mesh import MeshConfig
 from metatrain.paths import DEFAULT_CONFIG
+from metatrain.storage import absolute, as_path, is_remote
 from metatrain.roles import LOSS_ROLE_LABELS, NUM_ROLES, Role
 from metatrain.strict_parsing import DuplicateKeyError, load_yaml
 
@@ -264,7 +266,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         UserError: missing file, bad YAML, a `base:` cycle, an unknown key (with the
             closest valid one), a value of the wrong type, or a failed invariant.
     """
-    path = Path(DEFAULT_CONFIG if path is None else path).resolve()
+    path = absolute(DEFAULT_CONFIG if path is None else path)  # may be gs://
     raw = _read_tree(path, chain=())
     for override in overrides:
         _apply_override(raw, override)
@@ -295,7 +297,7 @@ def config_to_dict(config: Any) -> Any:
         return {str(k): config_to_dict(v) for k, v in config.items()}
     if isinstance(config, (list, tuple)):
         return [config_to_dict(v) for v in config]
-    if isinstance(config, Path):
+    if isinstance(config, os.PathLike):  # a local Path or a remote epath.Path
         return str(config)
     if isinstance(config, enum.Enum):
         return config.value
@@ -343,7 +345,7 @@ def _read_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         return data
     if not isinstance(base, str):
         raise UserError(f"{path}: `base:` must be a file name, got {base!r}")
-    return _merge(_read_tree((path.parent / base).resolve(), (*chain, path)), data)
+    return _merge(_read_tree(absolute(path.parent / base), (*chain, path)), data)
 
 
 def _merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
@@ -551,9 +553,9 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
             raise _wrong_type(tp, value, key, where)
         return value
     if tp is Path:
-        if not isinstance(value, (str, Path)):
+        if not isinstance(value, (str, os.PathLike)):
             raise _wrong_type(tp, value, key, where)
-        return Path(value)
+        return as_path(value)  # a `gs://` value stays a URL (`metatrain.storage`)
     if origin in (tuple, list, Sequence) or tp in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise _wrong_type(tp, value, key, where)
@@ -607,9 +609,9 @@ def _resolve_paths_in_value(tp: Any, value: Any, base_dir: Path) -> Any:
         return value
     args = [a for a in typing.get_args(tp) if a is not type(None) and a is not Ellipsis]
     if tp is Path or (_is_union(tp) and Path in args):
-        if isinstance(value, str):
+        if isinstance(value, str) and not is_remote(value):
             path = Path(value).expanduser()
-            return str(path if path.is_absolute() else (base_dir / path).resolve())
+            return str(path if path.is_absolute() else absolute(base_dir / str(path)))
         return value
     origin = typing.get_origin(tp)
     if origin in (list, tuple, Sequence) and isinstance(value, list) and args:

@@ -16,6 +16,13 @@ Every file metatrain writes goes through here, so three rules hold everywhere:
 Directory outputs (a token cache, a resized work directory) are built the same way:
 `staging_dir` makes a fresh temporary directory beside the target and `publish_dir`
 renames it into place, refusing a target that exists and is not an empty directory.
+
+**Object storage** (`gs://`, see `metatrain.storage`) has no rename, no symlinks and no
+devices, and replaces an object atomically: a file output is streamed into one upload
+that is committed only on a clean exit (an error cancels it, and the old object stays).
+A directory output is built in place, since a prefix cannot be renamed; its writer
+writes the file that marks it complete (a cache's `cache.json`, an export's
+`config.json`) last, and `discard_dir` removes what a failed build left.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from pathlib import Path
 from typing import IO
 
 from metatrain.errors import UserError
+from metatrain.storage import StoragePath, as_path, is_remote, remove_tree
 
 PathLike = str | os.PathLike[str]
 
@@ -58,6 +66,8 @@ def check_output_file(path: PathLike, *, inputs: Iterable[PathLike] = (), option
 
     `option` names the flag in the message (`--output`, `--out`).
     """
+    if is_remote(path):
+        return _check_remote_output_file(as_path(path), inputs, option)
     path = Path(path)
     try:
         info = path.lstat()
@@ -84,6 +94,38 @@ def check_output_file(path: PathLike, *, inputs: Iterable[PathLike] = (), option
     return path
 
 
+def _check_remote_output_file(path: StoragePath, inputs: Iterable[PathLike], option: str) -> StoragePath:
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory (objects exist under it); metatrain only "
+                        f"replaces files: {_fix(option)}")
+    for source in inputs:
+        if str(source).rstrip("/") == str(path):
+            raise UserError(f"{option} {path} is one of the inputs; writing it would destroy what is "
+                            f"being read: choose another {option}")
+    return path
+
+
+class _RemoteUpload:
+    """One object written as a stream: committed on `commit()`, cancelled by `cancel()`."""
+
+    def __init__(self, path: StoragePath, binary: bool):
+        import io
+
+        self.raw = path.open("wb")
+        self.handle = self.raw if binary else io.TextIOWrapper(self.raw, encoding="utf-8", newline="")
+
+    def commit(self) -> None:
+        self.handle.flush()
+        self.raw.close()
+
+    def cancel(self) -> None:
+        discard = getattr(self.raw, "discard", None)  # gcsfs: abandon the resumable upload
+        if discard is not None:
+            discard()
+        else:  # pragma: no cover - other fsspec file systems
+            self.raw.close()
+
+
 class atomic_output:  # noqa: N801 - used like `open`
     """`with atomic_output(path) as handle:` writes a temporary file beside `path`; on a
     clean exit it replaces `path`, on an exception it is removed and `path` is untouched.
@@ -99,6 +141,10 @@ class atomic_output:  # noqa: N801 - used like `open`
         self.inputs, self.option, self.binary = list(inputs), option, binary
 
     def __enter__(self) -> IO:
+        if is_remote(str(self.path)):
+            self.upload = _RemoteUpload(self.path, self.binary)
+            return self.upload.handle
+        self.upload = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
         self.tmp = Path(tmp_name)
@@ -106,6 +152,12 @@ class atomic_output:  # noqa: N801 - used like `open`
         return self.handle
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self.upload is not None:
+            if exc_type is None:
+                self.upload.commit()
+            else:
+                self.upload.cancel()
+            return
         try:
             if exc_type is None:
                 self.handle.flush()
@@ -127,6 +179,13 @@ def write_atomically(
     """Replace `path` with `data` (bytes, text, or a function that writes a given path)
     atomically, after the checks of `check_output_file`. Returns `path`."""
     path = check_output_file(path, inputs=inputs, option=option)
+    if callable(data) and is_remote(str(path)):
+        with tempfile.TemporaryDirectory(prefix="metatrain-upload-") as local:
+            tmp = Path(local) / path.name
+            data(tmp)  # the writer needs a local file (a library's `save(path)`); uploaded whole
+            with atomic_output(path, inputs=inputs, option=option, binary=True) as handle, open(tmp, "rb") as src:
+                shutil.copyfileobj(src, handle, 1 << 22)
+        return path
     if callable(data):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
@@ -174,6 +233,15 @@ def _fsync_directory(directory: Path) -> None:
 def check_output_dir(path: PathLike, *, option: str = "--out") -> Path:
     """`path` as a `Path`, refused (UserError) unless it is absent or an empty directory
     (not a symlink to one: a link is never followed or replaced)."""
+    if is_remote(path):
+        path = as_path(path)
+        if path.is_file():
+            raise UserError(f"{option} {path} already exists and is a file, not a directory to create: "
+                            f"choose another {option}")
+        if path.is_dir() and any(path.iterdir()):
+            raise UserError(f"{option} {path} already exists and is not empty; metatrain never writes "
+                            f"into a directory with contents: {_fix(option, 'remove it or ')}")
+        return path
     path = Path(path)
     try:
         info = path.lstat()
@@ -189,15 +257,20 @@ def check_output_dir(path: PathLike, *, option: str = "--out") -> Path:
 
 
 def staging_dir(path: PathLike, *, option: str = "--out") -> Path:
-    """A fresh, empty temporary directory beside `path`, to build it in and `publish_dir`."""
+    """A fresh, empty temporary directory beside `path`, to build it in and `publish_dir`.
+    In object storage: `path` itself, once it is checked to be absent or empty."""
     path = check_output_dir(path, option=option)
+    if is_remote(str(path)):
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
 
 
 def publish_dir(staging: Path, path: PathLike, *, option: str = "--out") -> Path:
     """Rename the built `staging` directory to `path` (absent or empty); removes `staging`
-    when `path` was taken meanwhile."""
+    when `path` was taken meanwhile. In object storage the directory was built in place."""
+    if is_remote(path):
+        return as_path(path)
     path = Path(path)
     try:
         check_output_dir(path, option=option)
@@ -210,6 +283,11 @@ def publish_dir(staging: Path, path: PathLike, *, option: str = "--out") -> Path
     os.chmod(path, 0o777 & ~_umask())
     _fsync_directory(path.parent)
     return path
+
+
+def discard_dir(staging: PathLike) -> None:
+    """Remove a directory `staging_dir` gave, after its build failed."""
+    remove_tree(staging)
 
 
 def _umask() -> int:

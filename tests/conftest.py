@@ -39,3 +39,28 @@ def workdir(tmp_path_factory):
     ])
     train(config, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A GCS emulator on 127.0.0.1 for the session, with this process pointed at it
+    (`STORAGE_EMULATOR_HOST`, passed on to every library by `configure_emulator`)."""
+    import importlib.util
+
+    from metatrain.storage import configure_emulator
+
+    spec = importlib.util.spec_from_file_location("gcs_emulator", os.path.join(os.path.dirname(__file__), "gcs_emulator.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    emulator = module.Emulator()
+    os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
+    configure_emulator()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def bucket(gcs_emulator):
+    """`gs://NAME`: a fresh, empty bucket in the emulator."""
+    return f"gs://{gcs_emulator.bucket()}"
+

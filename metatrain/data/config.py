@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
+from metatrain.storage import as_path
 from metatrain.paths import DEFAULT_TAGS, SAMPLE_CORPUS, SAMPLE_TOKENIZER
 from metatrain.tokenizer.mantra import MANTRA_POLICIES
 
@@ -22,8 +24,8 @@ from metatrain.tokenizer.mantra import MANTRA_POLICIES
 def _as_path(config: object, name: str) -> None:
     value = getattr(config, name)
     if isinstance(value, str):
-        object.__setattr__(config, name, Path(value))
-    elif not isinstance(value, Path):
+        object.__setattr__(config, name, as_path(value))
+    elif not isinstance(value, os.PathLike):
         raise ValueError(f"`{name}` must be a path, got {value!r} ({type(value).__name__})")
     if not str(getattr(config, name)):
         raise ValueError(f"`{name}` is empty; give a file or directory path")

@@ -1,0 +1,3 @@
+from metatrain.cli import main
+
+raise SystemExit(main())

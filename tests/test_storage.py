@@ -1,0 +1,88 @@
+"""`metatrain.storage`: which paths are remote, the emulator's settings, appends by compose,
+listings that see other writers, and moving a directory in a bucket (against a GCS
+emulator on 127.0.0.1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from metatrain.errors import UserError
+from metatrain.storage import (
+    ObjectAppender,
+    as_path,
+    configure_emulator,
+    configure_storage,
+    gcs_blob,
+    glob_paths,
+    is_remote,
+    move_tree,
+    split_bucket,
+    tensorstore_kvstore,
+)
+
+
+def test_a_bucket_url_keeps_its_double_slash_and_a_local_path_stays_a_path():
+    remote = as_path("gs://team/runs/r1")
+    assert is_remote("gs://team/runs/r1") and str(remote / "checkpoints") == "gs://team/runs/r1/checkpoints"
+    assert (remote / "config.yaml").name == "config.yaml" and str(remote.parent) == "gs://team/runs"
+    assert as_path("runs/r1") == Path("runs/r1") and not is_remote("runs/r1") and not is_remote(Path("gs:/x"))
+    assert split_bucket("gs://team/runs/r1/") == ("team", "runs/r1")
+    assert tensorstore_kvstore("gs://team/cache/ids") == {"driver": "gcs", "bucket": "team", "path": "cache/ids/"}
+    assert tensorstore_kvstore("/data/cache/ids") == {"driver": "file", "path": "/data/cache/ids"}
+
+
+@pytest.mark.parametrize("url", ["gcs://team/x", "http://example.com/x", "ftp://h/x"])
+def test_an_unsupported_scheme_is_one_clear_line(url):
+    with pytest.raises(UserError, match=r"reads and writes local paths, gs:// and s3://"):
+        as_path(url)
+
+
+def test_the_emulator_variable_reaches_every_library_and_the_users_own_settings_win():
+    env = {"STORAGE_EMULATOR_HOST": "127.0.0.1:4443", "CLOUD_STORAGE_EMULATOR_ENDPOINT": "http://mine:1"}
+    configure_storage(env)
+    assert env["STORAGE_EMULATOR_HOST"] == "http://127.0.0.1:4443"
+    assert env["TENSORSTORE_GCS_HTTP_URL"] == "http://127.0.0.1:4443"
+    assert env["CLOUD_STORAGE_EMULATOR_ENDPOINT"] == "http://mine:1"  # set by the user: kept
+    assert env["EPATH_USE_TF"] == "false" and env["FSSPEC_GCS_TOKEN"] == "anon"
+    real = {}
+    configure_emulator(real)
+    assert real == {}  # no emulator: nothing changes
+
+
+def test_appends_compose_whole_lines_and_leave_no_parts(bucket, gcs_emulator):
+    path = f"{bucket}/metrics.jsonl"
+    appender = ObjectAppender(path, flush_every_s=3600)
+    appender.write('{"step": 1}\n')
+    assert not as_path(path).exists()  # buffered until a flush
+    appender.flush()
+    appender.write('{"step": 2}\n')
+    appender.write('{"step": 3}\n')
+    appender.close()
+    assert as_path(path).read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+    assert gcs_emulator.objects(bucket.removeprefix("gs://")) == ["metrics.jsonl"]
+    # A second writer (a resumed run) appends to what is there.
+    again = ObjectAppender(path, flush_every_s=0)
+    again.write('{"step": 4}\n')
+    assert as_path(path).read_text().splitlines()[-1] == '{"step": 4}'
+
+
+def test_listings_see_objects_other_writers_added(bucket):
+    directory = as_path(f"{bucket}/run/checkpoints")
+    (directory / "1" / "a").write_text("x")
+    assert [p.name for p in directory.iterdir()] == ["1"]
+    gcs_blob(f"{bucket}/run/checkpoints/2/a").upload_from_string(b"y")  # another process's client
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
+    assert [str(p) for p in glob_paths(f"{bucket}/run/checkpoints/*/a")] == [
+        f"{bucket}/run/checkpoints/1/a", f"{bucket}/run/checkpoints/2/a"]
+
+
+def test_moving_a_directory_in_a_bucket_moves_every_object(bucket, gcs_emulator):
+    for name in ("state/d/0", "state/manifest", "commit_success.txt"):
+        as_path(f"{bucket}/ckpt/6/{name}").write_text(name)
+    move_tree(f"{bucket}/ckpt/6", f"{bucket}/ckpt/6.corrupt-1")
+    names = gcs_emulator.objects(bucket.removeprefix("gs://"))
+    assert sorted(names) == ["ckpt/6.corrupt-1/commit_success.txt", "ckpt/6.corrupt-1/state/d/0",
+                             "ckpt/6.corrupt-1/state/manifest"]
+    assert not as_path(f"{bucket}/ckpt/6").exists()
