@@ -20,11 +20,11 @@ import dataclasses
 import os
 import re
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 from metatrain.config import RunConfig
 from metatrain.errors import UserError
+from metatrain.storage import as_path
 from metatrain.hardware import Chip, chip_for_device_kind, quiet_libtpu_off_tpu
 
 _GIB = float(1 << 30)
@@ -238,7 +238,7 @@ def check_tokenizer_vocab(config: RunConfig) -> None:
     Raises:
         UserError: one line with both sizes and the fix.
     """
-    if Path(config.data.tokenizer).is_file():
+    if as_path(config.data.tokenizer).is_file():
         from metatrain.tokenizer.spm import check_vocab_size
 
         check_vocab_size(config.model.vocab_size, config.data.tokenizer)

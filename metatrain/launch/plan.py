@@ -24,13 +24,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Literal, Sequence, TextIO
+from typing import Any, Callable, Literal, Sequence, TextIO
 
 from metatrain.config import RunConfig
 from metatrain.errors import UserError
 from metatrain.launch import distributed as dist
 from metatrain.launch.validate import PLACEHOLDER, check_text, option_of, refusal
 from metatrain.paths import REPO_ROOT
+from metatrain.storage import as_path, is_remote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,10 +146,15 @@ def _load(words: Sequence[str], read_from: Path) -> TrainCommand:
     from metatrain.train.cli import resolve_run
 
     parsed = _parse(words)
-    config_path = None if parsed.config is None else read_from / parsed.config  # an absolute path stays
-    workdir = None if parsed.workdir is None else read_from / parsed.workdir
+    config_path = None if parsed.config is None else _under(read_from, parsed.config)
+    workdir = None if parsed.workdir is None else _under(read_from, parsed.workdir)
     config, _ = resolve_run(config_path, workdir, parsed.overrides)
     return TrainCommand(tuple(words), config, parsed.workdir is not None, read_from)
+
+
+def _under(read_from: Path, value) -> Any:
+    """`value` relative to `read_from` (an absolute path, or a `gs://` URL, stays itself)."""
+    return as_path(str(value)) if is_remote(str(value)) else read_from / value
 
 
 def parse_train_command(command: Sequence[str], *, paths: PathView = "here") -> TrainCommand:
@@ -215,7 +221,10 @@ def _rewrite_paths(words: Sequence[str], resolve: Callable[[str, str], str]) -> 
 
 
 def _absolute(option: str, value: str) -> str:
-    """("shared") `value` made absolute against this directory, which the job runs in too."""
+    """("shared") `value` made absolute against this directory, which the job runs in too
+    (a `gs://` URL is the same everywhere)."""
+    if is_remote(value):
+        return value
     path = Path(os.path.abspath(value))
     if option == "--config" and not path.is_file():
         in_repo = REPO_ROOT / value
@@ -235,7 +244,7 @@ def _in_checkout(option: str, value: str) -> str:
     the workers see at the same path (a sweep directory). `--workdir` is kept as given (a
     path on the worker, relative to that directory).
     """
-    if option != "--config":
+    if option != "--config" or is_remote(value):
         return value
     path = (REPO_ROOT / value).resolve()  # an absolute value stays itself
     if path.is_relative_to(REPO_ROOT) and path.is_file():

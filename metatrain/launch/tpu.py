@@ -192,7 +192,7 @@ def _notes(tpu: TpuSlice, slices: int, mesh: str, train: TrainCommand) -> list[s
         f"# {mesh}",
     ]
     if not train.has_workdir and total_hosts > 1:
-        lines.append("# note: pass --workdir on storage every host sees (a gcsfuse mount, NFS); checkpoints are collective")
+        lines.append("# note: pass --workdir gs://BUCKET/PATH (or storage every host mounts); checkpoints are collective")
     return lines
 
 

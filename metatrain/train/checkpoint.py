@@ -12,6 +12,9 @@ restore: `restore_latest` reports it in one line, moves it aside to
 Readers (generation) open the directory read-only: they skip a damaged checkpoint the
 same way but leave it where it is.
 
+In a bucket (`gs://`) orbax writes each checkpoint in place and marks it complete with
+`commit_success.txt` (object storage has no rename); an incomplete one is never listed.
+
 With several processes every process restores its own shards; they agree on each
 attempt (one failing process makes it fail for all), so they all fall back together.
 """
@@ -29,6 +32,7 @@ import orbax.checkpoint as ocp
 
 from metatrain.config import CheckpointConfig
 from metatrain.errors import FaultError, UserError, describe_cause
+from metatrain.storage import absolute, join, move_tree
 from metatrain.train.state import TrainState
 
 #: Items of every checkpoint (the layout above).
@@ -38,7 +42,7 @@ CHECKPOINTS_DIR = "checkpoints"
 
 def split_step_dir(path: Path) -> tuple[Path, int] | None:
     """`(workdir, step)` of a step directory `WORKDIR/checkpoints/<step>`, else None."""
-    path = Path(path).resolve()
+    path = absolute(path)
     if path.name.isdigit() and path.parent.name == CHECKPOINTS_DIR and path.is_dir():
         return path.parent.parent, int(path.name)
     return None
@@ -86,7 +90,7 @@ class Checkpointer:
 
     def __init__(self, workdir: Path, config: CheckpointConfig | None = None, *, read_only: bool = False):
         config = config or CheckpointConfig()
-        self.directory = (Path(workdir) / CHECKPOINTS_DIR).resolve()
+        self.directory = absolute(join(workdir, CHECKPOINTS_DIR))
         self.read_only = read_only
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -291,9 +295,9 @@ class Checkpointer:
         if self.read_only:
             _report(f"checkpoint {path} cannot be restored ({cause}); skipping it")
             return f"step {step}: {cause}"
-        aside = path.with_name(f"{step}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        aside = path.parent / f"{step}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
         if jax.process_index() == 0:
-            path.rename(aside)
+            move_tree(path, aside)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

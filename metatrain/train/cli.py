@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from metatrain.paths import DEFAULT_CONFIG, REPO_ROOT
+from metatrain.storage import as_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,8 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "A work directory that already holds checkpoints is resumed from the latest."
         ),
     )
-    p.add_argument("--config", type=Path, default=None, help="run config YAML (default: the workdir's saved config, else configs/default.yaml)")
-    p.add_argument("--workdir", type=Path, default=None, help="where checkpoints, metrics and the run's tokenizer go (default: runs/<config name>)")
+    p.add_argument("--config", type=as_path, default=None, help="run config YAML (default: the workdir's saved config, else configs/default.yaml)")
+    p.add_argument("--workdir", type=as_path, default=None,
+                   help="where checkpoints, metrics and the run's tokenizer go: a directory or gs://BUCKET/PATH "
+                        "(default: runs/<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set trainer.steps=50 (repeatable)")
     p.add_argument("--allow-other-config", action="store_true",
                    help="continue a work directory that was created from another config file than --config")

@@ -43,7 +43,8 @@ from metatrain.config import RunConfig, config_to_dict
 from metatrain.data import global_batch, make_batch_iterator
 from metatrain.documents import SkipCounter
 from metatrain.evaluation.text_bytes import bits_per_byte, token_byte_lengths
-from metatrain.errors import DivergedError, MetatrainError, UserError
+from metatrain.errors import DivergedError, FaultError, MetatrainError, UserError
+from metatrain.storage import as_path
 from metatrain.hardware import local_chip
 from metatrain.parallel.mesh import sharding_context
 from metatrain.roles import LOSS_ROLE_LABELS
@@ -53,7 +54,7 @@ from metatrain.train.metrics import MetricsWriter, add_sums, mfu, role_metrics
 from metatrain.train.program import build_train_program
 from metatrain.train.resume import check_allowed_changes, check_resume
 from metatrain.train.state import init_state
-from metatrain.train.workdir import NoLock, WorkdirLock, check_origin, prepare_workdir
+from metatrain.train.workdir import NoLock, check_origin, prepare_workdir, workdir_lock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +207,12 @@ class CheckpointHook:
         if self.last_saved == info.step:
             return
         self.window.flush()  # a non-finite loss stops the run before its state is saved
+        if getattr(self.trainer.lock, "lost", False):
+            raise FaultError(
+                f"another trainer took over the lock of {self.trainer.workdir} (this run's heartbeat was "
+                f"late); stopping without saving step {info.step}, so two runs never write one directory"
+            )
+        self.trainer.writer.flush()  # every step up to this checkpoint is in metrics.jsonl
         self.trainer.checkpointer.save(info.step, info.state, self.trainer.train_iter.get_state(), self.config_dict)
         self.last_saved = info.step
 
@@ -279,7 +286,7 @@ class ProfileHook:
     at_end = True
 
     def __init__(self, workdir: Path, start: int, steps: int, first_step: int):
-        self.directory = Path(workdir) / "tensorboard"
+        self.directory = as_path(workdir) / "tensorboard"
         self.start, self.last = start, start + steps - 1
         self.tracing = False
         if first_step + 1 >= start and first_step < self.last:  # the traced range begins now
@@ -339,7 +346,7 @@ class Trainer:
         """
         check_vocab_size(config.model.vocab_size, config.data.tokenizer)
         self.config = config
-        self.workdir = Path(workdir)
+        self.workdir = as_path(workdir)
         self.config_file = config_file
         self.allow_other_config = allow_other_config
         self.allow_changes = check_allowed_changes(allow_changes)
@@ -366,6 +373,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.workdir, config.checkpoint)
         self.writer = MetricsWriter(self.workdir, enabled=self.is_main)
         self.progress = None
+        self.lock = None  # the work directory's lock while `run()` holds it
         self._ablation = None  # built at the first evaluation (reads the held-out documents)
         chip = local_chip()
         self.peak_flops = chip.peak_bf16_flops if chip else None
@@ -454,7 +462,8 @@ class Trainer:
         Steps are traced inside the mesh's sharding context, so the model's logical
         activation constraints take effect.
         """
-        with _lock(self.workdir):
+        with _lock(self.workdir) as held:
+            self.lock = held.inner
             if self.is_main:
                 check_origin(self.workdir, self.config_file, self.allow_other_config)
             with sharding_context(self.mesh, self.rules):
@@ -521,7 +530,12 @@ class _lock:
     whether it got it (so that no process trains on a directory another trainer holds)."""
 
     def __init__(self, workdir: Path):
-        self._inner = WorkdirLock(workdir) if jax.process_index() == 0 else NoLock()
+        self._inner = workdir_lock(workdir) if jax.process_index() == 0 else NoLock()
+
+    @property
+    def inner(self):
+        """The lock this process holds (`NoLock` on processes other than 0)."""
+        return self._inner
 
     def __enter__(self):
         error: MetatrainError | None = None

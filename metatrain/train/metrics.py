@@ -3,6 +3,11 @@
 Only process 0 writes. Metric keys are a contract read by scripts and by
 `metatrain sweep`: `loss`, `loss/<role>`, `accuracy/<role>`, `tokens/<role>`,
 `learning_rate`, `grad_norm`, `tokens_per_sec`, `step_time`, `mfu`.
+
+In a work directory in a bucket, `metrics.jsonl` is appended by GCS compose
+(`metatrain.storage.ObjectAppender`): lines reach the bucket every 30 s, before each
+checkpoint is saved and at the end, so every step up to a checkpoint is logged there.
+TensorBoard's event files are written there by tensorboardX itself.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from metatrain.errors import fault_from_os_error
+from metatrain.storage import ObjectAppender, as_path, is_remote
 from metatrain.roles import LOSS_ROLE_LABELS
 
 
@@ -58,6 +64,26 @@ def _clean(value):
     return value
 
 
+def _register_gcs_event_writer() -> None:
+    """tensorboardX's own `gs://` event writer, closed once: its `__del__` closes (and so
+    uploads the whole event file) again, at garbage collection, after `close()` did."""
+    from tensorboardX import record_writer
+
+    class ClosedOnce(record_writer.GCSRecordWriter):
+        closed = False
+
+        def close(self) -> None:
+            if not self.closed:
+                self.closed = True
+                self.flush()
+
+    class Factory(record_writer.GCSRecordWriterFactory):
+        def open(self, path):
+            return ClosedOnce(path)
+
+    record_writer.register_writer_factory("gs", Factory())
+
+
 class MetricsWriter:
     """Appends one JSON object per line to `metrics.jsonl` and mirrors scalars to TensorBoard.
 
@@ -67,7 +93,7 @@ class MetricsWriter:
 
     def __init__(self, workdir: Path, enabled: bool = True):
         self.enabled = enabled
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = as_path(workdir) / "metrics.jsonl"
         self._file = None
         self._tb = None
 
@@ -75,12 +101,15 @@ class MetricsWriter:
         if not self.enabled or self._file is not None:
             return
         try:
-            self._file = open(self.path, "a", encoding="utf-8")
+            self._file = (ObjectAppender(self.path) if is_remote(str(self.path))
+                          else open(self.path, "a", encoding="utf-8"))
         except OSError as e:
             raise fault_from_os_error(e, f"cannot open {self.path} for writing") from None
         try:
             from tensorboardX import SummaryWriter
 
+            if is_remote(str(self.path)):
+                _register_gcs_event_writer()
             self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
         except ImportError:  # TensorBoard output is optional; metrics.jsonl is not.
             self._tb = None
@@ -92,7 +121,8 @@ class MetricsWriter:
         record = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
         try:
             self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            if not isinstance(self._file, ObjectAppender):  # a bucket is written in batches
+                self._file.flush()
         except OSError as e:
             raise fault_from_os_error(e, f"writing metrics of step {step} to {self.path} failed") from None
         if self._tb is not None:
@@ -100,13 +130,26 @@ class MetricsWriter:
                 if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
 
+    def flush(self) -> None:
+        """Make every line written so far durable (before a checkpoint is saved)."""
+        if self._file is None:
+            return
+        try:
+            self._file.flush()
+        except OSError as e:
+            raise fault_from_os_error(e, f"writing metrics to {self.path} failed") from None
+        if self._tb is not None:
+            self._tb.flush()
+
     def close(self) -> None:
         if self._file is not None:
+            file, self._file = self._file, None
             try:
-                self._file.close()
-            except OSError:
-                pass  # a write that failed has already been reported
-            self._file = None
+                file.close()
+            except OSError as e:
+                if isinstance(file, ObjectAppender):  # the last lines never reached the bucket
+                    raise fault_from_os_error(e, f"writing metrics to {self.path} failed") from None
+                # a local write that failed has already been reported
         if self._tb is not None:
             try:
                 self._tb.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from metatrain.errors import UserError
+from metatrain.storage import as_path
 
 #: Keys that may differ from the checkpoint's config on resume, and why each is safe.
 RESUMABLE_KEYS: dict[str, str] = {
@@ -79,7 +80,7 @@ def is_resumable(key: str) -> bool:
 def _same_file(workdir: Path | None, name: str, new: Any) -> bool:
     if workdir is None or not isinstance(new, str):
         return False
-    copy, path = Path(workdir) / name, Path(new)
+    copy, path = as_path(workdir) / name, as_path(new)
     try:
         return copy.is_file() and path.is_file() and copy.read_bytes() == path.read_bytes()
     except OSError:

@@ -16,6 +16,14 @@ reach across hosts, a lock written on another host is honoured while its heartbe
 younger than `STALE_AFTER_S`, and taken over (with a warning) once it is older, so a run
 rescheduled onto a new VM after a preemption is not stranded. In a multi-process run
 process 0 holds the lock for all; see the README for the shared-filesystem caveats.
+
+A work directory in a bucket (`gs://`) is locked by `ObjectLock` instead: `train.lock`
+is created only if it does not exist (a GCS generation precondition, atomic on the
+server), its holder rewrites it every `HEARTBEAT_S` seconds on the condition that it is
+still the object it wrote, and a lock whose last write is older than `STALE_AFTER_S`
+is taken over by a conditional replace, so two trainers that both find it stale cannot
+both win. A holder whose rewrite finds another trainer's lock says so once: its next
+checkpoint save is refused (`lost`), so two runs never write one directory.
 """
 
 from __future__ import annotations
@@ -24,7 +32,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
 import sys
 import threading
@@ -34,6 +41,7 @@ from typing import Any
 
 from metatrain.errors import FaultError, UserError, describe_cause
 from metatrain.outputs import write_atomically
+from metatrain.storage import absolute, as_path, gcs_blob, is_remote
 
 LOCK_FILE = "train.lock"
 RUN_FILE = "run.json"
@@ -234,6 +242,138 @@ class WorkdirLock:
         os.close(fd)
 
 
+class ObjectLock:
+    """The lock of a work directory in object storage (`gs://`); a context manager.
+
+    Raises (on enter):
+        WorkdirLocked: another trainer holds it and its heartbeat is fresh.
+        FaultError: the bucket cannot be written.
+    """
+
+    def __init__(self, workdir: Any):
+        self.workdir = as_path(workdir)
+        self.path = self.workdir / LOCK_FILE
+        self.lost = False
+        self._generation: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._record: dict[str, Any] = {}
+
+    def __enter__(self) -> "ObjectLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _data(self) -> bytes:
+        return (json.dumps({**self._record, "heartbeat": time.time()}) + "\n").encode()
+
+    def acquire(self) -> None:
+        from google.api_core import exceptions as gexc
+
+        self._record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        blob = gcs_blob(self.path)
+        try:
+            blob.upload_from_string(self._data(), if_generation_match=0)
+        except gexc.PreconditionFailed:
+            self._take_over_if_stale()
+        except gexc.GoogleAPICallError as e:
+            raise FaultError(f"cannot write the lock {self.path}: {e.message}; give a writable --workdir") from None
+        else:
+            self._generation = blob.generation
+        self._thread = threading.Thread(target=self._heartbeat, name="metatrain-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _take_over_if_stale(self) -> None:
+        from google.api_core import exceptions as gexc
+
+        blob = gcs_blob(self.path)
+        try:
+            blob.reload()
+            data = blob.download_as_bytes(if_generation_match=blob.generation)
+        except gexc.NotFound:
+            self.acquire_again()
+            return
+        except gexc.PreconditionFailed:
+            raise self._locked({}, 0.0) from None
+        try:
+            holder = json.loads(data.decode("utf-8"))
+            holder = holder if isinstance(holder, dict) else {}
+        except ValueError:
+            holder = {}
+        age = max(0.0, time.time() - blob.updated.timestamp())
+        same_host_gone = (holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
+                          and holder["pid"] != os.getpid() and not _pid_alive(holder["pid"]))
+        if age < STALE_AFTER_S and not same_host_gone:
+            raise self._locked(holder, age)
+        why = "that process is gone" if same_host_gone else f"no heartbeat for {age:.0f} s"
+        try:
+            blob.upload_from_string(self._data(), if_generation_match=blob.generation)
+        except gexc.PreconditionFailed:
+            raise self._locked(holder, 0.0) from None  # another trainer took it over first
+        self._generation = blob.generation
+        print(f"metatrain: taking over the stale lock {self.path} of {_describe(holder)} ({why})",
+              file=sys.stderr, flush=True)
+
+    def acquire_again(self) -> None:
+        """The lock was released between our create and our read: create it again."""
+        from google.api_core import exceptions as gexc
+
+        blob = gcs_blob(self.path)
+        try:
+            blob.upload_from_string(self._data(), if_generation_match=0)
+        except gexc.PreconditionFailed:
+            raise self._locked({}, 0.0) from None
+        self._generation = blob.generation
+
+    def _locked(self, holder: dict[str, Any], age: float) -> WorkdirLocked:
+        return WorkdirLocked(
+            f"work directory {self.workdir} is in use by another trainer: {_describe(holder)}, "
+            f"last heartbeat {age:.0f} s ago; if that run is gone, wait {max(0.0, STALE_AFTER_S - age):.0f} s "
+            f"(a lock not refreshed for {STALE_AFTER_S:.0f} s is stale) or delete {self.path}"
+        )
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S) and self._heartbeat_once():
+            pass
+
+    def _heartbeat_once(self) -> bool:
+        """Rewrite the lock if it is still ours; False (and `lost`) once another trainer replaced it."""
+        from google.api_core import exceptions as gexc
+
+        blob = gcs_blob(self.path)
+        try:
+            blob.upload_from_string(self._data(), if_generation_match=self._generation)
+            self._generation = blob.generation
+        except gexc.PreconditionFailed:
+            self.lost = True
+            print(f"metatrain: lost the lock {self.path}: another trainer replaced it (this run's "
+                  "heartbeat was late); this run saves no more checkpoints", file=sys.stderr, flush=True)
+            return False
+        except Exception:  # noqa: BLE001 - a network blip must not kill the run through its lock
+            pass
+        return True
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        generation, self._generation = self._generation, None
+        if generation is None or self.lost:
+            return
+        try:
+            gcs_blob(self.path).delete(if_generation_match=generation)
+        except Exception:  # noqa: BLE001 - a lock left behind goes stale and is taken over
+            pass
+
+
+def workdir_lock(workdir: Any) -> "WorkdirLock | ObjectLock":
+    """The lock that fits where the work directory is: `flock` locally, `ObjectLock` in a bucket."""
+    return ObjectLock(workdir) if is_remote(str(workdir)) else WorkdirLock(workdir)
+
+
 class NoLock:
     """What processes other than 0 hold: nothing (process 0 holds the lock for the run)."""
 
@@ -248,7 +388,7 @@ class NoLock:
 
 
 def read_run_file(workdir: Path) -> dict[str, Any]:
-    path = Path(workdir) / RUN_FILE
+    path = as_path(workdir) / RUN_FILE
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -266,12 +406,12 @@ def check_origin(workdir: Path, config_file: Path | None, allow_other_config: bo
     """
     if config_file is None or allow_other_config:
         return
-    config_file = Path(config_file).resolve()
-    workdir = Path(workdir).resolve()
-    if config_file == workdir / "config.yaml":
+    config_file = absolute(config_file)
+    workdir = absolute(workdir)
+    if str(config_file) == str(workdir / "config.yaml"):
         return
     origin = read_run_file(workdir).get("config_file")
-    if origin and Path(origin).resolve() != config_file:
+    if origin and str(absolute(origin)) != str(config_file):
         raise UserError(
             f"work directory {workdir} was created from {origin}, not {config_file}; "
             "train in another --workdir, resume without --config, or pass --allow-other-config "
@@ -289,22 +429,23 @@ def prepare_workdir(config: Any, workdir: Path, config_file: Path | None) -> Non
     """
     from metatrain.config import save_config
 
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     copies = []
     for src, name in ((config.data.tokenizer, "tokenizer.model"), (config.data.tags, "tags.yaml")):
-        src_path = Path(src)
+        src_path = as_path(src)
         if not src_path.is_file():
             raise UserError(f"data: file {src} does not exist (needed by the run, copied into {workdir})")
         copies.append((src_path, workdir / name))
     try:
         save_config(config, workdir / "config.yaml")
         for src_path, dst in copies:
-            if not dst.exists() or dst.read_bytes() != src_path.read_bytes():
-                write_atomically(dst, lambda tmp, s=src_path: shutil.copyfile(s, tmp), option="run file")
+            data = src_path.read_bytes()
+            if not dst.exists() or dst.read_bytes() != data:
+                write_atomically(dst, data, option="run file")
         run = read_run_file(workdir)
-        if config_file is not None and Path(config_file).resolve() != (workdir / "config.yaml").resolve():
+        if config_file is not None and str(absolute(config_file)) != str(absolute(workdir / "config.yaml")):
             # `check_origin` refused any other file unless the user adopted it explicitly.
-            run["config_file"] = str(Path(config_file).resolve())
+            run["config_file"] = str(absolute(config_file))
             run.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             write_atomically(workdir / RUN_FILE, json.dumps(run, indent=1) + "\n", option="run file")
     except OSError as e:

@@ -282,3 +282,17 @@ def test_a_missing_cluster_tool_is_named(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     err = refused(capsys, "slurm", "--partition", "gpu", *TRAIN)
     assert "sbatch is not on PATH" in err
+
+
+def test_a_work_directory_in_a_bucket_reaches_every_plan_as_it_was_given(capsys):
+    # A pod's hosts share no disk: `--workdir gs://...` is the same path on every host, so no
+    # launcher may make it "absolute" against a local directory (gs:// must keep its //).
+    words = [*TRAIN, "--workdir", "gs://team-bucket/runs/r1"]
+    for plan in (("tpu",), ("slurm",), ("gke",)):
+        out = dry_run(capsys, *plan, train=words)
+        assert "gs://team-bucket/runs/r1" in out, plan
+        assert "gs:/team-bucket" not in out.replace("gs://", ""), plan
+    tpu = dry_run(capsys, "tpu", train=words)
+    command = [line for line in tpu.splitlines() if line.startswith("gcloud compute tpus tpu-vm ssh")][-1]
+    remote = next(a for a in shlex.split(command) if a.startswith("--command=")).removeprefix("--command=")
+    assert train_words(remote)[-2:] == ["--workdir", "gs://team-bucket/runs/r1"]
