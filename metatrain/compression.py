@@ -9,8 +9,8 @@ Two ways in, one per read path:
 - `iter_lines(path)` streams the raw lines of a file, decompressing as it goes, in
   constant memory (`metatrain.documents.read_documents`: `encode`, `tokenizer train`).
 - `random_access_path(path)` gives a plain file that `metatrain.data.sources.JsonlLines`
-  can index and memory-map (grain reads record i by its byte offset). A plain file is
-  returned as it is. A compressed file is decompressed once, streaming, into a *spill
+  can index and read by byte range (grain reads record i by its byte offset). A plain
+  file is returned as it is (a remote one too: it is read in place, by ranged requests). A compressed file is decompressed once, streaming, into a *spill
   file* in a private directory under the system temp directory (`$TMPDIR`), which the
   process that made it removes when it exits. The spill is chosen over keeping the
   decompressed bytes in memory because `JsonlLines` is pickled into every grain worker
@@ -21,6 +21,11 @@ Two ways in, one per read path:
   once (each indexes every source itself). A spill is reused for as long as the process
   lives and the compressed file is unchanged. For a big compressed corpus read again
   and again, `metatrain data cache` (which reads its inputs once, in order) is cheaper.
+
+Both accept a file in object storage (`gs://`, see `metatrain.storage`): its bytes are
+read as a stream from the bucket, and a compressed one is decompressed as it arrives,
+into the same local spill file as a local one (only the decompressed copy is local;
+nothing is downloaded first).
 
 Seekable-index formats (zran-style gzip indexes, seekable zstd) are not used: they would
 need writers we do not control.
@@ -42,6 +47,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from metatrain.errors import UserError, fault_from_os_error
+from metatrain.storage import StoragePath, as_path, file_size, is_remote
 
 #: File-name suffix -> compression format read transparently.
 COMPRESSIONS: dict[str, str] = {".gz": "gzip", ".zst": "zstd", ".bz2": "bzip2", ".xz": "xz"}
@@ -70,7 +76,7 @@ def sniff_compression(head: bytes) -> tuple[str, str] | None:
     return None
 
 
-def _check_plain(path: Path, head: bytes) -> None:
+def _check_plain(path: StoragePath, head: bytes) -> None:
     found = sniff_compression(head)
     if found is not None:
         name, suffix = found
@@ -80,21 +86,34 @@ def _check_plain(path: Path, head: bytes) -> None:
         )
 
 
-def _open_decompressed(path: Path, compression: str) -> BinaryIO:
-    """A binary stream of the decompressed bytes of `path`."""
-    if compression == "gzip":
-        return gzip.open(path, "rb")
-    if compression == "bzip2":
-        return bz2.open(path, "rb")
-    if compression == "xz":
-        return lzma.open(path, "rb")
-    import zstandard
-
+def _open_decompressed(path: StoragePath, compression: str) -> BinaryIO:
+    """A binary stream of the decompressed bytes of `path` (a remote file is streamed
+    from its bucket); closing it closes the file."""
     raw = path.open("rb")
-    reader = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW).stream_reader(
-        raw, read_across_frames=True, closefd=True
-    )
-    return io.BufferedReader(reader, _COPY_CHUNK)
+    if compression == "zstd":
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW).stream_reader(
+            raw, read_across_frames=True, closefd=True
+        )
+        return io.BufferedReader(reader, _COPY_CHUNK)
+    opener = {"gzip": gzip.GzipFile, "bzip2": bz2.BZ2File, "xz": lzma.LZMAFile}[compression]
+    return _ClosingReader(opener(fileobj=raw) if compression == "gzip" else opener(raw), raw)
+
+
+class _ClosingReader(io.BufferedReader):
+    """A decompressing stream that also closes the file under it (the decompressors
+    given a file object leave it open)."""
+
+    def __init__(self, stream: BinaryIO, raw: BinaryIO):
+        super().__init__(stream, _COPY_CHUNK)
+        self._file = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._file.close()
 
 
 def _decompression_errors() -> tuple[type[BaseException], ...]:
@@ -105,20 +124,22 @@ def _decompression_errors() -> tuple[type[BaseException], ...]:
     return (EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError, gzip.BadGzipFile)
 
 
-def _corrupt(path: Path, compression: str, error: BaseException) -> UserError:
+def _corrupt(path: StoragePath, compression: str, error: BaseException) -> UserError:
     return UserError(f"{path}: cannot decompress it as {compression} ({error}); the file is damaged "
                      "or not compressed the way its name says")
 
 
-def iter_lines(path: str | Path) -> Iterator[bytes]:
+def iter_lines(path: str | StoragePath) -> Iterator[bytes]:
     """The raw lines of a JSON Lines file (with their newline), decompressed if its name says so.
+
+    A remote file (`gs://...`) is streamed from its bucket.
 
     Raises:
         OSError: the file cannot be opened.
         UserError: a plain-named file is compressed; a compressed file is damaged
             (raised where the damage is met, after the lines before it).
     """
-    path = Path(path)
+    path = as_path(path)
     compression = compression_of(path)
     if compression is None:
         with path.open("rb") as handle:
@@ -152,22 +173,24 @@ def spill_directory() -> Path:
     return _spill_dir
 
 
-def random_access_path(path: str | Path) -> Path:
+def random_access_path(path: str | StoragePath) -> StoragePath:
     """A plain file with the decompressed bytes of `path`: `path` itself when it is not compressed.
+
+    A remote compressed file is streamed from its bucket into a local spill file; a
+    remote plain file is returned as it is (read in place).
 
     Raises:
         OSError: the file cannot be opened.
         UserError: a plain-named file is compressed; a compressed file is damaged.
         FaultError: the spill file cannot be written (e.g. `$TMPDIR` is full).
     """
-    path = Path(path)
+    path = as_path(path)
     compression = compression_of(path)
     if compression is None:
         with path.open("rb") as handle:
             _check_plain(path, handle.read(8))
         return path
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = _signature(path)
     spill = _spills.get(key)
     if spill is not None and spill.exists():
         return spill
@@ -189,12 +212,20 @@ def random_access_path(path: str | Path) -> Path:
     return spill
 
 
-def _copy(source: BinaryIO, out: BinaryIO, path: Path, compression: str) -> None:
+def _signature(path: StoragePath) -> tuple[str, int, int]:
+    """What identifies a file's contents for reusing its spill: name, size, modification time."""
+    if is_remote(str(path)):
+        return str(path), file_size(path), int(path.stat().mtime)
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _copy(source: BinaryIO, out: BinaryIO, path: StoragePath, compression: str) -> None:
     while chunk := _guarded(lambda: source.read(_COPY_CHUNK), path, compression):
         out.write(chunk)
 
 
-def _guarded(read, path: Path, compression: str) -> bytes:
+def _guarded(read, path: StoragePath, compression: str) -> bytes:
     """`read()`, with a decompression failure turned into a `UserError` naming the file."""
     try:
         return read()

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
-from metatrain.errors import RecordError
+from metatrain.errors import RecordError, UserError
 from metatrain.formats import load_record, read_records
+from metatrain.storage import StoragePath, as_path, glob_paths, is_remote
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ SEGMENT_KINDS: tuple[str, ...] = ("text", "thinking")
 DEFAULT_DOCUMENT_MODE = "human"
 _SEGMENT_KEYS = frozenset({"kind", "text", "mode", "control"})
 _REPR_LIMIT = 60  # characters of a bad value quoted in a message
+_GLOB_CHARS = frozenset("*?[")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +218,7 @@ def parse_record(raw: bytes | Mapping, *, path: str, line: int) -> Document | No
     return None if obj is None else parse_document(obj, path=path, line=line)
 
 
-def _read_one_file(path: Path) -> Iterator[Document | RecordError]:
+def _read_one_file(path: StoragePath) -> Iterator[Document | RecordError]:
     name = str(path)
     for item in read_records(path):
         if isinstance(item, RecordError):
@@ -230,7 +232,7 @@ def _read_one_file(path: Path) -> Iterator[Document | RecordError]:
 
 
 def read_documents(
-    paths: str | Path | Iterable[str | Path],
+    paths: str | StoragePath | Iterable[str | StoragePath],
     *,
     strict: bool = False,
     skips: SkipCounter | None = None,
@@ -244,6 +246,10 @@ def read_documents(
     file:line, document id and reason; every good record before and after it is
     still yielded.
 
+    A file may be in object storage (`gs://b/docs.jsonl`), streamed from its bucket;
+    a remote glob (`gs://b/shards/*.jsonl`, which no shell expands) is expanded into its
+    files, sorted.
+
     Args:
         paths: a file, or several files read one after another.
         strict: raise at the first bad record instead of skipping it.
@@ -252,17 +258,28 @@ def read_documents(
     Raises:
         RecordError: in strict mode, the first bad record; always, a file that
             cannot be opened (line 0).
-        UserError: a compressed file with a plain name, a damaged compressed file, or
-            a file that is not valid Parquet or ArrayRecord.
+        UserError: a compressed file with a plain name, a damaged compressed file, a
+            file that is not valid Parquet or ArrayRecord, or a remote glob that matches
+            no file.
     """
-    if isinstance(paths, (str, Path)):
+    if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     skips = SkipCounter() if skips is None else skips
-    for path in paths:
-        for item in _read_one_file(Path(path)):
+    for path in (f for given in paths for f in _files(given)):
+        for item in _read_one_file(path):
             if isinstance(item, RecordError):
                 if strict:
                     raise item
                 skips.add(item)
             else:
                 yield item
+
+
+def _files(path: str | StoragePath) -> list[StoragePath]:
+    """`path`, or the files a remote glob matches (sorted)."""
+    if not (is_remote(path) and _GLOB_CHARS & set(str(path))):
+        return [as_path(path)]
+    files = glob_paths(path, files_only=True)
+    if not files:
+        raise UserError(f"input {path}: the pattern matches no file")
+    return files

@@ -29,6 +29,10 @@ Two ways in, as for compressed JSON Lines:
   `metatrain.data.sources.JsonlLines`): `records[i]` is `(path, number, raw record)`.
   Both are pickled into grain's worker processes and open their files lazily there.
 
+Every file may be in object storage (`gs://...`, see `metatrain.storage`), read where it
+lies: JSON Lines as a stream, Parquet through pyarrow on the bucket's fsspec file system
+(the footer, then only the row groups read), ArrayRecord by its own `gs://` client.
+
 A file that is not valid Parquet or ArrayRecord is a `UserError` naming it.
 """
 
@@ -46,6 +50,7 @@ import numpy as np
 
 from metatrain.compression import iter_lines
 from metatrain.errors import RecordError, UserError
+from metatrain.storage import StoragePath, as_path, is_remote, os_reason
 from metatrain.strict_parsing import DuplicateKeyError, JsonLimitError, describe_json_error, loads_json
 
 JSONL, PARQUET, ARRAY_RECORD = "jsonl", "parquet", "array_record"
@@ -127,18 +132,19 @@ def _row_value(row: Mapping, *, path: str, line: int) -> dict[str, Any]:
 # -- streaming ------------------------------------------------------------------------------
 
 
-def read_records(path: str | Path, *, metadata: bool = False) -> Iterator[tuple[int, Any] | RecordError]:
+def read_records(path: str | StoragePath, *, metadata: bool = False) -> Iterator[tuple[int, Any] | RecordError]:
     """The records of one file in order: `(number, JSON value)`, or the `RecordError` of a bad one.
 
     Blank lines and empty records are left out. A Parquet file is read one row group at a
-    time; `metadata` reads all its columns, not only those of a document.
+    time; `metadata` reads all its columns, not only those of a document. A remote file
+    is streamed from its bucket.
 
     Raises:
         RecordError: the file cannot be opened (line 0).
         UserError: the file is not valid Parquet or ArrayRecord, or is damaged (a
             compressed JSON Lines file included).
     """
-    path = Path(path)
+    path = as_path(path)
     name = str(path)
     kind = format_of(path)
     try:
@@ -149,7 +155,7 @@ def read_records(path: str | Path, *, metadata: bool = False) -> Iterator[tuple[
         else:
             raws = _jsonl_lines(path)
     except OSError as e:
-        raise RecordError(name, 0, f"cannot open: {e.strerror or e}") from None
+        raise RecordError(name, 0, f"cannot open: {os_reason(e)}") from None
     for number, raw in raws:
         try:
             value = load_record(raw, path=name, line=number)
@@ -160,13 +166,13 @@ def read_records(path: str | Path, *, metadata: bool = False) -> Iterator[tuple[
             yield number, value
 
 
-def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def _jsonl_lines(path: StoragePath) -> Iterator[tuple[int, bytes]]:
     lines = iter_lines(path)
     first = next(lines, None)  # opens the file now, so an OSError is raised here
     return enumerate(() if first is None else itertools.chain([first], lines), start=1)
 
 
-def _parquet_rows(path: Path, metadata: bool) -> Iterator[tuple[int, dict[str, Any]]]:
+def _parquet_rows(path: StoragePath, metadata: bool) -> Iterator[tuple[int, dict[str, Any]]]:
     parquet = _open_parquet(path)
     columns = _parquet_columns(parquet, path, metadata)
 
@@ -178,7 +184,7 @@ def _parquet_rows(path: Path, metadata: bool) -> Iterator[tuple[int, dict[str, A
     return rows()
 
 
-def _array_record_records(path: Path) -> Iterator[tuple[int, bytes]]:
+def _array_record_records(path: StoragePath) -> Iterator[tuple[int, bytes]]:
     reader = _open_array_record(path, random_access=False)
 
     def records():
@@ -196,8 +202,9 @@ def _array_record_records(path: Path) -> Iterator[tuple[int, bytes]]:
 # -- Parquet --------------------------------------------------------------------------------
 
 
-def _open_parquet(path: Path):
-    """A `pyarrow.parquet.ParquetFile` (its footer read, no data).
+def _open_parquet(path: StoragePath):
+    """A `pyarrow.parquet.ParquetFile` (its footer read, no data); a remote file is opened
+    through its bucket's fsspec file system, and closed with the `ParquetFile`.
 
     Raises:
         OSError: the file cannot be opened.
@@ -206,8 +213,15 @@ def _open_parquet(path: Path):
     import pyarrow
     import pyarrow.parquet as pq
 
+    source, filesystem = str(path), None
+    if is_remote(source):
+        import fsspec
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        fs, source = fsspec.core.url_to_fs(source)
+        filesystem = PyFileSystem(FSSpecHandler(fs))
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(source, filesystem=filesystem)
     except OSError:
         raise
     except pyarrow.ArrowException as e:
@@ -215,7 +229,7 @@ def _open_parquet(path: Path):
                         "(e.g. pyarrow.parquet.write_table), or name a JSON Lines file .jsonl") from None
 
 
-def _parquet_columns(parquet, path: Path, metadata: bool) -> list[str]:
+def _parquet_columns(parquet, path: StoragePath, metadata: bool) -> list[str]:
     """The columns to read: those of a document, or with `metadata` all of them."""
     names = parquet.schema_arrow.names
     if ("text" in names) == ("segments" in names):
@@ -250,15 +264,15 @@ class ParquetRows:
             the `text` and `segments` columns.
     """
 
-    def __init__(self, files: list[Path], *, metadata: bool = False):
+    def __init__(self, files: list[StoragePath], *, metadata: bool = False):
         self.files = [str(f) for f in files]
         self._columns: list[list[str]] = []
         groups: list[tuple[int, int, int, int]] = []  # (file, row group in it, its first row there, rows)
-        for k, path in enumerate(map(Path, files)):
+        for k, path in enumerate(map(as_path, files)):
             try:
                 parquet = _open_parquet(path)
             except OSError as e:
-                raise UserError(f"data source {path}: cannot open: {e.strerror or e}") from None
+                raise UserError(f"data source {path}: cannot open: {os_reason(e)}") from None
             with parquet:
                 self._columns.append(_parquet_columns(parquet, path, metadata))
                 first = 0
@@ -291,7 +305,7 @@ class ParquetRows:
             return table
         k = int(self._group_file[group])
         path = self.files[k]
-        with _open_parquet(Path(path)) as parquet:  # opened per row group: no file handle to carry
+        with _open_parquet(as_path(path)) as parquet:  # opened per row group: no file handle to carry
             table = _read_row_group(parquet, path, int(self._group_index[group]), self._columns[k])
         self._decoded[group] = table
         if len(self._decoded) > _CACHED_ROW_GROUPS:
@@ -310,8 +324,9 @@ class ParquetRows:
 # -- ArrayRecord ----------------------------------------------------------------------------
 
 
-def _open_array_record(path: Path, *, random_access: bool):
-    """An `ArrayRecordReader` of `path` (no read-ahead for random access).
+def _open_array_record(path: StoragePath, *, random_access: bool):
+    """An `ArrayRecordReader` of `path` (no read-ahead for random access); array_record
+    reads a `gs://` path itself.
 
     Raises:
         OSError: the file cannot be opened.
@@ -319,7 +334,7 @@ def _open_array_record(path: Path, *, random_access: bool):
     """
     from array_record.python.array_record_module import ArrayRecordReader
 
-    with open(path, "rb"):  # the reader reports no OS error of its own
+    with as_path(path).open("rb"):  # the reader reports no OS error of its own
         pass
     reader = ArrayRecordReader(str(path), "readahead_buffer_size:0,max_parallelism:0" if random_access else "")
     if not reader.ok():  # (and cannot be closed)
@@ -344,14 +359,14 @@ class ArrayRecords:
         UserError: a file cannot be opened or is not ArrayRecord.
     """
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[StoragePath]):
         self.files = [str(f) for f in files]
         counts = []
-        for path in map(Path, files):
+        for path in map(as_path, files):
             try:
                 reader = _open_array_record(path, random_access=True)
             except OSError as e:
-                raise UserError(f"data source {path}: cannot open: {e.strerror or e}") from None
+                raise UserError(f"data source {path}: cannot open: {os_reason(e)}") from None
             counts.append(reader.num_records())
             reader.close()
         self._bounds = np.cumsum([0, *counts], dtype=np.int64)
@@ -368,7 +383,7 @@ class ArrayRecords:
             self._readers = {}
         reader = self._readers.get(k)
         if reader is None:
-            reader = self._readers[k] = _open_array_record(Path(self.files[k]), random_access=True)
+            reader = self._readers[k] = _open_array_record(as_path(self.files[k]), random_access=True)
         position = index - int(self._bounds[k])
         return self.files[k], position + 1, _read_array_record(reader, self.files[k], position, position + 1)[0]
 

@@ -31,6 +31,9 @@ order. Every input is resolved before the first record is read, so a misspelt th
 input fails at once: an unmatched glob, a missing file, a file of another kind, an
 empty directory or a file given twice is a `UserError`.
 
+Inputs may be in object storage (`gs://b/docs/*.jsonl`, a `gs://b/docs` prefix as a
+directory; see `metatrain.storage`): they are listed in and streamed from the bucket.
+
 Bad records follow `metatrain.documents`: a `RecordError` (file, line, id, reason)
 counted in a `SkipCounter` and skipped, or raised in strict mode. Besides what makes a
 document invalid, a record is bad when it has both `text` and `segments` or neither,
@@ -41,8 +44,8 @@ earlier document's (resume relies on unique ids; the first one is kept).
 from __future__ import annotations
 
 import dataclasses
-import glob
 import itertools
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,7 @@ from metatrain.compression import COMPRESSIONS, iter_lines
 from metatrain.documents import DEFAULT_DOCUMENT_MODE, Segment, SkipCounter, parse_document
 from metatrain.errors import RecordError, UserError
 from metatrain.formats import JSONL, format_of, read_records
+from metatrain.storage import StoragePath, absolute, as_path, glob_paths, os_reason
 
 #: Kinds of text input file, by the suffix before any compression suffix.
 INPUT_KINDS: dict[str, str] = {".jsonl": "jsonl", ".txt": "txt"}
@@ -115,38 +119,39 @@ def _supported(what: str) -> str:
     return f"{what}; metatrain annotate reads {kinds} files and directories of them"
 
 
-def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
-    """The files `inputs` name, in reading order (globs and directories expanded, sorted).
+def expand_inputs(inputs: str | StoragePath | Sequence[str | StoragePath]) -> list[StoragePath]:
+    """The files `inputs` name, in reading order (globs and directories expanded, sorted);
+    remote ones (`gs://...`) are listed in their bucket.
 
     Raises:
         UserError: an unmatched glob, a missing file, a file of another kind, a
             directory with no input files, or the same file twice.
     """
-    if isinstance(inputs, (str, Path)):
+    if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    files: list[Path] = []
+    files: list[StoragePath] = []
     for given in inputs:
-        path = Path(given)
+        path = as_path(given)
         if not path.exists() and _GLOB_CHARS & set(str(given)):
-            matches = sorted(glob.glob(str(given)))
+            matches = sorted(glob_paths(given, recursive=False), key=str)
             if not matches:
                 raise UserError(f"input {given}: the pattern matches no file")
             for match in matches:
-                files += _files_of(Path(match), given)
+                files += _files_of(match, given)
         elif not path.exists():
             raise UserError(f"input {given}: no such file or directory")
         else:
             files += _files_of(path, given)
-    seen: dict[Path, Path] = {}
+    seen: dict[str, StoragePath] = {}
     for path in files:
-        key = path.resolve()
+        key = str(absolute(path))
         if key in seen:
             raise UserError(f"input {path} is given twice (also as {seen[key]}); name each file once")
         seen[key] = path
     return files
 
 
-def _files_of(path: Path, given: str | Path) -> list[Path]:
+def _files_of(path: StoragePath, given: str | StoragePath) -> list[StoragePath]:
     if path.is_dir():
         found = sorted((p for p in path.iterdir() if p.is_file() and input_kind(p)), key=lambda p: p.name)
         if not found:
@@ -209,7 +214,7 @@ def _open_lines(path: Path) -> Iterator[bytes]:
     try:
         first = next(lines, None)
     except OSError as e:
-        raise RecordError(str(path), 0, f"cannot open: {e.strerror or e}") from None
+        raise RecordError(str(path), 0, f"cannot open: {os_reason(e)}") from None
     return iter(()) if first is None else itertools.chain([first], lines)
 
 

@@ -12,6 +12,11 @@ Layout of a cache directory:
 Training reads a cache like the source it was built from (same document order, same
 split, so the same batches when no record was skipped), and refuses one built with a different
 tokenizer, tag registry or mantra: the ids would silently mean something else.
+
+A cache may be in object storage (`gs://b/cache`): tensorstore reads and writes its
+arrays through its own GCS driver. Written there, it is built in place (a prefix cannot
+be renamed into place) and `cache.json` is written last, so a cache without it is an
+unfinished build, never read; a failed build is removed.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,8 +36,9 @@ from metatrain.data.sources import EncoderSpec, JsonlReader, SkipLog, expand_jso
 from metatrain.data.split import check_split, id_hash, in_split
 from metatrain.documents import SkipCounter
 from metatrain.errors import FaultError, RecordError, UserError, describe_cause
-from metatrain.outputs import check_output_dir, publish_dir, staging_dir
+from metatrain.outputs import check_output_dir, discard_dir, publish_dir, staging_dir
 from metatrain.roles import LOSS_ROLES, ROLE_DTYPE
+from metatrain.storage import StoragePath, as_path, join, tensorstore_kvstore
 
 CACHE_FORMAT = "metatrain-token-cache"
 CACHE_VERSION = 1
@@ -45,14 +50,15 @@ _WRITE_EVERY = 1 << 22  # tokens buffered before a write
 _READ_CACHE_BYTES = 256 << 20
 
 
-def is_cache_dir(path: str | Path) -> bool:
-    """Whether `path` is a token cache directory."""
-    return (Path(path) / META_FILE).is_file()
+def is_cache_dir(path: str | StoragePath) -> bool:
+    """Whether `path` (local or remote) is a token cache directory: it holds `cache.json`."""
+    return (as_path(path) / META_FILE).is_file()
 
 
-def _sha256(path: str | Path) -> str:
+def _sha256(path: str | StoragePath) -> str:
+    """The SHA-256 of a file; a remote one is streamed from its bucket."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with as_path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -63,7 +69,7 @@ def encoder_fingerprint(spec: EncoderSpec, vocab_size: int | None = None) -> dic
     from metatrain.tokenizer import DEFAULT_MANTRA
 
     for name, path in (("tokenizer", spec.tokenizer), ("tag registry", spec.tags)):
-        if not Path(path).is_file():
+        if not as_path(path).is_file():
             raise UserError(f"{name} file {path} does not exist")
     out: dict[str, Any] = {
         "tokenizer": {"path": str(spec.tokenizer), "sha256": _sha256(spec.tokenizer)},
@@ -103,11 +109,11 @@ def _short(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
-def _array_spec(directory: Path, name: str) -> dict[str, Any]:
-    return {"driver": "zarr", "kvstore": {"driver": "file", "path": str(directory / name)}}
+def _array_spec(directory: StoragePath, name: str) -> dict[str, Any]:
+    return {"driver": "zarr", "kvstore": tensorstore_kvstore(join(directory, name))}
 
 
-def _create_array(directory: Path, name: str) -> ts.TensorStore:
+def _create_array(directory: StoragePath, name: str) -> ts.TensorStore:
     chunk = _DOC_CHUNK if name in ("offsets", "id_hash") else _TOKEN_CHUNK
     spec = _array_spec(directory, name)
     spec["metadata"] = {"shape": [0], "chunks": [chunk], "dtype": _ARRAYS[name], "compressor": None}
@@ -124,7 +130,7 @@ def _append(array: ts.TensorStore, values: np.ndarray) -> ts.TensorStore:
 class _CacheWriter:
     """Buffers encoded documents and appends them to the arrays in large writes."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: StoragePath):
         self.arrays = {name: _create_array(directory, name) for name in _ARRAYS}
         self.ids: list[np.ndarray] = []
         self.roles: list[np.ndarray] = []
@@ -169,7 +175,9 @@ def write_cache(
     Args:
         inputs: JSON Lines, Parquet or ArrayRecord files, or globs of them, read in order
             (a Parquet file one row group at a time).
-        out: the cache directory to create (must not exist, or be empty).
+        out: the cache directory to create (must not exist, or be empty). Local, it is
+            built beside `out` and renamed into place; remote (`gs://...`), it is built
+            in place with `cache.json` written last, and removed if the build fails.
         encoder: tokenizer, tag registry and mantra to encode with.
         strict: stop at the first bad record instead of skipping it.
         progress: show a progress bar (tqdm, on stderr).
@@ -218,15 +226,15 @@ def write_cache(
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_dir(tmp)
         raise
     publish_dir(tmp, out, option="--out")
     return meta
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    """The metadata of a cache directory; UserError if it is not one."""
-    path = Path(directory) / META_FILE
+def read_meta(directory: str | StoragePath) -> dict[str, Any]:
+    """The metadata of a cache directory (local or remote); UserError if it is not one."""
+    path = as_path(directory) / META_FILE
     if not path.is_file():
         raise UserError(f"{directory} is not a token cache (no {META_FILE}); build one with `metatrain data cache`")
     try:
@@ -242,15 +250,16 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 
 
 class TokenCache:
-    """Read access to a cache directory; arrays are opened lazily in each process.
+    """Read access to a cache directory (local, or remote through tensorstore's GCS
+    driver); arrays are opened lazily in each process.
 
     Attributes:
         directory: the cache directory.
         meta: its metadata (`cache.json`).
     """
 
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
+    def __init__(self, directory: str | StoragePath):
+        self.directory = as_path(directory)
         self.meta = read_meta(self.directory)
         self._arrays: dict[str, ts.TensorStore] | None = None
         self._offsets: np.ndarray | None = None
@@ -259,8 +268,11 @@ class TokenCache:
     def _open(self) -> dict[str, ts.TensorStore]:
         if self._arrays is None:
             context = ts.Context({"cache_pool": {"total_bytes_limit": _READ_CACHE_BYTES}})
+            # A complete cache never changes: a chunk read once is used as it is, not
+            # revalidated by every read (a conditional request each, in a bucket).
+            fresh = {"recheck_cached_data": "open", "recheck_cached_metadata": "open"}
             self._arrays = {
-                name: ts.open(_array_spec(self.directory, name), read=True, context=context).result()
+                name: ts.open({**_array_spec(self.directory, name), **fresh}, read=True, context=context).result()
                 for name in _ARRAYS
             }
         return self._arrays

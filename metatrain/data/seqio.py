@@ -64,6 +64,7 @@ from metatrain.data.sources import EncoderSpec, SkipLog, expand_jsonl_paths
 from metatrain.data.spill import SpilledExamples, TaskReader, SpillWriter
 from metatrain.documents import SkipCounter, read_documents
 from metatrain.errors import RecordError, UserError
+from metatrain.storage import as_path
 from metatrain.paths import DEFAULT_TAGS
 from metatrain.roles import LOSS_ROLES, NUM_ROLES, ROLE_DTYPE, Role
 
@@ -77,7 +78,7 @@ def file_fingerprint(tokenizer_path: str | Path, tags_path: str | Path) -> str:
     digest = hashlib.sha256()
     for path in (tokenizer_path, tags_path):
         try:
-            digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+            digest.update(hashlib.sha256(as_path(path).read_bytes()).digest())
         except OSError as e:
             raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     return digest.hexdigest()

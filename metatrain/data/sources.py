@@ -14,8 +14,15 @@ Parquet's and ArrayRecord's is read as JSON Lines). `open_records` gives random 
 to the records of a source's files: `JsonlLines` for JSON Lines, `ParquetRows` and
 `ArrayRecords` (in `metatrain.formats`) for the others.
 
-A compressed file is decompressed once into a spill file under `$TMPDIR`, which is
-what gets indexed and memory-mapped (`metatrain.compression` says why and what it costs);
+Any of these may be in object storage (`gs://b/corpus.jsonl`, `gs://b/shards/*.jsonl`,
+a token cache under `gs://b/cache`; see `metatrain.storage`), read through the
+libraries' own file systems, never downloaded first: a remote plain JSON Lines file is
+streamed once to index its lines, then each line is fetched by byte range; Parquet
+row groups are read through a file handle on the object; ArrayRecord reads `gs://`
+itself; a token cache's arrays are read by tensorstore.
+
+A compressed file (local or remote) is decompressed once into a spill file under
+`$TMPDIR`, which is what gets indexed and memory-mapped (`metatrain.compression` says why and what it costs);
 records and errors still name the compressed file and its line numbers.
 
 `JsonlLines` indexes the non-blank lines of its files once (byte offsets, found with
@@ -33,10 +40,8 @@ small index arrays, and open files and the tokenizer lazily in each process.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import itertools
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,16 +52,18 @@ from metatrain.data.split import check_split, id_hash, in_split
 from metatrain.documents import parse_record
 from metatrain.errors import RecordError, UserError
 from metatrain.formats import ARRAY_RECORD, JSONL, PARQUET, ArrayRecords, ParquetRows, format_of
+from metatrain.storage import StoragePath, as_path, file_size, glob_paths, is_remote, os_reason, read_range
 
 _INDEX_CHUNK = 64 << 20  # bytes scanned at a time when indexing lines
 _GLOB_CHARS = frozenset("*?[")
 
 
-def expand_jsonl_paths(path: str | Path) -> list[Path]:
+def expand_jsonl_paths(path: str | StoragePath) -> list[StoragePath]:
     """The files a source path names (a file, or the sorted files of a glob), of any format.
 
     A glob ending in `.jsonl` also matches the compressed files beside them
-    (`*.jsonl` finds `a.jsonl` and `b.jsonl.gz`).
+    (`*.jsonl` finds `a.jsonl` and `b.jsonl.gz`). A remote path (`gs://...`) gives
+    remote paths; a remote glob is matched by listing the bucket.
 
     Raises:
         UserError: the file does not exist or is a directory, the glob matches no
@@ -65,13 +72,13 @@ def expand_jsonl_paths(path: str | Path) -> list[Path]:
     text = str(path)
     if _GLOB_CHARS & set(text):
         patterns = [text, *(text + suffix for suffix in COMPRESSIONS)] if text.endswith(".jsonl") else [text]
-        found = {Path(p) for pattern in patterns for p in glob.glob(pattern, recursive=True)}
-        files = sorted(p for p in found if p.is_file())
+        found = {str(p): p for pattern in patterns for p in glob_paths(pattern, files_only=True)}
+        files = sorted(found.values())
         if not files:
             raise UserError(f"data source {text}: the glob matches no file")
         _refuse_twins(text, files)
         return files
-    p = Path(text)
+    p = as_path(path)
     if p.is_dir():
         raise UserError(f"data source {text} is a directory, and not a token cache (it has no cache.json); "
                         f"to read its JSON Lines files give a glob such as {p / '*.jsonl'}")
@@ -81,7 +88,7 @@ def expand_jsonl_paths(path: str | Path) -> list[Path]:
     return [p]
 
 
-def _refuse_twins(pattern: str, files: list[Path]) -> None:
+def _refuse_twins(pattern: str, files: list[StoragePath]) -> None:
     """A glob that finds `a.jsonl` and `a.jsonl.gz` would read the same documents twice."""
     names = {str(f) for f in files}
     for f in files:
@@ -91,32 +98,56 @@ def _refuse_twins(pattern: str, files: list[Path]) -> None:
                                 "would be read twice: remove one, or narrow the glob")
 
 
-def _index_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Start and end byte offsets and 1-based line numbers of the non-blank lines of a file."""
-    size = path.stat().st_size
+def _index_lines(path: StoragePath) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Start and end byte offsets and 1-based line numbers of the non-blank lines of a file.
+
+    A local file is memory-mapped; a remote one is streamed from its bucket once.
+    """
+    size = file_size(path)
     if size == 0:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    newlines = [np.flatnonzero(data[i:i + _INDEX_CHUNK] == 10) + i for i in range(0, size, _INDEX_CHUNK)]
-    nl = np.concatenate(newlines).astype(np.int64)
+    nl, before, last = (_remote_newlines if is_remote(str(path)) else _local_newlines)(path, size)
     ends = nl if (len(nl) and nl[-1] == size - 1) else np.append(nl, size)
     starts = np.concatenate([[0], nl + 1])[: len(ends)]
     # A line is blank when it is empty or only "\r"; lines of other whitespace are
     # rare and are dropped by the reader instead (they cost a parse, not an error).
     lengths = ends - starts
-    last = data[np.maximum(ends - 1, 0)]
-    blank = (lengths == 0) | ((lengths == 1) & (last == 13))
+    end_bytes = before if len(ends) == len(nl) else np.append(before, last)  # the byte before each end
+    blank = (lengths == 0) | ((lengths == 1) & (end_bytes == 13))
     keep = np.flatnonzero(~blank)
-    del data
     return starts[keep], ends[keep], keep + 1
 
 
-def _random_access(path: Path) -> Path:
+def _local_newlines(path: StoragePath, size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Offsets of the newlines of a local file, the byte before each, and the file's last byte."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    newlines = [np.flatnonzero(data[i:i + _INDEX_CHUNK] == 10) + i for i in range(0, size, _INDEX_CHUNK)]
+    nl = np.concatenate(newlines).astype(np.int64)
+    before, last = data[np.maximum(nl - 1, 0)], int(data[size - 1])
+    del data
+    return nl, before, last
+
+
+def _remote_newlines(path: StoragePath, size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """`_local_newlines` of a remote file, read as one stream of chunks."""
+    newlines, befores = [], []
+    offset, previous = 0, 10  # a newline at offset 0 has no byte before it (like a memory map's data[0])
+    with path.open("rb") as handle:
+        while chunk := handle.read(_INDEX_CHUNK):
+            data = np.frombuffer(chunk, np.uint8)
+            at = np.flatnonzero(data == 10)
+            newlines.append(at.astype(np.int64) + offset)
+            befores.append(np.where(at > 0, data[np.maximum(at - 1, 0)], previous).astype(np.uint8))
+            offset, previous = offset + len(data), int(data[-1])
+    return np.concatenate(newlines), np.concatenate(befores), previous
+
+
+def _random_access(path: StoragePath) -> StoragePath:
     try:
         return random_access_path(path)
     except OSError as e:
-        raise UserError(f"data source {path}: cannot open: {e.strerror or e}") from None
+        raise UserError(f"data source {path}: cannot open: {os_reason(e)}") from None
 
 
 class JsonlLines:
@@ -124,13 +155,15 @@ class JsonlLines:
 
     `lines[i]` is `(path, line_number, raw_bytes)`; it implements grain's
     `RandomAccessDataSource` (`__len__`, `__getitem__`). A compressed file is read
-    from its decompressed spill file; `path` still names the compressed file.
+    from its decompressed spill file; `path` still names the compressed file. A local
+    plain file is memory-mapped; a remote one (`gs://...`) is streamed once to index
+    it, and each line is then fetched by a ranged request.
     """
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[StoragePath]):
         self.files = [str(f) for f in files]  # the names records and errors report
-        self._data_files = [str(_random_access(Path(f))) for f in self.files]  # what is mapped
-        starts, ends, numbers = zip(*(_index_lines(Path(f)) for f in self._data_files)) if files else ((), (), ())
+        self._data_files = [str(_random_access(as_path(f))) for f in self.files]  # what is read
+        starts, ends, numbers = zip(*(_index_lines(as_path(f)) for f in self._data_files)) if files else ((), (), ())
         self._starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
         self._ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
         self._numbers = np.concatenate(numbers) if numbers else np.zeros(0, np.int64)
@@ -143,11 +176,15 @@ class JsonlLines:
 
     def __getitem__(self, index: int) -> tuple[str, int, bytes]:
         file_index = int(np.searchsorted(self._file_bounds, index, side="right")) - 1
+        name = self._data_files[file_index]
+        if is_remote(name):
+            raw = read_range(name, int(self._starts[index]), int(self._ends[index]))
+            return self.files[file_index], int(self._numbers[index]), raw
         if self._maps is None:
             self._maps = {}
         data = self._maps.get(file_index)
         if data is None:
-            data = self._maps[file_index] = np.memmap(self._data_files[file_index], dtype=np.uint8, mode="r")
+            data = self._maps[file_index] = np.memmap(name, dtype=np.uint8, mode="r")
         raw = data[self._starts[index]:self._ends[index]].tobytes()
         return self.files[file_index], int(self._numbers[index]), raw
 
@@ -175,7 +212,7 @@ class ConcatRecords:
         return self.parts[k][index - int(self._bounds[k])]
 
 
-def open_records(files: list[Path]):
+def open_records(files: list[StoragePath]):
     """Random access to the records of `files`, in order: `records[i]` is `(path, number, raw)`.
 
     Consecutive files of one format share one index (`JsonlLines`, `ParquetRows`,

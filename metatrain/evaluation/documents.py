@@ -27,6 +27,7 @@ from metatrain.data.sources import EncoderSpec, expand_jsonl_paths
 from metatrain.data.split import id_hash, in_split
 from metatrain.documents import SkipCounter, read_documents
 from metatrain.errors import RecordError, UserError
+from metatrain.storage import as_path
 from metatrain.tokenizer.encoder import EncodedDocument, EncodeError, Encoder
 
 
@@ -105,7 +106,7 @@ def iter_split_documents(
         if source.seqio is not None:
             yield from _seqio_documents(source, data, split)
         elif is_cache_dir(source.path):
-            yield from _cache_documents(Path(source.path), data, split)
+            yield from _cache_documents(as_path(source.path), data, split)
         else:
             docs = (
                 doc for doc in _jsonl(expand_jsonl_paths(source.path), strict=data.strict, skips=skips)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -18,6 +17,7 @@ import yaml
 from metatrain.errors import UserError
 from metatrain.strict_parsing import DuplicateKeyError, load_yaml
 from metatrain.paths import DEFAULT_TAGS
+from metatrain.storage import StoragePath, as_path, os_reason
 
 #: Piece names SentencePiece reserves for itself; a tag may not take one of them.
 RESERVED_PIECES: frozenset[str] = frozenset({"<s>", "</s>", "<unk>", "<pad>"})
@@ -192,17 +192,18 @@ def registry_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> Ta
     )
 
 
-def load_registry(path: str | Path = DEFAULT_TAGS) -> TagRegistry:
-    """Loads a tag registry YAML file (default: the shipped `tokenizer/tags.yaml`).
+def load_registry(path: str | StoragePath = DEFAULT_TAGS) -> TagRegistry:
+    """Loads a tag registry YAML file (default: the shipped `tokenizer/tags.yaml`); a
+    remote one (`gs://...`) is read from its bucket.
 
     Raises:
         UserError: the file is missing, is not YAML, or does not describe a valid registry.
     """
-    path = Path(path)
+    path = as_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise UserError(f"cannot read tag registry {path}: {e.strerror or e}") from None
+        raise UserError(f"cannot read tag registry {path}: {os_reason(e)}") from None
     except UnicodeDecodeError as e:
         raise UserError(f"tag registry {path} is not UTF-8 text: {e}") from None
     try:

@@ -17,6 +17,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from metatrain.errors import UserError
+from metatrain.storage import StoragePath, as_path, os_reason
 from metatrain.tokenizer.registry import TagRegistry, load_registry
 
 _META_SPACE = "\u2581"  # SentencePiece's whitespace symbol
@@ -41,12 +42,13 @@ def parse_model_proto(data: bytes, *, source: str) -> model_pb2.ModelProto:
     return proto
 
 
-def read_model_proto(path: str | Path) -> model_pb2.ModelProto:
-    """Reads and parses a `.model` file; raises `UserError` if unreadable or not a model."""
+def read_model_proto(path: str | StoragePath) -> model_pb2.ModelProto:
+    """Reads and parses a `.model` file (local, or remote: `gs://...` is read from its
+    bucket); raises `UserError` if unreadable or not a model."""
     try:
-        data = Path(path).read_bytes()
+        data = as_path(path).read_bytes()
     except OSError as e:
-        raise UserError(f"cannot read tokenizer {path}: {e.strerror or e}") from None
+        raise UserError(f"cannot read tokenizer {path}: {os_reason(e)}") from None
     return parse_model_proto(data, source=str(path))
 
 
@@ -158,13 +160,17 @@ class SpmTokenizer:
         return ids if all(self.processor.is_byte(i) for i in ids) else None
 
     @classmethod
-    def load(cls, path: str | Path, registry: TagRegistry | None = None) -> "SpmTokenizer":
-        """Loads a `.model` file and checks it against `registry` (default: the shipped tags)."""
-        path = Path(path)
+    def load(cls, path: str | StoragePath, registry: TagRegistry | None = None) -> "SpmTokenizer":
+        """Loads a `.model` file and checks it against `registry` (default: the shipped tags).
+
+        A remote file (`gs://...`) is read from its bucket into memory; SentencePiece
+        loads the model from its bytes.
+        """
+        path = as_path(path)
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise UserError(f"cannot read tokenizer {path}: {e.strerror or e}") from None
+            raise UserError(f"cannot read tokenizer {path}: {os_reason(e)}") from None
         return cls(data, registry if registry is not None else load_registry(), source=str(path))
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
