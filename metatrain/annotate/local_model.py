@@ -23,6 +23,7 @@ from typing import Any
 from metatrain.annotate.generators import GenerationError, ThinkReply, ThinkRequest, register_generator
 from metatrain.documents import Document, Segment
 from metatrain.errors import UserError
+from metatrain.storage import absolute, as_path
 
 #: Characters of document text the model sees before the point (then cut to fit).
 DEFAULT_CONTEXT_CHARS = 4000
@@ -42,10 +43,10 @@ class MetatrainGenerator:
         if max_new_tokens < 1:
             raise UserError(f"--max-tokens must be >= 1, got {max_new_tokens}")
         self.sampling = SamplingConfig(temperature, top_k, top_p)
-        self.generator = Generator.load(Path(workdir) if workdir else None, Path(checkpoint) if checkpoint else None)
+        self.generator = Generator.load(as_path(workdir) if workdir else None, as_path(checkpoint) if checkpoint else None)
         self.max_new_tokens = min(max_new_tokens, self.generator.model_config.max_seq_len - 8)
         self.context_chars = context_chars
-        self.model = str(Path(workdir or checkpoint).resolve())
+        self.model = str(absolute(workdir or checkpoint))
         self.settings: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
                                          "max_new_tokens": self.max_new_tokens}
         self._lock = asyncio.Lock()

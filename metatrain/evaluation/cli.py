@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from metatrain.errors import UserError
+from metatrain.storage import as_path, is_remote
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,12 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "linear probes for mode and role at every layer. See docs/eval.md."
         ),
     )
-    p.add_argument("--workdir", type=Path, required=True, metavar="W", help="a `metatrain train` work directory")
-    p.add_argument("--data", type=Path, action="append", default=None, metavar="DOCS.jsonl",
+    p.add_argument("--workdir", type=as_path, required=True, metavar="W",
+                   help="a `metatrain train` work directory, or gs://BUCKET/PATH")
+    p.add_argument("--data", type=str, action="append", default=None, metavar="DOCS.jsonl",
                    help="evaluate these documents (JSON Lines, compressed or a glob; repeatable) instead of "
                         "the run's held-out split")
     p.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step (default: the newest)")
-    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+    p.add_argument("--out", type=as_path, default=None, metavar="DIR",
                    help="where report.json and probes.png go (default: W/eval/<step>)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
     p.add_argument("--max-documents", type=int, default=2000, metavar="N",
@@ -164,12 +166,13 @@ def check_eval_out(out: Path) -> Path:
         UserError: `out` is a link or not a directory, or holds a `report.json` that is
             not an evaluation report.
     """
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+    links = not is_remote(str(out))  # object storage has no links
+    if (links and out.is_symlink()) or (out.exists() and not out.is_dir()):
         raise UserError(f"--out {out} exists and is not a directory; choose another --out")
     report = out / REPORT_FILE
-    if report.exists() or report.is_symlink():
+    if report.exists() or (links and report.is_symlink()):
         try:
-            ours = report.is_file() and not report.is_symlink() and "ablation" in json.loads(report.read_text())
+            ours = report.is_file() and not (links and report.is_symlink()) and "ablation" in json.loads(report.read_text())
         except (OSError, ValueError, TypeError):
             ours = False
         if not ours:

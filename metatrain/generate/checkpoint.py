@@ -4,13 +4,14 @@ Checkpoints are read through `metatrain.train.checkpoint.Checkpointer`, the one 
 their layout, read-only. Only the parameters are restored (no optimizer moments are
 read), onto one device. The model shape and the mantra come from the checkpoint's own
 stored config, so they are the ones the parameters were trained with; the tokenizer and
-tag registry are the run's copies beside `checkpoints/`.
+tag registry are the run's copies beside `checkpoints/`. The work directory may be in a
+bucket (`gs://...`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +19,7 @@ import jax
 
 from metatrain.errors import UserError
 from metatrain.models import ModelConfig, init_params_shape
+from metatrain.storage import StoragePath, absolute, as_path
 from metatrain.tokenizer.encoder import Encoder
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA
 from metatrain.train.checkpoint import Checkpointer, split_step_dir
@@ -40,11 +42,13 @@ class LoadedCheckpoint:
     model_config: ModelConfig
     encoder: Encoder
     step: int
-    path: Path
+    path: StoragePath
     config: dict = dataclasses.field(default_factory=dict)
 
 
-def resolve_checkpoint(workdir: Path | None = None, checkpoint: Path | None = None) -> tuple[Path, int | None]:
+def resolve_checkpoint(
+    workdir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None
+) -> tuple[StoragePath, int | None]:
     """`(work directory, step)` meant by `--workdir DIR` (step None: its newest intact
     checkpoint) or `--checkpoint WORKDIR/checkpoints/<step>`.
 
@@ -54,8 +58,8 @@ def resolve_checkpoint(workdir: Path | None = None, checkpoint: Path | None = No
     if (workdir is None) == (checkpoint is None):
         raise UserError("give exactly one of --workdir DIR (its latest checkpoint) or --checkpoint PATH")
     if checkpoint is None:
-        return Path(workdir).resolve(), None
-    found = split_step_dir(Path(checkpoint))
+        return absolute(workdir), None
+    found = split_step_dir(as_path(checkpoint))
     if found is None:
         raise UserError(
             f"{checkpoint} is not a checkpoint step directory (expected WORKDIR/checkpoints/<step>, "
@@ -64,17 +68,20 @@ def resolve_checkpoint(workdir: Path | None = None, checkpoint: Path | None = No
     return found
 
 
-def _run_file(run_dir: Path, name: str, configured: str | None) -> Path:
-    """The run's copy `WORKDIR/name` next to `checkpoints/`, else the configured path."""
+def _run_file(run_dir: StoragePath, name: str, configured: str | None) -> StoragePath:
+    """The run's copy `WORKDIR/name` next to `checkpoints/`, else the configured path
+    (either may be in a bucket)."""
     copy = run_dir / name
     if copy.is_file():
         return copy
-    if configured and Path(configured).is_file():
-        return Path(configured)
+    if configured and as_path(configured).is_file():
+        return as_path(configured)
     raise UserError(f"work directory {run_dir}: cannot find the run's {name} (looked for {copy} and {configured})")
 
 
-def load_checkpoint(workdir: Path | None = None, checkpoint: Path | None = None) -> LoadedCheckpoint:
+def load_checkpoint(
+    workdir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None
+) -> LoadedCheckpoint:
     """Restores a run's parameters (through the run's `Checkpointer`) and builds its encoder.
 
     Args:
@@ -95,7 +102,7 @@ def load_checkpoint(workdir: Path | None = None, checkpoint: Path | None = None)
         checkpointer.close()
 
 
-def _model_config(stored: dict, where: Path) -> ModelConfig:
+def _model_config(stored: dict, where: StoragePath) -> ModelConfig:
     try:
         return ModelConfig(**stored["model"])
     except (KeyError, TypeError) as e:
@@ -107,7 +114,7 @@ def _load(checkpointer: Checkpointer, step: int | None) -> LoadedCheckpoint:
     the config stored beside them."""
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
-    def abstract_params(stored: dict, where: Path):
+    def abstract_params(stored: dict, where: StoragePath):
         shapes = nn.unbox(init_params_shape(_model_config(stored, where)))
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 

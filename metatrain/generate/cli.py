@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from metatrain.storage import as_path
+
 #: Prompt of the sample printed after the default training run (the sample corpus's
 #: documents open with "Background:").
 TRAINING_SAMPLE_PROMPT: str = "Background:"
@@ -25,9 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workdir", type=Path, metavar="DIR",
-                        help="a `metatrain train` work directory (its latest checkpoint)")
-    source.add_argument("--checkpoint", type=Path, metavar="PATH",
+    source.add_argument("--workdir", type=as_path, metavar="DIR",
+                        help="a `metatrain train` work directory, or gs://BUCKET/PATH (its latest checkpoint)")
+    source.add_argument("--checkpoint", type=as_path, metavar="PATH",
                         help="one checkpoint step directory, WORKDIR/checkpoints/<step>")
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                    help="prompt text, human mode (repeatable: one batch)")

@@ -18,8 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "config.json, safetensors weights, the tokenizer with every tag a special token, "
         "generation_config.json, tags.yaml, mantra.txt and a model card. Needs the `hf` extra.",
     )
-    export.add_argument("--workdir", type=Path, required=True, help="a `metatrain train` work directory")
-    export.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to create (absent or empty)")
+    export.add_argument("--workdir", required=True, help="a `metatrain train` work directory (local or gs://)")
+    export.add_argument("--out", required=True, metavar="DIR",
+                        help="directory to create (absent or empty; local or gs://, built in place there)")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest intact one)")
     export.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="dtype of the saved weights (default: %(default)s)")

@@ -1,6 +1,6 @@
 """`metatrain export`: a run's checkpoint as a Hugging Face `LlamaForCausalLM` directory.
 
-    OUT/config.json                      LlamaConfig (written by transformers itself)
+    OUT/config.json                      LlamaConfig (serialized by transformers itself)
     OUT/generation_config.json           BOS, EOS, PAD
     OUT/model.safetensors                weights; above --max-shard-size, transformers'
     OUT/model-0000i-of-0000n.safetensors   sharded layout with model.safetensors.index.json
@@ -17,7 +17,11 @@ is on in its config, so a literal `<AI>` in text encodes as characters, never as
 (DESIGN.md section 2); the tag ids are reached with `convert_tokens_to_ids`. The tokenizer
 is checked against SentencePiece before the directory is published.
 
-The directory is built beside OUT and renamed into place when complete.
+The directory is built beside OUT and renamed into place when complete. In a bucket
+(`--out gs://bucket/export`), where a prefix cannot be renamed, it is built in place:
+every file is written as one object, `config.json` (what transformers reads first, and
+what marks the export complete) last, and what a failed export wrote is removed. The work
+directory may be in a bucket too (`--workdir gs://...`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -38,8 +42,9 @@ from metatrain.errors import FaultError, UserError, describe_cause
 from metatrain.generate.checkpoint import LoadedCheckpoint, load_checkpoint
 from metatrain.hf.convert import check_exportable, llama_config_kwargs, to_hf_tensors
 from metatrain.models.config import ModelConfig
-from metatrain.outputs import publish_dir, staging_dir
+from metatrain.outputs import discard_dir, publish_dir, staging_dir
 from metatrain.roles import LOSS_ROLE_LABELS
+from metatrain.storage import StoragePath, absolute, as_path, is_remote
 from metatrain.tokenizer.encoder import Encoder
 from metatrain.tokenizer.registry import TagRegistry
 from metatrain.train.checkpoint import Checkpointer
@@ -80,29 +85,33 @@ class ExportReport:
     """What `export_workdir` wrote.
 
     Attributes:
-        out: the exported directory.
+        out: the exported directory (an `epath.Path` in a bucket).
         step: the checkpoint's training step.
         dtype: dtype of the saved weights.
         num_params: parameters in the model.
         weight_files: the safetensors files (one, or the shards).
     """
 
-    out: Path
+    out: StoragePath
     step: int
     dtype: str
     num_params: int
     weight_files: tuple[str, ...]
 
     def summary(self) -> str:
-        """One line for the command line."""
+        """One line for the command line (for a bucket, how to load it: transformers cannot
+        read gs://)."""
         files = self.weight_files[0] if len(self.weight_files) == 1 else f"{len(self.weight_files)} shards"
-        return (f"wrote {self.out}: step {self.step}, {self.num_params:,} parameters in {self.dtype} ({files}); "
-                f"load it with transformers' AutoModelForCausalLM.from_pretrained({str(self.out)!r})")
+        if is_remote(str(self.out)):  # transformers reads local directories (and the Hub), not buckets
+            load = "copy it to a local directory and load that with transformers' AutoModelForCausalLM.from_pretrained"
+        else:
+            load = f"load it with transformers' AutoModelForCausalLM.from_pretrained({str(self.out)!r})"
+        return f"wrote {self.out}: step {self.step}, {self.num_params:,} parameters in {self.dtype} ({files}); {load}"
 
 
 def export_workdir(
-    workdir: str | Path,
-    out: str | Path,
+    workdir: str | os.PathLike,
+    out: str | os.PathLike,
     *,
     step: int | None = None,
     dtype: ExportDtype = "float32",
@@ -112,8 +121,9 @@ def export_workdir(
     Hugging Face Llama directory (see the module docstring).
 
     Args:
-        workdir: a `metatrain train` work directory (only read).
-        out: the directory to create; must not exist, or be empty.
+        workdir: a `metatrain train` work directory (only read), local or in a bucket.
+        out: the directory to create; must not exist, or be empty. In a bucket it is
+            built in place, with `config.json` written last.
         step: that checkpoint; None: the newest that restores.
         dtype: dtype of the saved weights (parameters are cast; float32 is exact for
             float32 and bfloat16 parameters).
@@ -127,7 +137,7 @@ def export_workdir(
     require_hf()
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
-    workdir = Path(workdir).resolve()
+    workdir = absolute(workdir)
     staging = staging_dir(out, option="--out")
     try:
         checkpoint = _step_dir(workdir, step) if step is not None else None
@@ -138,24 +148,26 @@ def export_workdir(
         tensors = to_hf_tensors(jax.device_get(loaded.params), config)
         encoder = loaded.encoder
         pad_id = pad_id_of(encoder)
-        _write_model_config(staging, config, encoder, pad_id, dtype)
+        model_files = _model_config_files(config, encoder, pad_id, dtype)
+        (staging / "generation_config.json").write_text(model_files["generation_config.json"], encoding="utf-8")
         files = _write_weights(staging, tensors, dtype, max_shard_size)
         _write_tokenizer(staging, encoder, config.max_seq_len, pad_id)
-        shutil.copyfile(encoder.grammar.registry.source, staging / "tags.yaml")
+        (staging / "tags.yaml").write_bytes(as_path(encoder.grammar.registry.source).read_bytes())
         (staging / "mantra.txt").write_text(encoder.mantra, encoding="utf-8")
         (staging / "metatrain.json").write_text(json.dumps(_metatrain_info(encoder, pad_id), indent=1) + "\n")
         card = model_card(loaded, stored, read_metrics(workdir / "metrics.jsonl", loaded.step), dtype)
         (staging / "README.md").write_text(card, encoding="utf-8")
+        (staging / "config.json").write_text(model_files["config.json"], encoding="utf-8")  # last: complete
     except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_dir(staging)
         if isinstance(e, OSError):
             raise FaultError(f"writing the export {out} failed: {describe_cause(e)}") from None
         raise
     publish_dir(staging, out, option="--out")
-    return ExportReport(Path(out).resolve(), loaded.step, dtype, config.num_params, files)
+    return ExportReport(absolute(out), loaded.step, dtype, config.num_params, files)
 
 
-def _step_dir(workdir: Path, step: int) -> Path:
+def _step_dir(workdir: StoragePath, step: int) -> StoragePath:
     """WORKDIR/checkpoints/<step>, refused (naming the steps there) when it is not a checkpoint."""
     path = workdir / "checkpoints" / str(step)
     if not path.is_dir():
@@ -176,15 +188,18 @@ def _stored_config(loaded: LoadedCheckpoint) -> dict[str, Any]:
 # -- files -----------------------------------------------------------------------------
 
 
-def _write_model_config(out: Path, config: ModelConfig, encoder: Encoder, pad_id: int, dtype: str) -> None:
-    """config.json (its pad id only when the tokenizer has a PAD piece: transformers makes it the
-    embedding's `padding_idx`) and generation_config.json."""
+def _model_config_files(config: ModelConfig, encoder: Encoder, pad_id: int, dtype: str) -> dict[str, str]:
+    """The text of config.json (its pad id only when the tokenizer has a PAD piece:
+    transformers makes it the embedding's `padding_idx`) and generation_config.json, as
+    transformers' `save_pretrained` writes them (made in memory, so they can be written
+    anywhere, and config.json last)."""
     from transformers import GenerationConfig, LlamaConfig
 
     real_pad = encoder.pad_id if encoder.pad_id >= 0 else None
     kwargs = llama_config_kwargs(config, bos_id=encoder.bos_id, eos_id=encoder.eos_id, pad_id=real_pad)
-    LlamaConfig(**kwargs, dtype=dtype).save_pretrained(out)
-    GenerationConfig(bos_token_id=encoder.bos_id, eos_token_id=encoder.eos_id, pad_token_id=pad_id).save_pretrained(out)
+    generation = GenerationConfig(bos_token_id=encoder.bos_id, eos_token_id=encoder.eos_id, pad_token_id=pad_id)
+    return {"config.json": LlamaConfig(**kwargs, dtype=dtype).to_json_string(use_diff=True),
+            "generation_config.json": generation.to_json_string(use_diff=True)}
 
 
 def _to_torch(array: np.ndarray, dtype: str):
@@ -199,10 +214,12 @@ def _to_torch(array: np.ndarray, dtype: str):
     return tensor.to(getattr(torch, dtype)).contiguous()
 
 
-def _write_weights(out: Path, tensors: dict[str, np.ndarray], dtype: str, max_shard_size: int | str) -> tuple[str, ...]:
-    """safetensors files in transformers' layout: one file, or shards and their index."""
+def _write_weights(out: StoragePath, tensors: dict[str, np.ndarray], dtype: str,
+                   max_shard_size: int | str) -> tuple[str, ...]:
+    """safetensors files in transformers' layout: one file, or shards and their index.
+    In a bucket each file is serialized in memory and written as one object."""
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
+    from safetensors.torch import save, save_file
 
     state = {name: _to_torch(array, dtype) for name, array in tensors.items()}
     try:
@@ -212,7 +229,11 @@ def _write_weights(out: Path, tensors: dict[str, np.ndarray], dtype: str, max_sh
         raise UserError(f"--max-shard-size {max_shard_size!r}: {e} (give bytes, or a size such as 5GB)") from None
     mode = 0o666 & ~_umask()
     for filename, names in split.filename_to_tensors.items():
-        save_file({name: state[name] for name in names}, out / filename, metadata={"format": "pt"})
+        shard = {name: state[name] for name in names}
+        if is_remote(str(out)):
+            (out / filename).write_bytes(save(shard, metadata={"format": "pt"}))
+            continue
+        save_file(shard, out / filename, metadata={"format": "pt"})
         (out / filename).chmod(mode)  # safetensors creates files readable by their owner only
     if split.is_sharded:
         index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
@@ -220,18 +241,33 @@ def _write_weights(out: Path, tensors: dict[str, np.ndarray], dtype: str, max_sh
     return tuple(split.filename_to_tensors)
 
 
-def _write_tokenizer(out: Path, encoder: Encoder, max_length: int, pad_id: int) -> None:
+def _write_tokenizer(out: StoragePath, encoder: Encoder, max_length: int, pad_id: int) -> None:
     """tokenizer.model, and the `tokenizers` conversion transformers makes of it, with every
     tag a special token, BOS prepended (as in training documents) and special tokens split.
+
+    transformers reads and writes tokenizers in local directories only, so for an `out`
+    in a bucket the tokenizer is converted and checked in a local scratch directory and
+    each file it saved is written into `out` as one object.
 
     Raises:
         UserError: the installed transformers converts the model into a tokenizer that
             encodes some text differently from SentencePiece (named).
     """
+    if not is_remote(str(out)):
+        _build_tokenizer(out, encoder, max_length, pad_id)
+        return
+    with tempfile.TemporaryDirectory(prefix="metatrain-tokenizer-") as scratch:
+        _build_tokenizer(Path(scratch), encoder, max_length, pad_id)
+        for path in sorted(Path(scratch).iterdir()):
+            (out / path.name).write_bytes(path.read_bytes())
+
+
+def _build_tokenizer(out: Path, encoder: Encoder, max_length: int, pad_id: int) -> None:
+    """`_write_tokenizer` into a local directory."""
     from tokenizers import processors
     from transformers import AutoTokenizer
 
-    shutil.copyfile(encoder.tokenizer.source, out / "tokenizer.model")
+    (out / "tokenizer.model").write_bytes(as_path(encoder.tokenizer.source).read_bytes())
     tok = AutoTokenizer.from_pretrained(out, split_special_tokens=True, model_max_length=max_length)
     specials = [t for t in encoder.tag_ids if t not in tok.all_special_tokens]
     if specials:
@@ -315,10 +351,11 @@ class RunMetrics:
     eval: dict[str, Any]
 
 
-def read_metrics(path: Path, step: int) -> RunMetrics | None:
-    """Tokens per role and the last losses up to `step` from a run's `metrics.jsonl`, None
-    when there is no such file. A step logged twice (a run resumed from an earlier
+def read_metrics(path: str | os.PathLike, step: int) -> RunMetrics | None:
+    """Tokens per role and the last losses up to `step` from a run's `metrics.jsonl` (local
+    or in a bucket), None when there is no such file. A step logged twice (a run resumed from an earlier
     checkpoint) counts once, its last record."""
+    path = as_path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:

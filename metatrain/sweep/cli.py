@@ -9,6 +9,8 @@
 
 `sweep run DIR --spec SWEEP.yaml --fit` is the whole sweep in one command: plan (if DIR
 has no manifest yet), train every point here, fit and plot. See docs/sweeps.md.
+
+DIR (and `plan --out`) may be a bucket URL, `gs://bucket/sweep`; the spec is a local file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 
 from metatrain.errors import UserError
+from metatrain.storage import StoragePath, as_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,12 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     plan = sub.add_parser("plan", help="write one run config per point and the manifest")
     plan.add_argument("--spec", type=Path, required=True, help="sweep spec YAML (see configs/sweeps/)")
-    plan.add_argument("--out", type=Path, required=True, help="sweep directory to create")
+    plan.add_argument("--out", required=True, help="sweep directory to create (a local path or gs://bucket/path)")
     _add_set(plan)
     plan.set_defaults(func=run_plan)
 
     run = sub.add_parser("run", help="train the unfinished points here, or print their launch commands")
-    run.add_argument("directory", type=Path, metavar="DIR", help="sweep directory (from `sweep plan`)")
+    run.add_argument("directory", metavar="DIR", help="sweep directory (from `sweep plan`; local or gs://)")
     run.add_argument("--spec", type=Path, default=None,
                      help="plan DIR from this spec first (a no-op when DIR already holds this plan)")
     _add_set(run)
@@ -61,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.set_defaults(func=run_run)
 
     fit = sub.add_parser("fit", help="fit L(N, D) (and IsoFLOP minima), write DIR/fit.json and plots")
-    fit.add_argument("directory", type=Path, metavar="DIR", help="directory holding manifest.jsonl")
+    fit.add_argument("directory", metavar="DIR", help="directory holding manifest.jsonl (local or gs://)")
     fit.add_argument("--role", default="all", choices=("text", "thinking", "joint", "all"),
                      help="loss to fit: text, thinking, the joint loss, or all of them (default)")
     fit.add_argument("--loss-key", default=None, metavar="KEY",
@@ -116,16 +119,17 @@ def run_plan(args: argparse.Namespace) -> int:
     from metatrain.sweep.manifest import manifest_path
     from metatrain.sweep.plan import plan_sweep
 
-    planned_before = manifest_path(args.out).is_file()
-    runs = plan_sweep(args.spec, args.out, args.overrides)
+    out = as_path(args.out)
+    planned_before = manifest_path(out).is_file()
+    runs = plan_sweep(args.spec, out, args.overrides)
     if planned_before:
-        print(f"{args.out} already holds this plan ({len(runs)} runs); nothing changed, results kept")
+        print(f"{out} already holds this plan ({len(runs)} runs); nothing changed, results kept")
     else:
-        _print_plan([r.record for r in runs], args.out)
+        _print_plan([r.record for r in runs], out)
     return 0
 
 
-def _print_plan(records: list[dict], out: Path) -> None:
+def _print_plan(records: list[dict], out: StoragePath) -> None:
     print(f"planned {len(records)} runs in {out}/manifest.jsonl")
     print(f"{'name':<34}{'N':>12}{'D':>12}{'steps':>7}{'C (FLOPs)':>12}")
     for r in records:
@@ -139,32 +143,33 @@ def run_run(args: argparse.Namespace) -> int:
     from metatrain.sweep.manifest import manifest_path
     from metatrain.sweep.run import collect_sweep, launch_commands, run_sweep
 
+    directory = as_path(args.directory)
     if args.dry_run and args.emit is None:
         raise UserError("--dry-run only applies to --emit (launch commands); to see the points, use --emit local")
     if args.spec is not None:
         from metatrain.sweep.plan import plan_sweep
 
-        planned_before = manifest_path(args.directory).is_file()
-        runs = plan_sweep(args.spec, args.directory, args.overrides)  # checks DIR holds this plan
+        planned_before = manifest_path(directory).is_file()
+        runs = plan_sweep(args.spec, directory, args.overrides)  # checks DIR holds this plan
         if not planned_before:
-            _print_plan([r.record for r in runs], args.directory)
+            _print_plan([r.record for r in runs], directory)
     elif args.overrides:
         raise UserError("--set applies when planning: give --spec too (DIR must be new or hold the same plan)")
     if args.emit is not None:
-        for command in launch_commands(args.directory, args.emit, launch_args=args.launch_arg,
+        for command in launch_commands(directory, args.emit, launch_args=args.launch_arg,
                                        dry_run=args.dry_run, only=args.only):
             print(command)
         return 0
     if args.collect:
-        records = collect_sweep(args.directory)
+        records = collect_sweep(directory)
     else:
-        records = run_sweep(args.directory, only=args.only)
+        records = run_sweep(directory, only=args.only)
     selected = [r for r in records if not args.only or r["name"] in args.only]
     done = sum(r.get("status") == "done" for r in selected)
     failed = [r["name"] for r in selected if r.get("status") == "failed"]
     print(f"{done}/{len(selected)} runs done" + (f"; failed: {', '.join(failed)}" if failed else ""))
     if args.fit and done == len(records):
-        _fit_and_print(args.directory, role="all", loss_key=None, as_json=False, tokens_key="tokens",
+        _fit_and_print(directory, role="all", loss_key=None, as_json=False, tokens_key="tokens",
                        resamples=args.bootstrap, seed=args.seed, plots=True)
     elif args.fit:
         print("not fitting yet: some runs are not done (metatrain sweep fit DIR fits the finished ones)")
@@ -172,12 +177,12 @@ def run_run(args: argparse.Namespace) -> int:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    _fit_and_print(args.directory, role=args.role, loss_key=args.loss_key, as_json=args.json,
+    _fit_and_print(as_path(args.directory), role=args.role, loss_key=args.loss_key, as_json=args.json,
                    tokens_key=args.tokens_key, resamples=args.bootstrap, seed=args.seed, plots=not args.no_plots)
     return 0
 
 
-def _fit_and_print(directory: Path, *, role: str, loss_key: str | None, as_json: bool, tokens_key: str,
+def _fit_and_print(directory: StoragePath, *, role: str, loss_key: str | None, as_json: bool, tokens_key: str,
                    resamples: int, seed: int, plots: bool) -> None:
     from metatrain.sweep.fit import REPORT, fit_sweep, format_report
 
@@ -189,4 +194,4 @@ def _fit_and_print(directory: Path, *, role: str, loss_key: str | None, as_json:
         print(json.dumps(report))
     else:
         print(format_report(report))
-        print(f"report: {Path(directory) / REPORT}")
+        print(f"report: {directory / REPORT}")

@@ -23,6 +23,9 @@ a single model size or a single token budget.
      "notes": [...], "plots": [...]}
 
 `role` is the series' label: the role, or with `--loss-key` the key itself.
+
+DIR may be a bucket (`gs://...`): the manifest is read there, and `fit.json` and the
+plots are written there as whole objects.
 """
 
 from __future__ import annotations
@@ -30,14 +33,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections import Counter
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from metatrain.errors import UserError
 from metatrain.outputs import write_atomically
+from metatrain.storage import as_path
 from metatrain.sweep.isoflop import IsoFlopFit, fit_isoflop
 from metatrain.sweep.law import PARAMS, LawFit, bootstrap_law, fit_law
 from metatrain.sweep.manifest import Record, manifest_path, read_manifest
@@ -120,7 +124,7 @@ def loss_name(label: str, key: str, *, with_key: bool = False) -> str:
 
 
 def fit_sweep(
-    directory: str | Path,
+    directory: str | os.PathLike,
     *,
     role: str = "all",
     loss_key: str | None = None,
@@ -133,7 +137,7 @@ def fit_sweep(
     """Fit the sweep in `directory`, write `fit.json` (and plots), return the report.
 
     Args:
-        directory: holds `manifest.jsonl`.
+        directory: holds `manifest.jsonl`; local or in a bucket.
         role: "text", "thinking", "joint" or "all".
         loss_key: fit this numeric manifest key instead of the roles (e.g. "bpb/text");
             its label in the report is the key itself. Only with `role="all"`.
@@ -146,7 +150,7 @@ def fit_sweep(
     Raises:
         UserError: the manifest cannot identify the law (see the module docstring).
     """
-    directory = Path(directory)
+    directory = as_path(directory)
     records = read_manifest(directory)
     targets = targets_for(role, loss_key)
     series, notes = select_series(records, targets, tokens_key, source=str(manifest_path(directory)))

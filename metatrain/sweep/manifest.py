@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import os
 from typing import Any
 
 from metatrain.errors import UserError
 from metatrain.outputs import write_atomically
+from metatrain.storage import StoragePath, as_path
 
 MANIFEST = "manifest.jsonl"
 REQUIRED_KEYS: tuple[str, ...] = ("name", "params", "tokens", "flops", "status", "loss", "loss/text", "loss/thinking")
@@ -38,11 +39,12 @@ STATUSES: tuple[str, ...] = ("planned", "running", "done", "failed")
 Record = dict[str, Any]
 
 
-def manifest_path(directory: str | Path) -> Path:
-    return Path(directory) / MANIFEST
+def manifest_path(directory: str | os.PathLike) -> StoragePath:
+    """`DIR/manifest.jsonl`, a local path or an object in a bucket (`gs://...`)."""
+    return as_path(directory) / MANIFEST
 
 
-def read_manifest(directory: str | Path) -> list[Record]:
+def read_manifest(directory: str | os.PathLike) -> list[Record]:
     """The runs of the sweep in `directory`, in file order.
 
     Raises:
@@ -78,8 +80,11 @@ def read_manifest(directory: str | Path) -> list[Record]:
     return records
 
 
-def write_manifest(directory: str | Path, records: list[Record]) -> None:
-    """Replace the manifest atomically (a crash leaves the old or the new one, never half)."""
+def write_manifest(directory: str | os.PathLike, records: list[Record]) -> None:
+    """Replace the manifest atomically (a crash leaves the old or the new one, never half).
+
+    In a bucket the manifest is one object, replaced whole by each update (object
+    storage has no rename and no append; readers see the old object or the new one)."""
     text = "".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in records)
     write_atomically(manifest_path(directory), text, option="manifest")
 

@@ -11,6 +11,11 @@ records the tokens actually trained on.
 Every point's `model.vocab_size` is checked against its tokenizer's piece count (once
 per distinct pair) before anything is written, so a mismatch is refused at plan time,
 naming the point, instead of failing each run at its first step.
+
+DIR may be a bucket (`gs://bucket/sweep`): the configs and the manifest are objects
+there (a run directory is a prefix, which exists once something is written under it),
+and each run trains with `--workdir gs://bucket/sweep/runs/<name>`. The spec is a local
+file: its `base` and relative override paths are read against its directory.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +33,7 @@ import numpy as np
 from metatrain.config import RunConfig, config_to_dict, load_config, save_config
 from metatrain.errors import UserError
 from metatrain.models.config import ModelConfig
+from metatrain.storage import StoragePath, as_path, is_remote
 from metatrain.sweep.family import ModelSize, SizeFamily, get_family
 from metatrain.sweep.manifest import Record, manifest_path, read_manifest, write_manifest
 from metatrain.sweep.spec import SweepSpec, load_spec
@@ -42,7 +49,7 @@ class PlannedRun:
     config: RunConfig
 
 
-def plan_sweep(spec_path: str | Path, out: str | Path, overrides: Sequence[str] = ()) -> list[PlannedRun]:
+def plan_sweep(spec_path: str | Path, out: str | os.PathLike, overrides: Sequence[str] = ()) -> list[PlannedRun]:
     """Plan the sweep of `spec_path` into `out` (see the module docstring).
 
     Planning again into a directory that holds the same plan changes nothing (results
@@ -50,7 +57,7 @@ def plan_sweep(spec_path: str | Path, out: str | Path, overrides: Sequence[str] 
 
     Args:
         spec_path: the sweep spec YAML.
-        out: the sweep directory (created).
+        out: the sweep directory (created), local or in a bucket (`gs://...`).
         overrides: extra `KEY=VALUE` config overrides for every point (after the spec's).
 
     Returns:
@@ -62,7 +69,7 @@ def plan_sweep(spec_path: str | Path, out: str | Path, overrides: Sequence[str] 
     """
     spec_path = Path(spec_path).resolve()
     runs = plan_runs(load_spec(spec_path), spec_path.parent, overrides)
-    write_plan(runs, Path(out))
+    write_plan(runs, as_path(out))
     return runs
 
 
@@ -104,7 +111,7 @@ def check_point_vocab(config: RunConfig, point: str, checked: set[tuple[int, str
     """Refuse `point` when its `model.vocab_size` is not its tokenizer's piece count.
 
     A tokenizer file that does not exist here (a sweep planned for a cluster's data) is
-    left to the trainer, which checks it at start. Pairs already in `checked` are not
+    left to the trainer, which checks it at start; one in a bucket is read there. Pairs already in `checked` are not
     read again; checked pairs are added to it.
 
     Raises:
@@ -115,7 +122,7 @@ def check_point_vocab(config: RunConfig, point: str, checked: set[tuple[int, str
     key = (config.model.vocab_size, str(config.data.tokenizer))
     if checked is not None and key in checked:
         return
-    if Path(config.data.tokenizer).is_file():
+    if as_path(config.data.tokenizer).is_file():
         try:
             check_vocab_size(config.model.vocab_size, config.data.tokenizer)
         except UserError as e:
@@ -258,21 +265,26 @@ def _run_name(variant: str | None, size: ModelSize, tokens: float | None, budget
     return ".".join(parts)
 
 
-def write_plan(runs: list[PlannedRun], out: Path) -> None:
-    """Write each run's config and the manifest (see `plan_sweep` for an existing `out`)."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+def write_plan(runs: list[PlannedRun], out: StoragePath) -> None:
+    """Write each run's config and the manifest (see `plan_sweep` for an existing `out`).
+
+    In a bucket no directory is made (a prefix has nothing to create): each run's
+    directory is the prefix its config is written under. The manifest is written last,
+    so a sweep directory with a manifest holds every config."""
+    remote = is_remote(str(out))
+    if (not remote and out.is_symlink()) or (out.exists() and not out.is_dir()):
         raise UserError(f"--out {out} exists and is not a directory; plan the sweep into a new directory")
     if manifest_path(out).is_file():
         _check_same_plan(runs, out)
         return
     for run in runs:
-        workdir = out / run.record["workdir"]
-        workdir.mkdir(parents=True, exist_ok=True)
+        if not remote:
+            (out / run.record["workdir"]).mkdir(parents=True, exist_ok=True)
         save_config(run.config, out / run.record["config"])
     write_manifest(out, [run.record for run in runs])
 
 
-def _check_same_plan(runs: list[PlannedRun], out: Path) -> None:
+def _check_same_plan(runs: list[PlannedRun], out: StoragePath) -> None:
     existing = {r["name"]: r for r in read_manifest(out)}
     planned = {run.record["name"]: run for run in runs}
     differ = sorted(set(existing) ^ set(planned))

@@ -17,13 +17,15 @@ for a colour bar. The y axis names the manifest key fitted ("text loss (loss/tex
 "bpb/text").
 
 `figures` builds the `matplotlib.figure.Figure`s (Agg), never pyplot, so no global state
-or display is touched; `write_plots` saves them.
+or display is touched; `write_plots` saves them (into a bucket too: each PNG is
+rendered in memory and written as one object).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import io
+import os
 from typing import Sequence
 
 import numpy as np
@@ -35,6 +37,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
 from metatrain.outputs import write_atomically
+from metatrain.storage import StoragePath, as_path, is_remote
 from metatrain.sweep.fit import RoleFit, loss_name
 
 #: More model sizes (or budgets) than this in a figure: a colour bar instead of a legend entry each.
@@ -115,9 +118,12 @@ def figures(fits: Sequence[RoleFit]) -> dict[str, Figure]:
     return built
 
 
-def write_plots(fits: Sequence[RoleFit], out: Path) -> list[Path]:
-    """Write the plots of `fits` into `out` (created); returns the files written."""
-    out.mkdir(parents=True, exist_ok=True)
+def write_plots(fits: Sequence[RoleFit], out: str | os.PathLike) -> list[StoragePath]:
+    """Write the plots of `fits` into `out` (created; in a bucket, the prefix the PNGs
+    are written under); returns the files written."""
+    out = as_path(out)
+    if not is_remote(str(out)):
+        out.mkdir(parents=True, exist_ok=True)
     return [_save(fig, out / name) for name, fig in figures(fits).items()]
 
 
@@ -132,10 +138,11 @@ def _columns(fits: Sequence[RoleFit]) -> list[_Column]:
     return columns
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    # The temporary has no .png suffix, so the format is named.
-    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format=path.suffix.lstrip(".") or "png"),
-                            option="plot")
+def _save(fig: Figure, path: StoragePath) -> StoragePath:
+    """Render `fig` in memory (the format named by the suffix) and write it atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=90, format=path.suffix.lstrip(".") or "png")
+    return write_atomically(path, buffer.getvalue(), option="plot")
 
 
 def _figure(rows: int, cols: int, *, colour_bar: bool = False, legends_outside: int = 0) -> tuple[Figure, np.ndarray]:

@@ -12,22 +12,28 @@ UTF-8 byte of text (`bpb/text`, comparable across tokenizers), and the best of e
 evaluations). A value absent from the metrics (`eval/bpb/text` in runs older than that
 metric) or null in them (no text in the evaluation split) is null in the manifest.
 `--collect` does only that, for points trained elsewhere from the emitted commands.
+
+In a sweep directory in a bucket (`gs://...`), each point trains with its work
+directory there (`gs://.../runs/<name>`), its `metrics.jsonl` is read from the bucket,
+and each manifest update replaces the manifest object whole.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from metatrain.errors import UserError
 from metatrain.roles import LOSS_ROLE_LABELS
+from metatrain.storage import StoragePath, as_path
 from metatrain.sweep.manifest import Record, read_manifest, write_manifest
 
 #: `runner(config, workdir)` trains one point; the default is `metatrain.train.loop.train`.
-Runner = Callable[[Any, Path], Any]
+#: `workdir` is a local `Path`, or an `epath.Path` in a bucket sweep.
+Runner = Callable[[Any, StoragePath], Any]
 
 #: Where `--emit` commands go: here (`metatrain train`) or a launcher target.
 EMIT_TARGETS: tuple[str, ...] = ("local", "tpu", "gke", "slurm")
@@ -37,16 +43,16 @@ EMIT_TARGETS: tuple[str, ...] = ("local", "tpu", "gke", "slurm")
 RESULT_KEYS: tuple[str, ...] = ("loss", *(f"loss/{role}" for role in LOSS_ROLE_LABELS), "bpb/text")
 
 
-def collect_results(workdir: Path, steps: int) -> Record | None:
+def collect_results(workdir: str | os.PathLike, steps: int) -> Record | None:
     """Final and best evaluation values of the run in `workdir`, or None if it has not finished.
 
     A run has finished when `metrics.jsonl` holds an evaluation at step >= `steps` (the
     trainer always evaluates the last step). Every value of `RESULT_KEYS` (and its
     `best_`) may be None: where the evaluation split had no token of that role, or the
     trainer did not log it (`bpb/text` before it existed). `best_step` is the step of
-    `best_loss`.
+    `best_loss`. A work directory in a bucket is read there.
     """
-    evals = _eval_records(workdir / "metrics.jsonl")
+    evals = _eval_records(as_path(workdir) / "metrics.jsonl")
     if not evals or evals[-1][0] < steps:
         return None
     final_step, final = evals[-1]
@@ -61,7 +67,7 @@ def collect_results(workdir: Path, steps: int) -> Record | None:
     return result
 
 
-def _eval_records(path: Path) -> list[tuple[int, dict]]:
+def _eval_records(path: StoragePath) -> list[tuple[int, dict]]:
     """(step, record) of every evaluation in `metrics.jsonl`, ordered by step (last write wins)."""
     if not path.is_file():
         return []
@@ -77,7 +83,7 @@ def _eval_records(path: Path) -> list[tuple[int, dict]]:
 
 
 def run_sweep(
-    directory: str | Path,
+    directory: str | os.PathLike,
     *,
     runner: Runner | None = None,
     only: Iterable[str] = (),
@@ -91,7 +97,7 @@ def run_sweep(
     stops the sweep (the point stays "running" and is retried on the next run).
 
     Args:
-        directory: the sweep directory (`sweep plan --out`).
+        directory: the sweep directory (`sweep plan --out`), local or in a bucket.
         runner: trains one point; defaults to the real trainer.
         only: run just these point names (default: all).
         log: receives one line per point.
@@ -101,7 +107,7 @@ def run_sweep(
     """
     from metatrain.config import load_config
 
-    directory = Path(directory)
+    directory = as_path(directory)
     runner = runner or _train
     records = read_manifest(directory)
     selected = _select(records, only)
@@ -139,9 +145,9 @@ def run_sweep(
     return records
 
 
-def collect_sweep(directory: str | Path, log: Callable[[str], None] = print) -> list[Record]:
+def collect_sweep(directory: str | os.PathLike, log: Callable[[str], None] = print) -> list[Record]:
     """Mark done every point whose work directory shows its final evaluation (trains nothing)."""
-    directory = Path(directory)
+    directory = as_path(directory)
     records = read_manifest(directory)
     for record in records:
         if record.get("status") == "done" or "workdir" not in record:
@@ -156,7 +162,7 @@ def collect_sweep(directory: str | Path, log: Callable[[str], None] = print) -> 
 
 
 def launch_commands(
-    directory: str | Path,
+    directory: str | os.PathLike,
     target: str,
     *,
     launch_args: Iterable[str] = (),
@@ -168,7 +174,8 @@ def launch_commands(
     `local` gives `metatrain train --config C --workdir W`; a launcher target gives
     `metatrain launch TARGET [ARGS] [--dry-run] -- train --config C --workdir W` (the
     multi-host launchers). Paths are `directory` joined with the manifest's relative
-    paths, so the sweep directory must be visible at the same path where they run.
+    paths, so the sweep directory must be visible at the same path where they run (a
+    bucket sweep gives `gs://` paths, which every host reaches).
 
     Raises:
         UserError: an unknown target, a point not planned here, or a point whose
@@ -179,7 +186,7 @@ def launch_commands(
 
     if target not in EMIT_TARGETS:
         raise UserError(f"--emit {target!r}: choose one of {', '.join(EMIT_TARGETS)}")
-    directory = Path(directory)
+    directory = as_path(directory)
     records = read_manifest(directory)
     selected = _select(records, only)
     pending = [r for r in records if r["name"] in selected and r.get("status") != "done"]
@@ -199,7 +206,7 @@ def launch_commands(
     return commands
 
 
-def _train(config: Any, workdir: Path) -> Any:
+def _train(config: Any, workdir: StoragePath) -> Any:
     from metatrain.train.loop import train
 
     return train(config, workdir)
@@ -214,7 +221,7 @@ def _select(records: list[Record], only: Iterable[str]) -> set[str]:
     return set(only or names)
 
 
-def _point_paths(directory: Path, record: Record) -> tuple[Path, int]:
+def _point_paths(directory: StoragePath, record: Record) -> tuple[StoragePath, int]:
     missing = [k for k in ("workdir", "config", "steps") if k not in record]
     if missing:
         raise UserError(
