@@ -19,6 +19,17 @@ skips exactly those (by id) and requests nothing twice. SIGTERM and Ctrl-C stop 
 requests, write the finished prefix, and end with status 75 and 130; run the same
 command again to continue.
 
+**In a bucket** (`--out gs://BUCKET/NAME`), which has no append, `OUT` and
+`OUT.failed.jsonl` are written with `metatrain.storage.ObjectAppender`: finished lines are
+buffered and added to the object (one atomic compose) every 5 seconds as documents
+finish, on SIGTERM and Ctrl-C, and at the end. A reader never sees part of a line, and a
+run killed outright (`kill -9`, a lost machine) loses the lines not uploaded yet (at most
+5 seconds' worth of finished documents), which a resumed run does again. Before a line
+goes to one of the two objects, what is buffered for the other is uploaded, so what
+reached the bucket is always a prefix of the inputs. `OUT.annotate.json` is written as one whole object. Since a
+bucket's `OUT` never ends in a line cut short, one that does was changed by another
+writer, and a resume refuses it instead of truncating it (as is done locally).
+
 Within a document the points are requested one after another (the context of a point
 includes the thoughts accepted before it); `concurrency` documents are in flight at once.
 """
@@ -46,10 +57,13 @@ from metatrain.annotate.prompts import PromptTemplate
 from metatrain.documents import Segment, parse_document
 from metatrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from metatrain.outputs import check_output_file, write_atomically
+from metatrain.storage import ObjectAppender, StoragePath, absolute, as_path, is_remote
 
 FAILED_SUFFIX = ".failed.jsonl"
 SETTINGS_SUFFIX = ".annotate.json"
 _FSYNC_SECONDS = 1.0
+#: Seconds between uploads of the finished lines to `OUT` in a bucket.
+_REMOTE_FLUSH_SECONDS = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +87,7 @@ class RunSettings:
         """The JSON written to `OUT.annotate.json` and compared on resume."""
         p = self.placement
         return {
-            "inputs": [str(Path(i).resolve()) for i in inputs],
+            "inputs": [str(absolute(i)) for i in inputs],
             "where": p.where, "split": p.split, "max_blocks": p.max_blocks, "order": p.effective_order,
             "replace_thinking": p.replace_thinking, "seed": self.seed,
             "prompt_sha256": self.template.sha256, "context_chars": self.template.context_chars,
@@ -113,7 +127,7 @@ class RunSummary(BlockCounts):
     stopped: str | None = None  # "SIGTERM" or "SIGINT" when the run was stopped
     seconds: float = 0.0
 
-    def render(self, out: Path) -> str:
+    def render(self, out: str | os.PathLike) -> str:
         rate = self.documents / self.seconds if self.seconds > 0 else 0.0
         lines = [
             f"annotated {self.documents} documents into {out} ({rate:.2f} documents/s)"
@@ -297,31 +311,50 @@ def _segment_json(seg: Segment) -> dict[str, Any]:
 
 
 class _Sink:
-    """The output and failure files, appended in input order (see the module docstring)."""
+    """The output and failure files, appended in input order (see the module docstring);
+    in a bucket, two `ObjectAppender`s, of which at most one holds lines not uploaded."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: StoragePath):
         self.out = out
-        self.failed_path = Path(str(out) + FAILED_SUFFIX)
-        self._out: IO[str] = open(out, "a", encoding="utf-8")
-        self._failed: IO[str] | None = None
+        self.remote = is_remote(str(out))
+        self.failed_path = as_path(str(out) + FAILED_SUFFIX)
+        self._out: IO[str] | ObjectAppender = self._open(out)
+        self._failed: IO[str] | ObjectAppender | None = None
         self._synced = time.monotonic()
+
+    def _open(self, path: StoragePath) -> IO[str] | ObjectAppender:
+        if self.remote:
+            return ObjectAppender(path, flush_every_s=_REMOTE_FLUSH_SECONDS)
+        return open(path, "a", encoding="utf-8")
 
     def write(self, done: _Done) -> None:
         if done.record is not None:
-            self._out.write(json.dumps(done.record, ensure_ascii=False) + "\n")
-            self._out.flush()
+            handle, other = self._out, self._failed
+            line = json.dumps(done.record, ensure_ascii=False) + "\n"
         else:
             if self._failed is None:
-                self._failed = open(self.failed_path, "a", encoding="utf-8")
-            self._failed.write(json.dumps({"id": done.raw.id, "path": done.raw.path, "line": done.raw.line,
-                                           "reason": done.reason}, ensure_ascii=False) + "\n")
-            self._failed.flush()
+                self._failed = self._open(self.failed_path)
+            handle, other = self._failed, self._out
+            line = json.dumps({"id": done.raw.id, "path": done.raw.path, "line": done.raw.line,
+                               "reason": done.reason}, ensure_ascii=False) + "\n"
+        if self.remote:
+            if other is not None:
+                other.flush()  # its lines come first in the input order: upload them before these
+            handle.write(line)  # uploaded with the others every _REMOTE_FLUSH_SECONDS
+            return
+        handle.write(line)
+        handle.flush()
         if time.monotonic() - self._synced > _FSYNC_SECONDS:
             self.sync()
 
     def sync(self) -> None:
+        """Make what was written durable: fsync the files, or upload the buffered lines."""
         for handle in (self._out, self._failed):
-            if handle is not None:
+            if handle is None:
+                continue
+            if self.remote:
+                handle.flush()
+            else:
                 os.fsync(handle.fileno())
         self._synced = time.monotonic()
 
@@ -332,20 +365,32 @@ class _Sink:
             self._failed.close()
 
 
-def finished_ids(out: Path) -> set[str]:
-    """Ids already written to `out` and its failure list; a last line cut short by a crash
-    is removed first (its document is done again)."""
+def finished_ids(out: str | os.PathLike) -> set[str]:
+    """Ids already written to `out` and its failure list; locally a last line cut short by a
+    crash is removed first (its document is done again).
+
+    Raises:
+        UserError: a line is not one annotate wrote; in a bucket (where annotate never
+            leaves a line cut short) also a last line without its newline.
+    """
     ids: set[str] = set()
-    for path in (out, Path(str(out) + FAILED_SUFFIX)):
+    for path in (as_path(out), as_path(str(out) + FAILED_SUFFIX)):
         if not path.is_file():
             continue
-        _drop_partial_last_line(path)
-        with open(path, encoding="utf-8") as handle:
+        remote = is_remote(str(path))
+        if not remote:
+            _drop_partial_last_line(path)
+        with path.open("rb") as handle:
             for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
+                if remote and not line.endswith(b"\n"):
+                    raise UserError(f"{path}:{number}: the last line is cut short, which annotate never "
+                                    "writes in a bucket; another writer changed it. Restore it, or annotate "
+                                    "into another --out")
                 try:
-                    ids.add(str(json.loads(line)["id"]))
+                    text = line.decode("utf-8")
+                    if not text.strip():
+                        continue
+                    ids.add(str(json.loads(text)["id"]))
                 except (ValueError, KeyError, TypeError):
                     raise UserError(f"{path}:{number}: not a line annotate wrote; it was changed by hand. "
                                     "Restore it, or annotate into another --out") from None
@@ -376,15 +421,18 @@ def _drop_partial_last_line(path: Path) -> None:
         handle.truncate(0)
 
 
-def prepare_out(out: Path, identity: dict[str, Any], inputs: Iterable[str]) -> bool:
+def prepare_out(out: StoragePath, identity: dict[str, Any], inputs: Iterable[str]) -> bool:
     """Check `out` and its settings file; returns True when resuming an earlier run.
+
+    `out` is a local `Path` or a bucket's `epath.Path` (`as_path`); a fresh run writes
+    the settings file as one object and creates `out` empty, in a bucket too.
 
     Raises:
         UserError: `out` is an input or not a regular file; `out` exists without a
             settings file (not annotate's); the settings differ from the earlier run's.
     """
     check_output_file(out, inputs=inputs, option="--out")
-    settings_path = Path(str(out) + SETTINGS_SUFFIX)
+    settings_path = as_path(str(out) + SETTINGS_SUFFIX)
     if out.exists() or settings_path.exists():
         if not settings_path.is_file():
             raise UserError(f"--out {out} exists and was not written by annotate (no {settings_path.name}); "
@@ -414,11 +462,12 @@ def run_annotation(
     tokenizer: Any = None,
     progress: bool = False,
 ) -> RunSummary:
-    """Annotate `documents` into `out`, resuming an earlier run of the same settings.
+    """Annotate `documents` into `out` (a local path or `gs://BUCKET/NAME`), resuming an
+    earlier run of the same settings.
 
     Returns the summary; `summary.stopped` is set when SIGTERM or Ctrl-C ended it early.
     """
-    out = Path(out)
+    out = as_path(out)
     inputs = list(inputs)
     resumed = prepare_out(out, settings.identity(generator, inputs), inputs)
     finished = finished_ids(out) if resumed else set()

@@ -4,6 +4,11 @@ Training settings are chosen so that text round-trips exactly (see `EXACT_SETTIN
 SentencePiece's defaults rewrite text (NFKC), drop newlines, squeeze spaces and add a
 dummy `▁` prefix that shifts segmentation next to a tag. Every tag is a control piece
 (never matched in raw text) and byte fallback is on (no character becomes `<unk>`).
+
+Outputs may be in a bucket (`gs://`, `metatrain.storage`): SentencePiece's trainer
+writes local files only, so it trains into a scratch directory (beside a local output,
+in the system's temporary directory for a bucket) and each result is then written with
+`write_atomically`, as one whole object in a bucket.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 from metatrain.documents import SkipCounter, read_documents
 from metatrain.errors import UserError
 from metatrain.outputs import check_output_file, write_atomically
+from metatrain.storage import StoragePath, as_path, is_remote
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA
 from metatrain.tokenizer.registry import TagRegistry, load_registry
 from metatrain.tokenizer.spm import SpmTokenizer, read_model_proto
@@ -46,14 +52,15 @@ class TrainReport:
     """What `train_tokenizer` did.
 
     Attributes:
-        model_path: the written `.model` file (a `.vocab` file sits beside it).
+        model_path: the written `.model` file (a `.vocab` file sits beside it), a local
+            `Path` or, for a bucket, an `epath.Path`.
         vocab_size: pieces in the model, tags and byte pieces included.
         documents: documents read.
         texts: text pieces handed to the trainer.
         skipped: bad records skipped (see `SkipCounter`).
     """
 
-    model_path: Path
+    model_path: StoragePath
     vocab_size: int
     documents: int
     texts: int
@@ -95,12 +102,13 @@ def train_tokenizer(
     """Trains a SentencePiece model on the documents' text, with every tag a control piece.
 
     Writes `PREFIX.model` and `PREFIX.vocab`, then checks that the new model loads with
-    the registry and that training texts round-trip exactly.
+    the registry and that training texts round-trip exactly. A `gs://` prefix writes the
+    two as objects in the bucket, trained in a local scratch directory first.
 
     Args:
         inputs: JSON Lines document files.
         vocab_size: total pieces, including BOS/EOS/UNK, the 256 byte pieces and the tags.
-        out_prefix: output path without the `.model` suffix.
+        out_prefix: output path without the `.model` suffix, local or `gs://BUCKET/PATH`.
         registry: the tags to reserve (default: the shipped `tokenizer/tags.yaml`).
         model_type: `bpe` or `unigram`.
         mantra: mantra text, included once per document that has thinking blocks.
@@ -121,7 +129,7 @@ def train_tokenizer(
                         f"{len(registry.tags)} tags already take {minimum}; use at least {minimum + 1}")
     if model_type not in ("bpe", "unigram"):
         raise UserError(f"unknown model type {model_type!r}; use bpe or unigram")
-    out_prefix = Path(out_prefix)
+    out_prefix = as_path(out_prefix)
     model_path = out_prefix.with_name(out_prefix.name + ".model")
     vocab_path = out_prefix.with_name(out_prefix.name + ".vocab")
     for path in (model_path, vocab_path):
@@ -130,10 +138,14 @@ def train_tokenizer(
     if not documents:
         raise UserError(f"no valid documents in {', '.join(map(str, inputs))} ({skips.summary()})")
     texts = list(training_texts(documents, mantra=mantra))
-    out_prefix.parent.mkdir(parents=True, exist_ok=True)
     # SentencePiece writes PREFIX.model and PREFIX.vocab itself: let it write them in a
-    # private directory beside the outputs, then publish each atomically.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_prefix.name}.", suffix=".partial", dir=out_prefix.parent))
+    # private directory beside the outputs (any local one for a bucket), then publish each
+    # atomically.
+    if is_remote(str(out_prefix)):
+        staging = Path(tempfile.mkdtemp(prefix=f"metatrain-{out_prefix.name}.", suffix=".partial"))
+    else:
+        out_prefix.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_prefix.name}.", suffix=".partial", dir=out_prefix.parent))
     try:
         staged = staging / out_prefix.name
         try:
@@ -181,13 +193,13 @@ class ExtendReport:
     """What `extend_tokenizer` did.
 
     Attributes:
-        out_path: the written model.
+        out_path: the written model (an `epath.Path` for a bucket).
         added: tags appended, with their new ids.
         present: tags the base model already had as control pieces, with their ids.
         vocab_size: pieces in the written model.
     """
 
-    out_path: Path
+    out_path: StoragePath
     added: dict[str, int]
     present: dict[str, int]
     vocab_size: int
@@ -195,6 +207,9 @@ class ExtendReport:
 
 def extend_tokenizer(base: str | Path, registry: TagRegistry, out: str | Path) -> ExtendReport:
     """Appends the registry's tags to an existing SentencePiece model as control pieces.
+
+    `base` and `out` may be local or in a bucket (`gs://`); a remote `out` is written as
+    one whole object, which replaces any old one atomically.
 
     Every existing piece keeps its id; each missing tag gets one new id at the end, in
     registry order. Tags already present as control pieces are left alone, so running

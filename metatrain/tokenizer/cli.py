@@ -19,6 +19,7 @@ from metatrain.errors import UserError
 from metatrain.outputs import atomic_output, check_output_file
 from metatrain.paths import DEFAULT_TAGS
 from metatrain.roles import Role
+from metatrain.storage import as_path
 from metatrain.tokenizer.build import extend_tokenizer, train_tokenizer
 from metatrain.tokenizer.encoder import EncodeError, Encoder
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA, MANTRA_POLICIES, check_mantra
@@ -89,7 +90,7 @@ def _read_mantra(path: str | None) -> str:
     if path is None:
         return DEFAULT_MANTRA
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = as_path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read mantra file {path}: {e}") from None
     try:
@@ -158,7 +159,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--input", action="append", required=True, metavar="DOCS",
                        help=f"document file: {_INPUT_FORMATS} (repeat for several)")
     train.add_argument("--vocab-size", type=int, required=True, metavar="N")
-    train.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab")
+    train.add_argument("--out", required=True, metavar="PREFIX",
+                       help="writes PREFIX.model and PREFIX.vocab (PREFIX may be gs://BUCKET/PATH)")
     train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     train.add_argument("--mantra-file", metavar="FILE", help="mantra text (default: the built-in mantra)")
     train.add_argument("--strict", action="store_true", help="stop at the first bad record")
@@ -167,7 +169,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     extend = tok_sub.add_parser("extend", help="append tags to an existing model; existing ids stay")
     extend.add_argument("--base", required=True, metavar="BASE.model")
-    extend.add_argument("--out", required=True, metavar="NEW.model")
+    extend.add_argument("--out", required=True, metavar="NEW.model", help="the new model (may be gs://BUCKET/PATH)")
     _add_tags_flag(extend)
     extend.set_defaults(func=_run_extend)
 
@@ -187,12 +189,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "`metatrain train --workdir OUT --set trainer.steps=N`."
         ),
     )
-    resize.add_argument("--workdir", required=True, type=Path, metavar="DIR", help="the run to resize (only read)")
-    resize.add_argument("--tokenizer", required=True, type=Path, metavar="NEW.model",
+    resize.add_argument("--workdir", required=True, type=as_path, metavar="DIR",
+                        help="the run to resize (only read; may be gs://BUCKET/PATH)")
+    resize.add_argument("--tokenizer", required=True, type=as_path, metavar="NEW.model",
                         help="`metatrain tokenizer extend` of DIR/tokenizer.model")
-    resize.add_argument("--out", required=True, type=Path, metavar="OUT",
-                        help="the new work directory (must not exist, or be empty)")
-    resize.add_argument("--tags", type=Path, default=None, metavar="FILE",
+    resize.add_argument("--out", required=True, type=as_path, metavar="OUT",
+                        help="the new work directory (must not exist, or be empty; may be gs://BUCKET/PATH)")
+    resize.add_argument("--tags", type=as_path, default=None, metavar="FILE",
                         help="tag registry of NEW.model (default: DIR/tags.yaml)")
     resize.add_argument("--seed", type=int, default=0, help="seed of the new rows' noise (default: 0)")
     resize.add_argument("--noise-scale", type=float, default=DEFAULT_NOISE_SCALE, metavar="X",

@@ -17,6 +17,15 @@ The state is restored onto one host (CPU) device: this is an offline step, and h
 memory is where a whole train state fits. The array surgery (`grow_train_state`) is a
 pure function of trees; files, the work directories and the checkpointer live in
 `resize_checkpoint`.
+
+The new work directory is written in place under its lock (`train.lock`), in this
+order: `tokenizer.model`, `tags.yaml`, the checkpoint (complete once orbax has
+committed it), and `config.yaml` last. `config.yaml` is the marker: a resized work
+directory without it is incomplete. On any failure everything written there is
+removed again. Either work directory may be in a bucket (`gs://`, see
+`metatrain.storage`): there the lock is `ObjectLock`, every file is one whole object,
+orbax marks the checkpoint with `commit_success.txt`, and a failed build's objects are
+deleted with `discard_dir`.
 """
 
 from __future__ import annotations
@@ -24,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -33,14 +41,15 @@ import numpy as np
 
 from metatrain.config import RunConfig, config_to_dict, load_config
 from metatrain.errors import UserError
-from metatrain.outputs import check_output_dir
+from metatrain.outputs import check_output_dir, discard_dir, write_atomically
+from metatrain.storage import StoragePath, absolute, as_path, is_remote
 from metatrain.tokenizer.registry import load_registry
 from metatrain.tokenizer.resize import DEFAULT_NOISE_SCALE, grow_vocab_axis
 from metatrain.tokenizer.spm import SpmTokenizer, first_changed_id, read_model_proto
 from metatrain.train.checkpoint import Checkpointer
 from metatrain.train.program import build_train_program
 from metatrain.train.resume import config_differences
-from metatrain.train.workdir import LOCK_FILE, WorkdirLock, prepare_workdir
+from metatrain.train.workdir import LOCK_FILE, prepare_workdir, workdir_lock
 
 TOKENIZER_FILE, TAGS_FILE, CONFIG_FILE = "tokenizer.model", "tags.yaml", "config.yaml"
 
@@ -50,7 +59,8 @@ class ResizeReport:
     """What `resize_checkpoint` wrote.
 
     Attributes:
-        workdir: the run that was read (left unchanged).
+        workdir: the run that was read (left unchanged); a local `Path` or, for a
+            bucket, an `epath.Path` (as is `out`).
         out: the new work directory.
         step: the checkpoint's step, unchanged in `out`.
         old_vocab_size: V_old, pieces of the old tokenizer.
@@ -59,8 +69,8 @@ class ResizeReport:
         grown: the leaves that gained entries, e.g. `params/embedding/table`.
     """
 
-    workdir: Path
-    out: Path
+    workdir: StoragePath
+    out: StoragePath
     step: int
     old_vocab_size: int
     new_vocab_size: int
@@ -184,7 +194,7 @@ def on_one_device(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, mesh=mesh)
 
 
-def check_extension(old_tokenizer: Path, new_tokenizer: Path) -> tuple[int, int, tuple[tuple[int, str], ...]]:
+def check_extension(old_tokenizer: StoragePath, new_tokenizer: StoragePath) -> tuple[int, int, tuple[tuple[int, str], ...]]:
     """`(V_old, V_new, new pieces)` when `new_tokenizer` keeps every id of `old_tokenizer`.
 
     Raises:
@@ -203,7 +213,7 @@ def check_extension(old_tokenizer: Path, new_tokenizer: Path) -> tuple[int, int,
     return len(old.pieces), len(new.pieces), added
 
 
-def _read_run_config(workdir: Path) -> RunConfig:
+def _read_run_config(workdir: StoragePath) -> RunConfig:
     if not (workdir / "checkpoints").is_dir():
         raise UserError(f"{workdir} holds no checkpoints; give the --workdir of a run trained with `metatrain train`")
     if not (workdir / CONFIG_FILE).is_file():
@@ -212,11 +222,11 @@ def _read_run_config(workdir: Path) -> RunConfig:
 
 
 def resize_checkpoint(
-    workdir: str | Path,
-    tokenizer: str | Path,
-    out: str | Path,
+    workdir: str | StoragePath,
+    tokenizer: str | StoragePath,
+    out: str | StoragePath,
     *,
-    tags: str | Path | None = None,
+    tags: str | StoragePath | None = None,
     seed: int = 0,
     noise_scale: float = DEFAULT_NOISE_SCALE,
 ) -> ResizeReport:
@@ -227,6 +237,10 @@ def resize_checkpoint(
     `tags.yaml` and one checkpoint at the same step: vocab-sized parameters grown
     with `grow_vocab_axis`, their Adam moments zero for the new ids, everything else
     (old rows included) bit-identical. `workdir` is only read.
+
+    Every path may be local or `gs://BUCKET/PATH`. A bucket `out` cannot be built aside
+    and renamed into place: it is written in place, `config.yaml` last (the marker of a
+    complete work directory), and its objects are deleted again when the build fails.
 
     Args:
         workdir: a run's work directory (its `tokenizer.model` is the old tokenizer).
@@ -243,8 +257,8 @@ def resize_checkpoint(
         FaultError: no checkpoint of `workdir` restores, or `out` cannot be written.
     """
     check_output_dir(out, option="--out")  # before resolving: a symlink at --out is refused, not followed
-    workdir, tokenizer, out = Path(workdir).resolve(), Path(tokenizer).resolve(), Path(out).resolve()
-    tags = Path(tags).resolve() if tags is not None else workdir / TAGS_FILE
+    workdir, tokenizer, out = absolute(workdir), absolute(tokenizer), absolute(out)
+    tags = absolute(tags) if tags is not None else workdir / TAGS_FILE
     if not (noise_scale >= 0 and math.isfinite(noise_scale)):
         raise UserError(f"--noise-scale {noise_scale}: must be a finite number >= 0")
     old_config = _read_run_config(workdir)
@@ -273,7 +287,7 @@ def resize_checkpoint(
     return ResizeReport(workdir, out, restored.step, old_vocab, new_vocab, new_pieces, grown)
 
 
-def _restore_newest(workdir: Path, config: RunConfig, abstract_state: Any):
+def _restore_newest(workdir: StoragePath, config: RunConfig, abstract_state: Any):
     """The newest checkpoint of `workdir` that restores, read-only.
 
     Raises:
@@ -301,18 +315,22 @@ def _restore_newest(workdir: Path, config: RunConfig, abstract_state: Any):
 
 
 def write_workdir(
-    out: Path, config: RunConfig, tokenizer: Path, tags: Path, step: int, state: Any, data_state: dict
+    out: StoragePath, config: RunConfig, tokenizer: StoragePath, tags: StoragePath, step: int, state: Any,
+    data_state: dict,
 ) -> None:
-    """Creates `out` under its lock; on any failure removes what was written there."""
+    """Creates `out` under its lock, `config.yaml` last; on any failure removes what was
+    written there. In a bucket the lock is `ObjectLock`, the files are written as whole
+    objects and a failure deletes every object under `out`."""
+    remote = is_remote(str(out))
     existed = out.exists()
-    lock = WorkdirLock(out)
+    lock = workdir_lock(out)
     lock.acquire()
     if any(p.name != LOCK_FILE for p in out.iterdir()):  # someone wrote here since the check
         lock.release()
         raise UserError(f"--out {out} is no longer empty; choose another --out")
     try:
-        shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
-        shutil.copyfile(tags, out / TAGS_FILE)
+        for source, name in ((tokenizer, TOKENIZER_FILE), (tags, TAGS_FILE)):
+            write_atomically(out / name, as_path(source).read_bytes(), option="--out")
         checkpointer = Checkpointer(out, config.checkpoint)
         try:
             checkpointer.save(step, state, data_state, config_to_dict(config))
@@ -321,12 +339,15 @@ def write_workdir(
         prepare_workdir(config, out, None)
     except BaseException:
         lock.release()
-        _remove_contents(out, remove_dir=not existed)
+        if remote:
+            discard_dir(out)
+        else:
+            _remove_contents(out, remove_dir=not existed)
         raise
     lock.release()
 
 
-def _remove_contents(out: Path, *, remove_dir: bool) -> None:
+def _remove_contents(out: StoragePath, *, remove_dir: bool) -> None:
     if remove_dir:
         shutil.rmtree(out, ignore_errors=True)
         return
