@@ -156,3 +156,27 @@ def test_a_damaged_checkpoint_in_a_bucket_is_moved_aside_and_the_next_restores(g
     assert {s for s in steps if s.isdigit()} == {"2", "4", "6"}  # 6 written again by the resumed run
     resumed = {r["step"]: r["loss"] for r in map(json.loads, as_path(f"{workdir}/metrics.jsonl").read_text().splitlines()) if "loss" in r}
     assert [resumed[s] for s in range(1, 7)] == [train_losses(tmp_path)[s] for s in range(1, 7)]
+
+
+def test_a_run_that_lost_its_lock_saves_no_further_checkpoint(gcs_emulator):
+    from metatrain.errors import FaultError
+    from metatrain.train.loop import Hook, Trainer
+
+    from .conftest import tiny_config
+
+    bucket = gcs_emulator.bucket()
+    workdir = f"gs://{bucket}/run"
+    config = tiny_config("trainer.steps=6", "checkpoint.every=2", "trainer.eval_every=0", "checkpoint.async_save=false")
+
+    def lose_the_lock(info):
+        if info.step == 2:  # as if another trainer had taken over the lock after a late heartbeat
+            trainer.lock.lost = True
+
+    trainer = Trainer(config, workdir, hooks=(Hook(every=1, fn=lose_the_lock),))
+    try:
+        with pytest.raises(FaultError, match=r"another trainer took over the lock of gs://.*stopping without saving step 4"):
+            trainer.run()
+    finally:
+        trainer.close()
+    steps = {n.split("/")[2] for n in gcs_emulator.objects(bucket, "run/checkpoints/")}
+    assert steps == {"2"}
