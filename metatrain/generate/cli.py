@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Continue prompts with a trained model. Tags the grammar forbids where they would "
             "stand are masked out of the logits, the mantra is forced after every <thinking> "
-            "(under the run's mantra policy), and --mode ai locks generation into AI mode."
+            "(under the run's mantra policy), --mode ai locks generation into AI mode, and --control "
+            "conditions the reply on a control token."
         ),
     )
     source = p.add_mutually_exclusive_group(required=True)
@@ -35,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="prompt text, human mode (repeatable: one batch)")
     p.add_argument("--mode", choices=("human", "ai"), default="human",
                    help="ai: start after <AI> and stop at </AI>; human (default): no lock, start in the prompt's mode")
+    p.add_argument("--control", default=None, metavar="NAME",
+                   help="condition the reply on this control token of the tag registry (e.g. good: <|good|>), "
+                        "placed as training places a segment's control; control tokens are never generated")
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per prompt (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="token budget per sample, forced ones included (default 128, or what max_seq_len leaves)")
@@ -60,6 +64,7 @@ def run_generate(args: argparse.Namespace) -> int:
     samples = generator.generate(
         args.prompt,
         lock_mode=None if args.mode == "human" else args.mode,
+        control=args.control,
         num_samples=args.num_samples,
         max_new_tokens=args.max_new_tokens,
         sampling=sampling,

@@ -12,7 +12,10 @@ the device, so choosing a token is a gather and a few selects inside the jitted 
   * `advance`: the grammar's transition table applied to the emitted token; after
     `<thinking>` the mantra (under the run's mantra policy) is forced token by token;
   * the AI-mode lock: `ends` marks the states that finish a row (the base mode, reached
-    by `</AI>`), so a locked row never produces base-mode text.
+    by `</AI>`), so a locked row never produces base-mode text;
+  * control tokens (`<|good|>`, `<|bad|>`) are never generated: they condition a reply
+    (placed in the prompt, `--control`), and a sample that could emit them would choose
+    its own conditioning (`BoundGrammar.generation_allowed`).
 
 Sampling itself (temperature, top-k, top-p) lives in `metatrain.generate.sampling`.
 """
@@ -44,7 +47,8 @@ class TagConstraints:
     Attributes:
         masked_ids: int32 [C], the tokens some state forbids (tags, EOS).
         masked_allowed: bool [num_states, C], `BoundGrammar.allowed_tokens` at those
-            columns (every other column is True in every state).
+            columns, with every control token forbidden (every other column is True in
+            every state).
         token_to_tag: int32 [V], tag index of each token, -1 for ordinary tokens.
         transitions: int32 [num_states, num_tags], `Grammar.transition_table()`.
         ends: bool [num_states], states that finish a row (the lock's exit; all False
@@ -90,10 +94,11 @@ class TagConstraints:
             ends = np.array([s.mode == grammar.base_mode for s in grammar.states])
         mantra = np.asarray(encoder.mantra_ids if encoder.mantra else [], np.int32)
         table = [block_gets_mantra(encoder.mantra_policy, i) for i in range(_POLICY_BLOCKS)]
-        masked = np.flatnonzero(~bound.allowed_tokens.all(axis=0)).astype(np.int32)
+        allowed = bound.generation_allowed()  # less the control tokens
+        masked = np.flatnonzero(~allowed.all(axis=0)).astype(np.int32)
         return cls(
             masked_ids=jnp.asarray(masked),
-            masked_allowed=jnp.asarray(bound.allowed_tokens[:, masked]),
+            masked_allowed=jnp.asarray(allowed[:, masked]),
             token_to_tag=jnp.asarray(bound.token_to_tag),
             transitions=jnp.asarray(grammar.transition_table()),
             ends=jnp.asarray(ends),

@@ -145,6 +145,7 @@ class Generator:
         prompts: Sequence[Prompt],
         *,
         lock_mode: str | None = None,
+        control: str | None = None,
         num_samples: int = 1,
         max_new_tokens: int | None = None,
         sampling: SamplingConfig = SamplingConfig(),
@@ -157,6 +158,9 @@ class Generator:
             prompts: plain texts (human-mode text) or documents.
             lock_mode: lock generation into this mode (e.g. "ai"): it starts after the
                 mode tags into it and ends when the grammar leaves for the base mode.
+            control: condition every reply on this control token (a name of the tag
+                registry's `controls`, e.g. "good"), placed as the encoder places a
+                segment's control. Control tokens are never generated, with or without it.
             num_samples: samples per prompt.
             max_new_tokens: budget per sample (default: 128, or what max_seq_len leaves).
             sampling: temperature (0: greedy), top-k, top-p.
@@ -167,13 +171,14 @@ class Generator:
             Samples ordered by prompt, then sample index.
 
         Raises:
-            UserError: no prompt, bad settings, a budget that does not fit, a bad lock mode.
+            UserError: no prompt, bad settings, a budget that does not fit, a bad lock mode
+                or control.
         """
         if not prompts:
             raise UserError("give at least one prompt")
         if num_samples < 1:
             raise UserError(f"num-samples must be >= 1, got {num_samples}")
-        encoded = [encode_prompt(self.encoder, p, lock_mode) for p in prompts]
+        encoded = [encode_prompt(self.encoder, p, lock_mode, control) for p in prompts]
         budget = self._budget(encoded, max_new_tokens)
         rows = [p for p in encoded for _ in range(num_samples)]
         constraints = TagConstraints.from_encoder(self.encoder, lock_mode=lock_mode)

@@ -6,6 +6,12 @@ ordinary characters and leaves the grammar state where it was. A document prompt
 left open: its end-of-document EOS and the mode tags that would close it are dropped,
 so generation continues in the mode its last segment is in. The AI-mode lock appends
 the mode tags leading into the locked mode (`<AI>`), which count as generated.
+
+A control token (`--control good`) conditions the reply on it (Korbak et al. 2023,
+arXiv:2302.08582): it is placed where the encoder places a segment's control, after the
+mode tags into the reply's mode and before its body (or before `<thinking>`), and
+counts as generated too, so the reply's first segment carries it. Generation itself never
+emits a control token (`TagConstraints` masks them all).
 """
 
 from __future__ import annotations
@@ -104,11 +110,28 @@ def _thinking_prefix(encoder: Encoder, body: np.ndarray, state: int) -> tuple[in
     return (opening, *mantra)
 
 
-def encode_prompt(encoder: Encoder, prompt: Prompt, lock_mode: str | None = None) -> EncodedPrompt:
-    """Encodes a prompt and, with a lock, the mode tags into the locked mode.
+def control_id(encoder: Encoder, name: str) -> int:
+    """The token of control `name` (`good` -> the id of `<|good|>`).
 
     Raises:
-        UserError: the document breaks the grammar, or the lock mode is unknown.
+        UserError: the tag registry has no such control (the message lists those it has).
+    """
+    registry = encoder.grammar.registry
+    tags = dict(registry.controls)
+    if name not in tags:
+        have = ", ".join(tags) if tags else "none"
+        raise UserError(f"control {name!r} is not in the tag registry {registry.source} (its controls: {have})")
+    return encoder.tag_ids[tags[name]]
+
+
+def encode_prompt(encoder: Encoder, prompt: Prompt, lock_mode: str | None = None,
+                  control: str | None = None) -> EncodedPrompt:
+    """Encodes a prompt and, with a lock, the mode tags into the locked mode; with a
+    `control`, its token after them (before `<thinking>` under the thinking lock).
+
+    Raises:
+        UserError: the document breaks the grammar, the lock mode or the control is
+            unknown, or the prompt ends inside a thinking block and a control is asked for.
     """
     if isinstance(prompt, Document):
         body = _document_ids(encoder, prompt)
@@ -117,16 +140,23 @@ def encode_prompt(encoder: Encoder, prompt: Prompt, lock_mode: str | None = None
         body = np.asarray([encoder.bos_id, *encoder.tokenizer.encode_texts([prompt])[0]], np.int32)
     prompt_state = int(grammar_states(encoder, body)[-1])
     state = prompt_state
+    conditioning: tuple[int, ...] = ()
+    if control is not None:
+        conditioning = (control_id(encoder, control),)
+        if encoder.grammar.states[state].thinking:
+            raise UserError(f"the prompt ends inside a thinking block, where no control token may stand; "
+                            f"end the block, or leave out the control {control!r}")
     prefix: tuple[int, ...] = ()
     if lock_mode == THINKING_LOCK:
-        prefix = _thinking_prefix(encoder, body, state)
-        state = int(grammar_states(encoder, np.asarray(prefix), start=state)[-1])
+        prefix = conditioning + _thinking_prefix(encoder, body, state)
     elif lock_mode is not None:
         check_lock_mode(encoder, lock_mode)
         mode = encoder.grammar.states[state].mode
-        prefix = tuple(encoder.tag_ids[t] for t in encoder.grammar.mode_path(mode, lock_mode))
-        if prefix:
-            state = int(grammar_states(encoder, np.asarray(prefix), start=state)[-1])
+        prefix = tuple(encoder.tag_ids[t] for t in encoder.grammar.mode_path(mode, lock_mode)) + conditioning
+    else:
+        prefix = conditioning
+    if prefix:
+        state = int(grammar_states(encoder, np.asarray(prefix), start=state)[-1])
     ids = np.concatenate([body, np.asarray(prefix, np.int32)]).astype(np.int32)
     thinking_open = encoder.tag_ids[encoder.grammar.registry.thinking_open]
     return EncodedPrompt(ids, prefix, prompt_state, state, int(np.sum(ids == thinking_open)))

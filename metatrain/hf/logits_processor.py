@@ -48,7 +48,9 @@ Behaviour, per batch row (rows are independent):
     -inf candidates when fewer than 2 * num_beams tokens are allowed, e.g. while a
     mantra is forced) nor assisted generation (several tokens per call).
   * The mask. Every tag (and EOS) that `BoundGrammar.allowed_tokens` forbids in the
-    row's state gets -inf; ordinary tokens keep their score. Scores are first made
+    row's state gets -inf, and so does every control token (`<|good|>`, `<|bad|>`: they
+    condition a reply from the prompt and are never generated); ordinary tokens keep
+    their score. Scores are first made
     finite (NaN and -inf to float32's lowest, +inf to its highest), as metatrain does,
     so -inf means only "forbidden". Score columns past the tokenizer's vocabulary (a
     padded lm_head) are -inf.
@@ -159,9 +161,10 @@ class TagGrammarLogitsProcessor(LogitsProcessor):
         else:
             ends = [s.mode == grammar.base_mode for s in grammar.states]
         self._ends = ends
-        masked = np.flatnonzero(~bound.allowed_tokens.all(axis=0))
+        allowed = bound.generation_allowed()  # control tokens are never generated, as in metatrain
+        masked = np.flatnonzero(~allowed.all(axis=0))
         self._masked_ids = torch.as_tensor(masked, dtype=torch.long)
-        self._masked_allowed = torch.as_tensor(bound.allowed_tokens[:, masked])
+        self._masked_allowed = torch.as_tensor(allowed[:, masked])
         self._rows: list[_Row] | None = None
         self._ids: np.ndarray | None = None
 

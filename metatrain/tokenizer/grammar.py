@@ -250,3 +250,10 @@ class BoundGrammar:
         tag = self.token_to_tag[tokens]
         table = self.grammar.transition_table()
         return np.where(tag == ILLEGAL, states, table[states, np.maximum(tag, 0)]).astype(np.int32)
+
+    def generation_allowed(self) -> np.ndarray:
+        """bool [num_states, vocab]: what a sample may emit in each state, `allowed_tokens`
+        less every control token. Controls condition a reply from its prompt and are
+        never generated (`metatrain generate`, the `transformers` logits processor)."""
+        controls = [self.grammar.tag_index[tag] for _, tag in self.grammar.registry.controls]
+        return self.allowed_tokens & ~np.isin(self.token_to_tag, controls)[None, :]

@@ -144,14 +144,16 @@ def test_adversary_really_pushes_tags(encoder):
     assert tokens[row, col + 1 : col + 1 + len(mantra)].tolist() == mantra[: STEPS - col - 1]
 
 
-def test_the_mask_is_the_grammars_and_never_touches_ordinary_tokens(encoder):
+def test_the_mask_is_the_grammars_less_the_controls_and_never_touches_ordinary_tokens(encoder):
     bound = encoder.bound_grammar
     states = np.arange(encoder.grammar.num_states)
     constraints = TagConstraints.from_encoder(encoder)
     rows = RowState.start(states, np.zeros_like(states), constraints.mantra_length)
     scores = np.random.default_rng(0).normal(size=(len(states), encoder.vocab_size)).astype(np.float32)
     masked = np.asarray(mask_illegal_tags(jnp.asarray(scores), constraints, rows))
-    np.testing.assert_array_equal(np.isfinite(masked), bound.allowed_tokens)
+    expected = bound.allowed_tokens.copy()
+    expected[:, [encoder.tag_ids[tag] for _, tag in encoder.grammar.registry.controls]] = False  # never generated
+    np.testing.assert_array_equal(np.isfinite(masked), expected)
     ordinary = (bound.token_to_tag < 0) & (np.arange(encoder.vocab_size) != encoder.eos_id)
     np.testing.assert_array_equal(masked[:, ordinary], scores[:, ordinary])
     assert not bound.allowed_tokens.all(axis=1).any(), "every state forbids some tag"

@@ -98,14 +98,16 @@ def test_rows_end_on_eos_or_the_lock_exit_and_the_lock_never_generates_human_tex
     """A 'model' that wants tags and EOS about as much as all text together."""
     encoder = generator.encoder
     eos, ai, end_ai = encoder.eos_id, encoder.tag_ids["<AI>"], encoder.tag_ids["</AI>"]
-    tags = tuple(sorted(encoder.tag_ids.values())) + (eos,)
-    chooser = PushTokens(tags, 4.0)
+    controls = {encoder.tag_ids[tag] for _, tag in encoder.grammar.registry.controls}
+    tags = tuple(sorted(set(encoder.tag_ids.values()) - controls)) + (eos,)  # controls are never generated
+    chooser = PushTokens((*tags, *sorted(controls)), 6.0)
     reasons, seen_tags = set(), set()
     for seed in range(3):
         for lock in (None, "ai"):
             for sample in generator.generate(PROMPTS, lock_mode=lock, max_new_tokens=N, chooser=chooser, seed=seed):
                 reasons.add((lock, sample.finish_reason))
                 seen_tags |= set(sample.ids) & set(tags)
+                assert not set(sample.ids) & controls, "a control token was generated"
                 ids = list(sample.ids)
                 if sample.finish_reason == "length":
                     assert len(ids) == N + (lock is not None) and eos not in ids

@@ -206,10 +206,11 @@ def _prompt_reaching(enc: Encoder, state: int) -> list[int]:
     return [enc.bos_id, *(enc.tag_ids[t] for t in tags)]
 
 
-def test_mask_is_the_bound_grammar_in_every_state(tmp_path):
+def test_mask_is_the_bound_grammar_less_the_controls_in_every_state(tmp_path):
     proc = TagGrammarLogitsProcessor.from_pretrained(write_export_files(tmp_path / "e", policy="none", mantra=None))
     enc = proc.encoder
-    allowed = enc.bound_grammar.allowed_tokens
+    allowed = enc.bound_grammar.allowed_tokens.copy()
+    allowed[:, [enc.tag_ids[tag] for _, tag in enc.grammar.registry.controls]] = False  # never generated
     for state in range(enc.grammar.num_states):
         proc.reset()
         prompt = _prompt_reaching(enc, state)
