@@ -36,6 +36,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "metatrain.models.cli",
     "metatrain.train.cli",
     "metatrain.generate.cli",
+    "metatrain.serve.cli",
     "metatrain.launch.cli",
     "metatrain.sweep.cli",
     "metatrain.annotate.cli",

@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metatrain.errors import UserError
 
@@ -61,8 +62,9 @@ def finite_scores(logits: jax.Array) -> jax.Array:
     return jnp.nan_to_num(logits.astype(jnp.float32), nan=info.min, posinf=info.max, neginf=info.min)
 
 
-def filter_top_p(scores: jax.Array, p: float) -> jax.Array:
-    """Keeps the most likely tokens until their probability reaches `p` ([B, V] -> [B, V]).
+def filter_top_p(scores: jax.Array, p: float | jax.Array) -> jax.Array:
+    """Keeps the most likely tokens until their probability reaches `p` ([B, V] -> [B, V]);
+    `p` is one number, or one per row ([B], as the serving engine's rows each have theirs).
 
     The kept set is every token at least as likely as the threshold `t`, the largest
     probability with `P(prob >= t) >= p`: the smallest set of most likely tokens whose
@@ -71,8 +73,11 @@ def filter_top_p(scores: jax.Array, p: float) -> jax.Array:
     order like their int32 bits), 32 exact halvings of O(V) each: a full sort of the
     vocabulary costs several times a small model's decode step on a CPU.
     """
-    if p >= 1.0:
+    if not isinstance(p, jax.Array | np.ndarray) and p >= 1.0:
         return scores
+    per_row = isinstance(p, jax.Array | np.ndarray)
+    if per_row:
+        p = jnp.asarray(p, jnp.float32)[:, None]
     probs = jax.nn.softmax(scores, axis=-1)  # [B, V]
     bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
     low = jnp.zeros(probs.shape[:-1] + (1,), jnp.int32)  # mass at or above: >= p (or keep all)
@@ -85,7 +90,8 @@ def filter_top_p(scores: jax.Array, p: float) -> jax.Array:
         return jnp.where(enough, mid, low), jnp.where(enough, high, mid)
 
     low, _ = jax.lax.fori_loop(0, 32, halve, (low, high))
-    return jnp.where(bits >= low, scores, -jnp.inf)
+    kept = jnp.where(bits >= low, scores, -jnp.inf)
+    return jnp.where(p >= 1.0, scores, kept) if per_row else kept
 
 
 def draw_categorical(key: jax.Array, scores: jax.Array) -> jax.Array:

@@ -1,0 +1,50 @@
+"""`metatrain serve`: a trained model behind an OpenAI-compatible HTTP API (uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+
+from metatrain.errors import UserError
+from metatrain.storage import as_path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a checkpoint over the OpenAI API",
+        description=(
+            "Serve the latest checkpoint of a work directory over the OpenAI API: GET /v1/models, "
+            "POST /v1/completions (human-mode text; \"mode\": \"ai\" locks the reply into AI mode) and "
+            "POST /v1/chat/completions (replies always under the AI-mode lock; thinking comes back as "
+            "reasoning_content). Concurrent requests are decoded together, up to --max-batch rows at once. "
+            "Requests may add \"control\" (a control of the tag registry, e.g. \"good\")."
+        ),
+    )
+    p.add_argument("--workdir", type=as_path, required=True, metavar="DIR",
+                   help="a `metatrain train` work directory, or gs://BUCKET/PATH (its latest checkpoint); "
+                        "its name is the model's id")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="port to listen on (default 8000)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="B",
+                   help="rows decoded together by each engine (locked, unlocked); default 8")
+    p.add_argument("--hide-thinking", action="store_true",
+                   help="leave thinking out of every reply (a request can hide it, never reveal it)")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the checkpoint (errors end the command before the server starts), then serve."""
+    import uvicorn
+
+    from metatrain.generate.generator import Generator
+    from metatrain.serve.app import create_app
+
+    if args.max_batch < 1:
+        raise UserError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {args.port}")
+    generator = Generator.load(args.workdir)
+    app = create_app(generator, model_id=args.workdir.name, max_batch=args.max_batch,
+                     hide_thinking=args.hide_thinking)
+    uvicorn.run(app, host=args.host, port=args.port, lifespan="on", log_level="info")
+    return 0
