@@ -119,11 +119,18 @@ class _RemoteUpload:
         self.raw.close()
 
     def cancel(self) -> None:
-        discard = getattr(self.raw, "discard", None)  # gcsfs: abandon the resumable upload
+        """Abandon the upload: nothing reaches the bucket, and the old object stays. gcsfs
+        only starts an upload once a block is buffered, and a file left open would upload
+        its buffer when collected, so the buffer is dropped and the file marked closed."""
+        import io
+
+        if self.handle is not self.raw:
+            self.handle.detach()  # the text layer must not flush into the file later
+        discard = getattr(self.raw, "discard", None)  # gcsfs: abandon a resumable upload begun
         if discard is not None:
             discard()
-        else:  # pragma: no cover - other fsspec file systems
-            self.raw.close()
+        self.raw.buffer = io.BytesIO()
+        self.raw.closed = True
 
 
 class atomic_output:  # noqa: N801 - used like `open`

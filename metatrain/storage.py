@@ -231,6 +231,9 @@ class ObjectAppender:
         flush_every_s: seconds between uploads (a crash loses at most this much).
     """
 
+    #: Components after which the composed object is rewritten as a single one.
+    COMPACT_AFTER: int = 512
+
     def __init__(self, path: str | os.PathLike, flush_every_s: float = 30.0):
         import time
 
@@ -249,8 +252,6 @@ class ObjectAppender:
         """Upload what is buffered. Raises OSError when the bucket refuses it."""
         if not self._pending:
             return
-        import uuid
-
         from google.api_core import exceptions as gexc
 
         data = "".join(self._pending).encode("utf-8")
@@ -258,17 +259,29 @@ class ObjectAppender:
         try:
             try:
                 blob.upload_from_string(data, if_generation_match=0)
-            except gexc.PreconditionFailed:  # it exists: compose it with a new part
-                part = gcs_blob(f"{self.path}.part-{uuid.uuid4().hex}")
-                part.upload_from_string(data)
-                try:
-                    blob.compose([blob, part])
-                finally:
-                    part.delete()
+            except gexc.PreconditionFailed:  # it exists, or our own create was retried
+                blob.reload()
+                if not (blob.size == len(data) and blob.download_as_bytes() == data):
+                    self._compose(blob, data)
         except gexc.GoogleAPICallError as e:
             raise OSError(f"{self.path}: {e.message}") from None
         self._pending.clear()
         self._last = self._clock()
+
+    def _compose(self, blob, data: bytes) -> None:
+        """Append `data` to the existing object `blob`: upload it as a part, compose, delete
+        the part. Past `COMPACT_AFTER` components the object is rewritten as a single one,
+        so its component count stays bounded however long the run appends."""
+        import uuid
+
+        part = gcs_blob(f"{self.path}.part-{uuid.uuid4().hex}")
+        part.upload_from_string(data)
+        try:
+            blob.compose([blob, part])
+        finally:
+            part.delete()
+        if (blob.component_count or 0) >= self.COMPACT_AFTER:
+            blob.upload_from_string(blob.download_as_bytes(), if_generation_match=blob.generation)
 
     def close(self) -> None:
         self.flush()

@@ -86,3 +86,32 @@ def test_moving_a_directory_in_a_bucket_moves_every_object(bucket, gcs_emulator)
     assert sorted(names) == ["ckpt/6.corrupt-1/commit_success.txt", "ckpt/6.corrupt-1/state/d/0",
                              "ckpt/6.corrupt-1/state/manifest"]
     assert not as_path(f"{bucket}/ckpt/6").exists()
+
+
+def test_a_long_append_is_compacted_and_keeps_every_line(bucket, monkeypatch):
+    monkeypatch.setattr(ObjectAppender, "COMPACT_AFTER", 3)
+    path = f"{bucket}/annotated.jsonl"
+    appender = ObjectAppender(path, flush_every_s=0)
+    for i in range(8):
+        appender.write(f"line {i}\n")
+    assert as_path(path).read_text() == "".join(f"line {i}\n" for i in range(8))
+    blob = gcs_blob(path)
+    blob.reload()
+    assert (blob.component_count or 0) < 3
+
+
+def test_a_failed_write_into_a_bucket_leaves_the_old_object(bucket):
+    from metatrain.outputs import atomic_output, write_atomically
+
+    path = f"{bucket}/out.jsonl"
+    write_atomically(path, "old\n")
+    for binary in (False, True):
+        with pytest.raises(RuntimeError):
+            with atomic_output(path, binary=binary) as handle:
+                handle.write(b"partial" if binary else "partial")
+                raise RuntimeError("the writer failed")
+        del handle
+    import gc
+
+    gc.collect()  # a file left open would upload its buffer now
+    assert as_path(path).read_text() == "old\n"

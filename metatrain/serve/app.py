@@ -56,6 +56,10 @@ from metatrain.tokenizer.encoder import Encoder
 MAX_CHOICES: int = 8
 #: Most stop strings one request may give (as OpenAI).
 MAX_STOP: int = 4
+#: Longest stop string: matching one costs its length squared per step, on the event loop.
+MAX_STOP_CHARS: int = 256
+#: Largest request body read (a prompt longer than the context is refused anyway).
+MAX_BODY_BYTES: int = 4 << 20
 #: `max_tokens` of a completion that gives none (as OpenAI).
 DEFAULT_COMPLETION_TOKENS: int = 16
 #: The lock under which chat replies (and `mode: "ai"` completions) are generated.
@@ -259,6 +263,8 @@ def parse_sampling(body: Mapping[str, Any], encoder: Encoder, *, hide_thinking: 
     if any(s == "" for s in stops):
         raise RequestError("a stop string must not be empty", "stop")
     stops = tuple(_text(s, "stop") for s in stops)
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise RequestError(f"a stop string may have at most {MAX_STOP_CHARS} characters", "stop")
     control = body.get("control")
     if control is not None:
         _text(control, "control")
@@ -565,7 +571,13 @@ class Service:
 
     # -- the work ------------------------------------------------------------------------------
     async def _body(self, request: Request, fields: frozenset[str]) -> dict[str, Any]:
-        body = parse_body(await request.body())
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise RequestError(f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB", None,
+                                   "request_too_large", status=413)
+        body = parse_body(bytes(raw))
         check_fields(body, fields)
         model = body.get("model")
         if model is None:

@@ -200,6 +200,7 @@ class Engine:
         self.max_batch, self.eos_id, self.end_ids = max_batch, eos_id, end_ids
         self._waiting: queue.Queue[tuple[RowRequest, Handle] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._stopped = False
         self.active_rows = 0  # rows of the running batch not yet ended (for tests and metrics)
         self.batches = 0
 
@@ -219,6 +220,8 @@ class Engine:
 
     def submit(self, request: RowRequest, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
         """Queue one row; its tokens arrive on the returned handle (on `loop`, default: the running one)."""
+        if self._stopped:
+            raise UserError("the server is shutting down; send the request again when it is back")
         self.check(request)
         handle = Handle(loop or asyncio.get_running_loop())
         self._waiting.put((request, handle))
@@ -230,10 +233,20 @@ class Engine:
             self._thread.start()
 
     def stop(self) -> None:
+        """Finish the running batch, then end every row still waiting (`error`), so that no
+        request waits for a decode thread that is gone."""
+        self._stopped = True
         if self._thread is not None:
             self._waiting.put(None)
             self._thread.join(timeout=60)
             self._thread = None
+        while True:
+            try:
+                item = self._waiting.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[1]._fail(UserError("the server shut down before this request was decoded"))
 
     def warm_up(self, prompt: EncodedPrompt) -> None:
         """Compile the prefill and step programs for `prompt`'s bucket (blocking)."""

@@ -256,6 +256,7 @@ class ObjectLock:
         self.lost = False
         self._generation: int | None = None
         self._stop = threading.Event()
+        self._writing = threading.Lock()  # a heartbeat's write and the release's delete never overlap
         self._thread: threading.Thread | None = None
         self._record: dict[str, Any] = {}
 
@@ -272,18 +273,35 @@ class ObjectLock:
     def acquire(self) -> None:
         from google.api_core import exceptions as gexc
 
-        self._record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        # The token tells our own write from another trainer's: a conditional write whose
+        # reply was lost is retried by the client, and its retry fails the precondition.
+        self._record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                        "token": os.urandom(8).hex()}
         blob = gcs_blob(self.path)
         try:
             blob.upload_from_string(self._data(), if_generation_match=0)
         except gexc.PreconditionFailed:
-            self._take_over_if_stale()
+            if not self._ours():
+                self._take_over_if_stale()
         except gexc.GoogleAPICallError as e:
             raise FaultError(f"cannot write the lock {self.path}: {e.message}; give a writable --workdir") from None
         else:
             self._generation = blob.generation
         self._thread = threading.Thread(target=self._heartbeat, name="metatrain-lock-heartbeat", daemon=True)
         self._thread.start()
+
+    def _ours(self) -> bool:
+        """Whether the lock object is the one this holder wrote (then its generation is kept)."""
+        blob = gcs_blob(self.path)
+        try:
+            blob.reload()
+            holder = json.loads(blob.download_as_bytes(if_generation_match=blob.generation).decode("utf-8"))
+        except Exception:  # noqa: BLE001 - gone, replaced meanwhile or unreadable: not ours
+            return False
+        if not isinstance(holder, dict) or holder.get("token") != self._record.get("token"):
+            return False
+        self._generation = blob.generation
+        return True
 
     def _take_over_if_stale(self) -> None:
         from google.api_core import exceptions as gexc
@@ -342,31 +360,36 @@ class ObjectLock:
         """Rewrite the lock if it is still ours; False (and `lost`) once another trainer replaced it."""
         from google.api_core import exceptions as gexc
 
-        blob = gcs_blob(self.path)
-        try:
-            blob.upload_from_string(self._data(), if_generation_match=self._generation)
-            self._generation = blob.generation
-        except gexc.PreconditionFailed:
+        with self._writing:
+            if self._stop.is_set():
+                return False
+            blob = gcs_blob(self.path)
+            try:
+                blob.upload_from_string(self._data(), if_generation_match=self._generation)
+                self._generation = blob.generation
+                return True
+            except gexc.PreconditionFailed:
+                if self._ours():  # our own write, retried after its reply was lost
+                    return True
+            except Exception:  # noqa: BLE001 - a network blip must not kill the run through its lock
+                return True
             self.lost = True
             print(f"metatrain: lost the lock {self.path}: another trainer replaced it (this run's "
                   "heartbeat was late); this run saves no more checkpoints", file=sys.stderr, flush=True)
             return False
-        except Exception:  # noqa: BLE001 - a network blip must not kill the run through its lock
-            pass
-        return True
 
     def release(self) -> None:
         self._stop.set()
+        with self._writing:  # after any heartbeat in flight: its generation is the one to delete
+            generation, self._generation = self._generation, None
+            if generation is not None and not self.lost:
+                try:
+                    gcs_blob(self.path).delete(if_generation_match=generation)
+                except Exception:  # noqa: BLE001 - a lock left behind goes stale and is taken over
+                    pass
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        generation, self._generation = self._generation, None
-        if generation is None or self.lost:
-            return
-        try:
-            gcs_blob(self.path).delete(if_generation_match=generation)
-        except Exception:  # noqa: BLE001 - a lock left behind goes stale and is taken over
-            pass
 
 
 def workdir_lock(workdir: Any) -> "WorkdirLock | ObjectLock":

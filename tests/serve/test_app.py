@@ -220,6 +220,8 @@ LONG = "river " * 400
     ("/completions", {"prompt": "a", "n": 100}, "n"),
     ("/completions", {"prompt": "a", "seed": 1.5}, "seed"),
     ("/completions", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("/completions", {"prompt": "a", "stop": "x" * 200_000}, "stop"),  # would stall the event loop
+    ("/completions", {"prompt": "a" * (5 << 20)}, None),  # a body over 4 MiB: 413
     ("/completions", {"prompt": ["a", "b"]}, "prompt"),
     ("/completions", {"prompt": [1, 2, 3]}, "prompt"),
     ("/completions", {"prompt": "a", "mode": "robot"}, "mode"),
@@ -237,6 +239,7 @@ def test_bad_requests_are_openai_errors(served, path, body, param):
         body = {"model": served.model, **body}
     status, raw = _request(served, "POST", f"/v1{path}", body)
     assert 400 <= status < 500, raw
+    assert status == 413 or len(raw) < 5 << 20
     error = json.loads(raw)["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["message"] and error["param"] == param

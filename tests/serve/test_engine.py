@@ -107,3 +107,20 @@ def test_prompts_and_budgets_that_do_not_fit_the_context_are_refused(engine, gen
     short = encode_prompt(enc, "Rain:", "ai")
     with pytest.raises(UserError, match=rf"max_tokens {limit} does not fit"):
         engine.check(RowRequest(short, limit))
+
+
+def test_a_stopped_engine_refuses_new_rows_and_ends_the_waiting_ones(generator):
+    enc = generator.encoder
+    engine = Engine(generator.params, generator.model_config, TagConstraints.from_encoder(enc, lock_mode="ai"),
+                    max_batch=2, eos_id=enc.eos_id)
+    prompt = encode_prompt(enc, "Rain:", "ai")
+
+    async def main():
+        waiting = engine.submit(RowRequest(prompt, 4))  # never started: no thread decodes it
+        engine.stop()
+        with pytest.raises(UserError, match="the server shut down before this request was decoded"):
+            await waiting.next()
+        with pytest.raises(UserError, match="shutting down"):
+            engine.submit(RowRequest(prompt, 4))
+
+    asyncio.run(main())
