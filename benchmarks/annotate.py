@@ -123,7 +123,7 @@ class ServerHandle:
 
 
 def annotate(corpus: Path, out: Path, generator, concurrency: int, *, min_chars: int = 8, retries: int = 2):
-    """The CLI's path (`metatrain.annotate.cli.run_annotate`) without argument parsing."""
+    """The CLI's path (`metatrain.cli.annotate.run_annotate`) without argument parsing."""
     from metatrain.annotate.checks import BlockChecks
     from metatrain.annotate.inputs import read_raw_documents
     from metatrain.annotate.placement import PlacementConfig
@@ -172,7 +172,7 @@ def bench_endpoint(args, tmp: Path) -> list[dict]:
 def train_tiny(path: Path) -> Path:
     """One training step of the tiny model (the tests' `workdir` fixture)."""
     from metatrain.config import load_config
-    from metatrain.paths import CONFIGS_DIR
+    from metatrain.io.paths import CONFIGS_DIR
     from metatrain.train.loop import train
 
     config = load_config(CONFIGS_DIR / "tiny.yaml", [

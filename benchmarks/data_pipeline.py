@@ -43,7 +43,7 @@ PARQUET_ROW_GROUP = 64
 
 def build_corpus(out: Path, copies: int) -> Path:
     """The sample corpus repeated `copies` times, each copy with its own document ids."""
-    from metatrain.paths import SAMPLE_DIR
+    from metatrain.io.paths import SAMPLE_DIR
 
     lines = []
     for src in sorted(SAMPLE_DIR.glob("*.jsonl")):
@@ -81,7 +81,7 @@ def write_seqio_registry(corpus: Path) -> Path | None:
     `bench_mix` of them at rates 3:1; None without the `seqio` extra."""
     if importlib.util.find_spec("seqio") is None:
         return None
-    from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+    from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
 
     lines = [line for line in corpus.read_text().splitlines() if line.strip()]
     halves = [corpus.with_name("first.jsonl"), corpus.with_name("second.jsonl")]
@@ -126,7 +126,7 @@ def measure_pipeline(source: str | list, batch_size: int, seq_len: int, seconds:
 def measure_cache_build(corpus: str, out: str) -> dict:
     from metatrain.data.cache import write_cache
     from metatrain.data.sources import EncoderSpec
-    from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+    from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
 
     t = time.perf_counter()
     meta = write_cache([corpus], out, EncoderSpec(str(SAMPLE_TOKENIZER), str(DEFAULT_TAGS), None, "every"),

@@ -49,9 +49,9 @@ def measure_checkpoint(directory: str, repeats: int) -> dict:
     import jax
 
     from metatrain.config import load_config
-    from metatrain.train.checkpoint import Checkpointer
-    from metatrain.train.program import build_train_program
-    from metatrain.train.state import init_state
+    from metatrain.run.checkpoint import Checkpointer
+    from metatrain.run.program import build_train_program
+    from metatrain.run.state import init_state
 
     config = load_config(None)
     program = build_train_program(config)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     emulator = _emulator()
     env = {**os.environ, "STORAGE_EMULATOR_HOST": emulator.url, "JAX_PLATFORMS": "cpu"}
     os.environ.update(STORAGE_EMULATOR_HOST=emulator.url)
-    from metatrain.storage import as_path, configure_emulator
+    from metatrain.io.storage import as_path, configure_emulator
 
     configure_emulator()
     tmp = Path(tempfile.mkdtemp(prefix="mt-storage-bench-"))

@@ -6,6 +6,6 @@ LLM-written thinking blocks. See DESIGN.md (shared) for the picture of the syste
 
 __version__ = "0.1.0"
 
-from metatrain.storage import configure_storage as _configure_storage
+from metatrain.io.storage import configure_storage as _configure_storage
 
 _configure_storage()  # before gcsfs is imported: STORAGE_EMULATOR_HOST reaches every library

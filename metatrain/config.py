@@ -39,12 +39,12 @@ import yaml
 
 from metatrain.data.config import DataConfig
 from metatrain.errors import UserError
+from metatrain.io.paths import DEFAULT_CONFIG
+from metatrain.io.storage import absolute, as_path, is_remote
+from metatrain.io.strict_parsing import DuplicateKeyError, load_yaml
 from metatrain.models.config import ModelConfig
 from metatrain.parallel.mesh import MeshConfig
-from metatrain.paths import DEFAULT_CONFIG
-from metatrain.storage import absolute, as_path, is_remote
 from metatrain.roles import LOSS_ROLE_LABELS, NUM_ROLES, Role
-from metatrain.strict_parsing import DuplicateKeyError, load_yaml
 
 # -- sections owned here ----------------------------------------------------------------
 
@@ -308,7 +308,7 @@ def config_to_dict(config: Any) -> Any:
 
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config (no `base:`, absolute paths): `load_config(path) == config`."""
-    from metatrain.outputs import write_atomically
+    from metatrain.io.outputs import write_atomically
 
     text = yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=None)
     write_atomically(path, text, option="config")
@@ -555,7 +555,7 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
     if tp is Path:
         if not isinstance(value, (str, os.PathLike)):
             raise _wrong_type(tp, value, key, where)
-        return as_path(value)  # a `gs://` value stays a URL (`metatrain.storage`)
+        return as_path(value)  # a `gs://` value stays a URL (`metatrain.io.storage`)
     if origin in (tuple, list, Sequence) or tp in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise _wrong_type(tp, value, key, where)

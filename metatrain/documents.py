@@ -16,12 +16,12 @@ Bad records never stop a run by default: `read_documents` reports each one (file
 line, document id, reason), counts it in a `SkipCounter` and goes on. `parse_record`
 turns one raw record into a `Document` for both read paths (this streaming one, and the
 random-access one in `metatrain.data.sources`): invalid UTF-8, invalid JSON, a repeated
-key and records past the limits of `metatrain.strict_parsing` (too deep, a number too
+key and records past the limits of `metatrain.io.strict_parsing` (too deep, a number too
 large, a key too long) are all record errors. A UTF-8 byte order mark at the start of
 a line is ignored (editors put one at the start of a file; `cat` carries it inside).
 Files named `.jsonl.gz`, `.jsonl.zst`, `.jsonl.bz2` or `.jsonl.xz` are decompressed
-as they are read (`metatrain.compression`). The same documents may come as Parquet rows
-or ArrayRecord records (`metatrain.formats`), checked by the same code.
+as they are read (`metatrain.io.compression`). The same documents may come as Parquet rows
+or ArrayRecord records (`metatrain.io.formats`), checked by the same code.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from metatrain.errors import RecordError, UserError
-from metatrain.formats import load_record, read_records
-from metatrain.storage import StoragePath, as_path, glob_paths, is_remote
+from metatrain.errors import UserError
+from metatrain.io.formats import RecordError, load_record, read_records
+from metatrain.io.storage import StoragePath, as_path, glob_paths, is_remote
 
 logger = logging.getLogger(__name__)
 
@@ -208,11 +208,11 @@ def parse_document(obj: Any, *, path: str, line: int) -> Document:
 
 def parse_record(raw: bytes | Mapping, *, path: str, line: int) -> Document | None:
     """The `Document` of one raw record (a JSON Lines line, an ArrayRecord record or a
-    Parquet row; see `metatrain.formats.load_record`), or None for a blank line.
+    Parquet row; see `metatrain.io.formats.load_record`), or None for a blank line.
 
     Raises:
         RecordError: the record is not valid UTF-8, not JSON, past the JSON limits
-            (`metatrain.strict_parsing`), or not a valid document.
+            (`metatrain.io.strict_parsing`), or not a valid document.
     """
     obj = load_record(raw, path=path, line=line)
     return None if obj is None else parse_document(obj, path=path, line=line)
@@ -239,7 +239,7 @@ def read_documents(
 ) -> Iterator[Document]:
     """Streams the valid documents of one or more files, in order.
 
-    A file is JSON Lines, Parquet or ArrayRecord, by its name (`metatrain.formats`);
+    A file is JSON Lines, Parquet or ArrayRecord, by its name (`metatrain.io.formats`);
     blank lines are ignored; compressed files (by name) are decompressed. A bad
     record (invalid UTF-8, invalid JSON, too deep, a number too large or a key too
     long, an invalid document) is skipped, counted in `skips` and, for the first few, logged with

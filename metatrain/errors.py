@@ -11,12 +11,11 @@ Every failure a user can meet is one of three kinds, each with its own exit stat
 
 The CLI prints the message as one line, without a traceback unless debugging is asked
 for (`metatrain --debug ...` or `METATRAIN_DEBUG=1`). `EXIT_STATUSES` is the table the
-README documents. `RecordError` describes one bad input record.
+README documents. (`metatrain.io.formats.RecordError` describes one bad input record.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import re
@@ -130,35 +129,3 @@ def find_metatrain_error(error: BaseException) -> MetatrainError | None:
     """`error` itself or the first `MetatrainError` among its causes and contexts (a worker
     process's error arrives wrapped in the data loader's own exception)."""
     return next((e for e in _related(error) if isinstance(e, MetatrainError)), None)
-
-
-@dataclasses.dataclass(frozen=True)
-class RecordError(UserError):
-    """One invalid input record.
-
-    Attributes:
-        path: file the record came from.
-        line: 1-based line number in that file (row of a Parquet file, record of an
-            ArrayRecord file; 0: the file itself).
-        reason: why the record was refused.
-        doc_id: the document's `id`, when it could be read.
-    """
-
-    path: str
-    line: int
-    reason: str
-    doc_id: str | None = None
-
-    def __str__(self) -> str:
-        where = f"{self.path}:{self.line}"
-        if self.line > 0:  # rows of a Parquet file and records of an ArrayRecord file are not lines
-            from metatrain.formats import ARRAY_RECORD, PARQUET, format_of
-
-            kind = format_of(self.path)
-            if kind == PARQUET:
-                where = f"{self.path}, row {self.line}"
-            elif kind == ARRAY_RECORD:
-                where = f"{self.path}, record {self.line}"
-        if self.doc_id is not None:
-            where += f" (document {self.doc_id!r})"
-        return f"{where}: {self.reason}"

@@ -29,7 +29,7 @@ def workdir(tmp_path_factory):
     """A work directory with one checkpoint, written by the real trainer (tiny model, 1 step):
     what generation and the annotate `metatrain` generator read."""
     from metatrain.config import load_config
-    from metatrain.paths import CONFIGS_DIR
+    from metatrain.io.paths import CONFIGS_DIR
     from metatrain.train.loop import train
 
     path = tmp_path_factory.mktemp("run")
@@ -47,7 +47,7 @@ def gcs_emulator():
     (`STORAGE_EMULATOR_HOST`, passed on to every library by `configure_emulator`)."""
     import importlib.util
 
-    from metatrain.storage import configure_emulator
+    from metatrain.io.storage import configure_emulator
 
     spec = importlib.util.spec_from_file_location("gcs_emulator", os.path.join(os.path.dirname(__file__), "gcs_emulator.py"))
     module = importlib.util.module_from_spec(spec)

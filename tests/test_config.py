@@ -1,5 +1,4 @@
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from metatrain.config import (
     save_config,
 )
 from metatrain.errors import UserError
-from metatrain.paths import CONFIGS_DIR, REPO_ROOT, SAMPLE_CORPUS, SAMPLE_TOKENIZER
+from metatrain.io.paths import CONFIGS_DIR, REPO_ROOT, SAMPLE_CORPUS, SAMPLE_TOKENIZER
 from metatrain.roles import NUM_ROLES, Role
 
 CONFIG_FILES = sorted(CONFIGS_DIR.glob("*.yaml"))

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from metatrain.documents import Document, Segment, SkipCounter, parse_document, read_documents
-from metatrain.errors import RecordError
+from metatrain.io.formats import RecordError
 
 GOOD = {"id": "d1", "mode": "ai", "source": "meta is kept out of the way",
         "segments": [{"kind": "text", "text": "Hello\n"},

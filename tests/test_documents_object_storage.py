@@ -11,8 +11,9 @@ import pytest
 
 from metatrain.annotate.inputs import expand_inputs, read_raw_documents
 from metatrain.documents import read_documents
-from metatrain.errors import RecordError, UserError
-from metatrain.storage import as_path
+from metatrain.errors import UserError
+from metatrain.io.formats import RecordError
+from metatrain.io.storage import as_path
 
 DOCS = [{"id": f"d{i}", "segments": [{"kind": "text", "text": f"Document {i} says something."}]} for i in range(9)]
 

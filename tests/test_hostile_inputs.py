@@ -11,7 +11,7 @@ import pytest
 from metatrain.cli import main
 from metatrain.config import load_config
 from metatrain.errors import UserError
-from metatrain.paths import CONFIGS_DIR, SAMPLE_TOKENIZER
+from metatrain.io.paths import CONFIGS_DIR, SAMPLE_TOKENIZER
 
 pytestmark = pytest.mark.hostile
 

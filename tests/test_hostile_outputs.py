@@ -16,8 +16,8 @@ import pytest
 
 from metatrain.cli import main
 from metatrain.errors import UserError
-from metatrain.outputs import atomic_output, check_output_file, publish_dir, staging_dir, write_atomically
-from metatrain.paths import SAMPLE_TOKENIZER
+from metatrain.io.outputs import atomic_output, check_output_file, publish_dir, staging_dir, write_atomically
+from metatrain.io.paths import SAMPLE_TOKENIZER
 
 pytestmark = pytest.mark.hostile
 

@@ -20,9 +20,10 @@ import zstandard
 from metatrain import cli as metatrain_cli
 from metatrain.data.sources import EncoderSpec, JsonlLines, JsonlReader, SkipLog, expand_jsonl_paths
 from metatrain.documents import SkipCounter, read_documents
-from metatrain.errors import RecordError, UserError
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
-from metatrain.strict_parsing import MAX_JSON_DEPTH, MAX_JSON_KEY_LENGTH
+from metatrain.errors import UserError
+from metatrain.io.formats import RecordError
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+from metatrain.io.strict_parsing import MAX_JSON_DEPTH, MAX_JSON_KEY_LENGTH
 
 pytestmark = pytest.mark.hostile
 

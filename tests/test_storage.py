@@ -1,4 +1,4 @@
-"""`metatrain.storage`: which paths are remote, the emulator's settings, appends by compose,
+"""`metatrain.io.storage`: which paths are remote, the emulator's settings, appends by compose,
 listings that see other writers, and moving a directory in a bucket (against a GCS
 emulator on 127.0.0.1)."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from metatrain.errors import UserError
-from metatrain.storage import (
+from metatrain.io.storage import (
     ObjectAppender,
     as_path,
     configure_emulator,
@@ -101,7 +101,7 @@ def test_a_long_append_is_compacted_and_keeps_every_line(bucket, monkeypatch):
 
 
 def test_a_failed_write_into_a_bucket_leaves_the_old_object(bucket):
-    from metatrain.outputs import atomic_output, write_atomically
+    from metatrain.io.outputs import atomic_output, write_atomically
 
     path = f"{bucket}/out.jsonl"
     write_atomically(path, "old\n")

@@ -9,9 +9,10 @@ import pytest
 
 from metatrain.config import load_config
 from metatrain.documents import SkipCounter, read_documents
-from metatrain.errors import RecordError, UserError
-from metatrain.paths import CONFIGS_DIR, DEFAULT_TAGS
-from metatrain.strict_parsing import DuplicateKeyError, load_yaml, loads_json
+from metatrain.errors import UserError
+from metatrain.io.formats import RecordError
+from metatrain.io.paths import CONFIGS_DIR, DEFAULT_TAGS
+from metatrain.io.strict_parsing import DuplicateKeyError, load_yaml, loads_json
 from metatrain.sweep.spec import load_spec
 from metatrain.tokenizer.registry import load_registry
 
@@ -61,7 +62,7 @@ def test_a_document_with_a_key_twice_is_a_record_error_skipped_and_counted(tmp_p
 
 
 def test_json_limits_are_checked_without_recursing_and_only_outside_strings():
-    from metatrain.strict_parsing import MAX_JSON_DEPTH, JsonLimitError, check_json_depth
+    from metatrain.io.strict_parsing import MAX_JSON_DEPTH, JsonLimitError, check_json_depth
 
     deep = "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)
     with pytest.raises(JsonLimitError, match=f"nested deeper than {MAX_JSON_DEPTH} levels"):
@@ -78,7 +79,7 @@ def test_json_limits_are_checked_without_recursing_and_only_outside_strings():
 
 
 def test_json_error_messages_say_at_once():
-    from metatrain.strict_parsing import describe_json_error
+    from metatrain.io.strict_parsing import describe_json_error
 
     for text, expected in [('{"a": "x', "Unterminated string starting at column 7"),
                            ('{"a": "\x01"}', "Invalid control character at column 8"),

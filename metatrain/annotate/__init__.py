@@ -8,5 +8,4 @@
     local_model.py  a metatrain checkpoint (the generational loop)
     checks.py       every block checked before it is kept
     runner.py       the resumable run: in order, nothing lost, nothing requested twice
-    cli.py          `metatrain annotate`
 """

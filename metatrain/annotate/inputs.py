@@ -1,7 +1,7 @@
 """The corpus `metatrain annotate` reads: raw text and metatrain documents, as `RawDocument`s.
 
 Five kinds of input, told apart by file name (after `.jsonl` and `.txt` a compression
-suffix `.gz`, `.zst`, `.bz2` or `.xz` may follow; see `metatrain.compression`):
+suffix `.gz`, `.zst`, `.bz2` or `.xz` may follow; see `metatrain.io.compression`):
 
 - `*.jsonl`: one record per line, either raw text
 
@@ -18,7 +18,7 @@ suffix `.gz`, `.zst`, `.bz2` or `.xz` may follow; see `metatrain.compression`):
 - `*.parquet`: one row per document, with a `text` column (raw text) or a `segments`
   column (metatrain documents), optional `id` and `mode` columns, and every other
   column as metadata; `*.array_record`: one JSON record per document, as a `.jsonl`
-  line (`metatrain.formats` says how; rows and records are numbered from 1, like lines).
+  line (`metatrain.io.formats` says how; rows and records are numbered from 1, like lines).
 - `*.txt`: the whole file is one document, its text exactly as in the file (UTF-8, a
   leading byte order mark dropped). Its id is the file name without `.txt` and the
   compression suffix (`notes/a.txt.gz` -> `a`); its metadata is empty (`path` says
@@ -32,7 +32,7 @@ input fails at once: an unmatched glob, a missing file, a file of another kind, 
 empty directory or a file given twice is a `UserError`.
 
 Inputs may be in object storage (`gs://b/docs/*.jsonl`, a `gs://b/docs` prefix as a
-directory; see `metatrain.storage`): they are listed in and streamed from the bucket.
+directory; see `metatrain.io.storage`): they are listed in and streamed from the bucket.
 
 Bad records follow `metatrain.documents`: a `RecordError` (file, line, id, reason)
 counted in a `SkipCounter` and skipped, or raised in strict mode. Besides what makes a
@@ -50,11 +50,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from metatrain.compression import COMPRESSIONS, iter_lines
 from metatrain.documents import DEFAULT_DOCUMENT_MODE, Segment, SkipCounter, parse_document
-from metatrain.errors import RecordError, UserError
-from metatrain.formats import JSONL, format_of, read_records
-from metatrain.storage import StoragePath, absolute, as_path, glob_paths, os_reason
+from metatrain.errors import UserError
+from metatrain.io.compression import COMPRESSIONS, iter_lines
+from metatrain.io.formats import JSONL, RecordError, format_of, read_records
+from metatrain.io.storage import StoragePath, absolute, as_path, glob_paths, os_reason
 
 #: Kinds of text input file, by the suffix before any compression suffix.
 INPUT_KINDS: dict[str, str] = {".jsonl": "jsonl", ".txt": "txt"}

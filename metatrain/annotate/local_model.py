@@ -23,7 +23,7 @@ from typing import Any
 from metatrain.annotate.generators import GenerationError, ThinkReply, ThinkRequest, register_generator
 from metatrain.documents import Document, Segment
 from metatrain.errors import UserError
-from metatrain.storage import absolute, as_path
+from metatrain.io.storage import absolute, as_path
 
 #: Characters of document text the model sees before the point (then cut to fit).
 DEFAULT_CONTEXT_CHARS = 4000

@@ -56,7 +56,7 @@ from typing import Any
 
 from metatrain.annotate.inputs import RawDocument
 from metatrain.documents import Segment
-from metatrain.paths import SAMPLE_TOKENIZER
+from metatrain.io.paths import SAMPLE_TOKENIZER
 
 WHERES: tuple[str, ...] = ("passage", "document", "chunk")
 ORDERS: tuple[str, ...] = ("before", "after", "random")

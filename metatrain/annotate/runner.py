@@ -20,7 +20,7 @@ requests, write the finished prefix, and end with status 75 and 130; run the sam
 command again to continue.
 
 **In a bucket** (`--out gs://BUCKET/NAME`), which has no append, `OUT` and
-`OUT.failed.jsonl` are written with `metatrain.storage.ObjectAppender`: finished lines are
+`OUT.failed.jsonl` are written with `metatrain.io.storage.ObjectAppender`: finished lines are
 buffered and added to the object (one atomic compose) every 5 seconds as documents
 finish, on SIGTERM and Ctrl-C, and at the end. A reader never sees part of a line, and a
 run killed outright (`kill -9`, a lost machine) loses the lines not uploaded yet (at most
@@ -56,8 +56,8 @@ from metatrain.annotate.placement import PlacementConfig, assemble, context_at, 
 from metatrain.annotate.prompts import PromptTemplate
 from metatrain.documents import Segment, parse_document
 from metatrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
-from metatrain.outputs import check_output_file, write_atomically
-from metatrain.storage import ObjectAppender, StoragePath, absolute, as_path, is_remote
+from metatrain.io.outputs import check_output_file, write_atomically
+from metatrain.io.storage import ObjectAppender, StoragePath, absolute, as_path, is_remote
 
 FAILED_SUFFIX = ".failed.jsonl"
 SETTINGS_SUFFIX = ".annotate.json"

@@ -8,7 +8,6 @@
     mixture.py    per-lane shuffling and weighted mixing of sources
     sharding.py   lanes per process, lane-wise iterator state, `global_batch`
     pipeline.py   `make_batch_iterator`, `BatchIterator`
-    cli.py        `metatrain data cache`, `metatrain data stats`
 """
 
 from metatrain.data.config import DataConfig, SourceConfig

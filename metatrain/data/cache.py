@@ -35,10 +35,11 @@ from metatrain.data.packing import shift_document
 from metatrain.data.sources import EncoderSpec, JsonlReader, SkipLog, expand_jsonl_paths, open_records
 from metatrain.data.split import check_split, id_hash, in_split
 from metatrain.documents import SkipCounter
-from metatrain.errors import FaultError, RecordError, UserError, describe_cause
-from metatrain.outputs import check_output_dir, discard_dir, publish_dir, staging_dir
+from metatrain.errors import FaultError, UserError, describe_cause
+from metatrain.io.formats import RecordError
+from metatrain.io.outputs import check_output_dir, discard_dir, publish_dir, staging_dir
+from metatrain.io.storage import StoragePath, as_path, join, tensorstore_kvstore
 from metatrain.roles import LOSS_ROLES, ROLE_DTYPE
-from metatrain.storage import StoragePath, as_path, join, tensorstore_kvstore
 
 CACHE_FORMAT = "metatrain-token-cache"
 CACHE_VERSION = 1

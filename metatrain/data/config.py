@@ -16,8 +16,8 @@ import math
 import os
 from pathlib import Path
 
-from metatrain.storage import as_path
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_CORPUS, SAMPLE_TOKENIZER
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_CORPUS, SAMPLE_TOKENIZER
+from metatrain.io.storage import as_path
 from metatrain.tokenizer.mantra import MANTRA_POLICIES
 
 

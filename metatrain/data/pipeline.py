@@ -40,11 +40,12 @@ from metatrain.data.cache import CacheReader, TokenCache, check_cache_matches, i
 from metatrain.data.config import DataConfig, ScheduleStage, SourceConfig
 from metatrain.data.mixture import Source, eval_lane, scheduled_train_lane, train_lane
 from metatrain.data.packing import empty_row, pack_examples, rows_to_batch
-from metatrain.data.sharding import gather_state, local_lanes, select_lanes, LANES_KEY
+from metatrain.data.sharding import LANES_KEY, gather_state, local_lanes, select_lanes
 from metatrain.data.sources import EncoderSpec, JsonlReader, SkipLog, expand_jsonl_paths, open_records
 from metatrain.data.split import check_split, in_split
 from metatrain.documents import SkipCounter
-from metatrain.errors import RecordError, UserError
+from metatrain.errors import UserError
+from metatrain.io.formats import RecordError
 
 STATE_FORMAT = "metatrain-data-state"
 STATE_VERSION = 1

@@ -31,7 +31,7 @@ Limits: every Task of a source is read in full before the first batch (its token
 fit on local disk under `$TMPDIR`, about 5 bytes per token; memory holds 24 bytes per
 example), each time a batch iterator is made (the train and eval streams read it
 twice). A Task must be deterministic in `shuffle=False` order, or resume would read other
-examples. The spill file and its reader live in `metatrain.data.spill`, so worker
+examples. The spill file and its reader live in `metatrain.data.spilled`, so worker
 processes (`data.num_workers > 0`) read it without importing TensorFlow. Bad examples (wrong shapes, roles out of range, tag ids in text)
 are skipped and counted like bad records, or stop the run in strict mode; bad records
 in a document Task's own files are skipped and logged by the Task (seqio reads them),
@@ -61,11 +61,12 @@ import tensorflow as tf
 from metatrain.data.config import SourceConfig
 from metatrain.data.mixture import Source
 from metatrain.data.sources import EncoderSpec, SkipLog, expand_jsonl_paths
-from metatrain.data.spill import SpilledExamples, TaskReader, SpillWriter
+from metatrain.data.spilled import SpilledExamples, SpillWriter, TaskReader
 from metatrain.documents import SkipCounter, read_documents
-from metatrain.errors import RecordError, UserError
-from metatrain.storage import as_path
-from metatrain.paths import DEFAULT_TAGS
+from metatrain.errors import UserError
+from metatrain.io.formats import RecordError
+from metatrain.io.paths import DEFAULT_TAGS
+from metatrain.io.storage import as_path
 from metatrain.roles import LOSS_ROLES, NUM_ROLES, ROLE_DTYPE, Role
 
 logger = logging.getLogger(__name__)

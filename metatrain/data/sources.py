@@ -3,26 +3,26 @@
 A source path (`SourceConfig.path`) is one of
 
     a JSON Lines file        data/corpus.jsonl, or compressed: data/corpus.jsonl.gz (.zst, .bz2, .xz)
-    a Parquet file           data/corpus.parquet (rows: `text`, or `segments`; see `metatrain.formats`)
+    a Parquet file           data/corpus.parquet (rows: `text`, or `segments`; see `metatrain.io.formats`)
     an ArrayRecord file      data/corpus.array_record (each record one JSON document)
     a glob of them           data/shards/*.jsonl   (sorted, read as one source; a glob
                              ending in .jsonl also finds the compressed .jsonl.gz etc.)
     a token cache directory  written by `metatrain data cache` (see `cache.py`)
 
-A file's format is told by its name (`metatrain.formats.format_of`; any name but
+A file's format is told by its name (`metatrain.io.formats.format_of`; any name but
 Parquet's and ArrayRecord's is read as JSON Lines). `open_records` gives random access
 to the records of a source's files: `JsonlLines` for JSON Lines, `ParquetRows` and
-`ArrayRecords` (in `metatrain.formats`) for the others.
+`ArrayRecords` (in `metatrain.io.formats`) for the others.
 
 Any of these may be in object storage (`gs://b/corpus.jsonl`, `gs://b/shards/*.jsonl`,
-a token cache under `gs://b/cache`; see `metatrain.storage`), read through the
+a token cache under `gs://b/cache`; see `metatrain.io.storage`), read through the
 libraries' own file systems, never downloaded first: a remote plain JSON Lines file is
 streamed once to index its lines, then each line is fetched by byte range; Parquet
 row groups are read through a file handle on the object; ArrayRecord reads `gs://`
 itself; a token cache's arrays are read by tensorstore.
 
 A compressed file (local or remote) is decompressed once into a spill file under
-`$TMPDIR`, which is what gets indexed and memory-mapped (`metatrain.compression` says why and what it costs);
+`$TMPDIR`, which is what gets indexed and memory-mapped (`metatrain.io.compression` says why and what it costs);
 records and errors still name the compressed file and its line numbers.
 
 `JsonlLines` indexes the non-blank lines of its files once (byte offsets, found with
@@ -46,13 +46,13 @@ from typing import Any
 
 import numpy as np
 
-from metatrain.compression import COMPRESSIONS, random_access_path
 from metatrain.data.packing import shift_document
 from metatrain.data.split import check_split, id_hash, in_split
 from metatrain.documents import parse_record
-from metatrain.errors import RecordError, UserError
-from metatrain.formats import ARRAY_RECORD, JSONL, PARQUET, ArrayRecords, ParquetRows, format_of
-from metatrain.storage import StoragePath, as_path, file_size, glob_paths, is_remote, os_reason, read_range
+from metatrain.errors import UserError
+from metatrain.io.compression import COMPRESSIONS, random_access_path
+from metatrain.io.formats import ARRAY_RECORD, JSONL, PARQUET, ArrayRecords, ParquetRows, RecordError, format_of
+from metatrain.io.storage import StoragePath, as_path, file_size, glob_paths, is_remote, os_reason, read_range
 
 _INDEX_CHUNK = 64 << 20  # bytes scanned at a time when indexing lines
 _GLOB_CHARS = frozenset("*?[")
@@ -216,7 +216,7 @@ def open_records(files: list[StoragePath]):
     """Random access to the records of `files`, in order: `records[i]` is `(path, number, raw)`.
 
     Consecutive files of one format share one index (`JsonlLines`, `ParquetRows`,
-    `ArrayRecords`); `metatrain.formats.load_record` turns `raw` into a record.
+    `ArrayRecords`); `metatrain.io.formats.load_record` turns `raw` into a record.
 
     Raises:
         UserError: a file cannot be opened, or is not valid Parquet or ArrayRecord.

@@ -8,6 +8,6 @@
     stats        paired bootstrap intervals over documents
     free_generation  grammar and mantra rates with the mask and forcing off
     probes       linear probes for mode and role on every layer's hidden states
-    report, cli  the report `metatrain eval` writes and prints
+    report       the report `metatrain eval` writes and prints
     in_loop      the cheap part (bpb/text, removed - kept) at every trainer evaluation
 """

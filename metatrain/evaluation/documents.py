@@ -26,8 +26,9 @@ from metatrain.data.config import DataConfig
 from metatrain.data.sources import EncoderSpec, expand_jsonl_paths
 from metatrain.data.split import id_hash, in_split
 from metatrain.documents import SkipCounter, read_documents
-from metatrain.errors import RecordError, UserError
-from metatrain.storage import as_path
+from metatrain.errors import UserError
+from metatrain.io.formats import RecordError
+from metatrain.io.storage import as_path
 from metatrain.tokenizer.encoder import EncodedDocument, EncodeError, Encoder
 
 

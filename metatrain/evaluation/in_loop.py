@@ -30,7 +30,7 @@ from metatrain.evaluation.ablation import remove_thinking
 from metatrain.evaluation.documents import iter_split_documents
 from metatrain.evaluation.layout import RowCounter, Rows, layout_documents
 from metatrain.evaluation.text_bytes import bits_per_byte
-from metatrain.train.metrics import add_sums
+from metatrain.run.metrics import add_sums
 
 logger = logging.getLogger(__name__)
 #: Held-out documents too long for the budget that are skipped before giving up.

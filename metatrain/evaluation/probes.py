@@ -30,10 +30,10 @@ from matplotlib.figure import Figure
 from metatrain.errors import UserError
 from metatrain.evaluation.stats import paired_ratio_difference
 from metatrain.generate.prompts import grammar_states
+from metatrain.io.outputs import write_atomically
 from metatrain.layers import Embedding, RMSNorm
 from metatrain.models import DecoderBlock, ModelConfig
 from metatrain.models.transformer import Params
-from metatrain.outputs import write_atomically
 from metatrain.roles import LOSS_ROLE_LABELS, LOSS_ROLES, Role
 from metatrain.tokenizer.encoder import EncodedDocument, Encoder
 

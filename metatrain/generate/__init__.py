@@ -6,7 +6,6 @@
     prompts.py      prompts (text or documents) to ids and grammar states
     checkpoint.py   parameters, model shape and encoder from a `metatrain train` run
     generator.py    `Generator`: prompts in, samples (ids, text, segments) out
-    cli.py          `metatrain generate`
 
 The KV cache itself is the model's (`metatrain.models.Transformer.decode`); which tags
 are legal is the tokenizer's grammar (`metatrain.tokenizer.grammar`). Nothing here

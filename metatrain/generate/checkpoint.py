@@ -1,6 +1,6 @@
 """Loading what generation needs from a training run: parameters, model shape, encoder.
 
-Checkpoints are read through `metatrain.train.checkpoint.Checkpointer`, the one home of
+Checkpoints are read through `metatrain.run.checkpoint.Checkpointer`, the one home of
 their layout, read-only. Only the parameters are restored (no optimizer moments are
 read), onto one device. The model shape and the mantra come from the checkpoint's own
 stored config, so they are the ones the parameters were trained with; the tokenizer and
@@ -18,11 +18,12 @@ import flax.linen as nn
 import jax
 
 from metatrain.errors import UserError
+from metatrain.io.storage import StoragePath, absolute, as_path
 from metatrain.models import ModelConfig, init_params_shape
-from metatrain.storage import StoragePath, absolute, as_path
+from metatrain.run.checkpoint import Checkpointer, split_step_dir
+from metatrain.run.layout import TAGS_FILE, TOKENIZER_FILE
 from metatrain.tokenizer.encoder import Encoder
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA
-from metatrain.train.checkpoint import Checkpointer, split_step_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +123,8 @@ def _load(checkpointer: Checkpointer, step: int | None) -> LoadedCheckpoint:
     path = checkpointer.step_dir(step)
     model_config = _model_config(config, path)
     data = config.get("data", {})
-    tokenizer = _run_file(checkpointer.directory.parent, "tokenizer.model", data.get("tokenizer"))
-    tags = _run_file(checkpointer.directory.parent, "tags.yaml", data.get("tags"))
+    tokenizer = _run_file(checkpointer.directory.parent, TOKENIZER_FILE, data.get("tokenizer"))
+    tags = _run_file(checkpointer.directory.parent, TAGS_FILE, data.get("tags"))
     try:
         encoder = Encoder.from_files(
             tokenizer, tags, mantra=data.get("mantra") or DEFAULT_MANTRA,

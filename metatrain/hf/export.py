@@ -41,13 +41,14 @@ import yaml
 from metatrain.errors import FaultError, UserError, describe_cause
 from metatrain.generate.checkpoint import LoadedCheckpoint, load_checkpoint
 from metatrain.hf.convert import check_exportable, llama_config_kwargs, to_hf_tensors
+from metatrain.io.outputs import discard_dir, publish_dir, staging_dir
+from metatrain.io.storage import StoragePath, absolute, as_path, is_remote
 from metatrain.models.config import ModelConfig
-from metatrain.outputs import discard_dir, publish_dir, staging_dir
 from metatrain.roles import LOSS_ROLE_LABELS
-from metatrain.storage import StoragePath, absolute, as_path, is_remote
+from metatrain.run.checkpoint import Checkpointer
+from metatrain.run.layout import CHECKPOINTS_DIR, METRICS_FILE
 from metatrain.tokenizer.encoder import Encoder
 from metatrain.tokenizer.registry import TagRegistry
-from metatrain.train.checkpoint import Checkpointer
 
 ExportDtype = Literal["float32", "bfloat16"]
 EXPORT_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
@@ -155,7 +156,7 @@ def export_workdir(
         (staging / "tags.yaml").write_bytes(as_path(encoder.grammar.registry.source).read_bytes())
         (staging / "mantra.txt").write_text(encoder.mantra, encoding="utf-8")
         (staging / "metatrain.json").write_text(json.dumps(_metatrain_info(encoder, pad_id), indent=1) + "\n")
-        card = model_card(loaded, stored, read_metrics(workdir / "metrics.jsonl", loaded.step), dtype)
+        card = model_card(loaded, stored, read_metrics(workdir / METRICS_FILE, loaded.step), dtype)
         (staging / "README.md").write_text(card, encoding="utf-8")
         (staging / "config.json").write_text(model_files["config.json"], encoding="utf-8")  # last: complete
     except BaseException as e:
@@ -169,9 +170,9 @@ def export_workdir(
 
 def _step_dir(workdir: StoragePath, step: int) -> StoragePath:
     """WORKDIR/checkpoints/<step>, refused (naming the steps there) when it is not a checkpoint."""
-    path = workdir / "checkpoints" / str(step)
+    path = workdir / CHECKPOINTS_DIR / str(step)
     if not path.is_dir():
-        there = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+        there = sorted(int(p.name) for p in (workdir / CHECKPOINTS_DIR).glob("*") if p.name.isdigit())
         raise UserError(f"--step {step}: {workdir} has no checkpoint at step {step} (steps: {there or 'none'})")
     return path
 

@@ -13,7 +13,7 @@ embedded default) and `--set`; the architecture always comes from config.json.
 New tag ids follow the tokenizer's own, so every old id keeps its row; the new rows of
 the embedding (and untied output projection) start as `metatrain tokenizer
 resize-checkpoint` starts them: the mean of the old rows plus small noise
-(`metatrain.train.resize.grow_train_state`). A checkpoint whose function metatrain's
+(`metatrain.run.create.grow_train_state`). A checkpoint whose function metatrain's
 model cannot compute exactly (RoPE scaling, biases, another activation, a sliding
 window, tensors the model has no place for) is refused, naming the field or tensor.
 """
@@ -42,23 +42,17 @@ from metatrain.hf.convert import (
     model_fields_from_llama,
 )
 from metatrain.hf.export import require_hf
+from metatrain.io.outputs import check_output_dir
+from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.models.config import ModelConfig
-from metatrain.outputs import check_output_dir
-from metatrain.paths import DEFAULT_TAGS
+from metatrain.run.create import grow_train_state, host_devices, on_one_device, write_workdir
+from metatrain.run.layout import TAGS_FILE, TOKENIZER_FILE
+from metatrain.run.program import build_train_program
+from metatrain.run.state import TrainState
 from metatrain.tokenizer.build import extend_tokenizer
 from metatrain.tokenizer.registry import load_registry
 from metatrain.tokenizer.resize import DEFAULT_NOISE_SCALE
 from metatrain.tokenizer.spm import vocab_size_of
-from metatrain.train.program import build_train_program
-from metatrain.train.resize import (
-    TAGS_FILE,
-    TOKENIZER_FILE,
-    grow_train_state,
-    host_devices,
-    on_one_device,
-    write_workdir,
-)
-from metatrain.train.state import TrainState
 
 SAFETENSORS_FILE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 

@@ -7,7 +7,6 @@
     gke.py          `launch gke`: a JobSet manifest
     slurm.py        `launch slurm`: an sbatch script for GPU clusters
     compile.py      `compile`: the train step compiled ahead of time for a TPU topology
-    cli.py          the `launch` and `compile` commands
 
 How to go from a cluster to a training run, and which environment variables each
 launcher sets: `launch/README.md` at the repository root.

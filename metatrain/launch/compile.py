@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 from metatrain.config import RunConfig
 from metatrain.errors import UserError
-from metatrain.storage import as_path
 from metatrain.hardware import Chip, chip_for_device_kind, quiet_libtpu_off_tpu
+from metatrain.io.storage import as_path
 
 _GIB = float(1 << 30)
 #: XLA's TPU out-of-memory messages, as of libtpu 0.0.5x:
@@ -174,7 +174,7 @@ def lower_train_step(config: RunConfig, devices: Sequence[Any]) -> tuple[Any, An
         UserError: the mesh does not fit the devices or the model.
     """
     from metatrain.parallel.mesh import sharding_context
-    from metatrain.train.program import build_train_program
+    from metatrain.run.program import build_train_program
 
     program = build_train_program(config, devices)
     mesh, rules = program.mesh, program.rules

@@ -18,7 +18,7 @@ multi-host or multi-slice TPU environment (`TPU_WORKER_HOSTNAMES` listing severa
 which needs no initialisation at all.
 
 After joining, processes other than 0 log warnings and errors only, so a run's log is
-process 0's (metrics files are written by process 0 only, see `metatrain.train.metrics`).
+process 0's (metrics files are written by process 0 only, see `metatrain.run.metrics`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ with a control character is refused (`metatrain.launch.validate`).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import shlex
@@ -28,10 +29,11 @@ from typing import Any, Callable, Literal, Sequence, TextIO
 
 from metatrain.config import RunConfig
 from metatrain.errors import UserError
+from metatrain.io.paths import REPO_ROOT
+from metatrain.io.storage import as_path, is_remote
 from metatrain.launch import distributed as dist
 from metatrain.launch.validate import PLACEHOLDER, check_text, option_of, refusal
-from metatrain.paths import REPO_ROOT
-from metatrain.storage import as_path, is_remote
+from metatrain.run.resolve import resolve_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +99,11 @@ def execute(plan: Plan, out: TextIO | None = None) -> int:
     return 0
 
 
+#: Parses `train [train args]` as `metatrain train` does. The command line owns its parser;
+#: `metatrain.cli.launch` passes it in, so this library needs no command-line code.
+TrainParser = Callable[[Sequence[str]], argparse.Namespace]
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainCommand:
     """The `train ...` command a launcher runs on every process, and its loaded config.
@@ -107,12 +114,14 @@ class TrainCommand:
         has_workdir: whether `--workdir` was given.
         read_from: the directory a relative path in `args` is read from here: the launch
             directory, or this checkout standing in for the workers' clone or image.
+        parse: the parser of `args` (to parse them again with an override added).
     """
 
     args: tuple[str, ...]
     config: RunConfig
     has_workdir: bool
     read_from: Path
+    parse: TrainParser = dataclasses.field(compare=False, repr=False)
 
 
 #: Where a job finds the train command's relative paths (`parse_train_command(paths=...)`):
@@ -133,23 +142,19 @@ def strip_separator(command: Sequence[str]) -> list[str]:
     return words[1:] if words[:1] == ["--"] else words
 
 
-def _parse(words: Sequence[str]):
-    from metatrain.cli import build_parser
-
+def _parse(parse: TrainParser, words: Sequence[str]) -> argparse.Namespace:
     try:
-        return build_parser().parse_args(list(words))
+        return parse(list(words))
     except SystemExit:
         raise UserError(f"the train arguments are not valid: {shlex.join(words)}") from None
 
 
-def _load(words: Sequence[str], read_from: Path) -> TrainCommand:
-    from metatrain.train.cli import resolve_run
-
-    parsed = _parse(words)
+def _load(parse: TrainParser, words: Sequence[str], read_from: Path) -> TrainCommand:
+    parsed = _parse(parse, words)
     config_path = None if parsed.config is None else _under(read_from, parsed.config)
     workdir = None if parsed.workdir is None else _under(read_from, parsed.workdir)
     config, _ = resolve_run(config_path, workdir, parsed.overrides)
-    return TrainCommand(tuple(words), config, parsed.workdir is not None, read_from)
+    return TrainCommand(tuple(words), config, parsed.workdir is not None, read_from, parse)
 
 
 def _under(read_from: Path, value) -> Any:
@@ -157,9 +162,9 @@ def _under(read_from: Path, value) -> Any:
     return as_path(str(value)) if is_remote(str(value)) else read_from / value
 
 
-def parse_train_command(command: Sequence[str], *, paths: PathView = "here") -> TrainCommand:
-    """Parse `train [train args]` as `metatrain train` would, resolve its paths for where the
-    job runs (`paths`, see `PathView`), and load its config.
+def parse_train_command(command: Sequence[str], *, parse: TrainParser, paths: PathView = "here") -> TrainCommand:
+    """Parse `train [train args]` with `parse` (`metatrain train`'s parser), resolve its paths
+    for where the job runs (`paths`, see `PathView`), and load its config.
 
     Raises:
         UserError: no command, a command other than `train`, a control character in a
@@ -172,10 +177,10 @@ def parse_train_command(command: Sequence[str], *, paths: PathView = "here") -> 
         raise UserError(f"can only launch `train` on every process, got {words[0]!r}; write -- train [train args]")
     check_train_words(words)
     if paths == "shared":
-        return _load(_rewrite_paths(words, _absolute), Path.cwd())
+        return _load(parse, _rewrite_paths(parse, words, _absolute), Path.cwd())
     if paths == "checkout":
-        return _load(_rewrite_paths(words, _in_checkout), REPO_ROOT)
-    return _load(words, Path.cwd())
+        return _load(parse, _rewrite_paths(parse, words, _in_checkout), REPO_ROOT)
+    return _load(parse, words, Path.cwd())
 
 
 def check_train_words(words: Sequence[str]) -> None:
@@ -194,7 +199,7 @@ def check_train_words(words: Sequence[str]) -> None:
         check_text(option, value)
 
 
-def _rewrite_paths(words: Sequence[str], resolve: Callable[[str, str], str]) -> list[str]:
+def _rewrite_paths(parse: TrainParser, words: Sequence[str], resolve: Callable[[str, str], str]) -> list[str]:
     """`words` with the value of each `--config` and `--workdir` replaced by `resolve(option, value)`.
 
     Raises:
@@ -212,7 +217,7 @@ def _rewrite_paths(words: Sequence[str], resolve: Callable[[str, str], str]) -> 
             value = next(remaining, None)
             if value is not None:
                 out.append(resolve(word, value))
-    parsed = _parse(out)
+    parsed = _parse(parse, out)
     for option, value in (("--config", parsed.config), ("--workdir", parsed.workdir)):
         if value is not None and resolve(option, str(value)) != str(value):
             raise refusal(option, str(value), f"write {option} out in full after `--`, so the launcher can "
@@ -277,7 +282,7 @@ def set_override(train: TrainCommand, key: str, value: int) -> TrainCommand:
         return train
     if any(a.startswith(f"{key}=") for a in train.args):
         raise UserError(f"the train command sets {key}={current}, but this launch needs {key}={value}")
-    return _load((*train.args, "--set", f"{key}={value}"), train.read_from)
+    return _load(train.parse, (*train.args, "--set", f"{key}={value}"), train.read_from)
 
 
 def with_workdir(train: TrainCommand, workdir: str) -> TrainCommand:

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Literal, Mapping
 
 from metatrain.errors import UserError
+from metatrain.io.paths import REPO_ROOT
 from metatrain.launch import distributed as dist
 from metatrain.launch import validate
 from metatrain.launch.plan import Command, Plan, TrainCommand, check_run_shape
-from metatrain.paths import REPO_ROOT
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -29,8 +29,8 @@ import os
 from typing import Any
 
 from metatrain.errors import UserError
-from metatrain.outputs import write_atomically
-from metatrain.storage import StoragePath, as_path
+from metatrain.io.outputs import write_atomically
+from metatrain.io.storage import StoragePath, as_path
 
 MANIFEST = "manifest.jsonl"
 REQUIRED_KEYS: tuple[str, ...] = ("name", "params", "tokens", "flops", "status", "loss", "loss/text", "loss/thinking")

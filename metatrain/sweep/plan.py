@@ -32,8 +32,8 @@ import numpy as np
 
 from metatrain.config import RunConfig, config_to_dict, load_config, save_config
 from metatrain.errors import UserError
+from metatrain.io.storage import StoragePath, as_path, is_remote
 from metatrain.models.config import ModelConfig
-from metatrain.storage import StoragePath, as_path, is_remote
 from metatrain.sweep.family import ModelSize, SizeFamily, get_family
 from metatrain.sweep.manifest import Record, manifest_path, read_manifest, write_manifest
 from metatrain.sweep.spec import SweepSpec, load_spec

@@ -36,9 +36,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
-from metatrain.outputs import write_atomically
-from metatrain.storage import StoragePath, as_path, is_remote
-from metatrain.sweep.fit import RoleFit, loss_name
+from metatrain.io.outputs import write_atomically
+from metatrain.io.storage import StoragePath, as_path, is_remote
+from metatrain.sweep.series import RoleFit, loss_name
 
 #: More model sizes (or budgets) than this in a figure: a colour bar instead of a legend entry each.
 MAX_LEGEND_COLOURS = 8

@@ -27,8 +27,9 @@ import time
 from typing import Any, Callable, Iterable
 
 from metatrain.errors import UserError
+from metatrain.io.storage import StoragePath, as_path
 from metatrain.roles import LOSS_ROLE_LABELS
-from metatrain.storage import StoragePath, as_path
+from metatrain.run.layout import METRICS_FILE
 from metatrain.sweep.manifest import Record, read_manifest, write_manifest
 
 #: `runner(config, workdir)` trains one point; the default is `metatrain.train.loop.train`.
@@ -52,7 +53,7 @@ def collect_results(workdir: str | os.PathLike, steps: int) -> Record | None:
     trainer did not log it (`bpb/text` before it existed). `best_step` is the step of
     `best_loss`. A work directory in a bucket is read there.
     """
-    evals = _eval_records(as_path(workdir) / "metrics.jsonl")
+    evals = _eval_records(as_path(workdir) / METRICS_FILE)
     if not evals or evals[-1][0] < steps:
         return None
     final_step, final = evals[-1]

@@ -33,8 +33,8 @@ import yaml
 # The typed YAML -> dataclass builder of run configs: one loader, one set of messages.
 from metatrain.config import build_typed
 from metatrain.errors import UserError
+from metatrain.io.strict_parsing import DuplicateKeyError, load_yaml
 from metatrain.sweep.family import get_family
-from metatrain.strict_parsing import DuplicateKeyError, load_yaml
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 

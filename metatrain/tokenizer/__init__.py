@@ -7,7 +7,6 @@
     build.py     train a model with the tags, or extend an existing one
     encoder.py   `Encoder`: documents <-> (ids, roles)
     resize.py    grow embedding/output tables when the vocabulary grows
-    cli.py       `metatrain tokenizer ...` and `metatrain encode`
 """
 
 from metatrain.tokenizer.build import extend_tokenizer, train_tokenizer

@@ -5,7 +5,7 @@ SentencePiece's defaults rewrite text (NFKC), drop newlines, squeeze spaces and 
 dummy `▁` prefix that shifts segmentation next to a tag. Every tag is a control piece
 (never matched in raw text) and byte fallback is on (no character becomes `<unk>`).
 
-Outputs may be in a bucket (`gs://`, `metatrain.storage`): SentencePiece's trainer
+Outputs may be in a bucket (`gs://`, `metatrain.io.storage`): SentencePiece's trainer
 writes local files only, so it trains into a scratch directory (beside a local output,
 in the system's temporary directory for a bucket) and each result is then written with
 `write_atomically`, as one whole object in a bucket.
@@ -25,8 +25,8 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from metatrain.documents import SkipCounter, read_documents
 from metatrain.errors import UserError
-from metatrain.outputs import check_output_file, write_atomically
-from metatrain.storage import StoragePath, as_path, is_remote
+from metatrain.io.outputs import check_output_file, write_atomically
+from metatrain.io.storage import StoragePath, as_path, is_remote
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA
 from metatrain.tokenizer.registry import TagRegistry, load_registry
 from metatrain.tokenizer.spm import SpmTokenizer, read_model_proto

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from metatrain.documents import Document, Segment
-from metatrain.errors import RecordError
-from metatrain.paths import DEFAULT_TAGS
+from metatrain.io.formats import RecordError
+from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.roles import ROLE_DTYPE, Role
 from metatrain.tokenizer.grammar import BoundGrammar, Grammar, IllegalTransition
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA, block_gets_mantra, check_mantra_policy

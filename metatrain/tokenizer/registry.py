@@ -15,9 +15,9 @@ from typing import Any
 import yaml
 
 from metatrain.errors import UserError
-from metatrain.strict_parsing import DuplicateKeyError, load_yaml
-from metatrain.paths import DEFAULT_TAGS
-from metatrain.storage import StoragePath, as_path, os_reason
+from metatrain.io.paths import DEFAULT_TAGS
+from metatrain.io.storage import StoragePath, as_path, os_reason
+from metatrain.io.strict_parsing import DuplicateKeyError, load_yaml
 
 #: Piece names SentencePiece reserves for itself; a tag may not take one of them.
 RESERVED_PIECES: frozenset[str] = frozenset({"<s>", "</s>", "<unk>", "<pad>"})

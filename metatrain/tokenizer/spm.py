@@ -17,7 +17,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from metatrain.errors import UserError
-from metatrain.storage import StoragePath, as_path, os_reason
+from metatrain.io.storage import StoragePath, as_path, os_reason
 from metatrain.tokenizer.registry import TagRegistry, load_registry
 
 _META_SPACE = "\u2581"  # SentencePiece's whitespace symbol

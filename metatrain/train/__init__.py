@@ -1,6 +1,10 @@
-"""The training loop: one jitted, donating step; checkpoints, metrics and eval as hooks.
+"""The training application: the loop, its hooks, and resizing a run's vocabulary.
 
-`metatrain.train.loop.train(config, workdir)` is what `metatrain train` calls.
-Model code lives in `metatrain.models`; the loss in `metatrain.loss`; batches come
-from `metatrain.data`.
+    loop.py     `train(config, workdir)`: one jitted, donating step; hooks around it
+    resize.py   `resize_checkpoint`: a run's checkpoint grown to a larger vocabulary
+
+What a run *is* (its directory, state, compiled program, checkpoints, lock, metrics)
+lives in `metatrain.run`, which generation, evaluation and export read without
+importing this package. Model code lives in `metatrain.models`; the loss in
+`metatrain.loss`; batches come from `metatrain.data`.
 """

@@ -42,19 +42,20 @@ import numpy as np
 from metatrain.config import RunConfig, config_to_dict
 from metatrain.data import global_batch, make_batch_iterator
 from metatrain.documents import SkipCounter
-from metatrain.evaluation.text_bytes import bits_per_byte, token_byte_lengths
 from metatrain.errors import DivergedError, FaultError, MetatrainError, UserError
-from metatrain.storage import as_path
+from metatrain.evaluation.text_bytes import bits_per_byte, token_byte_lengths
 from metatrain.hardware import local_chip
+from metatrain.io.storage import as_path
 from metatrain.parallel.mesh import sharding_context
 from metatrain.roles import LOSS_ROLE_LABELS
+from metatrain.run.checkpoint import Checkpointer
+from metatrain.run.layout import TENSORBOARD_DIR
+from metatrain.run.metrics import MetricsWriter, add_sums, mfu, role_metrics
+from metatrain.run.program import build_train_program
+from metatrain.run.resume import check_allowed_changes, check_resume
+from metatrain.run.state import init_state
+from metatrain.run.workdir import NoLock, check_origin, prepare_workdir, workdir_lock
 from metatrain.tokenizer.spm import check_vocab_size
-from metatrain.train.checkpoint import Checkpointer
-from metatrain.train.metrics import MetricsWriter, add_sums, mfu, role_metrics
-from metatrain.train.program import build_train_program
-from metatrain.train.resume import check_allowed_changes, check_resume
-from metatrain.train.state import init_state
-from metatrain.train.workdir import NoLock, check_origin, prepare_workdir, workdir_lock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +287,7 @@ class ProfileHook:
     at_end = True
 
     def __init__(self, workdir: Path, start: int, steps: int, first_step: int):
-        self.directory = as_path(workdir) / "tensorboard"
+        self.directory = as_path(workdir) / TENSORBOARD_DIR
         self.start, self.last = start, start + steps - 1
         self.tracing = False
         if first_step + 1 >= start and first_step < self.last:  # the traced range begins now

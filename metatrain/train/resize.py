@@ -14,7 +14,7 @@ unchanged (the new ids are control pieces, so existing documents encode the same
 `metatrain train --workdir OUT --set trainer.steps=N` continues it.
 
 The state is restored onto one host (CPU) device: this is an offline step, and host
-memory is where a whole train state fits. The array surgery (`grow_train_state`) is a
+memory is where a whole train state fits. The array surgery (`metatrain.run.create.grow_train_state`) is a
 pure function of trees; files, the work directories and the checkpointer live in
 `resize_checkpoint`.
 
@@ -23,7 +23,7 @@ order: `tokenizer.model`, `tags.yaml`, the checkpoint (complete once orbax has
 committed it), and `config.yaml` last. `config.yaml` is the marker: a resized work
 directory without it is incomplete. On any failure everything written there is
 removed again. Either work directory may be in a bucket (`gs://`, see
-`metatrain.storage`): there the lock is `ObjectLock`, every file is one whole object,
+`metatrain.io.storage`): there the lock is `ObjectLock`, every file is one whole object,
 orbax marks the checkpoint with `commit_success.txt`, and a failed build's objects are
 deleted with `discard_dir`.
 """
@@ -32,26 +32,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
-from typing import Any, Sequence
-
-import jax
-import jax.numpy as jnp
-import numpy as np
+from typing import Any
 
 from metatrain.config import RunConfig, config_to_dict, load_config
 from metatrain.errors import UserError
-from metatrain.outputs import check_output_dir, discard_dir, write_atomically
-from metatrain.storage import StoragePath, absolute, as_path, is_remote
+from metatrain.io.outputs import check_output_dir
+from metatrain.io.storage import StoragePath, absolute
+from metatrain.run.checkpoint import Checkpointer
+from metatrain.run.create import grow_train_state, host_devices, on_one_device, write_workdir
+from metatrain.run.layout import CHECKPOINTS_DIR, CONFIG_FILE, TAGS_FILE, TOKENIZER_FILE
+from metatrain.run.program import build_train_program
+from metatrain.run.resume import config_differences
 from metatrain.tokenizer.registry import load_registry
-from metatrain.tokenizer.resize import DEFAULT_NOISE_SCALE, grow_vocab_axis
+from metatrain.tokenizer.resize import DEFAULT_NOISE_SCALE
 from metatrain.tokenizer.spm import SpmTokenizer, first_changed_id, read_model_proto
-from metatrain.train.checkpoint import Checkpointer
-from metatrain.train.program import build_train_program
-from metatrain.train.resume import config_differences
-from metatrain.train.workdir import LOCK_FILE, prepare_workdir, workdir_lock
-
-TOKENIZER_FILE, TAGS_FILE, CONFIG_FILE = "tokenizer.model", "tags.yaml", "config.yaml"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,113 +81,6 @@ class ResizeReport:
         )
 
 
-def _leaf_name(path: Sequence[Any]) -> str:
-    """`params/embedding/table`, `opt_state/1/0/mu/embedding/table` for a tree path."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
-def _vocab_axis(name: str, old: tuple[int, ...], new: tuple[int, ...], old_vocab: int, new_vocab: int) -> int | None:
-    """The one axis where `old` and `new` differ (V_old -> V_new), None when they agree.
-
-    Raises:
-        ValueError: the shapes differ in some other way (a bug: only the vocabulary changed).
-    """
-    if old == new:
-        return None
-    axes = [a for a in range(len(old)) if old[a] != new[a]] if len(old) == len(new) else []
-    if len(axes) != 1 or (old[axes[0]], new[axes[0]]) != (old_vocab, new_vocab):
-        raise ValueError(
-            f"{name}: shape {old} -> {new} is not a vocabulary resize {old_vocab} -> {new_vocab} along one axis"
-        )
-    return axes[0]
-
-
-def _seed_for(seed: int, index: int) -> int:
-    """An independent noise seed for the `index`-th grown parameter (the embedding and the
-    output projection must not share their noise)."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
-
-def grow_train_state(
-    state: Any,
-    target: Any,
-    *,
-    old_vocab_size: int,
-    new_vocab_size: int,
-    seed: int = 0,
-    noise_scale: float = DEFAULT_NOISE_SCALE,
-) -> tuple[Any, tuple[str, ...]]:
-    """`state` with entries for ids `old_vocab_size..new_vocab_size-1`, laid out as `target`.
-
-    Walks `state` and `target` together: a leaf whose shape differs from its target
-    along one axis (V_old -> V_new) is vocab-sized. Under `params` it grows with
-    `grow_vocab_axis` (mean of the old entries plus noise); anywhere else (optimizer
-    moments) with zeros. Every other leaf, and every old entry, is copied bit for bit.
-
-    Args:
-        state: a `TrainState` of arrays for V_old, e.g. `params/embedding/table` [V_old, D].
-        target: the same tree for V_new, of `jax.ShapeDtypeStruct`s (with shardings),
-            e.g. a `TrainProgram.abstract_state()`.
-        old_vocab_size: V_old.
-        new_vocab_size: V_new >= V_old.
-        seed: seed of the noise.
-        noise_scale: noise standard deviation as a fraction of each feature's spread.
-
-    Returns:
-        `(new state, names of the grown leaves)`; the new state's arrays carry the
-        target's shardings.
-
-    Raises:
-        ValueError: the trees differ in structure, or a leaf's shape differs other than
-            by the vocabulary along one axis.
-    """
-    grown: list[str] = []
-
-    def grow(path, leaf, spec):
-        name = _leaf_name(path)
-        value = np.asarray(jax.device_get(leaf))
-        if value.dtype != spec.dtype:
-            raise ValueError(f"{name}: dtype {value.dtype} in the checkpoint but {spec.dtype} in the new state")
-        axis = _vocab_axis(name, value.shape, tuple(spec.shape), old_vocab_size, new_vocab_size)
-        if axis is not None:
-            if name.startswith("params/"):
-                value = grow_vocab_axis(value, new_vocab_size, axis=axis, noise_scale=noise_scale,
-                                        seed=_seed_for(seed, sum(g.startswith("params/") for g in grown)))
-            else:
-                pad = [(0, 0)] * value.ndim
-                pad[axis] = (0, new_vocab_size - old_vocab_size)
-                value = np.pad(value, pad)  # zeros after the old entries, which stay as they were
-            grown.append(name)
-        sharding = getattr(spec, "sharding", None)
-        return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
-
-    new_state = jax.tree_util.tree_map_with_path(grow, state, target)
-    return new_state, tuple(grown)
-
-
-def host_devices() -> list[jax.Device]:
-    """One CPU device when JAX has the CPU backend (host memory holds the whole state),
-    else the first device."""
-    try:
-        return jax.local_devices(backend="cpu")[:1]
-    except RuntimeError:
-        return jax.local_devices()[:1]
-
-
-def on_one_device(config: RunConfig) -> RunConfig:
-    """`config` laid over a single device (the layout does not change a checkpoint's shapes)."""
-    mesh = dataclasses.replace(config.mesh, data=1, fsdp=1, tensor=1, dcn_data=1)
-    return dataclasses.replace(config, mesh=mesh)
-
-
 def check_extension(old_tokenizer: StoragePath, new_tokenizer: StoragePath) -> tuple[int, int, tuple[tuple[int, str], ...]]:
     """`(V_old, V_new, new pieces)` when `new_tokenizer` keeps every id of `old_tokenizer`.
 
@@ -214,7 +101,7 @@ def check_extension(old_tokenizer: StoragePath, new_tokenizer: StoragePath) -> t
 
 
 def _read_run_config(workdir: StoragePath) -> RunConfig:
-    if not (workdir / "checkpoints").is_dir():
+    if not (workdir / CHECKPOINTS_DIR).is_dir():
         raise UserError(f"{workdir} holds no checkpoints; give the --workdir of a run trained with `metatrain train`")
     if not (workdir / CONFIG_FILE).is_file():
         raise UserError(f"{workdir}/{CONFIG_FILE} is missing; give the --workdir of a run trained with `metatrain train`")
@@ -314,45 +201,3 @@ def _restore_newest(workdir: StoragePath, config: RunConfig, abstract_state: Any
     return restored
 
 
-def write_workdir(
-    out: StoragePath, config: RunConfig, tokenizer: StoragePath, tags: StoragePath, step: int, state: Any,
-    data_state: dict,
-) -> None:
-    """Creates `out` under its lock, `config.yaml` last; on any failure removes what was
-    written there. In a bucket the lock is `ObjectLock`, the files are written as whole
-    objects and a failure deletes every object under `out`."""
-    remote = is_remote(str(out))
-    existed = out.exists()
-    lock = workdir_lock(out)
-    lock.acquire()
-    if any(p.name != LOCK_FILE for p in out.iterdir()):  # someone wrote here since the check
-        lock.release()
-        raise UserError(f"--out {out} is no longer empty; choose another --out")
-    try:
-        for source, name in ((tokenizer, TOKENIZER_FILE), (tags, TAGS_FILE)):
-            write_atomically(out / name, as_path(source).read_bytes(), option="--out")
-        checkpointer = Checkpointer(out, config.checkpoint)
-        try:
-            checkpointer.save(step, state, data_state, config_to_dict(config))
-        finally:
-            checkpointer.close()  # waits for the (async) save; raises FaultError if it failed
-        prepare_workdir(config, out, None)
-    except BaseException:
-        lock.release()
-        if remote:
-            discard_dir(out)
-        else:
-            _remove_contents(out, remove_dir=not existed)
-        raise
-    lock.release()
-
-
-def _remove_contents(out: StoragePath, *, remove_dir: bool) -> None:
-    if remove_dir:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    for child in out.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ import pytest
 
 from metatrain.cli import main
 from metatrain.documents import read_documents
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
 from metatrain.tokenizer import Encoder
 
 from .chat_server import ChatServer, Fault, last_user_message

@@ -11,7 +11,8 @@ import pytest
 
 from metatrain.annotate.inputs import RawDocument, expand_inputs, input_kind, read_raw_documents
 from metatrain.documents import Segment, SkipCounter
-from metatrain.errors import RecordError, UserError
+from metatrain.errors import UserError
+from metatrain.io.formats import RecordError
 
 
 def write_jsonl(path, records) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from metatrain.paths import REPO_ROOT, SAMPLE_CORPUS
+from metatrain.io.paths import REPO_ROOT, SAMPLE_CORPUS
 
 from .chat_server import ChatServer
 

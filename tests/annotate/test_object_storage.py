@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from metatrain.storage import as_path, gcs_client, split_bucket
+from metatrain.io.storage import as_path, gcs_client, split_bucket
 
 from .chat_server import ChatServer, Fault
 from .test_annotate import _many, _subprocess_annotate, annotate, doc_of, write_raw

@@ -20,7 +20,7 @@ from metatrain.annotate.placement import (
     text_of,
 )
 from metatrain.documents import Document, Segment
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
 from metatrain.tokenizer import Encoder, SpmTokenizer, canonical_segments
 
 T, K = "text", "thinking"

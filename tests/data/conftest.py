@@ -11,7 +11,7 @@ import pytest
 
 from metatrain.data.config import DataConfig, SourceConfig
 from metatrain.data.sources import EncoderSpec
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
 
 _WORDS = (
     "the of and to in a is that for it as was with be by on not this are from at which have "

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from metatrain.data.config import DataConfig, SourceConfig
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_CORPUS, SAMPLE_TOKENIZER
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_CORPUS, SAMPLE_TOKENIZER
 
 
 def test_defaults_are_the_shipped_sample():

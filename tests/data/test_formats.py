@@ -19,8 +19,8 @@ from metatrain.data import make_batch_iterator
 from metatrain.data.cache import TokenCache, write_cache
 from metatrain.data.sources import JsonlLines, JsonlReader, SkipLog, expand_jsonl_paths, open_records
 from metatrain.documents import Document, Segment, SkipCounter, read_documents
-from metatrain.errors import RecordError, UserError
-from metatrain.formats import ARRAY_RECORD, JSONL, PARQUET, ArrayRecords, ParquetRows, format_of, read_records
+from metatrain.errors import UserError
+from metatrain.io.formats import ARRAY_RECORD, JSONL, PARQUET, ArrayRecords, ParquetRows, RecordError, format_of, read_records
 
 from .conftest import assert_batches_equal, data_config, make_docs, take, write_jsonl
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from metatrain.data import make_batch_iterator
-from metatrain.paths import REPO_ROOT
+from metatrain.io.paths import REPO_ROOT
 
 from .conftest import data_config, make_docs, take, write_jsonl
 

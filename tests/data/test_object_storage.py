@@ -19,8 +19,8 @@ from metatrain.data import sources as sources_module
 from metatrain.data.cache import TokenCache, is_cache_dir, write_cache
 from metatrain.data.sources import EncoderSpec, expand_jsonl_paths, open_records
 from metatrain.errors import UserError
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
-from metatrain.storage import as_path
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+from metatrain.io.storage import as_path
 
 from .conftest import assert_batches_equal, data_config, make_docs, take
 from .test_formats import documents_parquet, write_array_record

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from metatrain.paths import DEFAULT_TAGS, REPO_ROOT, SAMPLE_CORPUS
+from metatrain.io.paths import DEFAULT_TAGS, REPO_ROOT, SAMPLE_CORPUS
 from metatrain.tokenizer.registry import load_registry
 
 README = REPO_ROOT / "data" / "sample" / "README.md"

@@ -22,8 +22,8 @@ from metatrain.data.packing import pack_examples, rows_to_batch, shift_document
 from metatrain.data.sources import EncoderSpec
 from metatrain.documents import parse_document
 from metatrain.errors import UserError
-from metatrain.paths import CONFIGS_DIR, DEFAULT_TAGS, REPO_ROOT, SAMPLE_TOKENIZER
-from metatrain.train.resume import config_differences
+from metatrain.io.paths import CONFIGS_DIR, DEFAULT_TAGS, REPO_ROOT, SAMPLE_TOKENIZER
+from metatrain.run.resume import config_differences
 
 from .conftest import assert_batches_equal, data_config, make_docs, take, write_jsonl
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from metatrain.cli import main
-from metatrain.paths import REPO_ROOT
+from metatrain.io.paths import REPO_ROOT
 from metatrain.roles import LOSS_ROLE_LABELS
 
 SYNTHETIC = REPO_ROOT / "data" / "sample" / "synthetic.jsonl"

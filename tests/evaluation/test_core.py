@@ -10,14 +10,20 @@ import pytest
 from metatrain.config import LossConfig
 from metatrain.documents import Document, Segment, parse_record
 from metatrain.evaluation.ablation import (
-    VARIANTS, make_variants, mantra_only, remove_thinking, shuffle_thinking, text_tokens, thinking_blocks,
+    VARIANTS,
+    make_variants,
+    mantra_only,
+    remove_thinking,
+    shuffle_thinking,
+    text_tokens,
+    thinking_blocks,
 )
 from metatrain.evaluation.layout import RowCounter, layout_documents
 from metatrain.evaluation.scoring import score_rows
 from metatrain.evaluation.stats import paired_ratio_difference
 from metatrain.evaluation.text_bytes import token_byte_lengths
+from metatrain.io.paths import DEFAULT_TAGS, REPO_ROOT
 from metatrain.models import ModelConfig, Transformer, logits
-from metatrain.paths import DEFAULT_TAGS, REPO_ROOT
 from metatrain.roles import Role
 from metatrain.tokenizer import Encoder
 

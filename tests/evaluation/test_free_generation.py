@@ -18,7 +18,7 @@ from metatrain.evaluation.free_generation import (
 from metatrain.generate.checkpoint import load_checkpoint
 from metatrain.generate.constraints import GrammarChooser, RowState, TagConstraints
 from metatrain.generate.sampling import SamplingConfig
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
 from metatrain.tokenizer.encoder import Encoder
 from metatrain.tokenizer.grammar import IllegalTransition, State
 

@@ -11,7 +11,7 @@ from metatrain.evaluation.ablation import remove_thinking
 from metatrain.evaluation.documents import split_documents
 from metatrain.evaluation.in_loop import InLoopAblation
 from metatrain.evaluation.layout import layout_documents
-from metatrain.paths import CONFIGS_DIR
+from metatrain.io.paths import CONFIGS_DIR
 from metatrain.roles import Role
 from metatrain.train.loop import train
 

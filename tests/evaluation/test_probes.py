@@ -20,8 +20,8 @@ from metatrain.evaluation.probes import (
     run_probes,
     token_labels,
 )
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_CORPUS, SAMPLE_TOKENIZER
 from metatrain.models import ModelConfig, Transformer, init_params_shape
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_CORPUS, SAMPLE_TOKENIZER
 from metatrain.tokenizer.encoder import Encoder
 
 CFG = ModelConfig(

@@ -3,7 +3,7 @@ is in tests/conftest.py)."""
 
 import pytest
 
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
 from metatrain.tokenizer.encoder import Encoder
 
 

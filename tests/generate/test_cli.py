@@ -89,9 +89,9 @@ def test_user_errors_exit_2_with_the_fix(capsys, workdir, tmp_path):
 def test_the_default_train_run_ends_with_a_sample_and_a_failed_sample_is_only_reported(
     capsys, workdir, monkeypatch
 ):
-    import metatrain.generate.cli as generate_cli
+    import metatrain.cli.generate as generate_cli
     import metatrain.train.loop as loop
-    from metatrain.train.cli import run_train
+    from metatrain.cli.train import run_train
 
     monkeypatch.setattr(loop, "train", lambda config, path, **kwargs: types.SimpleNamespace(preempted=False))
     monkeypatch.setattr(loop, "format_summary", lambda summary: "trained (summary)")

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from metatrain.cli import main
-from metatrain.paths import CONFIGS_DIR, REPO_ROOT
-from metatrain.storage import as_path
+from metatrain.io.paths import CONFIGS_DIR, REPO_ROOT
+from metatrain.io.storage import as_path
 
 SYNTHETIC = REPO_ROOT / "data" / "sample" / "synthetic.jsonl"
 QUICK = ["--prompts", "2", "--samples", "2", "--max-new-tokens", "16", "--bootstrap", "200", "--batch-rows", "4"]

@@ -10,7 +10,7 @@ from metatrain.generate.constraints import THINKING_LOCK, TagConstraints
 from metatrain.generate.generator import Generator
 from metatrain.generate.prompts import encode_prompt
 from metatrain.generate.sampling import SamplingConfig
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
 from metatrain.tokenizer import Encoder
 
 

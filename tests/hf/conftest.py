@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from metatrain.documents import parse_document
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
 
 #: Text never seen in training: Unicode, whitespace runs, literal tag strings.
 HELD_OUT_TEXTS = (
@@ -42,7 +42,7 @@ def held_out_documents():
 
 def _train_tiny(path, overrides):
     from metatrain.config import load_config
-    from metatrain.paths import CONFIGS_DIR
+    from metatrain.io.paths import CONFIGS_DIR
     from metatrain.train.loop import train
 
     config = load_config(CONFIGS_DIR / "tiny.yaml", [
@@ -69,7 +69,7 @@ def exported_tied(workdir, tmp_path_factory):
     through the `metatrain export` command line."""
     import argparse
 
-    from metatrain.hf.cli import register
+    from metatrain.cli.hf import register
 
     out = tmp_path_factory.mktemp("export-tied") / "model"
     parser = argparse.ArgumentParser()

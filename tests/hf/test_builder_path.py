@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from metatrain.cli import main  # noqa: E402
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_CORPUS  # noqa: E402
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_CORPUS  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from metatrain.cli import main  # noqa: E402
-from metatrain.storage import as_path, gcs_blob, split_bucket  # noqa: E402
+from metatrain.io.storage import as_path, gcs_blob, split_bucket  # noqa: E402
 
 from .conftest import hf_logits, load_hf_model  # noqa: E402
 

@@ -12,11 +12,11 @@ transformers = pytest.importorskip("transformers")
 
 from metatrain.errors import UserError  # noqa: E402
 from metatrain.generate.checkpoint import load_checkpoint  # noqa: E402
-from metatrain.hf.convert import hf_tensor_shapes, from_hf_tensors, to_hf_tensors  # noqa: E402
+from metatrain.hf.convert import from_hf_tensors, hf_tensor_shapes, to_hf_tensors  # noqa: E402
 from metatrain.hf.export import export_workdir  # noqa: E402
 from metatrain.hf.importer import import_checkpoint  # noqa: E402
+from metatrain.io.paths import CONFIGS_DIR  # noqa: E402
 from metatrain.models.config import ModelConfig  # noqa: E402
-from metatrain.paths import CONFIGS_DIR  # noqa: E402
 
 from .conftest import held_out_documents, hf_logits, load_hf_model, metatrain_logits, save_hf_llama  # noqa: E402
 

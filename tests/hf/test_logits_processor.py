@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 from metatrain.hf.logits_processor import TagGrammarLogitsProcessor  # noqa: E402
-from metatrain.paths import DEFAULT_TAGS, REPO_ROOT, SAMPLE_TOKENIZER  # noqa: E402
+from metatrain.io.paths import DEFAULT_TAGS, REPO_ROOT, SAMPLE_TOKENIZER  # noqa: E402
 from metatrain.tokenizer.encoder import Encoder  # noqa: E402
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA, block_gets_mantra  # noqa: E402
 

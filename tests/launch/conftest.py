@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import pytest
 
-from metatrain.paths import REPO_ROOT
+from metatrain.io.paths import REPO_ROOT
 
 TINY = REPO_ROOT / "configs" / "tiny.yaml"
 #: Long enough for a test's step or compile on the shared 2-core machine, short enough to fail.

@@ -15,8 +15,8 @@ import metatrain.launch.compile as compile_module
 from metatrain.cli import main
 from metatrain.config import load_config
 from metatrain.hardware import _NO_LOCAL_TPU, CHIPS
+from metatrain.io.paths import CONFIGS_DIR
 from metatrain.launch.compile import _XLA_OOM_TEMPS, _XLA_OOM_USED, DeviceMemory, _quoted_bytes, vmem_refusal
-from metatrain.paths import CONFIGS_DIR
 
 #: The pure-JAX loss instead of the Pallas (Mosaic) kernel that `loss.impl: auto` picks on TPU.
 CHUNKED = ["--set", "loss.impl=chunked"]

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from metatrain.cli import main
-from metatrain.paths import REPO_ROOT
+from metatrain.io.paths import REPO_ROOT
 
 pytestmark = pytest.mark.hostile
 

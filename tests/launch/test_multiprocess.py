@@ -26,13 +26,13 @@ import numpy as np
 import pytest
 
 from metatrain.config import load_config
+from metatrain.errors import EXIT_PREEMPTED
 from metatrain.models import Transformer
 from metatrain.parallel.mesh import MeshConfig, build_mesh
-from metatrain.train.checkpoint import Checkpointer
-from metatrain.errors import EXIT_PREEMPTED
+from metatrain.run.checkpoint import Checkpointer
+from metatrain.run.optimizer import build_optimizer
+from metatrain.run.state import abstract_state, state_shardings
 from metatrain.train.loop import train
-from metatrain.train.optimizer import build_optimizer
-from metatrain.train.state import abstract_state, state_shardings
 
 from .conftest import (
     TINY,

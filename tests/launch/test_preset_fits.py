@@ -11,7 +11,7 @@ import re
 import pytest
 
 from metatrain.cli import main
-from metatrain.paths import CONFIGS_DIR, REPO_ROOT
+from metatrain.io.paths import CONFIGS_DIR, REPO_ROOT
 
 #: preset -> (topology, GiB a chip it was measured at)
 FITS = {

@@ -73,8 +73,8 @@ def test_the_sharded_train_step_compiles_with_splash_for_tpu(topology):
     """`model.attention: auto` (the default) picks splash when compiled for TPU."""
     pytest.importorskip("libtpu")
     from metatrain.config import load_config
+    from metatrain.io.paths import CONFIGS_DIR
     from metatrain.launch.compile import lower_train_step, tpu_topology
-    from metatrain.paths import CONFIGS_DIR
 
     config = load_config(CONFIGS_DIR / "default.yaml", ["mesh.data=2", "mesh.fsdp=-1"])
     assert config.model.attention == "auto"

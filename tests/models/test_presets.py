@@ -8,10 +8,10 @@ import jax
 import pytest
 
 from metatrain.cli import main
+from metatrain.cli.models import model_info
 from metatrain.config import load_config
+from metatrain.io.paths import CONFIGS_DIR
 from metatrain.models import init_params_shape
-from metatrain.models.cli import model_info
-from metatrain.paths import CONFIGS_DIR
 
 CONFIG_FILES = sorted(CONFIGS_DIR.glob("*.yaml"))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
 
 #: Texts that trip tokenizers: literal tags, SentencePiece's own `▁`, emoji, whitespace runs.
 TRICKY_TEXTS = (

@@ -13,7 +13,7 @@ from metatrain.data.seqio import load_provider, read_task  # noqa: E402
 from metatrain.data.sources import SkipLog  # noqa: E402
 from metatrain.documents import Document, Segment, parse_document  # noqa: E402
 from metatrain.errors import UserError  # noqa: E402
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER  # noqa: E402
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER  # noqa: E402
 from metatrain.tokenizer import Encoder  # noqa: E402
 
 from .conftest import TRICKY_TEXTS  # noqa: E402
@@ -127,8 +127,8 @@ def test_another_tokenizer_is_refused(registry, tmp_path):
     other.write_bytes(SAMPLE_TOKENIZER.read_bytes() + b"\n")  # other bytes: another model as far as a check can tell
     cfg = DataConfig(sources=(SourceConfig(seqio="mt_alpha", module=registry),), tokenizer=SAMPLE_TOKENIZER,
                      tags=DEFAULT_TAGS)
-    from metatrain.data.sources import EncoderSpec
     from metatrain.data.seqio import open_seqio_source
+    from metatrain.data.sources import EncoderSpec
 
     spec = EncoderSpec(str(other), str(DEFAULT_TAGS), None, "every")
     with pytest.raises(UserError, match="not the run's data.tokenizer"):

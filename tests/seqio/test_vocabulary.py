@@ -8,7 +8,7 @@ seqio = pytest.importorskip("seqio")
 tf = pytest.importorskip("tensorflow")
 
 from metatrain.data.seqio import MetatrainVocabulary  # noqa: E402
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER  # noqa: E402
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER  # noqa: E402
 from metatrain.tokenizer import Encoder  # noqa: E402
 
 from .conftest import TRICKY_TEXTS  # noqa: E402

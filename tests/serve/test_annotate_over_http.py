@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.request
 
-from metatrain.paths import SAMPLE_CORPUS
+from metatrain.io.paths import SAMPLE_CORPUS
 
 
 def _free_port() -> int:

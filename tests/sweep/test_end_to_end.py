@@ -19,7 +19,7 @@ import math
 import pytest
 
 from metatrain.cli import main
-from metatrain.paths import CONFIGS_DIR
+from metatrain.io.paths import CONFIGS_DIR
 from metatrain.sweep.manifest import read_manifest
 
 SPEC = f"""\

@@ -11,9 +11,9 @@ import pytest
 
 from metatrain.config import load_config
 from metatrain.errors import UserError
+from metatrain.io.paths import CONFIGS_DIR
 from metatrain.loss import joint_loss
 from metatrain.models import Transformer, init_params_shape, output_projection
-from metatrain.paths import CONFIGS_DIR
 from metatrain.roles import NUM_ROLES
 from metatrain.sweep.family import FAMILIES, SizeFamily, get_family
 

@@ -7,8 +7,8 @@ import pytest
 
 from metatrain.cli import main
 from metatrain.errors import UserError
-from metatrain.paths import CONFIGS_DIR
-from metatrain.storage import as_path, split_bucket
+from metatrain.io.paths import CONFIGS_DIR
+from metatrain.io.storage import as_path, split_bucket
 from metatrain.sweep.law import Law
 from metatrain.sweep.manifest import read_manifest
 from metatrain.sweep.plan import plan_sweep

@@ -10,7 +10,7 @@ import yaml
 from metatrain.cli import main
 from metatrain.config import load_config
 from metatrain.errors import UserError
-from metatrain.paths import CONFIGS_DIR, SAMPLE_CORPUS
+from metatrain.io.paths import CONFIGS_DIR, SAMPLE_CORPUS
 from metatrain.sweep.manifest import REQUIRED_KEYS, read_manifest
 from metatrain.sweep.plan import plan_sweep
 from metatrain.sweep.run import launch_commands

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from metatrain.errors import UserError
-from metatrain.paths import CONFIGS_DIR
+from metatrain.io.paths import CONFIGS_DIR
 from metatrain.sweep.manifest import read_manifest, write_manifest
 from metatrain.sweep.plan import plan_sweep
 from metatrain.sweep.run import collect_results, collect_sweep, run_sweep

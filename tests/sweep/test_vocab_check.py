@@ -11,7 +11,7 @@ import metatrain.sweep.plan as plan_module
 import metatrain.tokenizer.spm as spm
 from metatrain.cli import main
 from metatrain.errors import UserError
-from metatrain.paths import CONFIGS_DIR
+from metatrain.io.paths import CONFIGS_DIR
 from metatrain.sweep.manifest import manifest_path, read_manifest
 from metatrain.sweep.plan import plan_sweep
 from metatrain.sweep.run import launch_commands

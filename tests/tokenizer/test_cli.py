@@ -9,11 +9,11 @@ import sys
 import pytest
 
 from metatrain import cli as metatrain_cli
+from metatrain.cli.tokenizer import register
 from metatrain.documents import read_documents
 from metatrain.errors import UserError
-from metatrain.paths import DEFAULT_TAGS
+from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.tokenizer import Encoder
-from metatrain.tokenizer.cli import register
 
 from .conftest import make_corpus
 

@@ -12,8 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from metatrain.documents import Document, Segment, read_documents
-from metatrain.errors import RecordError, UserError
-from metatrain.paths import DEFAULT_TAGS
+from metatrain.errors import UserError
+from metatrain.io.formats import RecordError
+from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.roles import Role
 from metatrain.tokenizer import DEFAULT_MANTRA, EncodeError, Encoder, canonical_segments, load_registry
 from metatrain.tokenizer.grammar import ILLEGAL, IllegalTransition

@@ -8,7 +8,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metatrain.paths import DEFAULT_TAGS
+from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.tokenizer.grammar import ILLEGAL, Grammar, IllegalTransition, State
 from metatrain.tokenizer.registry import registry_from_dict
 

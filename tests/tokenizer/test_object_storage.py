@@ -12,8 +12,8 @@ import pytest
 from metatrain.cli import main
 from metatrain.documents import read_documents
 from metatrain.errors import UserError
-from metatrain.paths import DEFAULT_TAGS
-from metatrain.storage import as_path
+from metatrain.io.paths import DEFAULT_TAGS
+from metatrain.io.storage import as_path
 from metatrain.tokenizer import Encoder, load_registry
 
 from .conftest import TEST_VOCAB, make_corpus, write_jsonl

@@ -8,8 +8,8 @@ import pytest
 
 from metatrain.cli import main
 from metatrain.errors import UserError
-from metatrain.paths import DEFAULT_TAGS, SAMPLE_CORPUS
-from metatrain.storage import as_path
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_CORPUS
+from metatrain.io.storage import as_path
 from metatrain.tokenizer import extend_tokenizer, load_registry, train_tokenizer
 
 from .conftest import TEST_VOCAB

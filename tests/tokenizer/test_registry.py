@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from metatrain.errors import UserError
-from metatrain.paths import DEFAULT_TAGS
+from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.tokenizer.registry import ModeTransition, load_registry, registry_from_dict
 
 DEFAULT_TAG_STRINGS = ("<thinking>", "</thinking>", "<AI>", "</AI>", "<AI_quoting_human>",

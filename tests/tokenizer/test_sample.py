@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from metatrain.documents import read_documents
-from metatrain.paths import SAMPLE_CORPUS, SAMPLE_TOKENIZER
+from metatrain.io.paths import SAMPLE_CORPUS, SAMPLE_TOKENIZER
 from metatrain.tokenizer import Encoder, canonical_segments, inspect_tokenizer, load_registry
 
 

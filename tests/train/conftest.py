@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from metatrain.config import load_config
-from metatrain.paths import REPO_ROOT
+from metatrain.io.paths import REPO_ROOT
 
 TINY = REPO_ROOT / "configs" / "tiny.yaml"
 STEPS = 6

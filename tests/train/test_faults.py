@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from metatrain.errors import EXIT_STATUSES, FaultError
-from metatrain.paths import REPO_ROOT
+from metatrain.io.paths import REPO_ROOT
 from metatrain.train.loop import Hook, train
 
 from .conftest import TINY, error_lines, run_cli, tiny_config, train_losses

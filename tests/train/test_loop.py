@@ -19,9 +19,9 @@ import pytest
 
 from metatrain.config import load_config
 from metatrain.data import global_batch
-from metatrain.paths import REPO_ROOT
-from metatrain.roles import Role
 from metatrain.errors import DivergedError
+from metatrain.io.paths import REPO_ROOT
+from metatrain.roles import Role
 from metatrain.train.loop import Hook, Trainer, train
 
 from .conftest import STEPS, TINY, read_records, tiny_config, train_losses
@@ -122,7 +122,7 @@ def first_batch_and_params(tmp_path_factory):
 
 
 def _loss_and_grads(setup, weights_override: str | None, targets: np.ndarray | None = None):
-    from metatrain.train.step import _loss_and_stats
+    from metatrain.run.step import _loss_and_stats
 
     model, config, params, local, sharding = setup
     if weights_override:

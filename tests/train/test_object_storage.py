@@ -13,9 +13,9 @@ import time
 import pytest
 
 from metatrain.errors import EXIT_PREEMPTED
-from metatrain.storage import as_path
-from metatrain.train import workdir as workdir_module
-from metatrain.train.workdir import ObjectLock, WorkdirLocked
+from metatrain.io.storage import as_path
+from metatrain.run import workdir as workdir_module
+from metatrain.run.workdir import ObjectLock, WorkdirLocked
 
 from .conftest import TINY, error_lines, run_cli
 

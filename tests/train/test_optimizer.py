@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from metatrain.config import OptimizerConfig
-from metatrain.train.optimizer import build_optimizer, learning_rate_schedule
+from metatrain.run.optimizer import build_optimizer, learning_rate_schedule
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
@@ -30,8 +30,8 @@ def test_scanned_norm_scales_are_not_decayed_and_matrices_are():
     import jax
 
     from metatrain.config import load_config
+    from metatrain.io.paths import CONFIGS_DIR
     from metatrain.models import Transformer
-    from metatrain.paths import CONFIGS_DIR
 
     model_config = load_config(CONFIGS_DIR / "tiny.yaml").model
     assert model_config.scan_layers

@@ -23,14 +23,15 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from metatrain.config import config_to_dict, load_config
 from metatrain.errors import UserError
-from metatrain.paths import DEFAULT_TAGS, REPO_ROOT
+from metatrain.io.paths import DEFAULT_TAGS, REPO_ROOT
+from metatrain.run.checkpoint import Checkpointer
+from metatrain.run.create import grow_train_state
+from metatrain.run.program import build_train_program
+from metatrain.run.state import init_state
 from metatrain.tokenizer import extend_tokenizer, load_registry
 from metatrain.tokenizer.resize import DEFAULT_NOISE_SCALE
-from metatrain.train.checkpoint import Checkpointer
 from metatrain.train.loop import train
-from metatrain.train.program import build_train_program
-from metatrain.train.resize import grow_train_state, resize_checkpoint
-from metatrain.train.state import init_state
+from metatrain.train.resize import resize_checkpoint
 
 TINY = REPO_ROOT / "configs" / "tiny.yaml"
 STEPS, MORE_STEPS = 4, 6

@@ -14,12 +14,13 @@ import pytest
 
 from metatrain.cli import main
 from metatrain.config import config_to_dict, load_config
-from metatrain.paths import DEFAULT_TAGS
-from metatrain.storage import as_path
+from metatrain.io.paths import DEFAULT_TAGS
+from metatrain.io.storage import as_path
+from metatrain.run.checkpoint import Checkpointer
+from metatrain.run.create import host_devices, on_one_device
+from metatrain.run.program import build_train_program
 from metatrain.tokenizer import extend_tokenizer, load_registry
-from metatrain.train.checkpoint import Checkpointer
-from metatrain.train.program import build_train_program
-from metatrain.train.resize import host_devices, on_one_device, resize_checkpoint
+from metatrain.train.resize import resize_checkpoint
 
 from .conftest import error_lines, run_cli, train_losses
 

@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 from metatrain.config import load_config
-from metatrain.paths import REPO_ROOT
+from metatrain.io.paths import REPO_ROOT
+from metatrain.run.resume import RESUMABLE_KEYS, ResumeRefused, config_differences, resumable_keys_doc
 from metatrain.train.loop import train
-from metatrain.train.resume import RESUMABLE_KEYS, ResumeRefused, config_differences, resumable_keys_doc
 
 from .conftest import error_lines, run_cli, tiny_config
 

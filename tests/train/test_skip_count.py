@@ -9,7 +9,7 @@ import re
 import pytest
 
 from metatrain.config import load_config
-from metatrain.paths import CONFIGS_DIR, SAMPLE_CORPUS
+from metatrain.io.paths import CONFIGS_DIR, SAMPLE_CORPUS
 from metatrain.train.loop import format_summary, train
 
 pytestmark = pytest.mark.hostile

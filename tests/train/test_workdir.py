@@ -11,8 +11,9 @@ import time
 
 import pytest
 
+from metatrain.run.layout import LOCK_FILE
+from metatrain.run.workdir import STALE_AFTER_S, WorkdirLock, WorkdirLocked
 from metatrain.train.loop import train
-from metatrain.train.workdir import LOCK_FILE, STALE_AFTER_S, WorkdirLock, WorkdirLocked
 
 from .conftest import TINY, error_lines, run_cli, tiny_config
 
@@ -28,7 +29,7 @@ def test_a_second_trainer_on_a_held_directory_exits_2_naming_the_holder_and_writ
     # The holder is another process: a real `metatrain train` run held at its start.
     holder = subprocess.Popen(
         [sys.executable, "-c", (
-            "import sys, time; from pathlib import Path; from metatrain.train.workdir import WorkdirLock\n"
+            "import sys, time; from pathlib import Path; from metatrain.run.workdir import WorkdirLock\n"
             f"lock = WorkdirLock(Path({str(workdir)!r})); lock.acquire(); print('held', flush=True); time.sleep(120)"
         )],
         stdout=subprocess.PIPE, text=True,

@@ -32,12 +32,12 @@ import orbax.checkpoint as ocp
 
 from metatrain.config import CheckpointConfig
 from metatrain.errors import FaultError, UserError, describe_cause
-from metatrain.storage import absolute, join, move_tree
-from metatrain.train.state import TrainState
+from metatrain.io.storage import absolute, join, move_tree
+from metatrain.run.layout import CHECKPOINTS_DIR
+from metatrain.run.state import TrainState
 
 #: Items of every checkpoint (the layout above).
 STATE_ITEM, DATA_ITEM, CONFIG_ITEM = "state", "data", "config"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 def split_step_dir(path: Path) -> tuple[Path, int] | None:

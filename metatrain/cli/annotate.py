@@ -7,7 +7,7 @@ import importlib
 import sys
 
 from metatrain.errors import UserError
-from metatrain.paths import SAMPLE_TOKENIZER
+from metatrain.io.paths import SAMPLE_TOKENIZER
 
 #: Modules that register a generator (`metatrain.annotate.generators.register_generator`).
 GENERATOR_MODULES: dict[str, str] = {

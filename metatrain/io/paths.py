@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REPO_ROOT: Path = Path(__file__).resolve().parent.parent
+REPO_ROOT: Path = Path(__file__).resolve().parent.parent.parent
 CONFIGS_DIR: Path = REPO_ROOT / "configs"
 DEFAULT_CONFIG: Path = CONFIGS_DIR / "default.yaml"
 DEFAULT_TAGS: Path = REPO_ROOT / "tokenizer" / "tags.yaml"

@@ -22,7 +22,7 @@ Two ways in, one per read path:
   lives and the compressed file is unchanged. For a big compressed corpus read again
   and again, `metatrain data cache` (which reads its inputs once, in order) is cheaper.
 
-Both accept a file in object storage (`gs://`, see `metatrain.storage`): its bytes are
+Both accept a file in object storage (`gs://`, see `metatrain.io.storage`): its bytes are
 read as a stream from the bucket, and a compressed one is decompressed as it arrives,
 into the same local spill file as a local one (only the decompressed copy is local;
 nothing is downloaded first).
@@ -33,13 +33,11 @@ need writers we do not control.
 
 from __future__ import annotations
 
-import atexit
 import bz2
 import gzip
 import io
 import lzma
 import os
-import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -47,7 +45,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from metatrain.errors import UserError, fault_from_os_error
-from metatrain.storage import StoragePath, as_path, file_size, is_remote
+from metatrain.io.spill import spill_directory
+from metatrain.io.storage import StoragePath, as_path, file_size, is_remote
 
 #: File-name suffix -> compression format read transparently.
 COMPRESSIONS: dict[str, str] = {".gz": "gzip", ".zst": "zstd", ".bz2": "bzip2", ".xz": "xz"}
@@ -154,23 +153,7 @@ def iter_lines(path: str | StoragePath) -> Iterator[bytes]:
             yield line
 
 
-_spill_dir: Path | None = None
 _spills: dict[tuple[str, int, int], Path] = {}
-
-
-def _remove_spill_dir(owner: int, directory: Path) -> None:
-    if os.getpid() == owner:  # never from a forked child that inherited the handler
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def spill_directory() -> Path:
-    """This process's private directory under `$TMPDIR` for spill files (decompressed
-    corpora, seqio Tasks), removed when the process that made it exits."""
-    global _spill_dir
-    if _spill_dir is None:
-        _spill_dir = Path(tempfile.mkdtemp(prefix="metatrain-spill-"))
-        atexit.register(_remove_spill_dir, os.getpid(), _spill_dir)
-    return _spill_dir
 
 
 def random_access_path(path: str | StoragePath) -> StoragePath:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from metatrain.errors import UserError
-from metatrain.storage import as_path
+from metatrain.io.storage import as_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

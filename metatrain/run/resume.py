@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from metatrain.errors import UserError
-from metatrain.storage import as_path
+from metatrain.io.storage import as_path
+from metatrain.run.layout import TAGS_FILE, TOKENIZER_FILE
 
 #: Keys that may differ from the checkpoint's config on resume, and why each is safe.
 RESUMABLE_KEYS: dict[str, str] = {
@@ -51,7 +52,7 @@ CHANGEABLE_ON_REQUEST: tuple[str, ...] = ("optimizer.", "loss.")
 ADDED_KEYS: dict[str, Any] = {"data.schedule": []}
 
 #: Keys compared by the content of the file they name, not by the path.
-CONTENT_KEYS: dict[str, str] = {"data.tokenizer": "tokenizer.model", "data.tags": "tags.yaml"}
+CONTENT_KEYS: dict[str, str] = {"data.tokenizer": TOKENIZER_FILE, "data.tags": TAGS_FILE}
 
 
 class ResumeRefused(UserError):

@@ -2,7 +2,7 @@
 
 A seqio Task is read once, in order, into two flat files under a private directory of
 `$TMPDIR` (int32 ids, int8 roles; offsets, split hashes and example numbers in memory),
-removed when the process that made it exits (`metatrain.compression.spill_directory`). `SpilledExamples` serves `examples[i]` from
+removed when the process that made it exits (`metatrain.io.spill.spill_directory`). `SpilledExamples` serves `examples[i]` from
 memory maps, pickles as paths and small arrays (so grain's worker processes need not
 import TensorFlow), and `TaskReader` turns an index into a training example of its split.
 """
@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from metatrain.compression import spill_directory
 from metatrain.data.packing import shift_document
 from metatrain.data.split import in_split
+from metatrain.io.spill import spill_directory
 from metatrain.roles import ROLE_DTYPE
+
 
 def _content_hash(ids: np.ndarray, roles: np.ndarray) -> int:
     """The example's split hash: seqio examples have no id, so their tokens stand for one."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from metatrain.paths import DEFAULT_TAGS
+from metatrain.io.paths import DEFAULT_TAGS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

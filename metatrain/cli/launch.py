@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from metatrain.launch.validate import placeholder
 
@@ -139,12 +140,19 @@ def _register_slurm(targets: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_launch_slurm)
 
 
+def parse_train_words(words: Sequence[str]) -> argparse.Namespace:
+    """`words` (`train [train args]`) parsed by metatrain's own parser, as the job will be."""
+    from metatrain.cli import build_parser
+
+    return build_parser().parse_args(list(words))
+
+
 def run_launch_local(args: argparse.Namespace) -> int:
     from metatrain.launch.local import run_local
     from metatrain.launch.plan import check_run_shape, parse_train_command, strip_separator
 
     words = strip_separator(args.train_command)
-    train = parse_train_command(words)  # refuse a run that cannot start before starting P processes
+    train = parse_train_command(words, parse=parse_train_words)  # refuse a run that cannot start before starting P processes
     if args.processes >= 1 and args.devices_per_process >= 1:
         check_run_shape(train.config, args.processes * args.devices_per_process, args.processes)
     return run_local(
@@ -172,7 +180,7 @@ def run_launch_tpu(args: argparse.Namespace) -> int:
         workload=args.workload, git_url=args.git_url, git_ref=args.git_ref, code_dir=args.code_dir,
         setup=args.setup, max_restarts=args.max_restarts, env=parse_env_assignments(args.env),
     )
-    return _finish(tpu_plan(options, parse_train_command(args.train_command, paths="checkout")), args.dry_run)
+    return _finish(tpu_plan(options, parse_train_command(args.train_command, parse=parse_train_words, paths="checkout")), args.dry_run)
 
 
 def run_launch_gke(args: argparse.Namespace) -> int:
@@ -185,7 +193,7 @@ def run_launch_gke(args: argparse.Namespace) -> int:
         code_dir=args.code_dir, max_restarts=args.max_restarts, grace_period_s=args.grace_period,
         env=parse_env_assignments(args.env),
     )
-    return _finish(gke_plan(options, parse_train_command(args.train_command, paths="checkout")), args.dry_run)
+    return _finish(gke_plan(options, parse_train_command(args.train_command, parse=parse_train_words, paths="checkout")), args.dry_run)
 
 
 def run_launch_slurm(args: argparse.Namespace) -> int:
@@ -198,7 +206,7 @@ def run_launch_slurm(args: argparse.Namespace) -> int:
         account=args.account, time=args.time, job_name=args.job_name, cpus_per_task=args.cpus_per_task,
         port=args.port, signal_seconds=args.signal_seconds, env=parse_env_assignments(args.env), **extra,
     )
-    return _finish(slurm_plan(options, parse_train_command(args.train_command, paths="shared")), args.dry_run)
+    return _finish(slurm_plan(options, parse_train_command(args.train_command, parse=parse_train_words, paths="shared")), args.dry_run)
 
 
 # -- compile --------------------------------------------------------------------------------

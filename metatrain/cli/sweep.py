@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from metatrain.errors import UserError
-from metatrain.storage import StoragePath, as_path
+from metatrain.io.storage import StoragePath, as_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

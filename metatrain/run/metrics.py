@@ -5,7 +5,7 @@ Only process 0 writes. Metric keys are a contract read by scripts and by
 `learning_rate`, `grad_norm`, `tokens_per_sec`, `step_time`, `mfu`.
 
 In a work directory in a bucket, `metrics.jsonl` is appended by GCS compose
-(`metatrain.storage.ObjectAppender`): lines reach the bucket every 30 s, before each
+(`metatrain.io.storage.ObjectAppender`): lines reach the bucket every 30 s, before each
 checkpoint is saved and at the end, so every step up to a checkpoint is logged there.
 TensorBoard's event files are written there by tensorboardX itself.
 """
@@ -20,8 +20,9 @@ from typing import Mapping
 import numpy as np
 
 from metatrain.errors import fault_from_os_error
-from metatrain.storage import ObjectAppender, as_path, is_remote
+from metatrain.io.storage import ObjectAppender, as_path, is_remote
 from metatrain.roles import LOSS_ROLE_LABELS
+from metatrain.run.layout import METRICS_FILE, TENSORBOARD_DIR
 
 
 def role_metrics(sums: Mapping[str, float], prefix: str = "") -> dict[str, float | None]:
@@ -93,7 +94,7 @@ class MetricsWriter:
 
     def __init__(self, workdir: Path, enabled: bool = True):
         self.enabled = enabled
-        self.path = as_path(workdir) / "metrics.jsonl"
+        self.path = as_path(workdir) / METRICS_FILE
         self._file = None
         self._tb = None
 
@@ -110,7 +111,7 @@ class MetricsWriter:
 
             if is_remote(str(self.path)):
                 _register_gcs_event_writer()
-            self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+            self._tb = SummaryWriter(str(self.path.parent / TENSORBOARD_DIR))
         except ImportError:  # TensorBoard output is optional; metrics.jsonl is not.
             self._tb = None
 

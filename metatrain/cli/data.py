@@ -8,9 +8,9 @@ import sys
 
 from metatrain.data.cache import cache_stats, write_cache
 from metatrain.data.sources import EncoderSpec
-from metatrain.paths import DEFAULT_TAGS
-from metatrain.roles import LOSS_ROLE_LABELS
 from metatrain.errors import UserError
+from metatrain.io.paths import DEFAULT_TAGS
+from metatrain.roles import LOSS_ROLE_LABELS
 from metatrain.tokenizer.mantra import MANTRA_POLICIES, check_mantra
 
 

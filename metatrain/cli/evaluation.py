@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from metatrain.errors import UserError
-from metatrain.storage import as_path, is_remote
+from metatrain.io.storage import as_path, is_remote
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -84,7 +84,7 @@ def _checkpoint(workdir: Path, step: int | None) -> Path | None:
     """The step directory `--step` names, refused with the steps there are."""
     if step is None:
         return None
-    from metatrain.train.checkpoint import CHECKPOINTS_DIR
+    from metatrain.run.layout import CHECKPOINTS_DIR
 
     directory = workdir / CHECKPOINTS_DIR
     path = directory / str(step)
@@ -101,7 +101,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from metatrain.evaluation.documents import file_documents, split_documents
     from metatrain.evaluation.report import EvalSettings, evaluate_checkpoint, format_report
     from metatrain.generate.checkpoint import load_checkpoint
-    from metatrain.outputs import write_atomically
+    from metatrain.io.outputs import write_atomically
 
     _check_args(args)
     workdir = args.workdir

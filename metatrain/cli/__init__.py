@@ -1,7 +1,9 @@
 """The `metatrain` command: parses arguments and hands off to the part that owns them.
 
-Each part registers its own subcommands from a small `cli` module exposing
-`register(subparsers)`; every subcommand sets `func(args) -> int`.
+Every command lives in this folder, one module per command group, each exposing
+`register(subparsers)`; every subcommand sets `func(args) -> int`, which parses its
+arguments and makes one call into the library that owns the work. Nothing below this
+folder imports it (the import-linter contract in pyproject.toml).
 
 Errors (`metatrain.errors`) are printed as one line and end the command with their exit
 status (the README's table); an `OSError` that escaped the parts' own handling is a
@@ -31,17 +33,17 @@ from metatrain.errors import (
 )
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "metatrain.tokenizer.cli",
-    "metatrain.data.cli",
-    "metatrain.models.cli",
-    "metatrain.train.cli",
-    "metatrain.generate.cli",
-    "metatrain.serve.cli",
-    "metatrain.launch.cli",
-    "metatrain.sweep.cli",
-    "metatrain.annotate.cli",
-    "metatrain.hf.cli",
-    "metatrain.evaluation.cli",
+    "metatrain.cli.tokenizer",
+    "metatrain.cli.data",
+    "metatrain.cli.models",
+    "metatrain.cli.train",
+    "metatrain.cli.generate",
+    "metatrain.cli.serve",
+    "metatrain.cli.launch",
+    "metatrain.cli.sweep",
+    "metatrain.cli.annotate",
+    "metatrain.cli.hf",
+    "metatrain.cli.evaluation",
 )
 
 #: Commands that, started by a launcher on every host, join the run before they start.
@@ -56,13 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print tracebacks with errors (also METATRAIN_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):  # part not built yet
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
@@ -124,7 +120,3 @@ def _report(command: str, error: Exception) -> int:
     kind = "fault" if isinstance(known, FaultError) else "error"
     print(f"metatrain {command}: {kind}: {known}", file=sys.stderr)
     return known.exit_code if isinstance(known.exit_code, int) else EXIT_FAULT
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ Directory outputs (a token cache, a resized work directory) are built the same w
 `staging_dir` makes a fresh temporary directory beside the target and `publish_dir`
 renames it into place, refusing a target that exists and is not an empty directory.
 
-**Object storage** (`gs://`, see `metatrain.storage`) has no rename, no symlinks and no
+**Object storage** (`gs://`, see `metatrain.io.storage`) has no rename, no symlinks and no
 devices, and replaces an object atomically: a file output is streamed into one upload
 that is committed only on a clean exit (an error cancels it, and the old object stays).
 A directory output is built in place, since a prefix cannot be renamed; its writer
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO
 
 from metatrain.errors import UserError
-from metatrain.storage import StoragePath, as_path, is_remote, remove_tree
+from metatrain.io.storage import StoragePath, as_path, is_remote, remove_tree
 
 PathLike = str | os.PathLike[str]
 

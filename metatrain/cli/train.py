@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from metatrain.paths import DEFAULT_CONFIG, REPO_ROOT
-from metatrain.storage import as_path
+from metatrain.io.storage import as_path
+from metatrain.run.resolve import resolve_run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,44 +31,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
 
-def resolve_run(config_path: Path | None, workdir: Path | None, overrides: list[str]):
-    """The config and work directory a `train` invocation means (also used by `launch`).
-
-    Without `--config`, a work directory's own `config.yaml` is used; where that is
-    missing but checkpoints exist, the config stored in the newest readable checkpoint.
-    """
-    from metatrain.config import load_config, load_config_dict
-
-    if workdir is None:
-        name = (config_path or DEFAULT_CONFIG).stem
-        workdir = REPO_ROOT / "runs" / name
-    saved = workdir / "config.yaml"
-    if config_path is None:
-        if saved.is_file():
-            config_path = saved  # resuming: the run's own resolved config
-        else:
-            stored = _checkpoint_config(workdir)
-            if stored is not None:
-                step, config = stored
-                return load_config_dict(config, overrides, where=f"{workdir}/checkpoints/{step} (config)"), workdir
-    return load_config(config_path, overrides), workdir
-
-
-def _checkpoint_config(workdir: Path) -> tuple[int, dict] | None:
-    """(step, config) of the newest checkpoint whose config item reads, or None."""
-    if not (workdir / "checkpoints").is_dir():
-        return None
-    from metatrain.train.checkpoint import Checkpointer
-
-    checkpointer = Checkpointer(workdir, read_only=True)
-    for step in reversed(checkpointer.all_steps()):
-        try:
-            return step, checkpointer.read_config(step)
-        except Exception:  # noqa: BLE001 - damaged: the trainer reports it and falls back
-            continue
-    return None
-
-
 def run_train(args: argparse.Namespace) -> int:
     import sys
 
@@ -91,7 +52,7 @@ def run_train(args: argparse.Namespace) -> int:
         # The embedded default run ends with a short sample of what it learnt. Training
         # has succeeded by now: a failure to sample is reported, never raised.
         try:
-            from metatrain.generate.cli import training_sample
+            from metatrain.cli.generate import training_sample
 
             print(training_sample(workdir))
         except Exception as e:  # noqa: BLE001

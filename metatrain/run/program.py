@@ -27,9 +27,10 @@ from metatrain.parallel.mesh import (
     check_fits,
     mesh_axes_of,
 )
-from metatrain.train.optimizer import build_optimizer, learning_rate_schedule
-from metatrain.train.state import TrainState, abstract_state, state_shardings
-from metatrain.train.step import make_eval_step, make_train_step
+from metatrain.run.optimizer import build_optimizer, learning_rate_schedule
+from metatrain.run.state import TrainState, abstract_state, state_shardings
+from metatrain.run.step import make_eval_step, make_train_step
+
 
 def loss_sharding_for(mesh: Mesh, rules: LogicalRules) -> LossSharding:
     """How the loss kernel sees the mesh: rows on the `batch` axes, vocabulary on `vocab`'s.

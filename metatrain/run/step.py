@@ -2,7 +2,7 @@
 
 Metrics leave the step as *sums* (negative log-likelihood, token counts and correct
 predictions per role) so that they can be added across steps, micro-batches and
-hosts before being turned into means; see `metatrain.train.metrics`.
+hosts before being turned into means; see `metatrain.run.metrics`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from metatrain.kernels import LossSharding
 from metatrain.loss import joint_loss
 from metatrain.models import ModelConfig, Transformer, output_projection
 from metatrain.roles import Role
-from metatrain.train.state import TrainState
+from metatrain.run.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -74,7 +74,7 @@ def make_train_step(
     """Build the step. Gradients are of the global weighted mean, however it is split.
 
     `loss_sharding` runs the fused loss under `shard_map` with that layout (required for
-    Pallas kernels on a multi-device mesh; see `metatrain.train.program`).
+    Pallas kernels on a multi-device mesh; see `metatrain.run.program`).
 
     With `grad_accum = A`, the batch is processed as A micro-batches in a `lax.scan`;
     each contributes (its weighted-mean loss x its weight sum / the batch's weight sum),

@@ -5,7 +5,7 @@
     WORKDIR/config.yaml      the resolved config (written once the run has started)
     WORKDIR/tokenizer.model  copies of what the run uses
     WORKDIR/tags.yaml
-    WORKDIR/checkpoints/     `metatrain.train.checkpoint`
+    WORKDIR/checkpoints/     `metatrain.run.checkpoint`
     WORKDIR/metrics.jsonl, WORKDIR/tensorboard/
 
 The lock is an exclusive `flock` on `train.lock`, taken before anything else is written.
@@ -40,11 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from metatrain.errors import FaultError, UserError, describe_cause
-from metatrain.outputs import write_atomically
-from metatrain.storage import absolute, as_path, gcs_blob, is_remote
+from metatrain.io.outputs import write_atomically
+from metatrain.io.storage import absolute, as_path, gcs_blob, is_remote
+from metatrain.run.layout import CONFIG_FILE, LOCK_FILE, RUN_FILE, TAGS_FILE, TOKENIZER_FILE
 
-LOCK_FILE = "train.lock"
-RUN_FILE = "run.json"
 #: Seconds between the holder's rewrites of its lock file.
 HEARTBEAT_S: float = 15.0
 #: A lock file from another host whose heartbeat is older than this is stale.
@@ -431,7 +430,7 @@ def check_origin(workdir: Path, config_file: Path | None, allow_other_config: bo
         return
     config_file = absolute(config_file)
     workdir = absolute(workdir)
-    if str(config_file) == str(workdir / "config.yaml"):
+    if str(config_file) == str(workdir / CONFIG_FILE):
         return
     origin = read_run_file(workdir).get("config_file")
     if origin and str(absolute(origin)) != str(config_file):
@@ -454,19 +453,19 @@ def prepare_workdir(config: Any, workdir: Path, config_file: Path | None) -> Non
 
     workdir = as_path(workdir)
     copies = []
-    for src, name in ((config.data.tokenizer, "tokenizer.model"), (config.data.tags, "tags.yaml")):
+    for src, name in ((config.data.tokenizer, TOKENIZER_FILE), (config.data.tags, TAGS_FILE)):
         src_path = as_path(src)
         if not src_path.is_file():
             raise UserError(f"data: file {src} does not exist (needed by the run, copied into {workdir})")
         copies.append((src_path, workdir / name))
     try:
-        save_config(config, workdir / "config.yaml")
+        save_config(config, workdir / CONFIG_FILE)
         for src_path, dst in copies:
             data = src_path.read_bytes()
             if not dst.exists() or dst.read_bytes() != data:
                 write_atomically(dst, data, option="run file")
         run = read_run_file(workdir)
-        if config_file is not None and str(absolute(config_file)) != str(absolute(workdir / "config.yaml")):
+        if config_file is not None and str(absolute(config_file)) != str(absolute(workdir / CONFIG_FILE)):
             # `check_origin` refused any other file unless the user adopted it explicitly.
             run["config_file"] = str(absolute(config_file))
             run.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))

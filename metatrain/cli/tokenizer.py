@@ -16,10 +16,10 @@ from pathlib import Path
 
 from metatrain.documents import SkipCounter, read_documents
 from metatrain.errors import UserError
-from metatrain.outputs import atomic_output, check_output_file
-from metatrain.paths import DEFAULT_TAGS
+from metatrain.io.outputs import atomic_output, check_output_file
+from metatrain.io.paths import DEFAULT_TAGS
+from metatrain.io.storage import as_path
 from metatrain.roles import Role
-from metatrain.storage import as_path
 from metatrain.tokenizer.build import extend_tokenizer, train_tokenizer
 from metatrain.tokenizer.encoder import EncodeError, Encoder
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA, MANTRA_POLICIES, check_mantra
@@ -54,7 +54,7 @@ def encode_jsonl(
 
     Bad records (unreadable, invalid, or rejected by the grammar) are skipped and
     counted, or in strict mode stop the run. `output` is replaced atomically when the
-    run completes with at least one document (`metatrain.outputs`); it may not be one
+    run completes with at least one document (`metatrain.io.outputs`); it may not be one
     of `inputs` or of `also_reads` (the tokenizer, tags and mantra files), nor anything
     but a regular file.
 

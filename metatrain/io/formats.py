@@ -4,7 +4,7 @@ A file's name says its format (`format_of`):
 
     *.parquet                     Parquet
     *.array_record                ArrayRecord (TFDS-style shards too: *.array_record-00000-of-00008)
-    anything else                 JSON Lines, plain or compressed (`metatrain.compression`)
+    anything else                 JSON Lines, plain or compressed (`metatrain.io.compression`)
 
 Records are numbered from 1 in their file, like lines (0 names the file itself in a
 `RecordError`). `load_record` turns one raw record into the JSON value a JSON Lines line
@@ -12,7 +12,7 @@ parses to, so that `metatrain.documents.parse_document` (and the annotate reader
 records of every format with the same code and the same messages:
 
 - a JSON Lines line, or an ArrayRecord record (the same bytes: one JSON document),
-  parsed within the limits of `metatrain.strict_parsing`; a blank one is no record;
+  parsed within the limits of `metatrain.io.strict_parsing`; a blank one is no record;
 - a Parquet row, a dict of its columns. A file with a `segments` column holds metatrain
   documents: a list of structs {kind, text, mode?, control?}, or the JSON text of that
   list. A file with a `text` column holds text-only documents: the text becomes the
@@ -29,7 +29,7 @@ Two ways in, as for compressed JSON Lines:
   `metatrain.data.sources.JsonlLines`): `records[i]` is `(path, number, raw record)`.
   Both are pickled into grain's worker processes and open their files lazily there.
 
-Every file may be in object storage (`gs://...`, see `metatrain.storage`), read where it
+Every file may be in object storage (`gs://...`, see `metatrain.io.storage`), read where it
 lies: JSON Lines as a stream, Parquet through pyarrow on the bucket's fsspec file system
 (the footer, then only the row groups read), ArrayRecord by its own `gs://` client.
 
@@ -39,6 +39,7 @@ A file that is not valid Parquet or ArrayRecord is a `UserError` naming it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import re
@@ -48,10 +49,10 @@ from typing import Any
 
 import numpy as np
 
-from metatrain.compression import iter_lines
-from metatrain.errors import RecordError, UserError
-from metatrain.storage import StoragePath, as_path, is_remote, os_reason
-from metatrain.strict_parsing import DuplicateKeyError, JsonLimitError, describe_json_error, loads_json
+from metatrain.errors import UserError
+from metatrain.io.compression import iter_lines
+from metatrain.io.storage import StoragePath, as_path, is_remote, os_reason
+from metatrain.io.strict_parsing import DuplicateKeyError, JsonLimitError, describe_json_error, loads_json
 
 JSONL, PARQUET, ARRAY_RECORD = "jsonl", "parquet", "array_record"
 _ARRAY_RECORD_NAME = re.compile(r"\.array_record(-\d+-of-\d+)?$")
@@ -69,6 +70,36 @@ def format_of(path: str | Path) -> str:
     return ARRAY_RECORD if _ARRAY_RECORD_NAME.search(name) else JSONL
 
 
+@dataclasses.dataclass(frozen=True)
+class RecordError(UserError):
+    """One invalid input record.
+
+    Attributes:
+        path: file the record came from.
+        line: 1-based line number in that file (row of a Parquet file, record of an
+            ArrayRecord file; 0: the file itself).
+        reason: why the record was refused.
+        doc_id: the document's `id`, when it could be read.
+    """
+
+    path: str
+    line: int
+    reason: str
+    doc_id: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}"
+        if self.line > 0:  # rows of a Parquet file and records of an ArrayRecord file are not lines
+            kind = format_of(self.path)
+            if kind == PARQUET:
+                where = f"{self.path}, row {self.line}"
+            elif kind == ARRAY_RECORD:
+                where = f"{self.path}, record {self.line}"
+        if self.doc_id is not None:
+            where += f" (document {self.doc_id!r})"
+        return f"{where}: {self.reason}"
+
+
 # -- one raw record -> its JSON value -------------------------------------------------------
 
 
@@ -80,7 +111,7 @@ def load_record(raw: bytes | Mapping, *, path: str, line: int) -> Any:
 
     Raises:
         RecordError: the bytes are not valid UTF-8, not JSON, or past the JSON limits
-            (`metatrain.strict_parsing`); a Parquet row has a null id, a null or empty text.
+            (`metatrain.io.strict_parsing`); a Parquet row has a null id, a null or empty text.
     """
     if isinstance(raw, Mapping):
         return _row_value(raw, path=path, line=line)

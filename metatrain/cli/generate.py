@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from metatrain.storage import as_path
+from metatrain.io.storage import as_path
 
 #: Prompt of the sample printed after the default training run (the sample corpus's
 #: documents open with "Background:").
