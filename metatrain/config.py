@@ -56,7 +56,7 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RoleWeights:
-    """Weight of each role's next-token loss in the joint objective (DESIGN.md section 3).
+    """Weight of each role's next-token loss in the joint objective (docs/design.md section 3).
 
     A weight of 0 removes that role from loss and gradient (its loss is still reported).
     """

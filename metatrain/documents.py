@@ -1,4 +1,4 @@
-"""Documents: the JSON Lines input format (DESIGN.md section 3) and its validating reader.
+"""Documents: the JSON Lines input format (docs/design.md section 3) and its validating reader.
 
 One document per line:
 

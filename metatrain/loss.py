@@ -1,4 +1,4 @@
-"""The joint loss: role-weighted next-token cross entropy (DESIGN.md section 3).
+"""The joint loss: role-weighted next-token cross entropy (docs/design.md section 3).
 
     L = Σ_t w[role_t] · nll_t / Σ_t w[role_t]  +  z_loss · Σ_t w[role_t] · lse_t² / Σ_t w[role_t]
 

@@ -1,7 +1,7 @@
 """The role of every token, the one definition used by encoder, data, loss and metrics.
 
 A role says what part of a document a token came from. The joint loss weights the
-next-token cross entropy by the role of the *target* token (DESIGN.md section 3);
+next-token cross entropy by the role of the *target* token (docs/design.md section 3);
 `PAD` marks targets that take no loss at all (padding, and targets that would cross
 a packed-document boundary).
 """
@@ -14,7 +14,7 @@ import numpy as np
 
 
 class Role(enum.IntEnum):
-    """Token roles, stored as int8 in `target_roles` (batch contract, DESIGN.md section 4)."""
+    """Token roles, stored as int8 in `target_roles` (batch contract, docs/design.md section 4)."""
 
     PAD = 0
     TEXT = 1

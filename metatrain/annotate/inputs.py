@@ -7,7 +7,7 @@ suffix `.gz`, `.zst`, `.bz2` or `.xz` may follow; see `metatrain.io.compression`
 
       {"id": "a-1", "text": "The study found ...", "title": "...", "url": "..."}
 
-  or a metatrain document (DESIGN.md section 3), whose thinking is kept
+  or a metatrain document (docs/design.md section 3), whose thinking is kept
 
       {"id": "a-2", "segments": [{"kind": "text", "text": "..."}], "mode": "human"}
 

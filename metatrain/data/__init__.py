@@ -1,4 +1,4 @@
-"""The data pipeline (DESIGN.md sections 3-5): documents in, batches of the batch contract out.
+"""The data pipeline (docs/design.md sections 3-5): documents in, batches of the batch contract out.
 
     config.py     `DataConfig`, `SourceConfig`
     sources.py    document sources (JSON Lines lines, Parquet rows, ArrayRecord records) and the record reader

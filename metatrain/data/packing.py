@@ -1,4 +1,4 @@
-"""From encoded documents to rows of the batch contract (DESIGN.md section 4).
+"""From encoded documents to rows of the batch contract (docs/design.md section 4).
 
 Each encoded document `[BOS] body [EOS]` (ids and roles, length n) becomes one
 training example of n - 1 positions *before* packing:

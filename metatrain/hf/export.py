@@ -14,7 +14,7 @@
 `AutoModelForCausalLM.from_pretrained(OUT)` and `AutoTokenizer.from_pretrained(OUT)` load it
 with no custom code. Tags are special tokens of the tokenizer, and `split_special_tokens`
 is on in its config, so a literal `<AI>` in text encodes as characters, never as the tag
-(DESIGN.md section 2); the tag ids are reached with `convert_tokens_to_ids`. The tokenizer
+(docs/design.md section 2); the tag ids are reached with `convert_tokens_to_ids`. The tokenizer
 is checked against SentencePiece before the directory is published.
 
 The directory is built beside OUT and renamed into place when complete. In a bucket

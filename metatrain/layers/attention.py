@@ -1,6 +1,6 @@
 """Grouped-query self-attention, causal and restricted to each packed document.
 
-Packed rows hold several documents end to end (DESIGN.md section 4); a query may only
+Packed rows hold several documents end to end (docs/design.md section 4); a query may only
 see keys of its own document (equal `segment_ids`) at or before its own position.
 Grouped-query attention (Ainslie et al. 2023) shares each key/value head among
 `n_heads / n_kv_heads` query heads: query head `n` reads key/value head

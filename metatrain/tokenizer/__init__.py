@@ -1,4 +1,4 @@
-"""Tags, grammar, encoding and SentencePiece tools (DESIGN.md sections 2-3).
+"""Tags, grammar, encoding and SentencePiece tools (docs/design.md sections 2-3).
 
     registry.py  the tag registry YAML -> `TagRegistry`
     grammar.py   `Grammar`: the tag state machine, scalar and array forms

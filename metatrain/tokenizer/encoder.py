@@ -1,6 +1,6 @@
 """Documents to `(ids, roles)` and back: tags from structure, text from SentencePiece.
 
-Layout of an encoded document (DESIGN.md sections 2-3), every tag one token:
+Layout of an encoded document (docs/design.md sections 2-3), every tag one token:
 
     BOS  [mode tags to the document's mode]
          per segment: [mode tag if it changes mode] [control tag] body

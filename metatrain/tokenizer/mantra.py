@@ -1,6 +1,6 @@
 """The mantra that opens thinking blocks, and the policy saying which blocks get it.
 
-DESIGN.md section 1: every thinking block begins with a fixed mantra so that each
+docs/design.md section 1: every thinking block begins with a fixed mantra so that each
 thought starts from the same foundation. Policies other than `every` exist for
 ablations and token budgets.
 """

@@ -16,7 +16,7 @@ H, A, Q = State("human"), State("ai"), State("ai_quoting_human")
 HT, AT = State("human", True), State("ai", True)
 CONTROLS = ("<|good|>", "<|bad|>")
 
-# Every legal move of the default grammar, written out by hand (DESIGN.md sections 1-2).
+# Every legal move of the default grammar, written out by hand (docs/design.md sections 1-2).
 # Anything not listed here must be illegal.
 LEGAL = {
     (H, "<thinking>"): HT,
