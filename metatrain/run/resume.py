@@ -151,6 +151,6 @@ def check_resume(
 
 
 def resumable_keys_doc(keys: Iterable[str] = RESUMABLE_KEYS) -> str:
-    """The Markdown table of `RESUMABLE_KEYS` (kept in the README; a test compares)."""
+    """The Markdown table of `RESUMABLE_KEYS` (kept in docs/train.md; a test compares)."""
     rows = [f"| `{k}{'*' if k.endswith('.') else ''}` | {RESUMABLE_KEYS[k]} |" for k in keys]
     return "\n".join(["| key | why it may change |", "| --- | --- |", *rows])

@@ -15,7 +15,7 @@ its lock file every `HEARTBEAT_S` seconds: on a shared filesystem where `flock` 
 reach across hosts, a lock written on another host is honoured while its heartbeat is
 younger than `STALE_AFTER_S`, and taken over (with a warning) once it is older, so a run
 rescheduled onto a new VM after a preemption is not stranded. In a multi-process run
-process 0 holds the lock for all; see the README for the shared-filesystem caveats.
+process 0 holds the lock for all; see docs/train.md ("One owner") for the shared-filesystem caveats.
 
 A work directory in a bucket (`gs://`) is locked by `ObjectLock` instead: `train.lock`
 is created only if it does not exist (a GCS generation precondition, atomic on the

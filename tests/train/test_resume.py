@@ -105,9 +105,9 @@ def test_tokenizer_paths_compare_by_content(run, tmp_path):
     assert [k for k, _, _ in config_differences(old, new, run)] == ["data.tokenizer"]
 
 
-def test_the_readme_documents_the_keys_that_may_change():
-    readme = (REPO_ROOT / "README.md").read_text()
-    assert resumable_keys_doc() in readme
+def test_the_training_reference_documents_the_keys_that_may_change():
+    reference = (REPO_ROOT / "docs" / "train.md").read_text()
+    assert resumable_keys_doc() in reference
     assert all(re.match(r"^[a-z_]+\.([a-z_]+)?$", k) for k in RESUMABLE_KEYS)
 
 
