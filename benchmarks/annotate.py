@@ -123,7 +123,7 @@ class ServerHandle:
 
 
 def annotate(corpus: Path, out: Path, generator, concurrency: int, *, min_chars: int = 8, retries: int = 2):
-    """The CLI's path (`metatrain.cli.annotate.run_annotate`) without argument parsing."""
+    """The CLI's path (`metatrain.annotate.pipeline.annotate_corpus`) without argument parsing."""
     from metatrain.annotate.checks import BlockChecks
     from metatrain.annotate.inputs import read_raw_documents
     from metatrain.annotate.placement import PlacementConfig

@@ -57,7 +57,7 @@ def eval_parts(workdir: Path) -> list[tuple[str, float]]:
     from metatrain.config import load_config_dict
     from metatrain.evaluation.documents import split_documents
     from metatrain.evaluation.report import EvalSettings, evaluate_checkpoint
-    from metatrain.generate.checkpoint import load_checkpoint
+    from metatrain.run.reader import load_checkpoint
 
     out = Path(tempfile.mkdtemp(prefix="eval-bench-"))
     rows = [("metatrain eval (whole command, cold)", _run(["eval", "--workdir", str(workdir), "--out", str(out)]))]

@@ -1,14 +1,18 @@
-"""The JSON Lines document format: parsing, and the reader's skip-count-or-stop behaviour."""
+"""The JSON Lines document format: parsing, and the reader's skip-count-or-stop behaviour;
+files read from local disk and from a bucket (`store`)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 
 import pytest
 
 from metatrain.documents import Document, Segment, SkipCounter, parse_document, read_documents
+from metatrain.errors import UserError
 from metatrain.io.formats import RecordError
+from metatrain.io.storage import as_path
 
 GOOD = {"id": "d1", "mode": "ai", "source": "meta is kept out of the way",
         "segments": [{"kind": "text", "text": "Hello\n"},
@@ -120,9 +124,34 @@ def test_reader_reads_several_files_in_order(tmp_path):
     assert [d.id for d in read_documents([a, str(b)])] == ["ok-0", "ok-1", "ok-2"]
 
 
-def test_reader_refuses_a_missing_file(tmp_path):
-    with pytest.raises(RecordError, match="cannot open"):
-        list(read_documents(tmp_path / "missing.jsonl"))
+def test_reader_refuses_a_missing_file_in_one_line_naming_it(store):
+    missing = f"{store}/missing.jsonl"
+    with pytest.raises(RecordError, match="cannot open: No such file or directory") as raised:
+        list(read_documents(missing))
+    assert raised.value.path == missing and "\n" not in str(raised.value)
+
+
+def test_a_file_in_a_store_reads_like_the_local_file(store, tmp_path):
+    _write(tmp_path / "d.jsonl", [GOOD, "{broken", *(_doc(i) for i in range(11)), BAD_LINES[1]])
+    store.upload("d.jsonl", tmp_path / "d.jsonl")
+    want = list(read_documents(tmp_path / "d.jsonl"))
+    assert len(want) == 12 and list(read_documents(f"{store}/d.jsonl")) == want
+
+
+@pytest.mark.bucket
+def test_read_documents_expands_a_remote_glob(bucket, tmp_path):
+    """Only a remote glob is expanded (no shell expands one); a local path is read as it is."""
+    docs = [_doc(i) for i in range(9)]
+    _write(tmp_path / "a.jsonl", docs[:4])
+    _write(tmp_path / "b.jsonl", docs[4:])
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress((tmp_path / "b.jsonl").read_bytes()))
+    for name in ("a.jsonl", "b.jsonl.gz"):
+        as_path(f"{bucket}/docs/{name}").write_bytes((tmp_path / name).read_bytes())
+    as_path(f"{bucket}/docs/notes.txt").write_text("Not matched by the glob.\n")
+    want = list(read_documents([tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"]))
+    assert len(want) == len(docs) and list(read_documents(f"{bucket}/docs/*.jsonl*")) == want
+    with pytest.raises(UserError, match=f"^input {bucket}/none/\\*.jsonl: the pattern matches no file$"):
+        list(read_documents(f"{bucket}/none/*.jsonl"))
 
 
 def test_reader_splits_lines_only_at_newline_bytes(tmp_path):

@@ -2,17 +2,14 @@
 
 Pathological records (nesting a million levels deep, 100,000-digit numbers, 1e400, a
 10 MB key) are record errors, skipped and counted with file and line; compressed
-corpora are read (and compressed files under plain names are named as such); a
+corpora are read by the commands (the reading itself: tests/io/test_compression.py); a
 leading byte order mark keeps its document; JSON errors say "at column" once.
 """
 
 from __future__ import annotations
 
-import bz2
 import gzip
 import json
-import lzma
-import pickle
 
 import pytest
 import zstandard
@@ -25,14 +22,12 @@ from metatrain.io.formats import RecordError
 from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
 from metatrain.io.strict_parsing import MAX_JSON_DEPTH, MAX_JSON_KEY_LENGTH
 
+from .conftest import good_record, line_records, write_lines
+
 pytestmark = pytest.mark.hostile
 
 SPEC = EncoderSpec(str(SAMPLE_TOKENIZER), str(DEFAULT_TAGS), None, "every")
 SEGMENTS = '"segments": [{"kind": "text", "text": "The river floods in spring."}]'
-
-
-def _good(i: int) -> bytes:
-    return json.dumps({"id": f"ok-{i}", "segments": [{"kind": "text", "text": f"Good document {i}."}]}).encode()
 
 
 def _with_meta(doc_id: str, meta: str) -> bytes:
@@ -55,22 +50,13 @@ HOSTILE = [
 HOSTILE_IDS = [name for name, _, _ in HOSTILE]
 
 
-def _write(path, lines: list[bytes], opener=open) -> None:
-    with opener(path, "wb") as f:
-        f.write(b"".join(line + b"\n" for line in lines))
-
-
-def _records(lines: JsonlLines) -> list[tuple[str, int, bytes]]:
-    return [lines[i] for i in range(len(lines))]
-
-
 def test_the_depth_limit_itself_and_brackets_inside_strings_are_fine(tmp_path):
     path = tmp_path / "docs.jsonl"
     # the document is the outermost level, `meta` adds the rest: MAX_JSON_DEPTH in all
     at_limit = _with_meta("d64", "[" * (MAX_JSON_DEPTH - 1) + "]" * (MAX_JSON_DEPTH - 1))
     brackets_in_text = json.dumps({"id": "text", "segments": [{"kind": "text", "text": "[{" * 5000}]}).encode()
     over_limit = _with_meta("d65", "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH)
-    _write(path, [at_limit, brackets_in_text, over_limit])
+    write_lines(path, [at_limit, brackets_in_text, over_limit])
     skips = SkipCounter()
     assert [d.id for d in read_documents(path, skips=skips)] == ["d64", "text"]
     assert skips.messages == [f"{path}:3: nested deeper than {MAX_JSON_DEPTH} levels (a document needs 3; "
@@ -80,7 +66,7 @@ def test_the_depth_limit_itself_and_brackets_inside_strings_are_fine(tmp_path):
 @pytest.mark.parametrize("name, record, reason", HOSTILE, ids=HOSTILE_IDS)
 def test_read_documents_skips_a_hostile_record_and_keeps_its_neighbours(tmp_path, name, record, reason):
     path = tmp_path / "docs.jsonl"
-    _write(path, [_good(0), record, _good(1)])
+    write_lines(path, [good_record(0), record, good_record(1)])
     skips = SkipCounter()
     docs = list(read_documents(path, skips=skips))
     assert [(d.id, d.line) for d in docs] == [("ok-0", 1), ("ok-1", 3)]
@@ -95,10 +81,10 @@ def test_read_documents_skips_a_hostile_record_and_keeps_its_neighbours(tmp_path
 @pytest.mark.parametrize("name, record, reason", HOSTILE, ids=HOSTILE_IDS)
 def test_jsonl_reader_skips_a_hostile_record_and_keeps_its_neighbours(tmp_path, name, record, reason):
     path = tmp_path / "docs.jsonl"
-    _write(path, [_good(0), record, _good(1)])
+    write_lines(path, [good_record(0), record, good_record(1)])
     log = SkipLog()
     reader = JsonlReader(SPEC, split=None, eval_fraction=0.0, strict=False, skips=log)
-    out = [reader.encode_record(r) for r in _records(JsonlLines([path]))]
+    out = [reader.encode_record(r) for r in line_records(JsonlLines([path]))]
     assert [o is not None for o in out] == [True, False, True]
     ((skip_path, line, skip_reason, _),) = log.drain()
     assert (skip_path, line) == (str(path), 2) and reason in skip_reason
@@ -109,7 +95,7 @@ def test_jsonl_reader_skips_a_hostile_record_and_keeps_its_neighbours(tmp_path, 
 
 def test_json_errors_say_at_column_once(tmp_path):
     path = tmp_path / "docs.jsonl"
-    _write(path, [b'{"id": "x", "segments": [{"kind": "text", "text": "never closed}]}', _good(0)])
+    write_lines(path, [b'{"id": "x", "segments": [{"kind": "text", "text": "never closed}]}', good_record(0)])
     skips = SkipCounter()
     assert [d.id for d in read_documents(path, skips=skips)] == ["ok-0"]
     assert skips.messages == [f"{path}:1: invalid JSON: Unterminated string starting at column 51"]
@@ -120,75 +106,12 @@ def test_json_errors_say_at_column_once(tmp_path):
 
 def test_a_leading_byte_order_mark_keeps_the_first_document(tmp_path):
     path = tmp_path / "docs.jsonl"
-    _write(path, [b"\xef\xbb\xbf" + _good(0), _good(1)])
+    write_lines(path, [b"\xef\xbb\xbf" + good_record(0), good_record(1)])
     skips = SkipCounter()
     assert [d.id for d in read_documents(path, skips=skips, strict=True)] == ["ok-0", "ok-1"]
     reader = JsonlReader(SPEC, split=None, eval_fraction=0.0, strict=True, skips=SkipLog())
-    encoded = [reader.encode_record(r) for r in _records(JsonlLines([path]))]
+    encoded = [reader.encode_record(r) for r in line_records(JsonlLines([path]))]
     assert [e.doc_id for e in encoded] == ["ok-0", "ok-1"]
-
-
-OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": zstandard.open}
-
-
-@pytest.mark.parametrize("suffix", OPENERS)
-def test_compressed_corpora_are_read_by_both_paths(tmp_path, suffix):
-    lines = [_good(0), b"{broken", b"", _good(1), _good(2)]
-    plain, packed = tmp_path / "plain.jsonl", tmp_path / f"docs.jsonl{suffix}"
-    _write(plain, lines)
-    _write(packed, lines, OPENERS[suffix])
-    skips = SkipCounter()
-    docs = list(read_documents(packed, skips=skips))
-    assert [(d.id, d.line, d.path) for d in docs] == [("ok-0", 1, str(packed)), ("ok-1", 4, str(packed)),
-                                                      ("ok-2", 5, str(packed))]
-    assert skips.messages == [f"{packed}:2: invalid JSON: Expecting property name enclosed in double quotes at column 2"]
-    records = JsonlLines(expand_jsonl_paths(packed))
-    assert [(p, n, raw) for p, n, raw in _records(records)] == [
-        (str(packed), n, raw) for _, n, raw in _records(JsonlLines([plain]))]
-    copy = pickle.loads(pickle.dumps(records))  # what a grain worker gets
-    assert _records(copy) == _records(records)
-
-
-def test_zstd_files_of_several_frames_are_read_whole(tmp_path):
-    path = tmp_path / "docs.jsonl.zst"
-    compressor = zstandard.ZstdCompressor()
-    path.write_bytes(compressor.compress(_good(0) + b"\n") + compressor.compress(_good(1) + b"\n"))
-    assert [d.id for d in read_documents(path)] == ["ok-0", "ok-1"]
-    assert len(JsonlLines([path])) == 2
-
-
-def test_a_glob_finds_compressed_files_and_refuses_twins(tmp_path):
-    _write(tmp_path / "a.jsonl", [_good(0)])
-    _write(tmp_path / "b.jsonl.gz", [_good(1)], gzip.open)
-    _write(tmp_path / "c.jsonl.zst", [_good(2)], zstandard.open)
-    files = expand_jsonl_paths(tmp_path / "*.jsonl")
-    assert [f.name for f in files] == ["a.jsonl", "b.jsonl.gz", "c.jsonl.zst"]
-    assert [r[2] for r in _records(JsonlLines(files))] == [_good(0), _good(1), _good(2)]
-    _write(tmp_path / "a.jsonl.gz", [_good(0)], gzip.open)
-    with pytest.raises(UserError, match=r"matches both .*a\.jsonl and .*a\.jsonl\.gz"):
-        expand_jsonl_paths(tmp_path / "*.jsonl")
-
-
-@pytest.mark.parametrize("opener, kind, suffix", [(gzip.open, "gzip", ".gz"), (zstandard.open, "zstd", ".zst"),
-                                                   (bz2.open, "bzip2", ".bz2"), (lzma.open, "xz", ".xz")])
-def test_a_compressed_file_under_a_plain_name_is_named_as_such(tmp_path, opener, kind, suffix):
-    path = tmp_path / "docs.jsonl"
-    _write(path, [_good(0)], opener)
-    expected = f"{path} is {kind}-compressed; name it {path}{suffix} so metatrain decompresses it"
-    with pytest.raises(UserError, match="^" + expected):
-        list(read_documents(path))
-    with pytest.raises(UserError, match="^" + expected):
-        JsonlLines([path])
-
-
-def test_a_damaged_compressed_file_is_a_one_line_error(tmp_path):
-    path = tmp_path / "docs.jsonl.gz"
-    _write(path, [_good(i) for i in range(200)], gzip.open)
-    path.write_bytes(path.read_bytes()[:-30])  # truncated
-    with pytest.raises(UserError, match=f"{path}: cannot decompress it as gzip"):
-        list(read_documents(path))
-    with pytest.raises(UserError, match=f"{path}: cannot decompress it as gzip"):
-        JsonlLines([path])
 
 
 def test_a_directory_source_is_named_a_directory(tmp_path):
@@ -199,10 +122,10 @@ def test_a_directory_source_is_named_a_directory(tmp_path):
 
 def test_encode_reads_a_compressed_corpus_and_skips_hostile_records(tmp_path, capsys):
     path = tmp_path / "docs.jsonl.gz"
-    lines = [b"\xef\xbb\xbf" + _good(0)]
+    lines = [b"\xef\xbb\xbf" + good_record(0)]
     for i, (_, record, _) in enumerate(HOSTILE[:-1], start=1):  # the 10 MB key is covered above
-        lines += [record, _good(i)]
-    _write(path, lines, gzip.open)
+        lines += [record, good_record(i)]
+    write_lines(path, lines, gzip.open)
     out = tmp_path / "encoded.jsonl"
     argv = ["encode", "--tokenizer", str(SAMPLE_TOKENIZER), "--input", str(path), "--output", str(out)]
     assert metatrain_cli.main(argv) == 0
@@ -215,14 +138,14 @@ def test_tokenizer_train_reads_a_zstd_corpus(tmp_path):
     from metatrain.tokenizer import load_registry, train_tokenizer
 
     path = tmp_path / "docs.jsonl.zst"
-    _write(path, [_good(i) for i in range(50)], zstandard.open)
+    write_lines(path, [good_record(i) for i in range(50)], zstandard.open)
     report = train_tokenizer([path], vocab_size=300, out_prefix=tmp_path / "tok", registry=load_registry())
     assert report.documents == 50
 
 
 def test_data_cache_reads_a_compressed_corpus(tmp_path, capsys):
     path = tmp_path / "docs.jsonl.gz"
-    _write(path, [_good(0), HOSTILE[0][1], _good(1)], gzip.open)
+    write_lines(path, [good_record(0), HOSTILE[0][1], good_record(1)], gzip.open)
     out = tmp_path / "cache"
     argv = ["data", "cache", "--input", str(tmp_path / "*.jsonl"), "--tokenizer", str(SAMPLE_TOKENIZER),
             "--out", str(out), "--no-progress"]

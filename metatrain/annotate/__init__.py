@@ -8,4 +8,6 @@
     local_model.py  a metatrain checkpoint (the generational loop)
     checks.py       every block checked before it is kept
     runner.py       the resumable run: in order, nothing lost, nothing requested twice
+    pipeline.py     `annotate_corpus`: the command's options -> the parts -> the run
+    output.py       the run's files (OUT, its failures, its settings) and resuming into them
 """

@@ -7,7 +7,8 @@ async so that many requests can be in flight (`--concurrency`); one that cannot 
 requests (a local checkpoint) simply serialises them.
 
 Adding a generator: a class with the attributes and methods of `ThoughtGenerator`,
-and an entry in `GENERATORS` naming the function that builds it from the CLI's options.
+an entry in `GENERATORS` naming the function that builds it from the CLI's options
+(`@register_generator`), and its module in `GENERATOR_MODULES`.
 
 Errors: a request that fails for good (after the generator's own retries) raises
 `GenerationError` with a reason that never contains a secret (API keys are never part
@@ -17,6 +18,7 @@ of any message); the runner then lists the document as failed, with the reason.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -89,6 +91,18 @@ class ThoughtGenerator(Protocol):
 
 #: `--generator` name -> builder from the parsed CLI options (`argparse.Namespace`).
 GENERATORS: dict[str, Callable[[Any], ThoughtGenerator]] = {}
+
+#: `--generator` name -> the module that registers its builder (imported by `build_generator`).
+GENERATOR_MODULES: dict[str, str] = {
+    "openai": "metatrain.annotate.openai_chat",
+    "metatrain": "metatrain.annotate.local_model",
+}
+
+
+def build_generator(kind: str, options: Any) -> ThoughtGenerator:
+    """The generator `kind` (a key of `GENERATOR_MODULES`) built from the CLI's options."""
+    importlib.import_module(GENERATOR_MODULES[kind])
+    return GENERATORS[kind](options)
 
 
 def register_generator(kind: str) -> Callable[[Callable[[Any], ThoughtGenerator]], Callable[[Any], ThoughtGenerator]]:

@@ -1,23 +1,19 @@
-"""`metatrain annotate`: LLM-written thinking for a corpus (see docs/annotate.md)."""
+"""`metatrain annotate`: LLM-written thinking for a corpus (see docs/annotate.md).
+
+Parsing only; the work is `metatrain.annotate.pipeline.annotate_corpus`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from metatrain.errors import UserError
 from metatrain.io.paths import SAMPLE_TOKENIZER
-
-#: Modules that register a generator (`metatrain.annotate.generators.register_generator`).
-GENERATOR_MODULES: dict[str, str] = {
-    "openai": "metatrain.annotate.openai_chat",
-    "metatrain": "metatrain.annotate.local_model",
-}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds `annotate` to the `metatrain` command."""
+    from metatrain.annotate.generators import GENERATOR_MODULES
     from metatrain.annotate.openai_chat import add_openai_options
     from metatrain.annotate.prompts import DEFAULT_CONTEXT_CHARS
 
@@ -68,37 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_annotate(args: argparse.Namespace) -> int:
-    from metatrain.annotate.checks import BlockChecks, load_filter
-    from metatrain.annotate.generators import GENERATORS
-    from metatrain.annotate.inputs import expand_inputs, read_raw_documents
-    from metatrain.annotate.placement import PlacementConfig
-    from metatrain.annotate.prompts import load_template
-    from metatrain.annotate.runner import RunSettings, exit_status, run_annotation
-    from metatrain.documents import SkipCounter
+    from metatrain.annotate.pipeline import annotate_corpus
+    from metatrain.annotate.runner import exit_status
 
-    try:
-        placement = PlacementConfig(where=args.where, split=args.split, max_blocks=args.max_blocks,
-                                    order=args.order, seed=args.seed, replace_thinking=args.replace_thinking)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    files = [str(f) for f in expand_inputs(args.input)]
-    template = load_template(args.prompt, args.where, context_chars=args.context_chars)
-    user_filter = load_filter(args.filter) if args.filter else None
-    checks = BlockChecks(min_chars=args.min_chars, max_chars=args.max_chars, user_filter=user_filter,
-                         filter_name=args.filter)
-    settings = RunSettings(placement, template, checks, retries=args.retries, seed=args.seed,
-                           concurrency=args.concurrency)
-    tokenizer = None
-    if args.split.startswith("tokens:"):
-        from metatrain.tokenizer.spm import SpmTokenizer
-
-        tokenizer = SpmTokenizer.load(args.tokenizer)
-    importlib.import_module(GENERATOR_MODULES[args.generator])
-    generator = GENERATORS[args.generator](args)
-    skips = SkipCounter()
-    documents = read_raw_documents(files, strict=args.strict, skips=skips)
-    summary = run_annotation(documents, generator, settings, args.out, inputs=files, tokenizer=tokenizer,
-                             progress=not args.no_progress)
-    summary.skipped_records = skips.count
+    summary = annotate_corpus(args)
     print(summary.render(args.out), file=sys.stderr)
     return exit_status(summary)

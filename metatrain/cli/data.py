@@ -6,11 +6,10 @@ import argparse
 import json
 import sys
 
-from metatrain.data.cache import cache_stats, write_cache
+from metatrain.data.cache import cache_stats, format_cache_stats, write_cache
 from metatrain.data.sources import EncoderSpec
 from metatrain.errors import UserError
 from metatrain.io.paths import DEFAULT_TAGS
-from metatrain.roles import LOSS_ROLE_LABELS
 from metatrain.tokenizer.mantra import MANTRA_POLICIES, check_mantra
 
 
@@ -65,13 +64,5 @@ def _run_stats(args: argparse.Namespace) -> int:
         json.dump(stats, sys.stdout, indent=2)
         print()
         return 0
-    total = stats["total_tokens"]
-    print(f"documents  {stats['documents']:>14,}")
-    print(f"tokens     {total:>14,}   ({stats['mean_document_tokens']:.1f} per document)")
-    for label in LOSS_ROLE_LABELS:
-        n = stats["tokens"][label]
-        print(f"  {label:<8} {n:>14,}   {100 * n / total if total else 0:5.1f}%")
-    print(f"mantra share {100 * stats['mantra_share']:.2f}%, tag share {100 * stats['tag_share']:.2f}%")
-    if stats["skipped_records"]:
-        print(f"skipped {stats['skipped_records']} bad records when the cache was built")
+    print(format_cache_stats(stats))
     return 0

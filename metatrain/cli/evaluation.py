@@ -5,19 +5,17 @@
 Reads one checkpoint of a run (its newest, or `--step N`) onto one device and the run's
 held-out split (or `--data`), and writes `DIR/report.json` (default
 `W/eval/<step>/`) and `DIR/probes.png`; prints the report as tables (`--json`: the JSON).
-What each number means: docs/eval.md.
+What each number means: docs/eval.md. Parsing only; the work is
+`metatrain.evaluation.evaluate.evaluate_workdir`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-from pathlib import Path
 
-from metatrain.errors import UserError
-from metatrain.io.storage import as_path, is_remote
+from metatrain.io.storage import as_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,118 +62,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_eval)
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("batch_rows", "prompts", "samples", "max_new_tokens", "probe_tokens", "min_documents"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name, low in (("max_documents", 0), ("seq_len", 1), ("stride", 1), ("step", 0)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    if args.bootstrap < 0:
-        raise UserError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    if not 0.0 < args.level < 1.0:
-        raise UserError(f"--level must be in (0, 1), got {args.level}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-
-
-def _checkpoint(workdir: Path, step: int | None) -> Path | None:
-    """The step directory `--step` names, refused with the steps there are."""
-    if step is None:
-        return None
-    from metatrain.run.layout import CHECKPOINTS_DIR
-
-    directory = workdir / CHECKPOINTS_DIR
-    path = directory / str(step)
-    if not path.is_dir():
-        steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
-        have = ", ".join(map(str, steps)) or "none"
-        raise UserError(f"--step {step}: {workdir} has no checkpoint at step {step} (checkpoints: {have})")
-    return path
-
-
 def run_eval(args: argparse.Namespace) -> int:
-    from metatrain.config import load_config_dict
-    from metatrain.documents import SkipCounter
-    from metatrain.evaluation.documents import file_documents, split_documents
-    from metatrain.evaluation.report import EvalSettings, evaluate_checkpoint, format_report
-    from metatrain.generate.checkpoint import load_checkpoint
-    from metatrain.io.outputs import write_atomically
+    from metatrain.evaluation.evaluate import EvalOptions, evaluate_workdir
+    from metatrain.evaluation.report import format_report
 
-    _check_args(args)
-    workdir = args.workdir
-    if not workdir.is_dir():
-        raise UserError(f"--workdir {workdir} is not a directory (give a `metatrain train` work directory)")
-    if args.out is not None:
-        check_eval_out(args.out)
-    checkpoint = _checkpoint(workdir, args.step)
-    loaded = load_checkpoint(None if checkpoint else workdir, checkpoint)
-    config = load_config_dict(loaded.config, where=f"checkpoint {loaded.path}")
-    seq_len = args.seq_len or config.trainer.seq_len
-    if seq_len > loaded.model_config.max_seq_len:
-        raise UserError(f"--seq-len {seq_len} is longer than the model's max_seq_len {loaded.model_config.max_seq_len}")
-    if args.stride is not None and args.stride > seq_len:
-        raise UserError(f"--stride {args.stride} must be at most --seq-len {seq_len}")
-    skips = SkipCounter()
-    limit = args.max_documents or None
-    if args.data:
-        docs = file_documents(args.data, loaded.encoder, strict=args.strict, skips=skips, limit=limit)
-        data_label = ", ".join(map(str, args.data))
-    else:
-        data = dataclasses.replace(config.data, strict=args.strict or config.data.strict)
-        docs = split_documents(data, loaded.encoder, "eval", skips=skips, limit=limit)
-        data_label = f"held-out split of {', '.join(s.name for s in data.sources)} (eval_fraction {data.eval_fraction})"
-    settings = EvalSettings(
-        seq_len=seq_len, stride=args.stride, batch_rows=args.batch_rows, resamples=args.bootstrap,
-        level=args.level, seed=args.seed, min_documents=args.min_documents, prompts=args.prompts,
-        samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        probe_tokens=args.probe_tokens, generation=not args.no_generation, probes=not args.no_probes,
+    options = EvalOptions(
+        data=args.data, step=args.step, out=args.out, max_documents=args.max_documents, seq_len=args.seq_len,
+        stride=args.stride, batch_rows=args.batch_rows, bootstrap=args.bootstrap, level=args.level,
+        min_documents=args.min_documents, seed=args.seed, prompts=args.prompts, samples=args.samples,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, probe_tokens=args.probe_tokens,
+        generation=not args.no_generation, probes=not args.no_probes, strict=args.strict,
     )
-    report = {"checkpoint": str(loaded.path), "step": loaded.step, "data": data_label,
-              "skipped_records": skips.count, "max_documents": limit}
-    report.update(evaluate_checkpoint(loaded.params, loaded.model_config, config.loss, loaded.encoder, docs, settings))
-    out = check_eval_out(args.out or workdir / "eval" / str(loaded.step))
-    out.mkdir(parents=True, exist_ok=True)
-    if "probes" in report:
-        from metatrain.evaluation.probes import plot_probes
-
-        report["probes"]["plot"] = str(plot_probes(report["probes"], out / PROBES_PLOT))
-    path = write_atomically(out / REPORT_FILE, json.dumps(report, indent=1) + "\n", option="--out")
+    result = evaluate_workdir(args.workdir, options)
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(result.report))
     else:
-        print(format_report(report))
-        if skips.count:
-            print(skips.summary())
-        print(f"report: {path}")
+        print(format_report(result.report))
+        if result.skips.count:
+            print(result.skips.summary())
+        print(f"report: {result.path}")
         return 0
-    print(f"metatrain eval: report in {path}", file=sys.stderr)
+    print(f"metatrain eval: report in {result.path}", file=sys.stderr)
     return 0
-
-
-#: The files `metatrain eval` writes into its output directory (nothing else is touched).
-REPORT_FILE, PROBES_PLOT = "report.json", "probes.png"
-
-
-def check_eval_out(out: Path) -> Path:
-    """`out` if it may receive a report: absent, or a real directory whose `report.json`
-    (if any) was written by `metatrain eval` (a rerun replaces it; other files stay).
-
-    Raises:
-        UserError: `out` is a link or not a directory, or holds a `report.json` that is
-            not an evaluation report.
-    """
-    links = not is_remote(str(out))  # object storage has no links
-    if (links and out.is_symlink()) or (out.exists() and not out.is_dir()):
-        raise UserError(f"--out {out} exists and is not a directory; choose another --out")
-    report = out / REPORT_FILE
-    if report.exists() or (links and report.is_symlink()):
-        try:
-            ours = report.is_file() and not (links and report.is_symlink()) and "ablation" in json.loads(report.read_text())
-        except (OSError, ValueError, TypeError):
-            ours = False
-        if not ours:
-            raise UserError(f"--out {out} holds a {REPORT_FILE} that is not a `metatrain eval` report; "
-                            "it is left as it is: choose another --out")
-    return out

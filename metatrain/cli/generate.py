@@ -1,19 +1,13 @@
 """`metatrain generate`: sample text and thinking from a checkpoint under the tag grammar.
 
-Also `training_sample`, the short sample `metatrain train` prints after the default run.
+Parsing only; the work is `metatrain.generate.sample.sample_checkpoint`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from metatrain.io.storage import as_path
-
-#: Prompt of the sample printed after the default training run (the sample corpus's
-#: documents open with "Background:").
-TRAINING_SAMPLE_PROMPT: str = "Background:"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,49 +47,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from metatrain.generate.generator import Generator
-    from metatrain.generate.prompts import check_prompt_text
-    from metatrain.generate.sampling import SamplingConfig
+    from metatrain.generate.sample import sample_checkpoint
 
-    for prompt in args.prompt:  # before the checkpoint loads
-        check_prompt_text(prompt)
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-    generator = Generator.load(args.workdir, args.checkpoint)
-    samples = generator.generate(
-        args.prompt,
+    for text in sample_checkpoint(
+        args.workdir, args.checkpoint, args.prompt,
         lock_mode=None if args.mode == "human" else args.mode,
         control=args.control,
         num_samples=args.num_samples,
         max_new_tokens=args.max_new_tokens,
-        sampling=sampling,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed,
-    )
-    for sample in samples:
-        if args.json:
-            record = sample.to_json()
-            record["prompt"] = args.prompt[sample.prompt_index]
-            record["text"] = generator.render(sample, hide_thinking=args.hide_thinking)
-            print(json.dumps(record, ensure_ascii=False))
-            continue
-        if len(samples) > 1:
-            print(f"=== prompt {sample.prompt_index + 1}, sample {sample.sample_index + 1} "
-                  f"({sample.finish_reason}) ===")
-        print(generator.render(sample, args.prompt[sample.prompt_index], hide_thinking=args.hide_thinking))
+        as_json=args.json,
+        hide_thinking=args.hide_thinking,
+    ):
+        print(text)
     return 0
-
-
-def training_sample(workdir: Path, *, max_new_tokens: int = 96, seed: int = 0) -> str:
-    """One short sample from the latest checkpoint of `workdir`, for the end of training.
-
-    Sampled at temperature 0.8 with top-p 0.95 after `TRAINING_SAMPLE_PROMPT`.
-    """
-    from metatrain.generate.generator import Generator
-    from metatrain.generate.sampling import SamplingConfig
-
-    generator = Generator.load(workdir)
-    budget = min(max_new_tokens, generator.model_config.max_seq_len - 16)
-    (sample,) = generator.generate(
-        [TRAINING_SAMPLE_PROMPT], max_new_tokens=budget, sampling=SamplingConfig(0.8, 0, 0.95), seed=seed
-    )
-    command = f'metatrain generate --workdir {workdir} --prompt "{TRAINING_SAMPLE_PROMPT}"'
-    return f"sample ({command}):\n{generator.render(sample, TRAINING_SAMPLE_PROMPT)}"

@@ -1,13 +1,12 @@
 """`metatrain launch local|tpu|gke|slurm [options] -- train [train args]` and `metatrain compile`.
 
-Parsing only; the work is in `local`, `tpu`, `gke`, `slurm` and `compile` (imported when
-their command runs, so `--help` and dry runs stay light).
+Parsing only; the work is in `local`, `tpu`, `gke`, `slurm`, `plan` and `fits` (imported
+when their command runs, so `--help` and dry runs stay light).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -148,30 +147,14 @@ def parse_train_words(words: Sequence[str]) -> argparse.Namespace:
 
 
 def run_launch_local(args: argparse.Namespace) -> int:
-    from metatrain.launch.local import run_local
-    from metatrain.launch.plan import check_run_shape, parse_train_command, strip_separator
+    from metatrain.launch.local import launch_local
 
-    words = strip_separator(args.train_command)
-    train = parse_train_command(words, parse=parse_train_words)  # refuse a run that cannot start before starting P processes
-    if args.processes >= 1 and args.devices_per_process >= 1:
-        check_run_shape(train.config, args.processes * args.devices_per_process, args.processes)
-    return run_local(
-        words, processes=args.processes, devices_per_process=args.devices_per_process, port=args.port,
-        dry_run=args.dry_run,
-    )
-
-
-def _finish(plan, dry_run: bool) -> int:
-    from metatrain.launch.plan import execute
-
-    if dry_run:
-        print(plan.text)
-        return 0
-    return execute(plan)
+    return launch_local(args.train_command, parse=parse_train_words, processes=args.processes,
+                        devices_per_process=args.devices_per_process, port=args.port, dry_run=args.dry_run)
 
 
 def run_launch_tpu(args: argparse.Namespace) -> int:
-    from metatrain.launch.plan import parse_env_assignments, parse_train_command
+    from metatrain.launch.plan import carry_out, parse_env_assignments, parse_train_command
     from metatrain.launch.tpu import TpuOptions, tpu_plan
 
     options = TpuOptions(
@@ -180,12 +163,13 @@ def run_launch_tpu(args: argparse.Namespace) -> int:
         workload=args.workload, git_url=args.git_url, git_ref=args.git_ref, code_dir=args.code_dir,
         setup=args.setup, max_restarts=args.max_restarts, env=parse_env_assignments(args.env),
     )
-    return _finish(tpu_plan(options, parse_train_command(args.train_command, parse=parse_train_words, paths="checkout")), args.dry_run)
+    return carry_out(tpu_plan(options, parse_train_command(args.train_command, parse=parse_train_words, paths="checkout")),
+                     dry_run=args.dry_run)
 
 
 def run_launch_gke(args: argparse.Namespace) -> int:
     from metatrain.launch.gke import GkeOptions, gke_plan
-    from metatrain.launch.plan import parse_env_assignments, parse_train_command
+    from metatrain.launch.plan import carry_out, parse_env_assignments, parse_train_command
 
     options = GkeOptions(
         topology=args.topology, num_slices=args.num_slices, image=args.image, bucket=args.bucket,
@@ -193,11 +177,12 @@ def run_launch_gke(args: argparse.Namespace) -> int:
         code_dir=args.code_dir, max_restarts=args.max_restarts, grace_period_s=args.grace_period,
         env=parse_env_assignments(args.env),
     )
-    return _finish(gke_plan(options, parse_train_command(args.train_command, parse=parse_train_words, paths="checkout")), args.dry_run)
+    return carry_out(gke_plan(options, parse_train_command(args.train_command, parse=parse_train_words, paths="checkout")),
+                     dry_run=args.dry_run)
 
 
 def run_launch_slurm(args: argparse.Namespace) -> int:
-    from metatrain.launch.plan import parse_env_assignments, parse_train_command
+    from metatrain.launch.plan import carry_out, parse_env_assignments, parse_train_command
     from metatrain.launch.slurm import SlurmOptions, slurm_plan
 
     extra = {k: v for k, v in (("code_dir", args.code_dir), ("python", args.python)) if v is not None}
@@ -206,7 +191,8 @@ def run_launch_slurm(args: argparse.Namespace) -> int:
         account=args.account, time=args.time, job_name=args.job_name, cpus_per_task=args.cpus_per_task,
         port=args.port, signal_seconds=args.signal_seconds, env=parse_env_assignments(args.env), **extra,
     )
-    return _finish(slurm_plan(options, parse_train_command(args.train_command, parse=parse_train_words, paths="shared")), args.dry_run)
+    return carry_out(slurm_plan(options, parse_train_command(args.train_command, parse=parse_train_words, paths="shared")),
+                     dry_run=args.dry_run)
 
 
 # -- compile --------------------------------------------------------------------------------
@@ -235,33 +221,7 @@ def _register_compile(subparsers: argparse._SubParsersAction) -> None:
 
 def run_compile(args: argparse.Namespace) -> int:
     from metatrain.config import load_config
-    from metatrain.errors import UserError
-    from metatrain.launch.compile import compile_for_topology, format_report, refusal
+    from metatrain.launch.fits import check_fit
 
-    config = load_config(args.config, args.overrides)
-    if args.max_batch:
-        return _run_max_batch(config, args)
-    report = compile_for_topology(config, args.topology, args.num_slices)
-    print(format_report(report))
-    sys.stdout.flush()
-    if report.fits is False:
-        raise UserError(refusal(report))
-    return 0
-
-
-def _run_max_batch(config, args: argparse.Namespace) -> int:
-    from metatrain.errors import UserError
-    from metatrain.launch.compile import find_max_batch, format_report
-
-    found = find_max_batch(
-        config, args.topology, args.num_slices, log=lambda line: print(line, file=sys.stderr, flush=True)
-    )
-    if found.batch_size is None:
-        raise UserError(
-            f"not even the smallest batch ({found.tried[0][0]} sequences) fits {args.topology}; "
-            "shard the state over more chips or lower the activation memory (model.remat)"
-        )
-    print(format_report(found.report))
-    print(f"largest batch that fits: {found.batch_size} sequences ({found.per_chip:g} a chip), "
-          f"found in {len(found.tried)} compiles")
-    return 0
+    return check_fit(load_config(args.config, args.overrides), args.topology, args.num_slices,
+                     max_batch=args.max_batch)

@@ -1,10 +1,12 @@
-"""`metatrain serve`: a trained model behind an OpenAI-compatible HTTP API (uvicorn)."""
+"""`metatrain serve`: a trained model behind an OpenAI-compatible HTTP API (uvicorn).
+
+Parsing only; the work is `metatrain.serve.server.serve_workdir`.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from metatrain.errors import UserError
 from metatrain.io.storage import as_path
 
 
@@ -34,17 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the checkpoint (errors end the command before the server starts), then serve."""
-    import uvicorn
+    from metatrain.serve.server import serve_workdir
 
-    from metatrain.generate.generator import Generator
-    from metatrain.serve.app import create_app
-
-    if args.max_batch < 1:
-        raise UserError(f"--max-batch must be >= 1, got {args.max_batch}")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be between 0 and 65535, got {args.port}")
-    generator = Generator.load(args.workdir)
-    app = create_app(generator, model_id=args.workdir.name, max_batch=args.max_batch,
-                     hide_thinking=args.hide_thinking)
-    uvicorn.run(app, host=args.host, port=args.port, lifespan="on", log_level="info")
+    serve_workdir(args.workdir, host=args.host, port=args.port, max_batch=args.max_batch,
+                  hide_thinking=args.hide_thinking)
     return 0

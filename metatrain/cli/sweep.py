@@ -11,17 +11,15 @@
 has no manifest yet), train every point here, fit and plot. See docs/sweeps.md.
 
 DIR (and `plan --out`) may be a bucket URL, `gs://bucket/sweep`; the spec is a local file.
+Parsing only; the work is `metatrain.sweep.steps` (imported when a command runs).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
-from metatrain.errors import UserError
-from metatrain.io.storage import StoragePath, as_path
+from metatrain.io.storage import as_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -91,107 +89,32 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
 
 def run_sizes(args: argparse.Namespace) -> int:
     from metatrain.config import load_config
-    from metatrain.sweep.family import get_family
+    from metatrain.sweep.steps import sizes_report
 
-    config = load_config(args.config)
-    seq_len = config.trainer.seq_len
-    rows = []
-    for size in get_family(args.family).sizes():
-        model = size.model_config(config.model)
-        rows.append({
-            "name": size.name, "n_layers": size.n_layers, "d_model": size.d_model, "n_heads": size.n_heads,
-            "n_kv_heads": size.n_kv_heads, "head_dim": size.head_dim, "d_ff": size.d_ff,
-            "params": model.num_non_embedding_params, "embedding_params": model.num_embedding_params,
-            "flops_per_token": model.flops_per_token(seq_len), "seq_len": seq_len,
-        })
-    if args.json:
-        print(json.dumps(rows))
-        return 0
-    print(f"family {args.family} (vocab {config.model.vocab_size}, FLOPs per training token at seq_len {seq_len})")
-    print(f"{'name':<10}{'L':>4}{'d_model':>8}{'heads':>6}{'kv':>4}{'d_ff':>6}{'N (non-emb)':>14}{'embedding':>12}{'FLOPs/token':>14}")
-    for r in rows:
-        print(f"{r['name']:<10}{r['n_layers']:>4}{r['d_model']:>8}{r['n_heads']:>6}{r['n_kv_heads']:>4}{r['d_ff']:>6}"
-              f"{r['params']:>14,}{r['embedding_params']:>12,}{r['flops_per_token']:>14.4g}")
+    print(sizes_report(args.family, load_config(args.config), as_json=args.json))
     return 0
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from metatrain.sweep.manifest import manifest_path
-    from metatrain.sweep.plan import plan_sweep
+    from metatrain.sweep.steps import plan_and_print
 
-    out = as_path(args.out)
-    planned_before = manifest_path(out).is_file()
-    runs = plan_sweep(args.spec, out, args.overrides)
-    if planned_before:
-        print(f"{out} already holds this plan ({len(runs)} runs); nothing changed, results kept")
-    else:
-        _print_plan([r.record for r in runs], out)
+    plan_and_print(args.spec, as_path(args.out), args.overrides)
     return 0
-
-
-def _print_plan(records: list[dict], out: StoragePath) -> None:
-    print(f"planned {len(records)} runs in {out}/manifest.jsonl")
-    print(f"{'name':<34}{'N':>12}{'D':>12}{'steps':>7}{'C (FLOPs)':>12}")
-    for r in records:
-        print(f"{r['name']:<34}{r['params']:>12,}{r['tokens']:>12,}{r['steps']:>7}{r['flops']:>12.3g}")
-    warm = [r["name"] for r in records if r["steps"] <= 1]
-    if warm:
-        print(f"note: {len(warm)} run(s) train a single step: {', '.join(warm[:3])}", file=sys.stderr)
 
 
 def run_run(args: argparse.Namespace) -> int:
-    from metatrain.sweep.manifest import manifest_path
-    from metatrain.sweep.run import collect_sweep, launch_commands, run_sweep
+    from metatrain.sweep.steps import run_and_print
 
-    directory = as_path(args.directory)
-    if args.dry_run and args.emit is None:
-        raise UserError("--dry-run only applies to --emit (launch commands); to see the points, use --emit local")
-    if args.spec is not None:
-        from metatrain.sweep.plan import plan_sweep
-
-        planned_before = manifest_path(directory).is_file()
-        runs = plan_sweep(args.spec, directory, args.overrides)  # checks DIR holds this plan
-        if not planned_before:
-            _print_plan([r.record for r in runs], directory)
-    elif args.overrides:
-        raise UserError("--set applies when planning: give --spec too (DIR must be new or hold the same plan)")
-    if args.emit is not None:
-        for command in launch_commands(directory, args.emit, launch_args=args.launch_arg,
-                                       dry_run=args.dry_run, only=args.only):
-            print(command)
-        return 0
-    if args.collect:
-        records = collect_sweep(directory)
-    else:
-        records = run_sweep(directory, only=args.only)
-    selected = [r for r in records if not args.only or r["name"] in args.only]
-    done = sum(r.get("status") == "done" for r in selected)
-    failed = [r["name"] for r in selected if r.get("status") == "failed"]
-    print(f"{done}/{len(selected)} runs done" + (f"; failed: {', '.join(failed)}" if failed else ""))
-    if args.fit and done == len(records):
-        _fit_and_print(directory, role="all", loss_key=None, as_json=False, tokens_key="tokens",
-                       resamples=args.bootstrap, seed=args.seed, plots=True)
-    elif args.fit:
-        print("not fitting yet: some runs are not done (metatrain sweep fit DIR fits the finished ones)")
-    return 1 if failed else 0
+    return run_and_print(
+        as_path(args.directory), spec=args.spec, overrides=args.overrides, only=args.only, emit=args.emit,
+        launch_args=args.launch_arg, dry_run=args.dry_run, collect=args.collect, fit=args.fit,
+        resamples=args.bootstrap, seed=args.seed,
+    )
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    _fit_and_print(as_path(args.directory), role=args.role, loss_key=args.loss_key, as_json=args.json,
-                   tokens_key=args.tokens_key, resamples=args.bootstrap, seed=args.seed, plots=not args.no_plots)
+    from metatrain.sweep.steps import fit_and_print
+
+    fit_and_print(as_path(args.directory), role=args.role, loss_key=args.loss_key, as_json=args.json,
+                  tokens_key=args.tokens_key, resamples=args.bootstrap, seed=args.seed, plots=not args.no_plots)
     return 0
-
-
-def _fit_and_print(directory: StoragePath, *, role: str, loss_key: str | None, as_json: bool, tokens_key: str,
-                   resamples: int, seed: int, plots: bool) -> None:
-    from metatrain.sweep.fit import REPORT, fit_sweep, format_report
-
-    if resamples < 0:
-        raise UserError(f"--bootstrap {resamples}: give a number of resamples >= 0")
-    report = fit_sweep(directory, role=role, loss_key=loss_key, tokens_key=tokens_key, resamples=resamples,
-                       seed=seed, plots=plots)
-    if as_json:
-        print(json.dumps(report))
-    else:
-        print(format_report(report))
-        print(f"report: {directory / REPORT}")

@@ -1,28 +1,23 @@
 """`metatrain tokenizer train|extend|inspect|resize-checkpoint` and `metatrain encode`.
 
-Thin wrappers: each parses its flags and calls a function that tests call directly.
-`resize-checkpoint` lives with the trainer (`metatrain.train.resize`) and is imported
-only when it runs, so the other commands never load JAX.
+Thin wrappers: each parses its flags and calls a function that tests call directly
+(`metatrain.tokenizer.build`, `.spm`, `.encode_file`). `resize-checkpoint` lives with the
+trainer (`metatrain.train.resize`) and is imported only when it runs, so the other
+commands never load JAX.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
-from metatrain.documents import SkipCounter, read_documents
-from metatrain.errors import UserError
-from metatrain.io.outputs import atomic_output, check_output_file
+from metatrain.documents import SkipCounter
 from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.io.storage import as_path
-from metatrain.roles import Role
 from metatrain.tokenizer.build import extend_tokenizer, train_tokenizer
-from metatrain.tokenizer.encoder import EncodeError, Encoder
-from metatrain.tokenizer.mantra import DEFAULT_MANTRA, MANTRA_POLICIES, check_mantra
+from metatrain.tokenizer.encode_file import encode_files
+from metatrain.tokenizer.mantra import MANTRA_POLICIES, read_mantra_file
 from metatrain.tokenizer.registry import load_registry
 from metatrain.tokenizer.resize import DEFAULT_NOISE_SCALE
 from metatrain.tokenizer.spm import inspect_tokenizer
@@ -30,80 +25,11 @@ from metatrain.tokenizer.spm import inspect_tokenizer
 _INPUT_FORMATS = "JSON Lines (.jsonl, or compressed .jsonl.gz etc.), Parquet (.parquet) or ArrayRecord (.array_record)"
 
 
-@dataclasses.dataclass(frozen=True)
-class EncodeReport:
-    """What `encode_jsonl` wrote: documents, tokens, and bad records skipped."""
-
-    documents: int
-    tokens: int
-    skipped: int
-
-
-def encode_jsonl(
-    encoder: Encoder,
-    inputs: Sequence[str | Path],
-    output: str | Path,
-    *,
-    strict: bool = False,
-    skips: SkipCounter | None = None,
-    also_reads: Sequence[str | Path] = (),
-) -> EncodeReport:
-    """Writes one `{"id", "ids", "roles"}` line per valid document of `inputs` to `output`.
-
-    `inputs` are JSON Lines, Parquet or ArrayRecord files (`metatrain.documents.read_documents`).
-
-    Bad records (unreadable, invalid, or rejected by the grammar) are skipped and
-    counted, or in strict mode stop the run. `output` is replaced atomically when the
-    run completes with at least one document (`metatrain.io.outputs`); it may not be one
-    of `inputs` or of `also_reads` (the tokenizer, tags and mantra files), nor anything
-    but a regular file.
-
-    Raises:
-        RecordError: in strict mode, the first bad record.
-        UserError: `output` is unsafe to replace, or no document was valid.
-    """
-    skips = SkipCounter() if skips is None else skips
-    labels = {int(role): role.label for role in Role}
-    documents = tokens = 0
-    with atomic_output(output, inputs=[*inputs, *also_reads]) as handle:
-        for doc in read_documents(inputs, strict=strict, skips=skips):
-            try:
-                encoded = encoder.encode(doc)
-            except EncodeError as e:
-                if strict:
-                    raise e.record_error() from None
-                skips.add(e.record_error())
-                continue
-            record = {"id": doc.id, "ids": encoded.ids.tolist(),
-                      "roles": [labels[r] for r in encoded.roles.tolist()]}
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            documents += 1
-            tokens += len(encoded)
-        if documents == 0:  # leaves `output` as it was
-            first = "; ".join(skips.messages[:3]) or "the inputs have no non-blank line"
-            raise UserError(f"no valid document in {', '.join(map(str, inputs))}, so nothing was "
-                            f"written to {output}: {first}")
-    return EncodeReport(documents, tokens, skips.count)
-
-
-def _read_mantra(path: str | None) -> str:
-    if path is None:
-        return DEFAULT_MANTRA
-    try:
-        text = as_path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read mantra file {path}: {e}") from None
-    try:
-        return check_mantra(text, f"--mantra-file {path}")
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
 def _run_train(args: argparse.Namespace) -> int:
     skips = SkipCounter()
     report = train_tokenizer(
         args.input, vocab_size=args.vocab_size, out_prefix=args.out, registry=load_registry(args.tags),
-        model_type=args.model_type, mantra=_read_mantra(args.mantra_file), strict=args.strict, skips=skips,
+        model_type=args.model_type, mantra=read_mantra_file(args.mantra_file), strict=args.strict, skips=skips,
     )
     print(f"wrote {report.model_path} ({report.vocab_size} pieces) from {report.documents} documents, "
           f"{report.texts} texts; {skips.summary()}", file=sys.stderr)
@@ -133,13 +59,9 @@ def _run_resize_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _run_encode(args: argparse.Namespace) -> int:
-    reads = [p for p in (args.tokenizer, args.tags, args.mantra_file) if p is not None]
-    check_output_file(args.output, inputs=[*args.input, *reads])  # before anything is loaded
-    encoder = Encoder.from_files(args.tokenizer, args.tags, mantra=_read_mantra(args.mantra_file),
-                                 mantra_policy=args.mantra_policy)
     skips = SkipCounter()
-    report = encode_jsonl(encoder, args.input, args.output, strict=args.strict, skips=skips,
-                          also_reads=reads)
+    report = encode_files(args.tokenizer, args.tags, args.input, args.output, mantra_file=args.mantra_file,
+                          mantra_policy=args.mantra_policy, strict=args.strict, skips=skips)
     print(f"wrote {report.documents} documents ({report.tokens} tokens) to {args.output}; "
           f"{skips.summary()}", file=sys.stderr)
     return 0

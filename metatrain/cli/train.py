@@ -1,11 +1,14 @@
-"""`metatrain train [--config FILE] [--workdir DIR] [--set key=value ...]`."""
+"""`metatrain train [--config FILE] [--workdir DIR] [--set key=value ...]`.
+
+Parsing only; the work is `metatrain.train.session.run_training` (imported when the
+command runs).
+"""
 
 from __future__ import annotations
 
 import argparse
 
 from metatrain.io.storage import as_path
-from metatrain.run.resolve import resolve_run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,29 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import sys
+    from metatrain.train.session import run_training
 
-    import jax
-
-    from metatrain.errors import EXIT_PREEMPTED
-    from metatrain.train.loop import format_summary, train
-
-    config, workdir = resolve_run(args.config, args.workdir, args.overrides)
-    summary = train(
-        config, workdir, config_file=args.config,
-        allow_other_config=args.allow_other_config, allow_changes=args.allow_changes,
-    )
-    if jax.process_index() == 0:
-        print(format_summary(summary))
-    if summary.preempted:
-        return EXIT_PREEMPTED
-    if args.config is None and not args.overrides and jax.process_index() == 0:
-        # The embedded default run ends with a short sample of what it learnt. Training
-        # has succeeded by now: a failure to sample is reported, never raised.
-        try:
-            from metatrain.cli.generate import training_sample
-
-            print(training_sample(workdir))
-        except Exception as e:  # noqa: BLE001
-            print(f"metatrain train: (could not print a sample: {e})", file=sys.stderr)
-    return 0
+    return run_training(args.config, args.workdir, args.overrides,
+                        allow_other_config=args.allow_other_config, allow_changes=args.allow_changes)

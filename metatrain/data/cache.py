@@ -17,6 +17,8 @@ A cache may be in object storage (`gs://b/cache`): tensorstore reads and writes 
 arrays through its own GCS driver. Written there, it is built in place (a prefix cannot
 be renamed into place) and `cache.json` is written last, so a cache without it is an
 unfinished build, never read; a failed build is removed.
+
+`cache_stats` counts what a cache holds; `format_cache_stats` prints it as a table.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from metatrain.errors import FaultError, UserError, describe_cause
 from metatrain.io.formats import RecordError
 from metatrain.io.outputs import check_output_dir, discard_dir, publish_dir, staging_dir
 from metatrain.io.storage import StoragePath, as_path, join, tensorstore_kvstore
-from metatrain.roles import LOSS_ROLES, ROLE_DTYPE
+from metatrain.roles import LOSS_ROLES, LOSS_ROLE_LABELS, ROLE_DTYPE
 
 CACHE_FORMAT = "metatrain-token-cache"
 CACHE_VERSION = 1
@@ -365,3 +367,19 @@ def cache_stats(directory: str | Path) -> dict[str, Any]:
     if other:
         out["tokens_other_roles"] = other
     return out
+
+
+def format_cache_stats(stats: dict[str, Any]) -> str:
+    """`stats` (from `cache_stats`) as the table `metatrain data stats` prints."""
+    total = stats["total_tokens"]
+    lines = [
+        f"documents  {stats['documents']:>14,}",
+        f"tokens     {total:>14,}   ({stats['mean_document_tokens']:.1f} per document)",
+    ]
+    for label in LOSS_ROLE_LABELS:
+        n = stats["tokens"][label]
+        lines.append(f"  {label:<8} {n:>14,}   {100 * n / total if total else 0:5.1f}%")
+    lines.append(f"mantra share {100 * stats['mantra_share']:.2f}%, tag share {100 * stats['tag_share']:.2f}%")
+    if stats["skipped_records"]:
+        lines.append(f"skipped {stats['skipped_records']} bad records when the cache was built")
+    return "\n".join(lines)

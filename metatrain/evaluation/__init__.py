@@ -9,5 +9,6 @@
     free_generation  grammar and mantra rates with the mask and forcing off
     probes       linear probes for mode and role on every layer's hidden states
     report       the report `metatrain eval` writes and prints
+    evaluate     a run's checkpoint evaluated, report.json and probes.png written
     in_loop      the cheap part (bpb/text, removed - kept) at every trainer evaluation
 """

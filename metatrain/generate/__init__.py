@@ -2,10 +2,10 @@
 
     sampling.py     temperature, top-k, top-p and greedy on masked logits (pure)
     constraints.py  the grammar as device arrays: tag mask, state update, mantra, lock
-    decoder.py      the jitted loop: prefill into a KV cache, one step per token
+    decoder.py      prefill and the decode step (shared with the serving engine); the jitted loop
     prompts.py      prompts (text or documents) to ids and grammar states
-    checkpoint.py   parameters, model shape and encoder from a `metatrain train` run
     generator.py    `Generator`: prompts in, samples (ids, text, segments) out
+    sample.py       samples as `metatrain generate` prints them; the end-of-training sample
 
 The KV cache itself is the model's (`metatrain.models.Transformer.decode`); which tags
 are legal is the tokenizer's grammar (`metatrain.tokenizer.grammar`). Nothing here

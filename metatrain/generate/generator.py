@@ -18,16 +18,14 @@ import numpy as np
 
 from metatrain.documents import Segment
 from metatrain.errors import UserError
-from metatrain.generate.checkpoint import load_checkpoint
-from metatrain.generate.constraints import GrammarChooser, RowState, TagConstraints
-from metatrain.generate.decoder import Chooser, PromptBatch, generate_tokens
+from metatrain.generate.constraints import GrammarChooser, TagConstraints
+from metatrain.generate.decoder import Chooser, batch_prompts, generate_tokens
 from metatrain.generate.prompts import EncodedPrompt, Prompt, encode_prompt, grammar_states
 from metatrain.generate.sampling import SamplingConfig
 from metatrain.models import ModelConfig
+from metatrain.run.reader import load_checkpoint
 from metatrain.tokenizer.encoder import Encoder
 
-#: Prompts are padded to a multiple of this, so prompts of similar length share a compile.
-PROMPT_BUCKET: int = 16
 #: New tokens when none are asked for (fewer if the model's max_seq_len leaves less room).
 DEFAULT_MAX_NEW_TOKENS: int = 128
 
@@ -195,18 +193,17 @@ class Generator:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Runs the decode loop once over encoded prompts (one row each), on the host after.
 
-        Prompts are padded to a multiple of `PROMPT_BUCKET`, so similar lengths share a
+        Prompts are padded to a multiple of `decoder.PROMPT_BUCKET`, so similar lengths share a
         compile. `max_new_tokens` must fit (`generate` checks it).
 
         Returns:
             `(tokens [B, N] int32 (-1 after a row's end), lengths [B], done [B] bool)`.
         """
-        length = -(-max(len(p.ids) for p in rows) // PROMPT_BUCKET) * PROMPT_BUCKET
+        prompts, states = batch_prompts(rows, constraints.mantra_length)
         out = generate_tokens(
             self.params,
-            PromptBatch.left_padded([p.ids for p in rows], length),
-            RowState.start(np.array([p.state for p in rows]), np.array([p.blocks for p in rows]),
-                           constraints.mantra_length),
+            prompts,
+            states,
             constraints,
             jax.random.key(seed),
             model_config=self.model_config,

@@ -39,14 +39,13 @@ import numpy as np
 import yaml
 
 from metatrain.errors import FaultError, UserError, describe_cause
-from metatrain.generate.checkpoint import LoadedCheckpoint, load_checkpoint
 from metatrain.hf.convert import check_exportable, llama_config_kwargs, to_hf_tensors
 from metatrain.io.outputs import discard_dir, publish_dir, staging_dir
 from metatrain.io.storage import StoragePath, absolute, as_path, is_remote
 from metatrain.models.config import ModelConfig
 from metatrain.roles import LOSS_ROLE_LABELS
-from metatrain.run.checkpoint import Checkpointer
-from metatrain.run.layout import CHECKPOINTS_DIR, METRICS_FILE
+from metatrain.run.layout import METRICS_FILE
+from metatrain.run.reader import LoadedCheckpoint, load_checkpoint
 from metatrain.tokenizer.encoder import Encoder
 from metatrain.tokenizer.registry import TagRegistry
 
@@ -141,11 +140,9 @@ def export_workdir(
     workdir = absolute(workdir)
     staging = staging_dir(out, option="--out")
     try:
-        checkpoint = _step_dir(workdir, step) if step is not None else None
-        loaded = load_checkpoint(workdir=None if checkpoint else workdir, checkpoint=checkpoint)
+        loaded = load_checkpoint(workdir, step=step)
         config = loaded.model_config
         check_exportable(config)
-        stored = _stored_config(loaded)
         tensors = to_hf_tensors(jax.device_get(loaded.params), config)
         encoder = loaded.encoder
         pad_id = pad_id_of(encoder)
@@ -156,7 +153,7 @@ def export_workdir(
         (staging / "tags.yaml").write_bytes(as_path(encoder.grammar.registry.source).read_bytes())
         (staging / "mantra.txt").write_text(encoder.mantra, encoding="utf-8")
         (staging / "metatrain.json").write_text(json.dumps(_metatrain_info(encoder, pad_id), indent=1) + "\n")
-        card = model_card(loaded, stored, read_metrics(workdir / METRICS_FILE, loaded.step), dtype)
+        card = model_card(loaded, loaded.config, read_metrics(workdir / METRICS_FILE, loaded.step), dtype)
         (staging / "README.md").write_text(card, encoding="utf-8")
         (staging / "config.json").write_text(model_files["config.json"], encoding="utf-8")  # last: complete
     except BaseException as e:
@@ -166,24 +163,6 @@ def export_workdir(
         raise
     publish_dir(staging, out, option="--out")
     return ExportReport(absolute(out), loaded.step, dtype, config.num_params, files)
-
-
-def _step_dir(workdir: StoragePath, step: int) -> StoragePath:
-    """WORKDIR/checkpoints/<step>, refused (naming the steps there) when it is not a checkpoint."""
-    path = workdir / CHECKPOINTS_DIR / str(step)
-    if not path.is_dir():
-        there = sorted(int(p.name) for p in (workdir / CHECKPOINTS_DIR).glob("*") if p.name.isdigit())
-        raise UserError(f"--step {step}: {workdir} has no checkpoint at step {step} (steps: {there or 'none'})")
-    return path
-
-
-def _stored_config(loaded: LoadedCheckpoint) -> dict[str, Any]:
-    """The run config stored in the checkpoint itself (the one its parameters were trained with)."""
-    checkpointer = Checkpointer(loaded.path.parent.parent, read_only=True)
-    try:
-        return checkpointer.read_config(loaded.step)
-    finally:
-        checkpointer.close()
 
 
 # -- files -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     compression     .gz/.zst/.bz2/.xz streams and their limits
     formats         JSON Lines, Parquet and ArrayRecord corpora, records by position
     strict_parsing  YAML and JSON that refuse duplicate keys and bad text
+    dataclass_yaml  YAML files as frozen dataclasses: `base:` overlays, overrides, type checks
     outputs         write-aside-then-rename outputs, output-directory checks
     spill           the private directory of spill files, removed when the process exits
     paths           where the shipped files (configs, sample corpus, tags) are

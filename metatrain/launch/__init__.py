@@ -7,6 +7,7 @@
     gke.py          `launch gke`: a JobSet manifest
     slurm.py        `launch slurm`: an sbatch script for GPU clusters
     compile.py      `compile`: the train step compiled ahead of time for a TPU topology
+    fits.py         `compile`'s verdict: the report printed, a config that does not fit refused
 
 How to go from a cluster to a training run, and which environment variables each
 launcher sets: `launch/README.md` at the repository root.

@@ -28,11 +28,14 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Mapping, Sequence, TextIO
+from typing import TYPE_CHECKING, Mapping, Sequence, TextIO
 
 from metatrain.errors import EXIT_PREEMPTED, UserError
 from metatrain.launch import distributed as dist
 from metatrain.launch.validate import check_port
+
+if TYPE_CHECKING:
+    from metatrain.launch.plan import TrainParser
 
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
 
@@ -423,6 +426,37 @@ def run_local(
         out.write(format_specs(specs) + "\n")
         return 0
     return Supervisor(out).run(specs).exit_code
+
+
+def launch_local(
+    command: Sequence[str],
+    *,
+    parse: TrainParser,
+    processes: int,
+    devices_per_process: int = 1,
+    port: int | None = None,
+    dry_run: bool = False,
+) -> int:
+    """`metatrain launch local`: the train command checked here, then `run_local`.
+
+    Args:
+        command: the words after the launcher's options (`-- train [train args]`).
+        parse: parses `train [train args]` as `metatrain train` does (`plan.TrainParser`).
+        processes, devices_per_process, port, dry_run: as `run_local`.
+
+    Returns:
+        The launcher's exit status (see the module docstring).
+
+    Raises:
+        UserError: the train command cannot start (refused before P processes start).
+    """
+    from metatrain.launch.plan import check_run_shape, parse_train_command, strip_separator
+
+    words = strip_separator(command)
+    train = parse_train_command(words, parse=parse)  # refuse a run that cannot start before starting P processes
+    if processes >= 1 and devices_per_process >= 1:
+        check_run_shape(train.config, processes * devices_per_process, processes)
+    return run_local(words, processes=processes, devices_per_process=devices_per_process, port=port, dry_run=dry_run)
 
 
 def format_specs(specs: Sequence[ProcessSpec]) -> str:

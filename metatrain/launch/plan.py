@@ -99,6 +99,15 @@ def execute(plan: Plan, out: TextIO | None = None) -> int:
     return 0
 
 
+def carry_out(plan: Plan, *, dry_run: bool = False) -> int:
+    """A cluster launch: with `dry_run`, print the plan's text and run nothing; otherwise
+    `execute` it. Returns the exit status."""
+    if dry_run:
+        print(plan.text)
+        return 0
+    return execute(plan)
+
+
 #: Parses `train [train args]` as `metatrain train` does. The command line owns its parser;
 #: `metatrain.cli.launch` passes it in, so this library needs no command-line code.
 TrainParser = Callable[[Sequence[str]], argparse.Namespace]

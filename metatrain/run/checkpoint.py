@@ -9,8 +9,8 @@ so a crash at any moment leaves the last complete checkpoint readable. A checkpo
 that is complete but damaged afterwards (a truncated, zeroed or missing file) fails to
 restore: `restore_latest` reports it in one line, moves it aside to
 `<step>.corrupt-<time>` (never deletes it) and falls back to the next newest one.
-Readers (generation) open the directory read-only: they skip a damaged checkpoint the
-same way but leave it where it is.
+Readers (`metatrain.run.reader`: generation, serving, evaluation, export) open the
+directory read-only: they skip a damaged checkpoint the same way but leave it where it is.
 
 In a bucket (`gs://`) orbax writes each checkpoint in place and marks it complete with
 `commit_success.txt` (object storage has no rename); an incomplete one is never listed.
@@ -230,7 +230,8 @@ class Checkpointer:
             step: this checkpoint only; None: the newest one that restores.
 
         Raises:
-            UserError: there is no checkpoint (or no checkpoint `step`).
+            UserError: there is no checkpoint (or no complete checkpoint `step`: the
+                message names the steps there are).
             FaultError: the checkpoint (every checkpoint, for `step=None`) fails to restore.
         """
 
@@ -245,8 +246,10 @@ class Checkpointer:
             return s, restored[STATE_ITEM]["params"], config
 
         if step is not None:
-            if step not in self.all_steps():
-                raise UserError(f"no complete checkpoint at step {step} in {self.directory} (steps: {self.all_steps()})")
+            steps = self.all_steps()
+            if step not in steps:
+                have = ", ".join(map(str, steps)) or "none"
+                raise UserError(f"--step {step}: {self.directory.parent} has no checkpoint at step {step} (checkpoints: {have})")
             try:
                 return read(step)
             except Exception as e:  # noqa: BLE001

@@ -3,7 +3,7 @@
 Requests wait in a queue; a decode thread takes up to `max_batch` of them (the ones there
 when a batch starts; a batch starts as soon as one request waits), prefills their
 prompts into one KV cache and steps every row together until each has ended. Shapes are
-fixed by `max_batch`, the prompt bucket (a multiple of `PROMPT_BUCKET` tokens) and the
+fixed by `max_batch`, the prompt bucket (a multiple of `decoder.PROMPT_BUCKET` tokens) and the
 model's `max_seq_len`, so no request compiles anything once its bucket has been seen,
 and every row carries its own sampling settings (temperature, top-p, seed) as arrays.
 
@@ -12,9 +12,11 @@ request is cancelled (a client that disconnects, a stop string the caller matche
 from the next step on it is masked like padding, and the batch ends as soon as no row
 is live, so a cancelled request never holds its slot to the end of its budget.
 
-The grammar is the one `metatrain generate` uses (`metatrain.generate.constraints`):
+The decode step is the one `metatrain generate` runs (`metatrain.generate.decoder`:
+`prefill`, then `decode_step`), and so is the grammar (`metatrain.generate.constraints`):
 illegal tags and every control token are masked, the mantra is forced after
 `<thinking>`, and a row prompted under the AI-mode lock ends when it leaves AI mode.
+Only the token policy is the engine's own: each row samples with its own settings.
 
 Tokens reach each request's `Handle` as the steps produce them (`STEPS_PER_CALL` per
 jitted call), through the event loop the handle was made on.
@@ -37,13 +39,11 @@ import numpy as np
 
 from metatrain.errors import UserError
 from metatrain.generate.constraints import RowState, TagConstraints, advance, forced_tokens, mask_illegal_tags
-from metatrain.generate.decoder import PromptBatch
+from metatrain.generate.decoder import DecodeState, PromptBatch, batch_prompts, decode_step, prefill
 from metatrain.generate.prompts import EncodedPrompt
 from metatrain.generate.sampling import draw_categorical, filter_top_p, finite_scores
-from metatrain.models import KVCache, ModelConfig, Transformer, init_cache, logits
+from metatrain.models import ModelConfig
 
-#: Prompts are padded to a multiple of this, so similar lengths share a compile.
-PROMPT_BUCKET: int = 16
 #: Decode steps per jitted call: tokens reach clients in groups of this many.
 STEPS_PER_CALL: int = 4
 
@@ -113,69 +113,75 @@ class Handle:
 
 
 @flax.struct.dataclass
-class _Batch:
-    """Device state of a running batch ([B] per row)."""
+class RowSampling:
+    """The engine's token policy (a `metatrain.generate.decoder.Chooser`): the tag grammar,
+    then each row sampled with its own temperature and top-p, from its own PRNG key.
 
-    cache: KVCache
-    logits: jax.Array  # [B, V] float32
-    positions: jax.Array  # [B] int32
-    rows: RowState
-    keys: jax.Array  # [B] PRNG keys
-    temperature: jax.Array  # [B] float32 (0: greedy)
-    top_p: jax.Array  # [B] float32
+    Attributes:
+        temperature: float32 [B] (0: greedy).
+        top_p: float32 [B] nucleus mass in (0, 1].
+    """
+
+    temperature: jax.Array
+    top_p: jax.Array
+
+    def __call__(
+        self, logits: jax.Array, rows: RowState, keys: jax.Array, constraints: TagConstraints
+    ) -> tuple[jax.Array, RowState]:
+        """logits [B, V], keys [B] -> (tokens [B] int32, rows after them)."""
+        scores = mask_illegal_tags(finite_scores(logits), constraints, rows)
+        sampled = self._pick(scores, keys)
+        forcing, mantra_token = forced_tokens(constraints, rows)
+        tokens = jnp.where(forcing, mantra_token, sampled)
+        return tokens, advance(constraints, rows, tokens)
+
+    def _pick(self, scores: jax.Array, keys: jax.Array) -> jax.Array:
+        """One token per row with each row's own temperature and top-p ([B, V] -> [B])."""
+        greedy = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+        shifted = finite_scores(scores - jnp.max(scores, axis=-1, keepdims=True))
+        scaled = jnp.where(jnp.isfinite(scores), shifted / jnp.maximum(self.temperature, 1e-30)[:, None], -jnp.inf)
+        kept = filter_top_p(scaled, self.top_p)  # each row's own top-p
+        sampled = jax.vmap(lambda k, s: draw_categorical(k, s[None])[0])(keys, kept)
+        return jnp.where(self.temperature > 0, sampled, greedy)
+
+
+@flax.struct.dataclass
+class _Batch:
+    """Device state of a running batch ([B] per row): the shared decode state (with [B]
+    PRNG keys), each row's sampling settings, budget and tokens emitted so far."""
+
+    decode: DecodeState
+    sampling: RowSampling
     budget: jax.Array  # [B] int32
     emitted: jax.Array  # [B] int32
 
 
-def _pick(scores: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
-    """One token per row with each row's own temperature and top-p ([B, V] -> [B])."""
-    greedy = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    shifted = finite_scores(scores - jnp.max(scores, axis=-1, keepdims=True))
-    scaled = jnp.where(jnp.isfinite(scores), shifted / jnp.maximum(temperature, 1e-30)[:, None], -jnp.inf)
-    kept = filter_top_p(scaled, top_p)  # each row's own top-p
-    sampled = jax.vmap(lambda k, s: draw_categorical(k, s[None])[0])(keys, kept)
-    return jnp.where(temperature > 0, sampled, greedy)
-
-
 @functools.partial(jax.jit, static_argnames=("model_config",))
-def _prefill(params, prompts: PromptBatch, rows: RowState, keys, temperature, top_p, budget, *,
-             model_config: ModelConfig) -> _Batch:
+def _prefill(params: Any, prompts: PromptBatch, rows: RowState, keys: jax.Array, sampling: RowSampling,
+             budget: jax.Array, *, model_config: ModelConfig) -> _Batch:
     """The prompts [B, P] into a cache of P + max_seq_len slots: room for any row's budget
     (each row's own prompt and budget fit `max_seq_len`, its positions)."""
-    model = Transformer(model_config)
-    cache = init_cache(model_config, prompts.ids.shape[0], prompts.ids.shape[1] + model_config.max_seq_len)
-    hidden, cache = model.apply({"params": params}, prompts.ids, prompts.positions(), prompts.segment_ids(), cache,
-                                method=Transformer.decode)
-    return _Batch(cache, logits(hidden[:, -1:], params, model_config)[:, 0], prompts.lengths, rows, keys,
-                  temperature, top_p, budget, jnp.zeros_like(budget))
+    decode = prefill(params, prompts, rows, keys, model_config=model_config,
+                     cache_length=prompts.ids.shape[1] + model_config.max_seq_len)
+    return _Batch(decode, sampling, budget, jnp.zeros_like(budget))
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "steps"), donate_argnames=("batch",))
-def _steps(params, batch: _Batch, cancel: jax.Array, constraints: TagConstraints, *,
+def _steps(params: Any, batch: _Batch, cancel: jax.Array, constraints: TagConstraints, *,
            model_config: ModelConfig, steps: int) -> tuple[_Batch, jax.Array]:
-    """`steps` decode steps of every live row -> (state, tokens [B, steps], -1 where none)."""
-    model = Transformer(model_config)
-    rows = batch.rows.replace(done=batch.rows.done | cancel)
+    """`steps` decode steps of every live row -> (state, tokens [B, steps], -1 where none).
+
+    Rows in `cancel` ([B] bool) end before the first; a row ends at its budget."""
+    rows = batch.decode.rows
+    batch = batch.replace(decode=batch.decode.replace(rows=rows.replace(done=rows.done | cancel)))
 
     def step(b: _Batch, _):
-        live = ~b.rows.done & (b.positions < model_config.max_seq_len)
-        split = jax.vmap(jax.random.split)(b.keys)
-        keys, subkeys = split[:, 0], split[:, 1]
-        scores = mask_illegal_tags(finite_scores(b.logits), constraints, b.rows)
-        sampled = _pick(scores, subkeys, b.temperature, b.top_p)
-        forcing, mantra_token = forced_tokens(constraints, b.rows)
-        tokens = jnp.where(forcing, mantra_token, sampled)
-        new_rows = advance(constraints, b.rows, tokens)
+        decode, tokens, live = decode_step(params, b.decode, constraints, b.sampling, model_config=model_config)
         emitted = b.emitted + live.astype(jnp.int32)
-        new_rows = new_rows.replace(done=new_rows.done | ~live | (emitted >= b.budget))
-        fed = jnp.where(live, tokens, 0)
-        hidden, cache = model.apply({"params": params}, fed[:, None], b.positions[:, None],
-                                    live[:, None].astype(jnp.int32), b.cache, method=Transformer.decode)
-        out = b.replace(cache=cache, logits=logits(hidden, params, model_config)[:, 0],
-                        positions=b.positions + 1, rows=new_rows, keys=keys, emitted=emitted)
-        return out, jnp.where(live, tokens, -1)
+        rows = decode.rows.replace(done=decode.rows.done | (emitted >= b.budget))
+        return b.replace(decode=decode.replace(rows=rows), emitted=emitted), tokens
 
-    batch, tokens = jax.lax.scan(step, batch.replace(rows=rows), None, length=steps)
+    batch, tokens = jax.lax.scan(step, batch, None, length=steps)
     return batch, tokens.T
 
 
@@ -285,16 +291,13 @@ class Engine:
         b = self.max_batch
         requests = [r for r, _ in items]
         pad = [requests[0]] * (b - len(requests))  # padding rows: done from the start
-        length = _bucket(max(len(r.prompt.ids) for r in requests))
         everyone = [*requests, *pad]
-        prompts = PromptBatch.left_padded([r.prompt.ids for r in everyone], length)
-        rows = RowState.start(np.array([r.prompt.state for r in everyone]), np.array([r.prompt.blocks for r in everyone]),
-                              self.constraints.mantra_length)
+        prompts, rows = batch_prompts([r.prompt for r in everyone], self.constraints.mantra_length)
         rows = rows.replace(done=jnp.asarray(np.arange(b) >= len(requests)))
         keys = jax.vmap(jax.random.key)(jnp.asarray([r.seed for r in everyone], jnp.uint32))
-        state = _prefill(self.params, prompts, rows, keys,
-                         jnp.asarray([r.temperature for r in everyone], jnp.float32),
-                         jnp.asarray([r.top_p for r in everyone], jnp.float32),
+        sampling = RowSampling(jnp.asarray([r.temperature for r in everyone], jnp.float32),
+                               jnp.asarray([r.top_p for r in everyone], jnp.float32))
+        state = _prefill(self.params, prompts, rows, keys, sampling,
                          jnp.asarray([r.max_new_tokens for r in everyone], jnp.int32),
                          model_config=self.model_config)
         handles = [h for _, h in items]
@@ -308,7 +311,7 @@ class Engine:
                 cancel[i] = h is not None and h.cancelled.is_set()
             state, tokens = _steps(self.params, state, jnp.asarray(cancel), self.constraints,
                                    model_config=self.model_config, steps=STEPS_PER_CALL)
-            tokens, done = jax.device_get((tokens, state.rows.done))
+            tokens, done = jax.device_get((tokens, state.decode.rows.done))
             for i, h in enumerate(handles):
                 if ended[i]:
                     continue
@@ -332,7 +335,3 @@ class Engine:
         if last in self.end_ids:
             return "end_of_mode"
         return "length"
-
-
-def _bucket(length: int) -> int:
-    return -(-length // PROMPT_BUCKET) * PROMPT_BUCKET

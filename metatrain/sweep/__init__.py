@@ -9,6 +9,7 @@
     isoflop.py   IsoFLOP parabolas and N_opt(C), D_opt(C) power laws (approach 2)
     fit.py       manifest -> checked series -> fits -> JSON report
     plots.py     PNGs of the fits
+    steps.py     the steps as `metatrain sweep` runs them, each printing what it did
 
 Parameter counts and FLOPs per token are `ModelConfig`'s (metatrain.models.config);
 training is the real trainer (metatrain.train.loop). Nothing here is imported by them.

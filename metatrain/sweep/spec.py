@@ -30,9 +30,8 @@ from typing import Any, Literal
 
 import yaml
 
-# The typed YAML -> dataclass builder of run configs: one loader, one set of messages.
-from metatrain.config import build_typed
 from metatrain.errors import UserError
+from metatrain.io.dataclass_yaml import build_typed  # the run config's loader too: one set of messages
 from metatrain.io.strict_parsing import DuplicateKeyError, load_yaml
 from metatrain.sweep.family import get_family
 

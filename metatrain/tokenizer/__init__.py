@@ -2,10 +2,11 @@
 
     registry.py  the tag registry YAML -> `TagRegistry`
     grammar.py   `Grammar`: the tag state machine, scalar and array forms
-    mantra.py    `DEFAULT_MANTRA` and mantra policies
+    mantra.py    `DEFAULT_MANTRA`, mantra policies, mantra files
     spm.py       `SpmTokenizer`: a SentencePiece model checked against the registry
     build.py     train a model with the tags, or extend an existing one
     encoder.py   `Encoder`: documents <-> (ids, roles)
+    encode_file.py  document files -> JSON Lines of ids and roles (`metatrain encode`)
     resize.py    grow embedding/output tables when the vocabulary grows
 """
 

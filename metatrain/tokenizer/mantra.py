@@ -2,10 +2,14 @@
 
 docs/design.md section 1: every thinking block begins with a fixed mantra so that each
 thought starts from the same foundation. Policies other than `every` exist for
-ablations and token budgets.
+ablations and token budgets. `read_mantra_file` reads a mantra given as a file
+(`--mantra-file`).
 """
 
 from __future__ import annotations
+
+from metatrain.errors import UserError
+from metatrain.io.storage import as_path
 
 #: The default mantra, one line each; a thinking block's own text follows on a new line.
 DEFAULT_MANTRA: str = (
@@ -34,6 +38,24 @@ def check_mantra(mantra: str, where: str = "mantra") -> str:
             "or use mantra policy `none` to train without one"
         )
     return mantra
+
+
+def read_mantra_file(path: str | None) -> str:
+    """The mantra in the file `path` (`--mantra-file`), or `DEFAULT_MANTRA` when None.
+
+    Raises:
+        UserError: the file cannot be read as UTF-8, or its mantra is blank.
+    """
+    if path is None:
+        return DEFAULT_MANTRA
+    try:
+        text = as_path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read mantra file {path}: {e}") from None
+    try:
+        return check_mantra(text, f"--mantra-file {path}")
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def check_mantra_policy(policy: str) -> str:

@@ -5,36 +5,26 @@
         trainer.hooks.run(info)                # metrics window, preemption, checkpoint, eval, yours
 
 `Trainer.run()` is that loop, inside the work directory's lock, after a validated
-restore. Everything with an effect is a hook with its own cadence:
+restore. Everything with an effect is a hook with its own cadence (`metatrain.train.hooks`:
+the `Hook` protocol and the trainer's hooks): the metrics window and its NaN check,
+preemption, checkpoints, evaluation, a profile, and yours, after the built-in ones.
 
-- `MetricsWindow` (every step): keeps the device metrics of the current window and
-  fetches them once per `trainer.log_every` steps (the host never waits on the device
-  in between), checks that the loss is finite (`check_finite`: a NaN stops the run
-  naming the step), and writes `metrics.jsonl` and TensorBoard.
-- `PreemptionHook` (every step): after a SIGTERM, saves at the step every process
-  agreed on and stops the loop; `metatrain train` then exits 75 and the same command
-  resumes. With one process a signal handler notices the signal; with several, JAX's
-  preemption service (started by `jax.distributed.initialize`) picks the step.
-- `CheckpointHook` (every `checkpoint.every` steps and at the end): flushes the metrics
-  window first, so a non-finite loss is caught before its state could be saved.
-- `EvalHook` (every `trainer.eval_every` steps and at the end): the held-out split's
-  loss, the same loss definition as training (z-loss included), bits per byte of text
-  (`eval/bpb/text`) and, with `trainer.eval_ablation`, how much the thinking helps
-  predict the text after it (`eval/ablation/removed_minus_kept`, `metatrain.evaluation`).
+Evaluation (`Trainer.evaluate`) is the held-out split's loss, the same loss definition
+as training (z-loss included), bits per byte of text (`eval/bpb/text`) and, with
+`trainer.eval_ablation`, how much the thinking helps predict the text after it
+(`eval/ablation/removed_minus_kept`, `metatrain.evaluation`).
 
-Your own hooks: `Trainer(..., hooks=(Hook(every=N, fn=f),))`, `f(info)`.
+Your own hooks: `Trainer(..., hooks=(FunctionHook(every=N, fn=f),))`, `f(info)`, or
+any `Hook`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -42,71 +32,35 @@ import numpy as np
 from metatrain.config import RunConfig, config_to_dict
 from metatrain.data import global_batch, make_batch_iterator
 from metatrain.documents import SkipCounter
-from metatrain.errors import DivergedError, FaultError, MetatrainError, UserError
+from metatrain.errors import MetatrainError, UserError
 from metatrain.evaluation.text_bytes import bits_per_byte, token_byte_lengths
 from metatrain.hardware import local_chip
 from metatrain.io.storage import as_path
 from metatrain.parallel.mesh import sharding_context
 from metatrain.roles import LOSS_ROLE_LABELS
 from metatrain.run.checkpoint import Checkpointer
-from metatrain.run.layout import TENSORBOARD_DIR
-from metatrain.run.metrics import MetricsWriter, add_sums, mfu, role_metrics
+from metatrain.run.metrics import MetricsWriter, add_sums, role_metrics
 from metatrain.run.program import build_train_program
 from metatrain.run.resume import check_allowed_changes, check_resume
 from metatrain.run.state import init_state
 from metatrain.run.workdir import NoLock, check_origin, prepare_workdir, workdir_lock
 from metatrain.tokenizer.spm import check_vocab_size
-
-
-@dataclasses.dataclass(frozen=True)
-class StepInfo:
-    """One optimizer update, as hooks see it.
-
-    Attributes:
-        step: updates applied so far (1 after the first step).
-        state: the train state after this step.
-        metrics: this step's device metric sums (not fetched).
-        final: the last step of this invocation (`trainer.steps` reached, or preempted).
-        preempted: the run stops here after a SIGTERM.
-    """
-
-    step: int
-    state: Any
-    metrics: dict[str, jax.Array]
-    final: bool
-    preempted: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class Hook:
-    """`fn(info)` after every `every`-th step, and after the last step too if `at_end`."""
-
-    every: int
-    fn: Callable[[StepInfo], None]
-    at_end: bool = False
-
-    def __call__(self, info: StepInfo) -> None:
-        self.fn(info)
-
-
-class Hooks:
-    """Hooks in the order they run after each step."""
-
-    def __init__(self, hooks: Sequence[Any] = ()):
-        self._hooks: list[Any] = list(hooks)
-
-    def add(self, hook: Any) -> Any:
-        self._hooks.append(hook)
-        return hook
-
-    def run(self, info: StepInfo) -> None:
-        for hook in self._hooks:
-            if hook.every and info.step % hook.every == 0 or (info.final and getattr(hook, "at_end", False)):
-                hook(info)
+from metatrain.train.hooks import (
+    CheckpointHook,
+    EvalHook,
+    Hook,
+    Hooks,
+    MetricsWindow,
+    PreemptionHook,
+    ProfileHook,
+    StepInfo,
+)
 
 
 @dataclasses.dataclass
 class TrainSummary:
+    """What `train` did: the steps, the last metrics, the throughput and where it all is."""
+
     workdir: Path
     start_step: int
     final_step: int
@@ -116,200 +70,6 @@ class TrainSummary:
     checkpoint_dir: Path
     skipped_records: int
     preempted: bool = False
-
-
-def check_finite(records: Sequence[tuple[int, dict]], checkpointer: Checkpointer) -> None:
-    """Stop at the first non-finite loss of a fetched window, naming it and the checkpoint kept.
-
-    Raises:
-        DivergedError: a loss is NaN or infinite.
-    """
-    for step, m in records:
-        if not np.isfinite(m["loss"]):
-            raise DivergedError(
-                f"loss is {float(m['loss'])} at step {step}; stopping. The last good checkpoint "
-                f"is kept in {checkpointer.directory} (step {checkpointer.latest_step()}); "
-                "to resume from it with a lower learning rate: --set optimizer.learning_rate=LR "
-                "--allow-change optimizer.learning_rate"
-            )
-
-
-class MetricsWindow:
-    """Device metrics of the steps since the last flush; fetched and written once a window."""
-
-    every = 1
-    at_end = True
-
-    def __init__(self, trainer: "Trainer"):
-        self.trainer = trainer
-        self.log_every = trainer.config.trainer.log_every
-        self.pending: list[tuple[int, dict]] = []
-        self.last: dict[str, Any] = {}
-        self.throughput: list[float] = []
-        self._window_start = time.perf_counter()
-        self._tokens_per_step = trainer.config.tokens_per_step
-
-    def __call__(self, info: StepInfo) -> None:
-        self.pending.append((info.step, info.metrics))
-        if info.step % self.log_every == 0 or info.final:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        host = [(s, jax.device_get(m)) for s, m in self.pending]
-        elapsed = time.perf_counter() - self._window_start
-        check_finite(host, self.trainer.checkpointer)
-        sums = None
-        for _, m in host:
-            sums = add_sums(sums, {k: v for k, v in m.items() if "/" in k or k == "weight_sum"})
-        n = len(host)
-        tps = n * self._tokens_per_step / elapsed if elapsed > 0 else 0.0
-        self.throughput.append(tps)
-        last_m = host[-1][1]
-        metrics: dict[str, Any] = {
-            "loss": float(np.mean([m["loss"] for _, m in host])),
-            **role_metrics(sums),
-            "learning_rate": float(last_m["learning_rate"]),
-            "grad_norm": float(last_m["grad_norm"]),
-            "tokens_per_sec": tps,
-            "step_time": elapsed / n,
-            "mfu": mfu(self.trainer.flops_per_token, tps, self.trainer.peak_flops, jax.device_count()),
-            "skipped_records": self.trainer.skips.count,
-        }
-        self.trainer.writer.write(host[-1][0], metrics)
-        self.last = metrics
-        self.pending.clear()
-        self._window_start = time.perf_counter()
-        if self.trainer.progress is not None:
-            self.trainer.progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
-
-    def tokens_per_sec(self) -> float:
-        steady = self.throughput[1:] or self.throughput
-        return float(np.median(steady)) if steady else 0.0
-
-
-class CheckpointHook:
-    """Saves (state, data state, config) every `checkpoint.every` steps and at the end."""
-
-    at_end = True
-
-    def __init__(self, trainer: "Trainer", window: MetricsWindow):
-        self.trainer = trainer
-        self.window = window
-        self.every = trainer.config.checkpoint.every
-        self.config_dict = config_to_dict(trainer.config)
-        self.last_saved: int | None = None
-
-    def __call__(self, info: StepInfo) -> None:
-        self.save(info)
-
-    def save(self, info: StepInfo) -> None:
-        if self.last_saved == info.step:
-            return
-        self.window.flush()  # a non-finite loss stops the run before its state is saved
-        if getattr(self.trainer.lock, "lost", False):
-            raise FaultError(
-                f"another trainer took over the lock of {self.trainer.workdir} (this run's heartbeat was "
-                f"late); stopping without saving step {info.step}, so two runs never write one directory"
-            )
-        self.trainer.writer.flush()  # every step up to this checkpoint is in metrics.jsonl
-        self.trainer.checkpointer.save(info.step, info.state, self.trainer.train_iter.get_state(), self.config_dict)
-        self.last_saved = info.step
-
-
-class EvalHook:
-    """Per-role losses on the held-out split every `trainer.eval_every` steps and at the end."""
-
-    def __init__(self, trainer: "Trainer"):
-        self.trainer = trainer
-        self.every = trainer.config.trainer.eval_every
-        self.at_end = bool(self.every)
-        self.last: dict[str, Any] = {}
-
-    def __call__(self, info: StepInfo) -> None:
-        if info.preempted:
-            return
-        metrics = self.trainer.evaluate(info.state.params)
-        if metrics:
-            self.trainer.writer.write(info.step, metrics)
-            self.last = metrics
-
-
-class PreemptionHook:
-    """After a SIGTERM: save at the step every process agrees on, then stop the loop.
-
-    The loop asks `reached(step)` before it yields each step, so that the step carries
-    `preempted`; this hook then saves through the checkpoint hook.
-    """
-
-    every = 1
-    at_end = False
-
-    def __init__(self, checkpointer: Checkpointer, checkpoint_hook: CheckpointHook):
-        self._checkpointer = checkpointer
-        self._checkpoint_hook = checkpoint_hook
-        self._signalled = False
-        self._previous = None
-        # With several processes JAX's preemption service owns SIGTERM (a Python handler
-        # would replace it and the processes could stop at different steps).
-        self._collective = jax.process_count() > 1
-
-    def __enter__(self) -> "PreemptionHook":
-        if not self._collective and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self._signalled = True
-
-    def reached(self, step: int) -> bool:
-        """Whether to save and stop after `step` (asked after every step, on every process)."""
-        if self._collective:
-            return self._checkpointer.reached_preemption(step)
-        return self._signalled
-
-    def __call__(self, info: StepInfo) -> None:
-        if info.preempted:
-            self._checkpoint_hook.save(info)
-
-
-class ProfileHook:
-    """A `jax.profiler` trace of steps `start .. start+steps-1` (`trainer.profile`), written
-    under `WORKDIR/tensorboard` where TensorBoard's profile plugin (or xprof) finds it."""
-
-    every = 1
-    at_end = True
-
-    def __init__(self, workdir: Path, start: int, steps: int, first_step: int):
-        self.directory = as_path(workdir) / TENSORBOARD_DIR
-        self.start, self.last = start, start + steps - 1
-        self.tracing = False
-        if first_step + 1 >= start and first_step < self.last:  # the traced range begins now
-            self._begin()
-
-    def _begin(self) -> None:
-        jax.profiler.start_trace(str(self.directory))
-        self.tracing = True
-
-    def __call__(self, info: StepInfo) -> None:
-        if not self.tracing and info.step == self.start - 1 and not info.final:
-            self._begin()
-        elif self.tracing and (info.step >= self.last or info.final):
-            jax.block_until_ready(info.metrics)  # the traced steps' device work, finished
-            self.close()
-
-    def close(self) -> None:
-        if self.tracing:
-            self.tracing = False
-            jax.profiler.stop_trace()
-            if jax.process_index() == 0:
-                print(f"metatrain: profile of steps {self.start}-{self.last} in {self.directory}", file=sys.stderr)
 
 
 class Trainer:
@@ -323,7 +83,7 @@ class Trainer:
         self,
         config: RunConfig,
         workdir: Path,
-        hooks: Sequence[Any] = (),
+        hooks: Sequence[Hook] = (),
         devices: Sequence[jax.Device] | None = None,
         *,
         config_file: Path | None = None,
@@ -333,7 +93,7 @@ class Trainer:
         """Args:
         config: the resolved run config.
         workdir: where checkpoints, metrics and the run's tokenizer go.
-        hooks: your hooks, run after the built-in ones (`Hook(every, fn)`).
+        hooks: your hooks, run after the built-in ones (`FunctionHook(every, fn)`, or any `Hook`).
         devices: devices to lay the mesh over (default: every device of every process).
         config_file: the YAML file `config` was read from; a work directory created
             from another file is refused unless `allow_other_config`.
@@ -351,7 +111,7 @@ class Trainer:
         self.config_file = config_file
         self.allow_other_config = allow_other_config
         self.allow_changes = check_allowed_changes(allow_changes)
-        self.user_hooks = list(hooks)
+        self.user_hooks: list[Hook] = list(hooks)
         self.is_main = jax.process_index() == 0
         tc = config.trainer
 
@@ -477,9 +237,14 @@ class Trainer:
     def _run(self, state, start: int) -> TrainSummary:
         tc = self.config.trainer
         self.progress = _progress_bar(start, tc.steps, enabled=self.is_main and tc.progress)
-        window = MetricsWindow(self)
-        checkpoint = CheckpointHook(self, window)
-        evaluation = EvalHook(self)
+        window = MetricsWindow(writer=self.writer, checkpointer=self.checkpointer, skips=self.skips,
+                               log_every=tc.log_every, tokens_per_step=self.config.tokens_per_step,
+                               flops_per_token=self.flops_per_token, peak_flops=self.peak_flops,
+                               progress=self.progress)
+        checkpoint = CheckpointHook(window=window, checkpointer=self.checkpointer, writer=self.writer,
+                                    data=self.train_iter, config_dict=config_to_dict(self.config),
+                                    every=self.config.checkpoint.every, workdir=self.workdir, lock=self.lock)
+        evaluation = EvalHook(evaluate=self.evaluate, writer=self.writer, every=tc.eval_every)
         profile = ProfileHook(self.workdir, *tc.profile, first_step=start) if tc.profile else None
         with PreemptionHook(self.checkpointer, checkpoint) as preemption:
             self.hooks = Hooks([window, preemption, checkpoint, evaluation, *self.user_hooks])
@@ -493,8 +258,7 @@ class Trainer:
                     self.hooks.run(info)
                     state = info.state
             finally:
-                if profile is not None:
-                    profile.close()
+                self.hooks.close()  # ends a profile the loop stopped inside
         if self.progress is not None:
             self.progress.close()
         self.checkpointer.wait()
@@ -569,7 +333,7 @@ def _progress_bar(start: int, total: int, enabled: bool):
 def train(
     config: RunConfig,
     workdir: Path,
-    hooks: Sequence[Any] = (),
+    hooks: Sequence[Hook] = (),
     devices: Sequence[jax.Device] | None = None,
     *,
     config_file: Path | None = None,

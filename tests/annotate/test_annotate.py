@@ -1,5 +1,6 @@
 """`metatrain annotate` end to end: the real command against a real OpenAI-compatible HTTP
-server on 127.0.0.1 (scripted replies, injected faults), its output read back by `encode`."""
+server on 127.0.0.1 (scripted replies, injected faults), its output read back by `encode`;
+an `--out` on local disk and in a bucket (`store`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 from metatrain.cli import main
 from metatrain.documents import read_documents
 from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+from metatrain.io.storage import as_path
 from metatrain.tokenizer import Encoder
 
 from .chat_server import ChatServer, Fault, last_user_message
@@ -277,3 +279,98 @@ def test_annotating_annotated_documents_again_keeps_the_lineage(raw, tmp_path):
         assert text_of(a) == text_of(b) and a["id"] == b["id"]
         assert b["annotation"]["where"] == "document" and b["annotation"]["previous"] == a["annotation"]
         assert [s["kind"] for s in b["segments"]] == ["text", "thinking"]
+
+
+# -- an --out in a store: local disk or a bucket (the GCS emulator) -----------------------
+
+SUFFIXES = ("", ".failed.jsonl", ".annotate.json")
+
+
+def lines(path: str) -> list[bytes]:
+    return as_path(path).read_bytes().splitlines() if as_path(path).exists() else []
+
+
+def test_an_out_in_a_store_is_byte_identical_to_a_local_one(raw, tmp_path, store):
+    def fault(index, body):
+        return Fault("status", 503) if doc_of(body) == "beta" else None  # beta fails: a failed file
+
+    local, remote = tmp_path / "docs.jsonl", f"{store}/runs/docs.jsonl"
+    with ChatServer(faults=fault) as server:  # one server: its URL is part of the provenance
+        assert annotate(server, raw, local, "--max-retries", "1") == 0
+        assert annotate(server, raw, remote, "--max-retries", "1") == 0
+    for suffix in SUFFIXES:
+        assert as_path(remote + suffix).read_bytes() == (tmp_path / f"docs.jsonl{suffix}").read_bytes(), suffix
+    assert len(lines(remote)) == 2 and len(lines(remote + ".failed.jsonl")) == 1
+    assert store.files() == sorted(f"runs/docs.jsonl{suffix}" for suffix in SUFFIXES)  # no compose parts left
+
+
+def test_stopped_by_sigterm_and_resumed_in_a_store_equals_an_uninterrupted_run(tmp_path, store):
+    n = 16
+    raw = write_raw(tmp_path / "raw.jsonl", _many(n))
+    whole, cut = tmp_path / "whole.jsonl", f"{store}/cut.jsonl"
+    with ChatServer(latency=0.15) as server:
+        assert annotate(server, raw, whole, "--concurrency", "2") == 0
+        before = len(server.requests)
+        process = _subprocess_annotate(server, raw, cut)  # inherits STORAGE_EMULATOR_HOST
+        deadline = time.monotonic() + 60
+        # The first requests are the first points of the documents in the window; the
+        # second points follow, and about 4 documents are done at the 14th request.
+        while len(server.requests) < before + 14:
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "annotate requested too little in time"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 75, process.stderr.read().decode()
+        finished = lines(cut)  # in a bucket: uploaded on SIGTERM, well before the 5-second interval
+        assert 0 < len(finished) < n
+        assert whole.read_bytes().splitlines()[:len(finished)] == finished  # a prefix, whole lines
+        done = {f"doc-{i:02d}" for i in range(len(finished))}
+        before = len(server.requests)
+        resumed = _subprocess_annotate(server, raw, cut)
+        assert resumed.wait(timeout=120) == 0, resumed.stderr.read().decode()
+        again = {doc_of(b) for b in server.requests[before:]}
+    assert not again & done, "a finished document was requested again"
+    assert as_path(cut).read_bytes() == whole.read_bytes()
+
+
+def test_refused_resumes_change_no_file(raw, store, capsys):
+    out = f"{store}/docs.jsonl"
+    with ChatServer() as server:
+        assert annotate(server, raw, out) == 0
+        files = store.snapshot()
+        capsys.readouterr()
+        assert annotate(server, raw, out, "--where", "document") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--out {out} was annotated with other settings (" in err
+        assert "where: 'passage' -> 'document'" in err
+        assert store.snapshot() == files
+        assert annotate(server, raw, out) == 0  # the same settings: nothing left to do, nothing rewritten
+        assert store.snapshot() == files
+
+
+@pytest.mark.bucket
+def test_a_bucket_out_whose_last_line_is_cut_short_is_refused_and_not_rewritten(raw, bucket_store, capsys):
+    """In a bucket a cut line is another writer's, not a crash's (a local one is done again:
+    `test_a_line_cut_short_by_a_crash_is_done_again`)."""
+    out = f"{bucket_store}/docs.jsonl"
+    with ChatServer() as server:
+        assert annotate(server, raw, out) == 0
+        whole = as_path(out).read_bytes()
+        as_path(out).write_bytes(whole[:-1])  # another writer left a last line without its newline
+        files = bucket_store.snapshot()
+        capsys.readouterr()
+        assert annotate(server, raw, out) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{out}:3: the last line is cut short" in err
+        assert bucket_store.snapshot() == files
+
+
+def test_an_out_that_is_a_directory_is_refused(raw, store, capsys):
+    store.write_text("runs/part-0.jsonl", "{}\n")
+    files = store.snapshot()
+    with ChatServer() as server:
+        assert annotate(server, raw, f"{store}/runs") == 2
+        assert server.requests == []
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {store}/runs is a directory" in err
+    assert store.snapshot() == files

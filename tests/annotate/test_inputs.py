@@ -1,4 +1,5 @@
-"""The annotate reader: raw text and metatrain documents in JSON Lines, .txt files, globs, directories."""
+"""The annotate reader: raw text and metatrain documents in JSON Lines, .txt files, globs,
+directories, on local disk and in a bucket (`store`)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,7 @@ from metatrain.documents import Segment, SkipCounter
 from metatrain.errors import UserError
 from metatrain.io.formats import RecordError
 
-
-def write_jsonl(path, records) -> None:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n"
-                            for r in records), encoding="utf-8")
+from ..conftest import write_jsonl
 
 
 def read(inputs, **kwargs) -> list[RawDocument]:
@@ -175,3 +173,42 @@ def test_input_kind():
         "jsonl", "jsonl", "txt", None, None, None]
     assert [input_kind(n) for n in ("a.parquet", "a.array_record-00000-of-00002", "a.parquet.gz")] == [
         "parquet", "array_record", None]
+
+
+DOCS = [{"id": f"d{i}", "segments": [{"kind": "text", "text": f"Document {i} says something."}]} for i in range(9)]
+
+
+@pytest.fixture
+def inputs(store, tmp_path):
+    """The same inputs (a directory of JSON Lines, compressed JSON Lines and text) on local
+    disk and in `store`: `(local root, store)`."""
+    files = {
+        "docs/a.jsonl": "\n".join(json.dumps(d) for d in DOCS[:4]).encode() + b"\n",
+        "docs/b.jsonl.gz": gzip.compress(("\n".join(json.dumps(d) for d in DOCS[4:]) + "\n").encode()),
+        "docs/notes.txt": "A whole file is one document.\n".encode(),
+    }
+    local = tmp_path / "local"
+    for name, data in files.items():
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(data)
+        store.write_bytes(name, data)
+    return local, store
+
+
+@pytest.mark.parametrize("given", ["docs", "docs/*.jsonl*", "docs/b.jsonl.gz"])
+def test_inputs_in_a_store_read_like_the_local_files(inputs, given):
+    local, store = inputs
+    remote = store.url
+    local_files, remote_files = expand_inputs(f"{local}/{given}"), expand_inputs(f"{remote}/{given}")
+    assert [str(f)[len(remote):] for f in remote_files] == [str(f)[len(str(local)):] for f in local_files]
+    want = list(read_raw_documents(f"{local}/{given}"))
+    got = list(read_raw_documents(f"{remote}/{given}"))
+    assert want and got == want and all(d.path.startswith(f"{remote}/docs/") for d in got)
+
+
+def test_missing_inputs_are_one_line_naming_the_path(store):
+    for given, message in ((f"{store}/none/*.jsonl", "the pattern matches no file"),
+                           (f"{store}/missing.jsonl", "no such file or directory")):
+        with pytest.raises(UserError, match=message) as raised:
+            expand_inputs(given)
+        assert str(raised.value) == f"input {given}: {message}"

@@ -16,6 +16,7 @@ import pytest
 from metatrain.io.paths import REPO_ROOT, SAMPLE_CORPUS
 
 from .chat_server import ChatServer
+from .test_annotate import text_of
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +26,6 @@ def readme_loop_command() -> str:
     match = re.search(r"<!-- annotate-loop[^>]*-->\n```bash\n(.*?)\n```", readme, re.DOTALL)
     assert match, "README.md lost its annotate-loop command"
     return match.group(1)
-
-
-def text_of(record: dict) -> str:
-    return "".join(s["text"] for s in record["segments"] if s["kind"] == "text")
 
 
 def test_the_readme_loop_runs_and_each_generation_annotates_for_the_next(tmp_path):

@@ -1,55 +1,28 @@
-"""Shared fixtures for the data pipeline tests: small corpora on disk, encoded with the sample tokenizer."""
+"""Shared fixtures for the data pipeline tests: the sample tokenizer's encoder, the same corpus
+on local disk and in a bucket, texts that trip tokenizers (the corpora, `data_config` and the
+batch helpers are in tests/conftest.py)."""
 
 from __future__ import annotations
 
+import gzip
 import json
-import random
-from pathlib import Path
 
-import numpy as np
 import pytest
+import zstandard
 
-from metatrain.data.config import DataConfig, SourceConfig
-from metatrain.data.sources import EncoderSpec
-from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
-
-_WORDS = (
-    "the of and to in a is that for it as was with be by on not this are from at which have "
-    "study found reduction symptoms after weeks treatment however placebo group showed improvement "
-    "population country capital river climate exports percent million border coast mountains"
-).split()
+from ..conftest import STORES, documents_parquet, make_docs, open_store, write_array_record
 
 
-def make_docs(n: int, *, prefix: str = "doc", first_word: str | None = None, seed: int = 0) -> list[dict]:
-    """`n` documents with text and thinking segments of varied length and unique ids.
-
-    `first_word`, when given, opens every document (so tests can tell sources apart).
-    """
-    rng = random.Random(seed)
-    docs = []
-    for d in range(n):
-        segments = []
-        for s in range(rng.randint(1, 4)):
-            words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 40))]
-            if s == 0 and first_word is not None:
-                words[0] = first_word
-            segments.append({"kind": "text", "text": " ".join(words) + ". "})
-            if rng.random() < 0.6:
-                segments.append({"kind": "thinking", "text": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 25)))})
-        docs.append({"id": f"{prefix}-{d}", "segments": segments})
-    return docs
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    """Writes one line per record: dicts as JSON, strings verbatim (for bad lines)."""
-    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="session")
-def encoder_spec() -> EncoderSpec:
-    return EncoderSpec(str(SAMPLE_TOKENIZER), str(DEFAULT_TAGS), None, "every")
+#: Texts that trip tokenizers: literal tags, SentencePiece's own `▁`, emoji, whitespace runs.
+TRICKY_TEXTS = (
+    "literal tags: <thinking>x</thinking> <AI>hi</AI> <|good|><|bad|> <AI_quoting_human>",
+    "special-looking: <s> </s> <unk> <pad> <0x41>",
+    "meta space ▁ alone, ▁▁ doubled, and▁glued",
+    "emoji 🙂👍🏽 naïve café 日本語 e\u0301",
+    "  leading\ttab\t\truns   of   spaces\n\n\nnewlines\r\nCRLF   ",
+    " ",
+    "",
+)
 
 
 @pytest.fixture(scope="session")
@@ -57,20 +30,31 @@ def encoder(encoder_spec):
     return encoder_spec.build()
 
 
-def data_config(*paths: Path, weights: tuple[float, ...] | None = None, **kwargs) -> DataConfig:
-    """A DataConfig over `paths` with the sample tokenizer."""
-    weights = weights or (1.0,) * len(paths)
-    sources = tuple(SourceConfig(p, w) for p, w in zip(paths, weights))
-    return DataConfig(sources=sources, tokenizer=SAMPLE_TOKENIZER, tags=DEFAULT_TAGS, **kwargs)
+def _jsonl_bytes(records: list, *, crlf: bool = False, final_newline: bool = True) -> bytes:
+    end = "\r\n" if crlf else "\n"
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    return (end.join(lines) + (end if final_newline else "")).encode("utf-8")
 
 
-def take(iterator, n: int) -> list[dict[str, np.ndarray]]:
-    return [next(iterator) for _ in range(n)]
-
-
-def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert x.keys() == y.keys()
-        for k in x:
-            assert x[k].dtype == y[k].dtype and x[k].tobytes() == y[k].tobytes(), f"batch {i} field {k} differs"
+@pytest.fixture(scope="module", params=STORES)
+def stored_corpus(request, tmp_path_factory):
+    """The same files on local disk and in a store (local disk, or a bucket):
+    `(docs, local root, store)`; the store's copies are under `corpus/`."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = make_docs(40, seed=5)
+    files = {
+        # blank lines, a line of only "\r", a bad line and no final newline: every case of the line index
+        "plain.jsonl": _jsonl_bytes([docs[0], "", docs[1], "\r", "{broken", *docs[2:10]], final_newline=False),
+        "shards/a.jsonl": _jsonl_bytes(docs[10:18], crlf=True),
+        "shards/b.jsonl.gz": gzip.compress(_jsonl_bytes(["", *docs[18:26]])),
+        "shards/c.jsonl.zst": zstandard.ZstdCompressor().compress(_jsonl_bytes(docs[26:32])),
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    documents_parquet(root / "corpus.parquet", docs[:23], row_group_size=4)
+    write_array_record(root / "corpus.array_record", docs[:17])
+    store = open_store(request.param, request, tmp_path_factory.mktemp("store"))
+    for name in [*files, "corpus.parquet", "corpus.array_record"]:
+        store.upload(f"corpus/{name}", root / name)
+    return docs, root, store

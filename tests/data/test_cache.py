@@ -1,21 +1,28 @@
-"""The token cache: what it stores, its stats and CLI, and that training reads it like the JSON Lines."""
+"""The token cache: what it stores, its stats and CLI, and that training reads it like the JSON
+Lines; a cache written to and read from a bucket (`store`) like one on local disk."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from metatrain.cli import main
 from metatrain.data import make_batch_iterator
-from metatrain.data.cache import TokenCache, cache_stats, write_cache
+from metatrain.data.cache import TokenCache, cache_stats, is_cache_dir, write_cache
+from metatrain.data.sources import EncoderSpec
 from metatrain.documents import parse_document
 from metatrain.errors import FaultError, UserError
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+from metatrain.io.storage import as_path
 from metatrain.roles import LOSS_ROLES
 
-from .conftest import assert_batches_equal, data_config, make_docs, take, write_jsonl
+from ..conftest import assert_batches_equal, data_config, make_docs, take, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +136,65 @@ def test_a_damaged_cache_fails_naming_the_document(tmp_path, built):
     it = make_batch_iterator(data_config(damaged), batch_size=2, seq_len=41)
     with pytest.raises(FaultError, match=rf"token cache {damaged}, document \d+: cannot read it"):
         take(it, 3)
+
+
+# -- a cache in a store: local disk or a bucket (the GCS emulator) ------------------------
+
+CLI = "import sys; from metatrain.cli import main; sys.exit(main())"  # `metatrain ARGS...`
+
+
+def test_a_cache_written_to_a_store_equals_the_local_one_and_trains_the_same(stored_corpus, tmp_path):
+    _, root, store = stored_corpus
+    remote = f"{store}/corpus"
+    spec = EncoderSpec(store.upload("tok.model", SAMPLE_TOKENIZER), store.upload("tags.yaml", DEFAULT_TAGS), None, "every")
+    local_spec = EncoderSpec(str(SAMPLE_TOKENIZER), str(DEFAULT_TAGS), None, "every")
+    want = write_cache([root / "plain.jsonl", f"{root}/shards/*.jsonl"], tmp_path / "cache", local_spec, progress=False)
+    out = f"{store}/cache"
+    meta = write_cache([f"{remote}/plain.jsonl", f"{remote}/shards/*.jsonl"], out, spec, progress=False)
+    assert is_cache_dir(out) and "cache.json" in store.files("cache")
+    assert meta["tokenizer"]["path"] == f"{store}/tok.model" and meta["inputs"][0] == f"{remote}/plain.jsonl"
+    for key in ("documents", "tokens", "tokens_by_role", "skipped_records", "mantra", "mantra_policy"):
+        assert meta[key] == want[key]
+    assert meta["tokenizer"]["sha256"] == want["tokenizer"]["sha256"] and meta["tags"]["sha256"] == want["tags"]["sha256"]
+    a, b = TokenCache(tmp_path / "cache"), TokenCache(out)
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    np.testing.assert_array_equal(a.id_hashes, b.id_hashes)
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        for x, y in zip(a.document(i), b.document(i)):
+            np.testing.assert_array_equal(x, y)
+    kw = dict(batch_size=2, seq_len=41)  # read in worker processes, which open the remote arrays themselves
+    config = dataclasses.replace(data_config(out, num_workers=2), tokenizer=as_path(spec.tokenizer),
+                                 tags=as_path(spec.tags))
+    assert_batches_equal(take(make_batch_iterator(config, **kw), 4),
+                         take(make_batch_iterator(data_config(tmp_path / "cache", num_workers=2), **kw), 4))
+
+
+def test_a_failed_cache_build_leaves_nothing(store, encoder_spec):
+    store.write_text("bad.jsonl", "{broken\n[]\n")
+    with pytest.raises(UserError, match=f"no valid document in {store}/bad.jsonl"):
+        write_cache([f"{store}/bad.jsonl"], f"{store}/cache", encoder_spec, progress=False)
+    assert store.files() == ["bad.jsonl"]
+
+
+def test_the_cli_caches_inputs_in_a_store_into_it_and_reports_bad_ones(stored_corpus):
+    _, _, store = stored_corpus
+    remote = f"{store}/corpus"
+    out = f"{store}/cli-cache"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True, text=True,
+                              env=store.env(), timeout=120)
+
+    tokenizer, tags = store.upload("cli/tok.model", SAMPLE_TOKENIZER), store.upload("cli/tags.yaml", DEFAULT_TAGS)
+    done = cli("data", "cache", "--input", f"{remote}/shards/*.jsonl", "--tokenizer", tokenizer,
+               "--tags", tags, "--out", out, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}: 22 documents" in done.stdout
+    stats = cli("data", "stats", out, "--json")
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["documents"] == 22
+    missing = cli("data", "cache", "--input", f"{remote}/missing.jsonl", "--tokenizer", str(SAMPLE_TOKENIZER),
+                  "--out", f"{store}/c2", "--no-progress")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert f"{remote}/missing.jsonl does not exist" in missing.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +13,14 @@ import numpy as np
 from metatrain.data import make_batch_iterator
 from metatrain.io.paths import REPO_ROOT
 
-from .conftest import data_config, make_docs, take, write_jsonl
+from ..conftest import data_config, free_port, make_docs, take, write_jsonl
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_save_one_state_that_resumes_on_one_process(tmp_path):
     corpus = write_jsonl(tmp_path / "docs.jsonl", make_docs(40, seed=5))
-    port = str(_free_port())
+    port = str(free_port())
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     procs = [
         subprocess.Popen([sys.executable, str(WORKER), str(p), port, str(tmp_path), str(corpus)],

@@ -1,4 +1,5 @@
-"""make_batch_iterator end to end: contract, role counts, restore, hosts, mixtures, bad input."""
+"""make_batch_iterator end to end: contract, role counts, restore, hosts, mixtures, bad input;
+sources on local disk and in a bucket (`stored_corpus`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from metatrain.data.split import id_hash, in_split
 from metatrain.documents import parse_document
 from metatrain.errors import UserError
 
-from .conftest import assert_batches_equal, data_config, make_docs, take, write_jsonl
+from ..conftest import assert_batches_equal, data_config, make_docs, take, write_jsonl
 
 B, L = 4, 67  # global batch rows, row length (prime)
 
@@ -265,3 +266,12 @@ def test_worker_processes_report_skips_restore_exactly_and_surface_errors(tmp_pa
     strict = data_config(path, num_workers=1, eval_fraction=0.0, strict=True)
     with make_batch_iterator(strict, **kw) as it, pytest.raises(UserError, match=f"{path}:11: invalid JSON"):
         take(it, 30)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_batches_from_a_glob_in_a_store_equal_the_local_ones(stored_corpus, workers):
+    _, root, store = stored_corpus
+    kw = dict(batch_size=2, seq_len=47)
+    want = take(make_batch_iterator(data_config(f"{root}/shards/*.jsonl", num_workers=workers), **kw), 5)
+    got = take(make_batch_iterator(data_config(f"{store}/corpus/shards/*.jsonl", num_workers=workers), **kw), 5)
+    assert_batches_equal(got, want)

@@ -25,7 +25,7 @@ from metatrain.errors import UserError
 from metatrain.io.paths import CONFIGS_DIR, DEFAULT_TAGS, REPO_ROOT, SAMPLE_TOKENIZER
 from metatrain.run.resume import config_differences
 
-from .conftest import assert_batches_equal, data_config, make_docs, take, write_jsonl
+from ..conftest import assert_batches_equal, data_config, make_docs, take, write_jsonl
 
 B, L = 4, 67  # global batch rows, row length (prime)
 N_DOCS = 60  # per source
@@ -284,7 +284,8 @@ def test_a_data_state_saved_before_schedules_restores_and_keeps_its_format(tmp_p
 
 
 def test_a_scheduled_training_run_resumes_with_the_uninterrupted_losses(tmp_path):
-    from metatrain.train.loop import Hook, train
+    from metatrain.train.hooks import FunctionHook
+    from metatrain.train.loop import train
 
     sources = f"[{{path: {REPO_ROOT}/data/sample/factbook.jsonl}}, {{path: {REPO_ROOT}/data/sample/synthetic.jsonl}}]"
     overrides = [
@@ -303,7 +304,7 @@ def test_a_scheduled_training_run_resumes_with_the_uninterrupted_losses(tmp_path
             raise Crash()
 
     with pytest.raises(Crash):
-        train(cfg, tmp_path / "run", hooks=(Hook(every=1, fn=crash_after_step_4),))
+        train(cfg, tmp_path / "run", hooks=(FunctionHook(every=1, fn=crash_after_step_4),))
     summary = train(cfg, tmp_path / "run")
     assert summary.start_step == 3 and summary.final_step == 6
 

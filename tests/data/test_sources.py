@@ -1,15 +1,21 @@
-"""JSON Lines sources: the line index, the record reader, skips and strict mode, the split."""
+"""JSON Lines sources: the line index, the record reader, skips and strict mode, the split;
+sources on local disk and in a bucket (`store`)."""
 
 from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from metatrain.data.sources import JsonlLines, JsonlReader, SkipLog, expand_jsonl_paths
+from metatrain.data import sources as sources_module
+from metatrain.data.sources import JsonlLines, JsonlReader, SkipLog, expand_jsonl_paths, open_records
 from metatrain.data.split import id_hash, in_split
 from metatrain.errors import UserError
 
-from .conftest import make_docs, write_jsonl
+from ..conftest import make_docs, write_jsonl
 
 
 def test_line_index_skips_blank_lines_and_keeps_line_numbers(tmp_path):
@@ -29,11 +35,14 @@ def test_lines_of_several_files_and_empty_file(tmp_path):
     assert [(lines[i][0], lines[i][2]) for i in range(len(lines))] == [(str(a), b"1"), (str(a), b"2"), (str(c), b"3")]
 
 
-def test_missing_file_and_empty_glob_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        expand_jsonl_paths(tmp_path / "nope.jsonl")
-    with pytest.raises(UserError, match="matches no file"):
-        expand_jsonl_paths(tmp_path / "*.jsonl")
+def test_missing_sources_are_one_line_naming_the_path(store):
+    store.write_text("dir/x.txt", "x")
+    for source, message in ((store / "nope.jsonl", "does not exist"), (store / "*.jsonl", "matches no file"),
+                            (f"{store}/missing.jsonl", "does not exist"), (f"{store}/shards/*.jsonl", "matches no file"),
+                            (f"{store}/dir", "is a directory, and not a token cache")):
+        with pytest.raises(UserError, match=message) as raised:
+            expand_jsonl_paths(source)
+        assert str(source) in str(raised.value) and "\n" not in str(raised.value)
 
 
 BAD_LINES = [
@@ -89,3 +98,35 @@ def test_split_is_stable_and_near_the_fraction():
     held = sum(in_split(h, "eval", 0.05) for h in hashes)
     assert abs(held / 20_000 - 0.05) < 4 * np.sqrt(0.05 * 0.95 / 20_000)
     assert all(in_split(h, "eval", 0.05) != in_split(h, "train", 0.05) for h in hashes[:500])
+
+
+SOURCES = ("plain.jsonl", "shards/*.jsonl", "shards/b.jsonl.gz", "corpus.parquet", "corpus.array_record")
+
+
+def _relative(records, root: str) -> list:
+    return [(path[len(root):], number, raw) for path, number, raw in (records[i] for i in range(len(records)))]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_source_in_a_store_gives_the_records_of_the_local_files(stored_corpus, source, monkeypatch):
+    _, root, store = stored_corpus
+    remote = f"{store}/corpus"
+    monkeypatch.setattr(sources_module, "_INDEX_CHUNK", 7)  # lines cross the chunks a remote file streams in
+    local_files, remote_files = expand_jsonl_paths(f"{root}/{source}"), expand_jsonl_paths(f"{remote}/{source}")
+    assert [str(f)[len(remote):] for f in remote_files] == [str(f)[len(str(root)):] for f in local_files]
+    want = _relative(open_records(local_files), str(root))
+    assert want and _relative(open_records(remote_files), remote) == want
+
+
+def test_records_in_a_store_pickle_and_read_in_another_process(stored_corpus, tmp_path):
+    _, _, store = stored_corpus
+    parts = [open_records(expand_jsonl_paths(f"{store}/corpus/{s}")) for s in ("plain.jsonl", "corpus.parquet",
+                                                                               "corpus.array_record")]
+    want = [[p[i] for i in (0, 3, len(p) - 1)] for p in parts]
+    pickled = tmp_path / "records.pkl"
+    pickled.write_bytes(pickle.dumps(parts))
+    code = ("import pickle, sys; parts = pickle.load(open(sys.argv[1], 'rb')); "
+            "pickle.dump([[p[i] for i in (0, 3, len(p) - 1)] for p in parts], sys.stdout.buffer)")
+    out = subprocess.run([sys.executable, "-c", code, str(pickled)], capture_output=True, check=True,
+                         env=store.env())
+    assert pickle.loads(out.stdout) == want

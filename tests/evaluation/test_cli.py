@@ -1,4 +1,5 @@
-"""`metatrain eval` end to end on a real checkpoint: the report's keys, files and refusals."""
+"""`metatrain eval` end to end on a real checkpoint: the report's keys, files and refusals; a work
+directory and data on local disk and in a bucket (`stored_run`)."""
 
 import json
 
@@ -6,6 +7,7 @@ import pytest
 
 from metatrain.cli import main
 from metatrain.io.paths import REPO_ROOT
+from metatrain.io.storage import as_path
 from metatrain.roles import LOSS_ROLE_LABELS
 
 SYNTHETIC = REPO_ROOT / "data" / "sample" / "synthetic.jsonl"
@@ -109,3 +111,14 @@ def test_bad_records_are_skipped_and_counted_or_stop_in_strict_mode(capsys, work
 def test_workdir_without_checkpoints_is_one_line(capsys, tmp_path):
     code, _, err = _eval(capsys, "--workdir", str(tmp_path))
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_eval_reads_a_store_and_writes_its_report_there(stored_run, report, capsys):
+    stored_run.upload("docs/synthetic.jsonl", SYNTHETIC)
+    code, _, err = _eval(capsys, "--workdir", f"{stored_run}/run", "--data", f"{stored_run}/docs/*.jsonl", *QUICK)
+    assert code == 0, err
+    assert {"1/report.json", "1/probes.png"} <= set(stored_run.files("run/eval"))
+    remote = json.loads(as_path(f"{stored_run}/run/eval/1/report.json").read_text())
+    _, local = report  # the same command on the session run, with the local file
+    for key in ("bpb/text", "loss/text", "tokens/text", "documents", "ablation", "free_generation"):
+        assert remote[key] == local[key], key

@@ -15,7 +15,7 @@ from metatrain.evaluation.free_generation import (
     count_generation,
     run_free_generation,
 )
-from metatrain.generate.checkpoint import load_checkpoint
+from metatrain.run.reader import load_checkpoint
 from metatrain.generate.constraints import GrammarChooser, RowState, TagConstraints
 from metatrain.generate.sampling import SamplingConfig
 from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER

@@ -175,7 +175,7 @@ def _sample_documents(loaded, lines):
 
 @pytest.fixture(scope="module")
 def loaded(workdir):
-    from metatrain.generate.checkpoint import load_checkpoint
+    from metatrain.run.reader import load_checkpoint
 
     return load_checkpoint(workdir)
 

@@ -1,4 +1,5 @@
-"""`metatrain generate` and the sample printed after `metatrain train`."""
+"""`metatrain generate` and the sample printed after `metatrain train`; a work directory on
+local disk and in a bucket (`stored_run`)."""
 
 import argparse
 import json
@@ -89,7 +90,7 @@ def test_user_errors_exit_2_with_the_fix(capsys, workdir, tmp_path):
 def test_the_default_train_run_ends_with_a_sample_and_a_failed_sample_is_only_reported(
     capsys, workdir, monkeypatch
 ):
-    import metatrain.cli.generate as generate_cli
+    import metatrain.generate.sample as generate_cli
     import metatrain.train.loop as loop
     from metatrain.cli.train import run_train
 
@@ -111,3 +112,12 @@ def test_the_default_train_run_ends_with_a_sample_and_a_failed_sample_is_only_re
     assert run_train(default) == 0
     captured = capsys.readouterr()
     assert captured.out == "trained (summary)\n" and "could not print a sample: no device" in captured.err
+
+
+def test_generation_from_a_store_equals_generation_from_disk(stored_run, workdir, capsys):
+    args = ["--prompt", "Background:", "--num-samples", "2", "--max-new-tokens", "24", "--seed", "3", "--json"]
+    code, remote, err = _generate(capsys, "--workdir", f"{stored_run}/run", *args)
+    assert code == 0, err
+    code, local, err = _generate(capsys, "--workdir", str(workdir), *args)
+    assert code == 0, err
+    assert [json.loads(line)["ids"] for line in remote.splitlines()] == [json.loads(line)["ids"] for line in local.splitlines()]

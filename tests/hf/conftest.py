@@ -10,6 +10,8 @@ import pytest
 from metatrain.documents import parse_document
 from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
 
+from ..conftest import train_tiny
+
 #: Text never seen in training: Unicode, whitespace runs, literal tag strings.
 HELD_OUT_TEXTS = (
     "The 2031 census counted 4,812,097 people in the capital.",
@@ -40,27 +42,13 @@ def held_out_documents():
     return [parse_document(d, path="<held-out>", line=i + 1) for i, d in enumerate(HELD_OUT_DOCUMENTS)]
 
 
-def _train_tiny(path, overrides):
-    from metatrain.config import load_config
-    from metatrain.io.paths import CONFIGS_DIR
-    from metatrain.train.loop import train
-
-    config = load_config(CONFIGS_DIR / "tiny.yaml", [
-        "trainer.steps=1", "trainer.batch_size=8", "trainer.seq_len=32", "trainer.eval_every=0",
-        "trainer.progress=false", "checkpoint.every=1", "checkpoint.async_save=false", *overrides,
-    ])
-    train(config, path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def untied_mha_workdir(tmp_path_factory):
     """A tiny run (1 step) with an untied output projection, plain multi-head attention,
     unrolled layers and non-default RoPE theta and RMSNorm epsilon."""
-    return _train_tiny(tmp_path_factory.mktemp("untied-run"), [
-        "model.tie_embeddings=false", "model.n_kv_heads=4", "model.scan_layers=false",
-        "model.rope_theta=500.0", "model.norm_eps=1.0e-6",
-    ])
+    return train_tiny(tmp_path_factory.mktemp("untied-run"),
+                      "model.tie_embeddings=false", "model.n_kv_heads=4", "model.scan_layers=false",
+                      "model.rope_theta=500.0", "model.norm_eps=1.0e-6")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """`metatrain export`: transformers loads the directory with no custom code and computes
-what metatrain computes (logits, greedy continuations, token ids)."""
+what metatrain computes (logits, greedy continuations, token ids); an `--out` on local disk
+and in a bucket (`store`)."""
 
 import json
 
@@ -9,10 +10,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from metatrain.cli import main  # noqa: E402
 from metatrain.errors import UserError  # noqa: E402
-from metatrain.generate.checkpoint import load_checkpoint  # noqa: E402
+from metatrain.run.reader import load_checkpoint  # noqa: E402
 from metatrain.hf.convert import check_exportable  # noqa: E402
 from metatrain.hf.export import export_workdir  # noqa: E402
+from metatrain.io.storage import as_path, gcs_blob  # noqa: E402
 from metatrain.models.config import ModelConfig  # noqa: E402
 
 from .conftest import HELD_OUT_TEXTS, held_out_documents, hf_logits, load_hf_model, metatrain_logits  # noqa: E402
@@ -180,3 +183,55 @@ def test_refuses_a_non_empty_out_and_a_missing_step(workdir, tmp_path):
         export_workdir(workdir, tmp_path / "new", step=7)
     assert not (tmp_path / "new").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no staging directory left behind
+
+
+# -- an --out in a store: local disk or a bucket (the GCS emulator) -----------------------
+
+
+def download(url, names, directory):
+    """The files under `url` as local files, read through the storage layer (transformers
+    cannot read gs:// itself)."""
+    directory.mkdir()
+    for name in names:
+        (directory / name).write_bytes(as_path(f"{url}/{name}").read_bytes())
+    return directory
+
+
+def test_an_export_into_a_store_loads_with_the_local_exports_logits(workdir, exported_tied, store, tmp_path, capsys):
+    out = f"{store}/export"
+    assert main(["export", "--workdir", str(workdir), "--out", out]) == 0
+    assert f"wrote {out}: step 1" in capsys.readouterr().out
+    names = store.files("export")
+    assert names == sorted(p.name for p in exported_tied.iterdir())
+    if store.is_bucket:  # built in place there (a local export is staged and renamed whole)
+        written = {}
+        for name in names:
+            blob = gcs_blob(f"{out}/{name}")
+            blob.reload()
+            written[name] = blob.generation  # the emulator's generations are microsecond timestamps
+        assert max(written, key=written.get) == "config.json"  # the file that marks it complete is last
+
+    local = download(out, names, tmp_path / "export")
+    for name in names:  # the same bytes as the local export, README and weights included
+        assert (local / name).read_bytes() == (exported_tied / name).read_bytes(), name
+    ids = np.array([[1, 5, 17, 300, 42, 2000, 7, 9]], np.int32)
+    np.testing.assert_array_equal(hf_logits(load_hf_model(local), ids), hf_logits(load_hf_model(exported_tied), ids))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(local)
+    assert tokenizer.convert_tokens_to_ids("<AI>") == transformers.AutoTokenizer.from_pretrained(
+        exported_tied).convert_tokens_to_ids("<AI>")
+
+
+def test_a_non_empty_out_in_a_store_is_refused_in_one_line(workdir, store, capsys):
+    out = f"{store}/export"
+    store.write_text("export/notes.txt", "someone else's\n")
+    assert main(["export", "--workdir", str(workdir), "--out", out]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and out in err and "not empty" in err
+    assert store.files() == ["export/notes.txt"]
+
+
+def test_a_failed_export_leaves_nothing_in_the_store(workdir, store, capsys):
+    out = f"{store}/export"
+    assert main(["export", "--workdir", str(workdir), "--out", out, "--max-shard-size", "lots"]) != 0
+    assert "--max-shard-size" in capsys.readouterr().err
+    assert store.files() == []

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from metatrain.errors import UserError  # noqa: E402
-from metatrain.generate.checkpoint import load_checkpoint  # noqa: E402
+from metatrain.run.reader import load_checkpoint  # noqa: E402
 from metatrain.hf.convert import from_hf_tensors, hf_tensor_shapes, to_hf_tensors  # noqa: E402
 from metatrain.hf.export import export_workdir  # noqa: E402
 from metatrain.hf.importer import import_checkpoint  # noqa: E402

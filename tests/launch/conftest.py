@@ -20,7 +20,8 @@ import pytest
 
 from metatrain.io.paths import REPO_ROOT
 
-TINY = REPO_ROOT / "configs" / "tiny.yaml"
+from ..conftest import TINY
+
 #: Long enough for a test's step or compile on the shared 2-core machine, short enough to fail.
 RUN_TIMEOUT_S = 240
 

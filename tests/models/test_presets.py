@@ -8,10 +8,10 @@ import jax
 import pytest
 
 from metatrain.cli import main
-from metatrain.cli.models import model_info
 from metatrain.config import load_config
 from metatrain.io.paths import CONFIGS_DIR
 from metatrain.models import init_params_shape
+from metatrain.run.model_info import model_info
 
 CONFIG_FILES = sorted(CONFIGS_DIR.glob("*.yaml"))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,12 @@ import urllib.request
 
 from metatrain.io.paths import SAMPLE_CORPUS
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..conftest import free_port
 
 
 def test_annotate_gets_its_thinking_from_a_served_model(workdir, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "OPENAI_API_KEY": "unused"}
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "metatrain.cli", "serve", "--workdir", str(workdir),
                                "--port", str(port), "--max-batch", "4"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

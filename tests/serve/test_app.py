@@ -16,7 +16,8 @@ from metatrain.documents import Document, Segment
 from metatrain.generate.generator import recover_segments
 from metatrain.generate.prompts import encode_prompt
 from metatrain.generate.sampling import SamplingConfig
-from metatrain.serve.app import Reply, chat_prompt, chat_renderer, completion_renderer, parse_sampling
+from metatrain.serve.app import Reply, chat_prompt, chat_renderer, completion_renderer
+from metatrain.serve.requests import parse_sampling
 
 PROMPT = "Background: the river"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a river?"},

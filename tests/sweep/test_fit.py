@@ -1,4 +1,5 @@
-"""`sweep fit` on hand-written manifests: the report, variants, plots, and refused inputs."""
+"""`sweep fit` on hand-written manifests: the report, variants, plots, and refused inputs; a sweep
+planned and collected on local disk and in a bucket (`store`)."""
 
 import json
 import math
@@ -10,7 +11,11 @@ from metatrain.cli import main
 from metatrain.errors import UserError
 from metatrain.sweep.fit import fit_sweep
 from metatrain.sweep.law import Law
+from metatrain.io.storage import as_path
 from metatrain.sweep.manifest import write_manifest
+from metatrain.sweep.plan import plan_sweep
+
+from .conftest import LAW, write_metrics
 
 # Per variant and role: the law the losses are drawn from. "no_thinking_loss" has a
 # steeper text curve and no thinking loss reported at all (null).
@@ -224,3 +229,23 @@ def test_bad_loss_keys_are_refused_naming_the_key(tmp_path, records, key, words)
         fit_sweep(tmp_path, loss_key=key, resamples=0, plots=False)
     for word in words:
         assert word in str(e.value)
+
+
+def test_fit_reads_a_store_and_writes_report_and_plots_there(grid_spec, store, capsys):
+    out = f"{store}/sweep"
+    for run in plan_sweep(grid_spec, out):
+        write_metrics(out, run.record)
+    assert main(["sweep", "run", out, "--collect"]) == 0
+    assert "6/6 runs done" in capsys.readouterr().out
+    assert main(["sweep", "fit", out, "--role", "text", "--bootstrap", "0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (fit,) = report["fits"]
+    assert fit["points"] == 6 and fit["alpha"] == pytest.approx(LAW.alpha, abs=0.05)
+    assert report["sweep"] == out
+    assert json.loads((as_path(out) / "fit.json").read_text())["fits"] == report["fits"]
+    assert report["plots"] and all(p.startswith(f"{out}/plots/") for p in report["plots"])
+    for name in report["plots"]:
+        data = as_path(name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert {f"plots/{p.rsplit('/', 1)[1]}" for p in report["plots"]} | {"fit.json", "manifest.jsonl"} <= set(
+        store.files("sweep"))

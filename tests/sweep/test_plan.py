@@ -1,8 +1,7 @@
-"""Sweep specs and `sweep plan`: validation messages, resolved configs, the manifest."""
+"""Sweep specs and `sweep plan`: validation messages, resolved configs, the manifest; a sweep
+directory on local disk and in a bucket (`store`)."""
 
 import json
-import textwrap
-from pathlib import Path
 
 import pytest
 import yaml
@@ -16,15 +15,9 @@ from metatrain.sweep.plan import plan_sweep
 from metatrain.sweep.run import launch_commands
 from metatrain.sweep.spec import load_spec
 
+from .conftest import GRID_SPEC, TINY, write_spec
+
 SWEEP_SPECS = sorted((CONFIGS_DIR / "sweeps").glob("*.yaml"))
-TINY = CONFIGS_DIR / "tiny.yaml"
-
-
-def write_spec(tmp_path: Path, body: str, name: str = "sweep.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(f"base: {TINY}\n" + textwrap.dedent(body))
-    return path
-
 
 GRID = """\
 grid:
@@ -190,3 +183,22 @@ def test_launch_commands_for_here_and_for_a_cluster(tmp_path, capsys):
     assert len(lines) == 5
     assert lines[0].startswith("metatrain launch slurm --nodes=2 --dry-run -- train --config ")
     assert yaml.safe_load((out / "runs/tiny-2.D2048/config.yaml").read_text())["trainer"]["steps"] == 2
+
+
+def test_plan_writes_configs_and_manifest_into_a_store(grid_spec, store, capsys):
+    out = f"{store}/sweep"
+    assert main(["sweep", "plan", "--spec", str(grid_spec), "--out", out]) == 0
+    assert f"planned 6 runs in {out}/manifest.jsonl" in capsys.readouterr().out
+    records = read_manifest(out)
+    assert store.files("sweep") == sorted(["manifest.jsonl", *(r["config"] for r in records)])
+    assert all(r["status"] == "planned" for r in records)
+
+    assert main(["sweep", "plan", "--spec", str(grid_spec), "--out", out]) == 0  # the same plan: a no-op
+    assert "already holds this plan" in capsys.readouterr().out
+    grid_spec.write_text(GRID_SPEC.replace("4096", "8192"))
+    with pytest.raises(UserError, match="already holds a different sweep"):
+        plan_sweep(grid_spec, out)
+
+    commands = launch_commands(out, "local")  # reads every point's config from the store
+    assert commands[0] == (f"metatrain train --config {out}/runs/tiny-1.D2048/config.yaml "
+                           f"--workdir {out}/runs/tiny-1.D2048")

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from metatrain.sweep.fit import fit_series, select_series, targets_for
-from metatrain.sweep.law import Law
 from metatrain.sweep.plots import figures
 
-LAW = Law(E=1.8, A=400.0, B=400.0, alpha=0.34, beta=0.28)
+from .conftest import LAW
 
 
 def isoflop_runs(variants, budgets=12, sizes_per_budget=10):

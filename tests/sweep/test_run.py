@@ -1,5 +1,5 @@
 """`sweep run`: results from metrics.jsonl, resume, skip, failures (a stand-in trainer), and one
-point with the real trainer."""
+point with the real trainer; results read from a sweep on local disk and in a bucket (`store`)."""
 
 import json
 from pathlib import Path
@@ -8,9 +8,12 @@ import pytest
 
 from metatrain.errors import UserError
 from metatrain.io.paths import CONFIGS_DIR
+from metatrain.io.storage import as_path
 from metatrain.sweep.manifest import read_manifest, write_manifest
 from metatrain.sweep.plan import plan_sweep
 from metatrain.sweep.run import collect_results, collect_sweep, run_sweep
+
+from .conftest import LAW, write_metrics
 
 SPEC = f"""\
 base: {CONFIGS_DIR / 'tiny.yaml'}
@@ -190,3 +193,25 @@ def test_the_real_trainer_fills_the_manifest(tmp_path):
         assert 0 < record[key] < 10
     assert record["bpb/text"] == evaluation["eval/bpb/text"] == record["best_bpb/text"]
     assert 0 < record["bpb/text"] < 10
+
+
+def test_results_are_read_from_a_store_and_the_manifest_updated_there(grid_spec, store):
+    out = f"{store}/sweep"
+    records = {r.record["name"]: r.record for r in plan_sweep(grid_spec, out)}
+    first = records["tiny-1.D2048"]
+    assert collect_results(as_path(out) / first["workdir"], first["steps"]) is None
+    write_metrics(out, first)
+    write_metrics(out, records["tiny-2.D2048"], last=1)  # not finished
+    result = collect_results(f"{out}/{first['workdir']}", first["steps"])
+    assert result["final_step"] == first["steps"] and result["loss/text"] == pytest.approx(LAW(first["params"], first["tokens"]))
+
+    collected = {r["name"]: r for r in collect_sweep(out, log=lambda _: None)}
+    assert collected["tiny-1.D2048"]["status"] == "done" and collected["tiny-2.D2048"]["status"] == "planned"
+    assert read_manifest(out) == list(collected.values())
+
+    trained = []  # run_sweep collects what the store shows and trains the rest in the store
+    records_after = run_sweep(out, runner=lambda config, workdir: trained.append(str(workdir)), log=lambda _: None)
+    assert f"{out}/runs/tiny-1.D2048" not in trained and f"{out}/runs/tiny-2.D2048" in trained
+    assert [r["status"] for r in records_after].count("failed") == 5  # the runner wrote no metrics
+    assert "no evaluation at step" in records_after[1]["error"] and out in records_after[1]["error"]
+    assert read_manifest(out) == records_after

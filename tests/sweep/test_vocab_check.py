@@ -1,7 +1,6 @@
 """`sweep plan` and `sweep run --emit` refuse a point whose model vocabulary is not its tokenizer's."""
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -11,19 +10,13 @@ import metatrain.sweep.plan as plan_module
 import metatrain.tokenizer.spm as spm
 from metatrain.cli import main
 from metatrain.errors import UserError
-from metatrain.io.paths import CONFIGS_DIR
 from metatrain.sweep.manifest import manifest_path, read_manifest
 from metatrain.sweep.plan import plan_sweep
 from metatrain.sweep.run import launch_commands
 
-TINY = CONFIGS_DIR / "tiny.yaml"
+from .conftest import write_spec
+
 GRID = "grid: {sizes: [tiny-1, tiny-2, tiny-3], tokens: [2048, 4096]}\n"
-
-
-def write_spec(tmp_path: Path, body: str, name: str = "sweep.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(f"base: {TINY}\n" + textwrap.dedent(body))
-    return path
 
 
 def refusal(spec: Path, out: Path) -> str:

@@ -1,26 +1,23 @@
-"""Shared fixtures: a small synthetic corpus and a tokenizer trained on it (once per session)."""
+"""Shared fixtures: a small synthetic corpus and a tokenizer trained on it (once per session),
+and the same files in a store (local disk, or a bucket)."""
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 
+from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.tokenizer import Encoder, Grammar, SpmTokenizer, load_registry, train_tokenizer
 
-_WORDS = (
-    "the of and to in a is that for it as was with be by on not this are from at which have "
-    "study found reduction symptoms after weeks treatment however placebo group showed improvement "
-    "population country capital river climate exports percent million border coast mountains"
-).split()
+from ..conftest import WORDS, write_jsonl
 
 #: Vocabulary size of the test tokenizer: prime, above the 267 pieces that bytes, specials and tags take.
 TEST_VOCAB = 331
 
 
 def _sentence(rng: random.Random) -> str:
-    words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 18))]
+    words = [rng.choice(WORDS) for _ in range(rng.randint(4, 18))]
     text = " ".join(words).capitalize() + rng.choice([".", ",", "!", "?", ": 23%.", " (1998)."])
     return text
 
@@ -42,12 +39,6 @@ def make_corpus(n_docs: int, seed: int = 0) -> list[dict]:
             doc["mode"] = "ai"
         docs.append(doc)
     return docs
-
-
-def write_jsonl(path, records) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +72,15 @@ def tokenizer(model_path, registry):
 @pytest.fixture(scope="session")
 def encoder(tokenizer, grammar):
     return Encoder(tokenizer, grammar)
+
+
+@pytest.fixture
+def stored_inputs(store, model_path, corpus_path):
+    """`store` holding the test tokenizer, the shipped tags and the corpus (whole, and in two shards)."""
+    store.upload("tok.model", model_path)
+    store.upload("tags.yaml", DEFAULT_TAGS)
+    store.upload("docs.jsonl", corpus_path)
+    lines = corpus_path.read_bytes().splitlines(keepends=True)
+    store.write_bytes("shards/a.jsonl", b"".join(lines[:120]))
+    store.write_bytes("shards/b.jsonl", b"".join(lines[120:]))
+    return store

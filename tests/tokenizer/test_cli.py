@@ -1,9 +1,11 @@
-"""`metatrain tokenizer train|extend|inspect` and `metatrain encode`, end to end on small files."""
+"""`metatrain tokenizer train|extend|inspect` and `metatrain encode`, end to end on small files,
+on local disk and in a bucket (`store`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 
 import pytest
@@ -12,10 +14,11 @@ from metatrain import cli as metatrain_cli
 from metatrain.cli.tokenizer import register
 from metatrain.documents import read_documents
 from metatrain.errors import UserError
-from metatrain.io.paths import DEFAULT_TAGS
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_CORPUS
+from metatrain.io.storage import as_path
 from metatrain.tokenizer import Encoder
 
-from .conftest import make_corpus
+from .conftest import TEST_VOCAB, make_corpus
 
 
 def run(argv: list[str]) -> int:
@@ -141,3 +144,65 @@ def test_the_metatrain_command_has_our_subcommands(model_path, capsys):
     with pytest.raises(SystemExit):
         metatrain_cli.main(["encode", "--help"])
     assert "--mantra-policy" in capsys.readouterr().out
+
+
+# -- inputs and outputs in a store: local disk or a bucket (the GCS emulator) -------------
+
+CLI = "import sys; from metatrain.cli import main; sys.exit(main())"  # `metatrain ARGS...`
+#: A small vocabulary for the sample corpus (its characters alone take 340 pieces with the specials).
+SAMPLE_VOCAB = 512
+
+
+def shards(store) -> list[str]:
+    """`--input` arguments for the two shards: the glob `shards/*.jsonl`, which metatrain expands
+    in a bucket (no shell can), or on local disk the files a shell expands it into."""
+    names = ["shards/*.jsonl"] if store.is_bucket else ["shards/a.jsonl", "shards/b.jsonl"]
+    return [arg for name in names for arg in ("--input", f"{store}/{name}")]
+
+
+def test_encode_reads_the_shards_in_a_store_and_writes_its_output_there(stored_inputs, model_path, corpus_path,
+                                                                         tmp_path):
+    store = stored_inputs
+    want = tmp_path / "local.jsonl"
+    assert metatrain_cli.main(["encode", "--tokenizer", str(model_path), "--input", str(corpus_path),
+                               "--output", str(want)]) == 0
+    done = subprocess.run(
+        [sys.executable, "-c", CLI, "encode", "--tokenizer", f"{store}/tok.model", "--tags", f"{store}/tags.yaml",
+         *shards(store), "--output", f"{store}/out/encoded.jsonl"],
+        capture_output=True, text=True, env=store.env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert as_path(f"{store}/out/encoded.jsonl").read_bytes() == want.read_bytes()
+
+
+@pytest.mark.bucket
+def test_encode_says_a_remote_glob_that_matches_no_file_in_one_line(bucket_store, model_path, tmp_path):
+    store = bucket_store
+    missing = subprocess.run(
+        [sys.executable, "-c", CLI, "encode", "--tokenizer", str(model_path), "--input", f"{store}/none/*.jsonl",
+         "--output", str(tmp_path / "o.jsonl")], capture_output=True, text=True, env=store.env(), timeout=120)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert f"input {store}/none/*.jsonl: the pattern matches no file" in missing.stderr
+
+
+def test_tokenizer_train_reads_inputs_in_a_store(stored_inputs, corpus_path, tmp_path):
+    store = stored_inputs
+    assert metatrain_cli.main(["tokenizer", "train", "--input", str(corpus_path), "--vocab-size", str(TEST_VOCAB),
+                               "--out", str(tmp_path / "local" / "tok")]) == 0
+    assert metatrain_cli.main(["tokenizer", "train", *shards(store), "--vocab-size",
+                               str(TEST_VOCAB), "--tags", f"{store}/tags.yaml", "--out", str(tmp_path / "remote" / "tok")]) == 0
+    assert (tmp_path / "remote" / "tok.model").read_bytes() == (tmp_path / "local" / "tok.model").read_bytes()
+
+
+def _train(out: str) -> int:
+    return metatrain_cli.main(["tokenizer", "train", "--input", str(SAMPLE_CORPUS), "--vocab-size", str(SAMPLE_VOCAB),
+                               "--out", out])
+
+
+def test_tokenizer_train_to_a_prefix_in_a_store_writes_the_local_bytes(store, tmp_path, capsys):
+    assert _train(str(tmp_path / "tok" / "v1")) == 0
+    assert _train(f"{store}/tok/v1") == 0
+    assert f"wrote {store}/tok/v1.model (" in capsys.readouterr().err
+    assert store.files() == ["tok/v1.model", "tok/v1.vocab"]  # no scratch left behind
+    for suffix in (".model", ".vocab"):
+        assert as_path(f"{store}/tok/v1{suffix}").read_bytes() == (tmp_path / "tok" / f"v1{suffix}").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["v1.model", "v1.vocab"]

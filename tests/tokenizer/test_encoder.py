@@ -212,6 +212,25 @@ def test_from_files_and_refusal_of_a_tokenizer_missing_a_tag(model_path, tmp_pat
         Encoder(model_path, registry_from_dict(data, source="x"))
 
 
+def test_a_tokenizer_and_tags_in_a_store_encode_like_the_local_ones(stored_inputs, model_path, corpus_path):
+    store = stored_inputs
+    local = Encoder.from_files(model_path, DEFAULT_TAGS)
+    loaded = Encoder.from_files(f"{store}/tok.model", f"{store}/tags.yaml")
+    registry = load_registry(f"{store}/tags.yaml")
+    assert registry.source == f"{store}/tags.yaml"
+    assert dataclasses.replace(registry, source="") == dataclasses.replace(load_registry(DEFAULT_TAGS), source="")
+    for document in list(read_documents(corpus_path))[:20]:
+        a, b = local.encode(document), loaded.encode(document)
+        assert a.ids.tolist() == b.ids.tolist() and a.roles.tolist() == b.roles.tolist()
+
+
+def test_a_missing_tokenizer_or_tags_is_one_line_naming_the_path(store, model_path):
+    with pytest.raises(UserError, match=f"^cannot read tokenizer {store}/missing.model: No such file or directory$"):
+        Encoder.from_files(f"{store}/missing.model", DEFAULT_TAGS)
+    with pytest.raises(UserError, match=f"^cannot read tag registry {store}/tags.yaml: No such file or directory$"):
+        Encoder.from_files(model_path, f"{store}/tags.yaml")
+
+
 # ------------------------------------------------------------------ property-based
 
 TAG_LIKE = sorted(load_registry().tags) + ["<s>", "</s>", "<unk>", "<pad>", "\u2581", "<0x41>", "<0xE2>",

@@ -1,4 +1,5 @@
-"""Training with tags, loading with checks, extending an existing model, inspecting."""
+"""Training with tags, loading with checks, extending an existing model, inspecting; outputs
+on local disk and in a bucket (`store`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import random
 import pytest
 import sentencepiece as spm
 
+from metatrain.cli import main
 from metatrain.errors import UserError
+from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_CORPUS
+from metatrain.io.storage import as_path
 from metatrain.tokenizer import SpmTokenizer, extend_tokenizer, inspect_tokenizer, load_registry, train_tokenizer
 from metatrain.tokenizer.build import _chunks
 from metatrain.tokenizer.registry import registry_from_dict
 
-from .conftest import TEST_VOCAB, make_corpus, write_jsonl
+from ..conftest import write_jsonl
+from .conftest import TEST_VOCAB, make_corpus
 
 
 def _plain_model(path, **extra) -> None:
@@ -180,3 +185,34 @@ def test_unigram_models_round_trip_too(tmp_path):
     tokenizer = SpmTokenizer.load(report.model_path)
     for text in ["  two spaces\n\nand ▁ a meta space ", "é and e\u0301"]:
         assert tokenizer.decode_text(tokenizer.encode_texts([text])[0]) == text
+
+
+# -- outputs in a store: local disk or a bucket (the GCS emulator) ------------------------
+
+#: A small vocabulary for the sample corpus (its characters alone take 340 pieces with the specials).
+SAMPLE_VOCAB = 512
+NEW_TAG = '  toxic: "<|toxic|>"\n'
+ANCHOR = '  bad: "<|bad|>"\n'
+
+
+def test_tokenizer_train_refuses_an_output_that_is_a_directory(store):
+    store.write_text("tok/v1.model/keep.txt", "mine")
+    with pytest.raises(UserError, match=f"--out {store}/tok/v1.model is a directory"):
+        train_tokenizer([SAMPLE_CORPUS], vocab_size=SAMPLE_VOCAB, out_prefix=f"{store}/tok/v1")
+    assert store.files() == ["tok/v1.model/keep.txt"]
+
+
+def test_tokenizer_extend_in_a_store_writes_the_local_bytes(store, model_path, tmp_path):
+    tags = tmp_path / "tags.yaml"
+    tags.write_text(DEFAULT_TAGS.read_text().replace(ANCHOR, ANCHOR + NEW_TAG))
+    local = extend_tokenizer(model_path, load_registry(tags), tmp_path / "ext.model")
+    assert local.added == {"<|toxic|>": TEST_VOCAB}
+
+    store.upload("base.model", model_path)  # a base in the store, too
+    store.upload("tags.yaml", tags)
+    assert main(["tokenizer", "extend", "--base", f"{store}/base.model", "--tags", f"{store}/tags.yaml",
+                 "--out", f"{store}/ext.model"]) == 0
+    assert as_path(f"{store}/ext.model").read_bytes() == (tmp_path / "ext.model").read_bytes()
+    again = extend_tokenizer(f"{store}/ext.model", load_registry(tags), f"{store}/again.model")
+    assert again.added == {} and str(again.out_path) == f"{store}/again.model"
+    assert as_path(f"{store}/again.model").read_bytes() == (tmp_path / "ext.model").read_bytes()

@@ -14,9 +14,10 @@ import pytest
 
 from metatrain.errors import EXIT_STATUSES, FaultError
 from metatrain.io.paths import REPO_ROOT
-from metatrain.train.loop import Hook, train
+from metatrain.train.hooks import FunctionHook
+from metatrain.train.loop import train
 
-from .conftest import TINY, error_lines, run_cli, tiny_config, train_losses
+from ..conftest import TINY, error_lines, run_cli, tiny_config, train_losses
 
 
 @pytest.fixture
@@ -80,7 +81,7 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_resumes_exactly
             _fill(root, leave_bytes=256 << 10)
 
     with pytest.raises(FaultError) as fault:
-        train(tiny_config(), workdir, hooks=(Hook(every=1, fn=fill_after_step_4),))
+        train(tiny_config(), workdir, hooks=(FunctionHook(every=1, fn=fill_after_step_4),))
     message = str(fault.value)
     assert "\n" not in message
     assert f"saving the checkpoint at step 6 in {workdir / 'checkpoints'} failed: No space left on device [ENOSPC]" in message

@@ -1,5 +1,6 @@
 """The training loop end to end on the tiny preset: metrics, checkpoints, exact resume,
-sharded == unsharded, role weights, non-finite losses, the command line.
+sharded == unsharded, role weights, non-finite losses, the command line; a run preempted
+and resumed in a work directory on local disk and in a bucket (`store`).
 
 Runs use `configs/tiny.yaml` with a handful of steps; a module-scoped uninterrupted run
 is the reference the resume and sharding tests compare against.
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +22,14 @@ import pytest
 
 from metatrain.config import load_config
 from metatrain.data import global_batch
-from metatrain.errors import DivergedError
+from metatrain.errors import EXIT_PREEMPTED, DivergedError
 from metatrain.io.paths import REPO_ROOT
+from metatrain.io.storage import as_path
 from metatrain.roles import Role
-from metatrain.train.loop import Hook, Trainer, train
+from metatrain.train.hooks import FunctionHook
+from metatrain.train.loop import Trainer, train
 
-from .conftest import STEPS, TINY, read_records, tiny_config, train_losses
+from ..conftest import STEPS, TINY, read_records, run_cli, tiny_config, train_losses
 
 # Keys every training record must carry (a contract read by scripts and sweeps).
 TRAIN_KEYS = (
@@ -79,7 +84,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(reference_run, tmp_pa
             raise Crash()
 
     with pytest.raises(Crash):
-        train(tiny_config(), tmp_path, hooks=(Hook(every=1, fn=crash_after_step_4),))
+        train(tiny_config(), tmp_path, hooks=(FunctionHook(every=1, fn=crash_after_step_4),))
     summary = train(tiny_config(), tmp_path)
     assert summary.start_step == 3 and summary.final_step == STEPS
     resumed, reference = train_losses(tmp_path), train_losses(ref_dir)
@@ -308,8 +313,6 @@ def test_trainer_profile_writes_a_trace_tensorboard_can_read(tmp_path):
     runtimes: a test worker that has loaded libtpu for TPU compiles is no place for it)."""
     from jax.profiler import ProfileData
 
-    from .conftest import run_cli
-
     done = run_cli("train", "--config", str(TINY), "--workdir", str(tmp_path), "--set", "trainer.steps=4",
                    "--set", "trainer.eval_every=0", "--set", "trainer.profile=[2, 2]")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -321,3 +324,77 @@ def test_trainer_profile_writes_a_trace_tensorboard_can_read(tmp_path):
     assert any(name.startswith("/host:") for name in names), names
     events = [e.name for plane in data.planes for line in plane.lines for e in line.events]
     assert any("train_step" in name for name in events)  # the jitted step ran while tracing
+
+
+# -- preempted and resumed in a store: local disk or a bucket (the GCS emulator) ----------
+
+PREEMPTED_STEPS = 60
+PREEMPTED_ARGS = (
+    "--config", str(TINY), "--set", f"trainer.steps={PREEMPTED_STEPS}", "--set", "trainer.log_every=1",
+    "--set", "trainer.eval_every=20", "--set", "trainer.eval_batches=1", "--set", "trainer.progress=false",
+    "--set", "checkpoint.every=5", "--set", "checkpoint.async_save=true",
+)
+
+
+def _losses(text: str) -> dict[int, float]:
+    """Step -> loss from metrics.jsonl; a step logged twice (replayed after a resume) keeps its last value."""
+    return {r["step"]: r["loss"] for r in map(json.loads, text.splitlines()) if "loss" in r}
+
+
+def saved_steps(store, workdir: str) -> list[int]:
+    """The steps of the complete checkpoints in `workdir` (a name in `store`): on local disk
+    orbax renames a step's directory to the step when it is complete; in a bucket, which has
+    no rename, it writes `commit_success.txt` into it."""
+    steps = set()
+    for name in store.files(workdir):
+        parts = name.split("/")
+        if len(parts) > 2 and parts[0] == "checkpoints" and parts[1].isdigit():
+            if not store.is_bucket or parts[2] == "commit_success.txt":
+                steps.add(int(parts[1]))
+    return sorted(steps)
+
+
+@pytest.fixture(scope="module")
+def preempted_reference(tmp_path_factory):
+    """The run the preemption test stops, uninterrupted, in a local work directory."""
+    path = tmp_path_factory.mktemp("reference")
+    done = run_cli("train", "--workdir", str(path), *PREEMPTED_ARGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _losses((path / "metrics.jsonl").read_text())
+
+
+def test_a_run_in_a_store_is_preempted_and_resumes_exactly(preempted_reference, store):
+    workdir = f"{store}/runs/tiny"
+    env = dict(store.env(), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env.pop("METATRAIN_DEBUG", None)
+    command = [sys.executable, "-m", "metatrain.cli", "train", "--workdir", workdir, *PREEMPTED_ARGS]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while 10 not in saved_steps(store, "runs/tiny"):
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint reached the store"
+        time.sleep(0.05)
+    assert "train.lock" in store.files("runs/tiny")
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=240)
+    assert first.returncode == EXIT_PREEMPTED, err[-3000:]
+    names = store.files("runs/tiny")
+    assert "train.lock" not in names  # released on the way out
+    steps = saved_steps(store, "runs/tiny")
+    stopped = steps[-1]
+    assert 10 <= stopped < PREEMPTED_STEPS, steps
+    # Every step up to the checkpoint it stopped at reached metrics.jsonl in the store.
+    logged = _losses(as_path(f"{workdir}/metrics.jsonl").read_text())
+    assert set(range(1, stopped + 1)) <= set(logged)
+    assert not any(n.startswith("metrics.jsonl.part") for n in names)
+    for name in ("config.yaml", "tokenizer.model", "tags.yaml"):
+        assert name in names
+    assert any(n.startswith("tensorboard/events.out.tfevents") for n in names)
+
+    # The same command again: it resumes from the checkpoint in the store to the end.
+    again = run_cli("train", "--workdir", workdir, *PREEMPTED_ARGS, env=store.variables)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"trained steps {stopped} -> {PREEMPTED_STEPS}" in again.stdout
+    resumed = _losses(as_path(f"{workdir}/metrics.jsonl").read_text())
+    for step in range(1, PREEMPTED_STEPS + 1):  # CPU runs are exact
+        assert resumed[step] == preempted_reference[step], f"step {step}: {resumed[step]} != {preempted_reference[step]}"

@@ -3,14 +3,15 @@
 One module-scoped tiny run (4 steps) is extended with two control tags and resized;
 the tests read the resized checkpoint back, continue it, and compare its losses with
 the same run continued without resizing. Refusals (a tokenizer that changes an old id,
-an --out that is not empty) must leave both work directories as they were.
+an --out that is not empty) must leave both work directories as they were. A resize into
+a store (local disk, or a bucket) writes what a resize into a local directory writes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,19 +22,21 @@ import numpy as np
 import pytest
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from metatrain.cli import main
 from metatrain.config import config_to_dict, load_config
 from metatrain.errors import UserError
 from metatrain.io.paths import DEFAULT_TAGS, REPO_ROOT
+from metatrain.io.storage import as_path
 from metatrain.run.checkpoint import Checkpointer
-from metatrain.run.create import grow_train_state
 from metatrain.run.program import build_train_program
-from metatrain.run.state import init_state
 from metatrain.tokenizer import extend_tokenizer, load_registry
 from metatrain.tokenizer.resize import DEFAULT_NOISE_SCALE
 from metatrain.train.loop import train
 from metatrain.train.resize import resize_checkpoint
 
-TINY = REPO_ROOT / "configs" / "tiny.yaml"
+from ..conftest import TINY, error_lines, leaves_by_name, train_losses
+from ..conftest import run_cli as run_metatrain
+
 STEPS, MORE_STEPS = 4, 6
 OLD_VOCAB = 4096
 NEW_TAGS = ("<|toxic|>", "<|helpful|>")
@@ -44,20 +47,6 @@ MOMENTS = ("opt_state/1/0/mu/embedding/table", "opt_state/1/0/nu/embedding/table
 def tiny_overrides(steps: int) -> list[str]:
     return [f"trainer.steps={steps}", f"checkpoint.every={STEPS}", "trainer.eval_every=0",
             "trainer.progress=false", "trainer.log_every=1"]
-
-
-def train_losses(workdir: Path) -> dict[int, float]:
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
-
-
-def leaves_by_name(tree) -> dict[str, np.ndarray]:
-    """`{"params/embedding/table": array, ...}` on the host."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-        out[name] = np.asarray(jax.device_get(leaf))
-    return out
 
 
 def restore(workdir: Path):
@@ -235,30 +224,83 @@ def test_out_that_is_a_symlink_is_refused_not_followed(run, tmp_path):
     assert (tmp_path / "link").is_symlink() and not any((tmp_path / "real").iterdir())
 
 
-def test_grow_train_state_grows_an_untied_output_projection_along_its_vocab_axis():
-    """No training: a fresh untied model, grown from 13 to 17 ids (prime sizes)."""
-    def program(vocab):
-        config = load_config(TINY, ["model.tie_embeddings=false", f"model.vocab_size={vocab}", "mesh.data=1"])
-        return build_train_program(config, jax.devices()[:1])
+# -- a resize into a store: local disk or a bucket (the GCS emulator) ---------------------
 
-    small, large = program(13), program(17)
-    state = init_state(small.model, small.optimizer, small.shardings, seed=0)
-    grown, names = grow_train_state(state, large.abstract_state(), old_vocab_size=13, new_vocab_size=17, seed=3)
-    assert set(names) == {TABLE, "params/output_projection",
-                          *(f"opt_state/1/0/{m}/{p}" for m in ("mu", "nu")
-                            for p in ("embedding/table", "output_projection"))}
-    before, after = leaves_by_name(state), leaves_by_name(grown)
-    out_before, out_after = before["params/output_projection"], after["params/output_projection"]  # [D, V]
-    assert out_after.shape == (out_before.shape[0], 17)
-    assert np.array_equal(out_after[:, :13], out_before)
-    assert np.allclose(out_after[:, 13:], out_before.mean(1, keepdims=True),
-                       atol=6 * DEFAULT_NOISE_SCALE * out_before.std(1).max())
-    # Each table draws its own noise (same seed, different tables).
-    noise_in = after[TABLE][13:] - before[TABLE].mean(0)  # [4, D]
-    noise_out = out_after[:, 13:].T - out_before.mean(1)  # [4, D]
-    assert not np.allclose(noise_in / before[TABLE].std(0), noise_out / out_before.std(1))
+ANCHOR = '  bad: "<|bad|>"\n'
+NEW_TAG_LINES = '  toxic: "<|toxic|>"\n  helpful: "<|helpful|>"\n'
 
-    wrong = program(13).abstract_state()  # same vocabulary but another width: not a resize
-    wrong = jax.tree.map(lambda s: jax.ShapeDtypeStruct(tuple(d + 1 for d in s.shape), s.dtype), wrong)
-    with pytest.raises(ValueError, match="is not a vocabulary resize"):
-        grow_train_state(state, wrong, old_vocab_size=13, new_vocab_size=17)
+
+@pytest.fixture(scope="module")
+def extended(workdir, tmp_path_factory):
+    """The session run's tokenizer extended by two tags: `(new.model, tags.yaml)`."""
+    root = tmp_path_factory.mktemp("extended")
+    tags = root / "tags.yaml"
+    tags.write_text(DEFAULT_TAGS.read_text().replace(ANCHOR, ANCHOR + NEW_TAG_LINES))
+    extend_tokenizer(workdir / "tokenizer.model", load_registry(tags), root / "new.model")
+    return root / "new.model", tags
+
+
+def local_files(root: Path) -> dict[str, bytes]:
+    """`{relative name: bytes}` of every file under `root`."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def stored_files(store, under: str) -> dict[str, bytes]:
+    """`{relative name: bytes}` of every file under `under` in `store`."""
+    return {name: store.read_bytes(f"{under}/{name}") for name in store.files(under)}
+
+
+def shape_of(files: dict[str, bytes]) -> set[str]:
+    """The file names, with orbax's data files (`.../d/HASH`: random names, and as many
+    as its writes happened to be batched into) as one `.../d/*`."""
+    return {re.sub(r"/d/[0-9a-f]{32}$", "/d/*", name) for name in files}
+
+
+def test_a_resize_into_a_store_equals_the_local_one_and_trains_further(workdir, extended, store, tmp_path):
+    new_model, tags = extended
+    local, remote = tmp_path / "resized", f"{store}/resized"
+    resize_checkpoint(workdir, new_model, local, tags=tags)
+    assert main(["tokenizer", "resize-checkpoint", "--workdir", str(workdir), "--tokenizer", str(new_model),
+                 "--out", remote, "--tags", str(tags)]) == 0
+
+    want, got = local_files(local), stored_files(store, "resized")
+    assert shape_of(got) == shape_of(want) and "train.lock" not in got  # the lock was released
+    for name in ("tokenizer.model", "tags.yaml"):
+        assert got[name] == want[name]
+    assert got["config.yaml"].decode() == want["config.yaml"].decode().replace(str(local), remote)
+
+    (_, a), (remote_config, b) = restore(local), restore(as_path(remote))
+    assert str(remote_config.data.tokenizer) == f"{remote}/tokenizer.model"
+    assert str(remote_config.data.tags) == f"{remote}/tags.yaml"
+    assert b.config == config_to_dict(remote_config)  # the checkpoint names the store's own copies
+    assert a.step == b.step and a.data_state == b.data_state
+    for x, y in zip(jax.tree_util.tree_leaves(a.state), jax.tree_util.tree_leaves(b.state), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+
+    done = run_metatrain("train", "--workdir", remote, "--set", f"trainer.steps={a.step + 1}", env=store.env())
+    assert done.returncode == 0, done.stderr
+    assert sorted(train_losses(as_path(remote))) == [a.step + 1]
+
+    # A run in the store resizes, too (to the tokenizer it already has, so nothing grows;
+    # in a new process, since this one's file system has cached listings the trainer changed).
+    back = run_metatrain("tokenizer", "resize-checkpoint", "--workdir", remote, "--tokenizer", str(new_model),
+                         "--out", str(tmp_path / "from_store"), env=store.env())
+    assert back.returncode == 0, back.stderr
+    assert f"from {remote} at step {a.step + 1}: vocabulary 4098 -> 4098 (new: none); grew 0 leaves" in back.stderr
+    assert (tmp_path / "from_store" / "tags.yaml").read_bytes() == tags.read_bytes()  # the run's own tags
+
+
+def test_an_out_in_a_store_that_is_not_empty_is_refused_in_one_line_and_nothing_changes(workdir, extended, store,
+                                                                                        capsys):
+    new_model, tags = extended
+    out = f"{store}/taken"
+    store.write_text("taken/notes.txt", "mine")
+    before, run_before = stored_files(store, "taken"), local_files(workdir)
+    assert main(["tokenizer", "resize-checkpoint", "--workdir", str(workdir), "--tokenizer", str(new_model),
+                 "--out", out, "--tags", str(tags)]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert lines == [f"metatrain tokenizer: error: --out {out} already exists and is not empty; metatrain never "
+                     "writes into a directory with contents: remove it or choose another --out"], lines
+    assert store.files() == ["taken/notes.txt"]
+    assert stored_files(store, "taken") == before and local_files(workdir) == run_before

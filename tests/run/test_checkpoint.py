@@ -1,4 +1,5 @@
-"""A damaged checkpoint is moved aside and the next newest restores, with exact losses."""
+"""A damaged checkpoint is moved aside and the next newest restores, with exact losses, in a
+work directory on local disk and in a bucket (`store`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from metatrain.errors import FaultError
-from metatrain.generate.checkpoint import load_checkpoint
+from metatrain.io.storage import as_path
+from metatrain.run.reader import load_checkpoint
 from metatrain.train.loop import train
 
-from .conftest import error_lines, run_cli, tiny_config, train_losses
+from ..conftest import error_lines, run_cli, tiny_config, train_losses
 
 STEPS = 6
 
@@ -108,3 +110,23 @@ def test_generation_reads_through_the_same_path_and_leaves_the_directory_as_it_i
     assert sorted(os.listdir(run / "checkpoints")) == before  # a reader moves nothing
     with pytest.raises(FaultError, match=r"checkpoints/6 cannot be restored"):
         load_checkpoint(checkpoint=run / "checkpoints" / "6")
+
+
+def test_a_damaged_latest_checkpoint_in_a_store_is_moved_aside_and_the_next_restores(reference, store, capfd):
+    workdir = f"{store}/run"
+    train(config(), workdir)
+    for name in store.files("run/checkpoints/6/state"):
+        if "/d/" in f"/{name}":  # every array of step 6 zeroed
+            path = as_path(f"{workdir}/checkpoints/6/state/{name}")
+            path.write_bytes(bytes(len(path.read_bytes())))
+    capfd.readouterr()
+    summary = train(config(), workdir)
+    assert summary.start_step == 4 and summary.final_step == 6
+    reports = [line for line in capfd.readouterr().err.splitlines() if "cannot be restored" in line]
+    assert len(reports) == 1 and f"checkpoint {workdir}/checkpoints/6 cannot be restored (" in reports[0]
+    steps = {n.split("/")[0] for n in store.files("run/checkpoints")}
+    aside = [s for s in steps if s.startswith("6.corrupt-")]
+    assert len(aside) == 1 and aside[0] in reports[0]
+    assert {s for s in steps if s.isdigit()} == {"2", "4", "6"}  # 6 written again by the resumed run
+    resumed = train_losses(as_path(workdir))
+    assert [resumed[s] for s in range(1, 7)] == [train_losses(reference)[s] for s in range(1, 7)]

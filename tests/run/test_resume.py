@@ -1,4 +1,5 @@
-"""A resume is validated against the checkpoint's config before anything is written."""
+"""A resume is validated against the checkpoint's config before anything is written, in a work
+directory on local disk and in a bucket (`store`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from metatrain.io.paths import REPO_ROOT
 from metatrain.run.resume import RESUMABLE_KEYS, ResumeRefused, config_differences, resumable_keys_doc
 from metatrain.train.loop import train
 
-from .conftest import error_lines, run_cli, tiny_config
+from ..conftest import TINY, error_lines, run_cli, tiny_config
 
 STEPS = 3
 
@@ -121,3 +122,21 @@ def test_the_training_recipe_may_change_when_asked_and_only_it(run):
 
     with pytest.raises(UserError, match="--allow-change model.d_model: only keys of the training recipe"):
         train(load_config(run / "config.yaml", ["model.d_model=96"]), run, allow_changes=["model.d_model"])
+
+
+def test_a_changed_model_is_refused_in_a_store_and_nothing_is_written(store):
+    workdir = f"{store}/run"
+    args = ("--config", str(TINY), "--set", "trainer.steps=2", "--set", "trainer.log_every=1",
+            "--set", "trainer.eval_every=20", "--set", "trainer.eval_batches=1", "--set", "trainer.progress=false",
+            "--set", "checkpoint.every=5", "--set", "checkpoint.async_save=true")
+    done = run_cli("train", "--workdir", workdir, *args, env=store.variables)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = {n: store.read_bytes(n) for n in store.files()}
+    refused = run_cli("train", "--workdir", workdir, *args, "--set", "model.d_ff=192", env=store.variables)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    lines = error_lines(refused.stderr)
+    assert any(f"cannot resume {workdir}" in line for line in lines), lines
+    assert any("model.d_ff: 176 -> 192" in line for line in lines), lines
+    assert "Traceback" not in refused.stderr
+    after = {n: store.read_bytes(n) for n in store.files()}
+    assert after == before

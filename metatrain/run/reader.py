@@ -1,11 +1,20 @@
-"""Loading what generation needs from a training run: parameters, model shape, encoder.
+"""Reading a trained run: one checkpoint's parameters, its stored config, the run's encoder.
 
-Checkpoints are read through `metatrain.run.checkpoint.Checkpointer`, the one home of
-their layout, read-only. Only the parameters are restored (no optimizer moments are
-read), onto one device. The model shape and the mantra come from the checkpoint's own
-stored config, so they are the ones the parameters were trained with; the tokenizer and
-tag registry are the run's copies beside `checkpoints/`. The work directory may be in a
-bucket (`gs://...`).
+Everything that uses a trained model without training it (`metatrain generate`, the
+serving engine, `metatrain eval`, `metatrain export`, `metatrain annotate --generator
+metatrain`) reads the run through `load_checkpoint`:
+
+  * which checkpoint: `--workdir W` (its newest intact one, or `step`) or
+    `--checkpoint W/checkpoints/<step>` (`resolve_checkpoint`);
+  * the parameters only (no optimizer moments are read), onto one device, through
+    `Checkpointer.restore_params` opened read-only: a damaged newer checkpoint is
+    reported and skipped, never moved;
+  * the model shape, mantra and mantra policy from the config stored in the checkpoint
+    itself, so they are the ones the parameters were trained with;
+  * the tokenizer and tag registry: the run's copies beside `checkpoints/`
+    (`metatrain.run.layout`), else the paths its config names (`run_files`).
+
+The work directory may be in a bucket (`gs://...`).
 """
 
 from __future__ import annotations
@@ -69,36 +78,62 @@ def resolve_checkpoint(
     return found
 
 
-def _run_file(run_dir: StoragePath, name: str, configured: str | None) -> StoragePath:
-    """The run's copy `WORKDIR/name` next to `checkpoints/`, else the configured path
-    (either may be in a bucket)."""
-    copy = run_dir / name
-    if copy.is_file():
-        return copy
-    if configured and as_path(configured).is_file():
-        return as_path(configured)
-    raise UserError(f"work directory {run_dir}: cannot find the run's {name} (looked for {copy} and {configured})")
+def run_files(workdir: StoragePath, config: dict) -> tuple[StoragePath, StoragePath]:
+    """`(tokenizer, tag registry)` of the run in `workdir` whose stored config is `config`.
+
+    Each is the run's copy beside `checkpoints/` (`WORKDIR/tokenizer.model`,
+    `WORKDIR/tags.yaml`), else the path the config's `data` section names (either may
+    be in a bucket).
+
+    Raises:
+        UserError: neither exists.
+    """
+    data = config.get("data", {})
+
+    def find(name: str, configured: str | None) -> StoragePath:
+        copy = workdir / name
+        if copy.is_file():
+            return copy
+        if configured and as_path(configured).is_file():
+            return as_path(configured)
+        raise UserError(f"work directory {workdir}: cannot find the run's {name} (looked for {copy} and {configured})")
+
+    return find(TOKENIZER_FILE, data.get("tokenizer")), find(TAGS_FILE, data.get("tags"))
 
 
 def load_checkpoint(
-    workdir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None
+    workdir: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    step: int | None = None,
+    device: jax.Device | None = None,
 ) -> LoadedCheckpoint:
     """Restores a run's parameters (through the run's `Checkpointer`) and builds its encoder.
 
     Args:
-        workdir: a `metatrain train` work directory (its newest intact checkpoint is used;
-            a damaged newer one is reported and skipped, never moved: this only reads).
-        checkpoint: one step directory, `WORKDIR/checkpoints/<step>`.
+        workdir: a `metatrain train` work directory: its checkpoint `step`, or its newest
+            intact one (a damaged newer one is reported and skipped, never moved: this
+            only reads).
+        checkpoint: one step directory, `WORKDIR/checkpoints/<step>` (instead of
+            `workdir`).
+        step: with `workdir`, this checkpoint only.
+        device: where the parameters go (default: the first local device).
 
     Raises:
-        UserError: no checkpoint; its tokenizer lacks a tag of its tag registry or has
-            another vocabulary size than the model.
-        FaultError: the checkpoint (for `workdir`: every checkpoint) cannot be restored.
+        UserError: no checkpoint (or none at `step`: the message names the steps there
+            are); its tokenizer lacks a tag of its tag registry or has another
+            vocabulary size than the model.
+        FaultError: the checkpoint (for `workdir` without `step`: every checkpoint)
+            cannot be restored.
     """
-    run_dir, step = resolve_checkpoint(workdir, checkpoint)
+    run_dir, found = resolve_checkpoint(workdir, checkpoint)
+    if step is not None:
+        if checkpoint is not None:
+            raise UserError("give --step with --workdir, not with --checkpoint (a step directory is one step)")
+        found = step
     checkpointer = Checkpointer(run_dir, read_only=True)
     try:
-        return _load(checkpointer, step)
+        return _load(checkpointer, found, device or jax.local_devices()[0])
     finally:
         checkpointer.close()
 
@@ -110,21 +145,20 @@ def _model_config(stored: dict, where: StoragePath) -> ModelConfig:
         raise UserError(f"checkpoint {where}: its saved config has no usable `model` section ({e})") from None
 
 
-def _load(checkpointer: Checkpointer, step: int | None) -> LoadedCheckpoint:
+def _load(checkpointer: Checkpointer, step: int | None, device: jax.Device) -> LoadedCheckpoint:
     """Read the parameters first (the newest that restores), then build the encoder for
     the config stored beside them."""
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(device)
 
-    def abstract_params(stored: dict, where: StoragePath):
+    def abstract_params(stored: dict, where: StoragePath) -> Any:
         shapes = nn.unbox(init_params_shape(_model_config(stored, where)))
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
     step, params, config = checkpointer.restore_params(abstract_params, step)
     path = checkpointer.step_dir(step)
     model_config = _model_config(config, path)
+    tokenizer, tags = run_files(checkpointer.directory.parent, config)
     data = config.get("data", {})
-    tokenizer = _run_file(checkpointer.directory.parent, TOKENIZER_FILE, data.get("tokenizer"))
-    tags = _run_file(checkpointer.directory.parent, TAGS_FILE, data.get("tags"))
     try:
         encoder = Encoder.from_files(
             tokenizer, tags, mantra=data.get("mantra") or DEFAULT_MANTRA,

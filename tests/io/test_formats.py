@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from array_record.python.array_record_module import ArrayRecordWriter
 
 from metatrain.annotate.inputs import RawDocument, read_raw_documents
 from metatrain.cli import main
@@ -22,34 +19,8 @@ from metatrain.documents import Document, Segment, SkipCounter, read_documents
 from metatrain.errors import UserError
 from metatrain.io.formats import ARRAY_RECORD, JSONL, PARQUET, ArrayRecords, ParquetRows, RecordError, format_of, read_records
 
-from .conftest import assert_batches_equal, data_config, make_docs, take, write_jsonl
-
-SEGMENT = pa.struct([("kind", pa.string()), ("text", pa.string()), ("mode", pa.string()), ("control", pa.string())])
-
-
-def write_parquet(path, columns: dict, *, row_group_size: int = 5, schema: pa.Schema | None = None):
-    pq.write_table(pa.table(columns, schema=schema), path, row_group_size=row_group_size)
-    return path
-
-
-def documents_parquet(path, docs, *, segments_as: str = "struct", row_group_size: int = 5):
-    """`docs` (JSON Lines records) as a Parquet file with `id` and `segments` columns."""
-    if segments_as == "json":
-        columns = {"id": [d["id"] for d in docs], "segments": [json.dumps(d["segments"]) for d in docs]}
-        return write_parquet(path, columns, row_group_size=row_group_size)
-    segments = [[{"mode": None, "control": None, **s} for s in d["segments"]] for d in docs]
-    schema = pa.schema([("id", pa.string()), ("segments", pa.list_(SEGMENT))])
-    return write_parquet(path, {"id": [d["id"] for d in docs], "segments": segments}, schema=schema,
-                         row_group_size=row_group_size)
-
-
-def write_array_record(path, records):
-    """One record per item: dicts as JSON, strings verbatim (for bad records)."""
-    writer = ArrayRecordWriter(str(path), "group_size:1")
-    for r in records:
-        writer.write((r if isinstance(r, str) else json.dumps(r)).encode("utf-8"))
-    writer.close()
-    return path
+from ..conftest import (assert_batches_equal, data_config, documents_parquet, make_docs, take, write_array_record,
+                        write_jsonl, write_parquet)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""One owner per work directory: the lock, stale locks, and runs created from another file."""
+"""One owner per work directory: the lock (a file on local disk, an object with generation
+preconditions in a bucket), stale locks, and runs created from another file."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import time
 
 import pytest
 
+from metatrain.errors import FaultError
+from metatrain.io.storage import as_path
+from metatrain.run import workdir as workdir_module
 from metatrain.run.layout import LOCK_FILE
-from metatrain.run.workdir import STALE_AFTER_S, WorkdirLock, WorkdirLocked
-from metatrain.train.loop import train
+from metatrain.run.workdir import STALE_AFTER_S, ObjectLock, WorkdirLock, WorkdirLocked
+from metatrain.train.hooks import FunctionHook
+from metatrain.train.loop import Trainer, train
 
-from .conftest import TINY, error_lines, run_cli, tiny_config
+from ..conftest import TINY, error_lines, run_cli, tiny_config
 
 
 def _dead_pid() -> int:
@@ -106,3 +111,52 @@ def test_a_workdir_created_from_another_config_file_is_refused_unless_allowed(tm
     assert adopted.returncode == 0 and "trained steps 2 -> 3" in adopted.stdout, adopted.stderr[-2000:]
     assert json.loads((workdir / "run.json").read_text())["config_file"] == str(b)
 
+
+@pytest.mark.bucket
+def test_the_lock_in_a_bucket_is_exclusive_and_a_stale_one_is_taken_over(bucket, monkeypatch, capsys):
+    workdir = f"{bucket}/run"
+    holder = ObjectLock(workdir)
+    holder.acquire()
+    try:
+        with pytest.raises(WorkdirLocked) as refused:
+            ObjectLock(workdir).acquire()
+        message = str(refused.value)
+        assert f"work directory {workdir} is in use by another trainer: pid {os.getpid()}" in message
+        assert "last heartbeat" in message and f"delete {workdir}/train.lock" in message
+
+        # Another host's lock whose heartbeat stopped: taken over, and its holder learns it lost.
+        monkeypatch.setattr(workdir_module, "STALE_AFTER_S", 0.0)
+        monkeypatch.setattr(workdir_module.socket, "gethostname", lambda: "rescheduled-vm")
+        successor = ObjectLock(workdir)
+        successor.acquire()
+        assert "taking over the stale lock" in capsys.readouterr().err
+        assert json.loads(as_path(f"{workdir}/train.lock").read_text())["host"] == "rescheduled-vm"
+        holder._heartbeat_once()
+        assert holder.lost and "lost the lock" in capsys.readouterr().err
+        successor.release()
+        assert not as_path(f"{workdir}/train.lock").exists()
+    finally:
+        holder.release()
+    # A released lock is free again, and is taken without a warning.
+    with ObjectLock(workdir):
+        assert as_path(f"{workdir}/train.lock").exists()
+        assert "taking over" not in capsys.readouterr().err
+    assert not as_path(f"{workdir}/train.lock").exists()
+
+
+def test_a_run_that_lost_its_lock_saves_no_further_checkpoint(store):
+    workdir = f"{store}/run"
+    config = tiny_config("trainer.steps=6", "checkpoint.every=2", "trainer.eval_every=0", "checkpoint.async_save=false")
+
+    def lose_the_lock(info):
+        if info.step == 2:  # as if another trainer had taken over the lock after a late heartbeat
+            trainer.lock.lost = True
+
+    trainer = Trainer(config, workdir, hooks=(FunctionHook(every=1, fn=lose_the_lock),))
+    try:
+        with pytest.raises(FaultError, match=f"another trainer took over the lock of {workdir}.*stopping without saving step 4"):
+            trainer.run()
+    finally:
+        trainer.close()
+    steps = {n.split("/")[0] for n in store.files("run/checkpoints")}
+    assert steps == {"2"}

@@ -1,6 +1,6 @@
-"""`metatrain.io.storage`: which paths are remote, the emulator's settings, appends by compose,
-listings that see other writers, and moving a directory in a bucket (against a GCS
-emulator on 127.0.0.1)."""
+"""`metatrain.io.storage`: which paths are remote, the emulator's settings, appends by compose
+and listings that see other writers (in a bucket of a GCS emulator on 127.0.0.1), moving a
+directory and a failed write (on local disk and in a bucket: `store`)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def test_the_emulator_variable_reaches_every_library_and_the_users_own_settings_
     assert real == {}  # no emulator: nothing changes
 
 
+@pytest.mark.bucket
 def test_appends_compose_whole_lines_and_leave_no_parts(bucket, gcs_emulator):
     path = f"{bucket}/metrics.jsonl"
     appender = ObjectAppender(path, flush_every_s=3600)
@@ -68,6 +69,7 @@ def test_appends_compose_whole_lines_and_leave_no_parts(bucket, gcs_emulator):
     assert as_path(path).read_text().splitlines()[-1] == '{"step": 4}'
 
 
+@pytest.mark.bucket
 def test_listings_see_objects_other_writers_added(bucket):
     directory = as_path(f"{bucket}/run/checkpoints")
     (directory / "1" / "a").write_text("x")
@@ -78,16 +80,16 @@ def test_listings_see_objects_other_writers_added(bucket):
         f"{bucket}/run/checkpoints/1/a", f"{bucket}/run/checkpoints/2/a"]
 
 
-def test_moving_a_directory_in_a_bucket_moves_every_object(bucket, gcs_emulator):
+def test_moving_a_directory_moves_every_file(store):
     for name in ("state/d/0", "state/manifest", "commit_success.txt"):
-        as_path(f"{bucket}/ckpt/6/{name}").write_text(name)
-    move_tree(f"{bucket}/ckpt/6", f"{bucket}/ckpt/6.corrupt-1")
-    names = gcs_emulator.objects(bucket.removeprefix("gs://"))
-    assert sorted(names) == ["ckpt/6.corrupt-1/commit_success.txt", "ckpt/6.corrupt-1/state/d/0",
+        store.write_text(f"ckpt/6/{name}", name)
+    move_tree(f"{store}/ckpt/6", f"{store}/ckpt/6.corrupt-1")
+    assert store.files() == ["ckpt/6.corrupt-1/commit_success.txt", "ckpt/6.corrupt-1/state/d/0",
                              "ckpt/6.corrupt-1/state/manifest"]
-    assert not as_path(f"{bucket}/ckpt/6").exists()
+    assert not as_path(f"{store}/ckpt/6").exists()
 
 
+@pytest.mark.bucket
 def test_a_long_append_is_compacted_and_keeps_every_line(bucket, monkeypatch):
     monkeypatch.setattr(ObjectAppender, "COMPACT_AFTER", 3)
     path = f"{bucket}/annotated.jsonl"
@@ -100,10 +102,10 @@ def test_a_long_append_is_compacted_and_keeps_every_line(bucket, monkeypatch):
     assert (blob.component_count or 0) < 3
 
 
-def test_a_failed_write_into_a_bucket_leaves_the_old_object(bucket):
+def test_a_failed_write_leaves_the_old_file(store):
     from metatrain.io.outputs import atomic_output, write_atomically
 
-    path = f"{bucket}/out.jsonl"
+    path = f"{store}/out.jsonl"
     write_atomically(path, "old\n")
     for binary in (False, True):
         with pytest.raises(RuntimeError):
@@ -115,3 +117,4 @@ def test_a_failed_write_into_a_bucket_leaves_the_old_object(bucket):
 
     gc.collect()  # a file left open would upload its buffer now
     assert as_path(path).read_text() == "old\n"
+    assert store.files() == ["out.jsonl"]  # no partial file left beside it

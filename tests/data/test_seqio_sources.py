@@ -1,7 +1,15 @@
 """seqio Tasks and Mixtures as metatrain sources: document Tasks, text Tasks, mixture rates,
-exact resume, and the refusals (another vocabulary, a missing module, an unknown name)."""
+exact resume, and the refusals (another vocabulary, a missing module, an unknown name).
+
+seqio and TensorFlow come from the `seqio` extra; this module skips without them. The Tasks
+the tests read are registered by one registry module (the `registry` fixture), a file the
+tests import through metatrain.
+"""
 
 from __future__ import annotations
+
+import random
+import textwrap
 
 import numpy as np
 import pytest
@@ -16,9 +24,81 @@ from metatrain.errors import UserError  # noqa: E402
 from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER  # noqa: E402
 from metatrain.tokenizer import Encoder  # noqa: E402
 
+from ..conftest import write_jsonl  # noqa: E402
 from .conftest import TRICKY_TEXTS  # noqa: E402
 
 B, L = 4, 67  # global batch rows, row length (prime)
+
+_WORDS = "the of and to in a is that for it as was with study found river climate percent".split()
+
+
+def short_docs(n: int, first_word: str, prefix: str, seed: int) -> list[dict]:
+    """`n` short documents, each opening with `first_word` (so a test can tell the task apart)."""
+    rng = random.Random(seed)
+    docs = []
+    for d in range(n):
+        words = [first_word] + [rng.choice(_WORDS) for _ in range(rng.randint(2, 5))]
+        segments = [{"kind": "text", "text": " ".join(words) + "."}]
+        if rng.random() < 0.5:
+            segments.append({"kind": "thinking", "text": " ".join(rng.choice(_WORDS) for _ in range(3))})
+        docs.append({"id": f"{prefix}-{d}", "segments": segments})
+    return docs
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory) -> dict[str, list[dict]]:
+    """The documents behind the registry's Tasks, by Task."""
+    tricky = [{"id": "tricky-0", "segments": [
+        {"kind": "text", "text": TRICKY_TEXTS[0]},
+        {"kind": "thinking", "text": TRICKY_TEXTS[2]},
+        {"kind": "text", "text": TRICKY_TEXTS[3], "mode": "ai"},
+        {"kind": "thinking", "text": "a good thought", "control": "good"},
+    ]}]
+    return {"alpha": short_docs(60, "alpha", "a", 1), "bravo": short_docs(60, "bravo", "b", 2), "tricky": tricky}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, corpora) -> str:
+    """A `.py` registry module: document Tasks `mt_alpha`, `mt_bravo`, `mt_tricky`, a Mixture
+    `mt_mix` at rates 3:1, a text Task `mt_text` and a Task with a byte vocabulary."""
+    root = tmp_path_factory.mktemp("registry")
+    alpha = write_jsonl(root / "alpha.jsonl", corpora["alpha"])
+    bravo = write_jsonl(root / "bravo.jsonl", corpora["bravo"])
+    tricky = write_jsonl(root / "tricky.jsonl", corpora["tricky"])
+    texts = [t for t in TRICKY_TEXTS if t.strip()] + [f"plain line {i}" for i in range(20)]
+    module = root / "my_registry.py"
+    module.write_text(textwrap.dedent(f"""
+        import functools
+
+        import seqio
+        import tensorflow as tf
+
+        from metatrain.data.seqio import MetatrainVocabulary, register_document_task
+
+        TOKENIZER, TAGS = {str(SAMPLE_TOKENIZER)!r}, {str(DEFAULT_TAGS)!r}
+        TEXTS = {texts!r}
+
+        register_document_task("mt_alpha", {{"train": {str(alpha)!r}}}, TOKENIZER, TAGS)
+        register_document_task("mt_bravo", {str(bravo)!r}, TOKENIZER, TAGS)
+        register_document_task("mt_tricky", {str(tricky)!r}, TOKENIZER, TAGS, mantra_policy="first")
+        seqio.MixtureRegistry.add("mt_mix", [("mt_alpha", 3.0), ("mt_bravo", 1.0)])
+
+        def texts_fn(split, shuffle_files, seed=None):
+            return tf.data.Dataset.from_tensor_slices({{"text": TEXTS}})
+
+        def text_task(name, vocabulary):
+            seqio.TaskRegistry.add(
+                name,
+                source=seqio.FunctionDataSource(texts_fn, splits=["train"]),
+                preprocessors=[functools.partial(seqio.preprocessors.rekey, key_map={{"targets": "text"}}),
+                               seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+                output_features={{"targets": seqio.Feature(vocabulary, add_eos=True)}},
+            )
+
+        text_task("mt_text", MetatrainVocabulary(TOKENIZER, TAGS))
+        text_task("mt_bytes", seqio.ByteVocabulary())
+    """), encoding="utf-8")
+    return str(module)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
-"""MetatrainVocabulary: the encoder's ids for text, in Python and in TensorFlow; tags never from text."""
+"""MetatrainVocabulary: the encoder's ids for text, in Python and in TensorFlow; tags never from text.
+
+seqio and TensorFlow come from the `seqio` extra; this module skips without them."""
 
 from __future__ import annotations
 
