@@ -64,15 +64,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from metatrain.evaluation.evaluate import EvalOptions, evaluate_workdir
-    from metatrain.evaluation.report import format_report
+    from metatrain.evaluation.report import EvalSettings, format_report
 
-    options = EvalOptions(
-        data=args.data, step=args.step, out=args.out, max_documents=args.max_documents, seq_len=args.seq_len,
-        stride=args.stride, batch_rows=args.batch_rows, bootstrap=args.bootstrap, level=args.level,
-        min_documents=args.min_documents, seed=args.seed, prompts=args.prompts, samples=args.samples,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, probe_tokens=args.probe_tokens,
-        generation=not args.no_generation, probes=not args.no_probes, strict=args.strict,
+    settings = EvalSettings(
+        seq_len=args.seq_len, stride=args.stride, batch_rows=args.batch_rows, resamples=args.bootstrap,
+        level=args.level, seed=args.seed, min_documents=args.min_documents, prompts=args.prompts,
+        samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        probe_tokens=args.probe_tokens, generation=not args.no_generation, probes=not args.no_probes,
     )
+    options = EvalOptions(data=args.data, step=args.step, out=args.out, max_documents=args.max_documents,
+                          strict=args.strict, settings=settings)
     result = evaluate_workdir(args.workdir, options)
     if args.json:
         print(json.dumps(result.report))

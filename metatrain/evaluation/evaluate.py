@@ -19,6 +19,7 @@ from typing import Any
 
 from metatrain.documents import SkipCounter
 from metatrain.errors import UserError
+from metatrain.evaluation.report import EvalSettings
 from metatrain.io.storage import is_remote
 
 #: The files `metatrain eval` writes into its output directory (nothing else is touched).
@@ -34,36 +35,16 @@ class EvalOptions:
         step: checkpoint step (None: the newest).
         out: where report.json and probes.png go (None: `W/eval/<step>`).
         max_documents: evaluate the first N documents (0: all of them).
-        seq_len: row length (None: the run's `trainer.seq_len`).
-        stride: window step inside long documents (None: seq_len / 2).
-        batch_rows: rows per forward pass.
-        bootstrap, level, min_documents: the bootstrap intervals.
-        seed: seed of the shuffle, the bootstrap, sampling and probes.
-        prompts, samples, max_new_tokens, temperature: free generation.
-        probe_tokens: tokens the probes use at most.
-        generation, probes: run those parts at all.
         strict: stop at the first bad record instead of skipping it.
+        settings: what is measured and how much (`--seq-len`, `--bootstrap`, `--prompts`, ...).
     """
 
     data: Sequence[str] | None = None
     step: int | None = None
     out: Path | None = None
     max_documents: int = 2000
-    seq_len: int | None = None
-    stride: int | None = None
-    batch_rows: int = 8
-    bootstrap: int = 1000
-    level: float = 0.95
-    min_documents: int = 20
-    seed: int = 0
-    prompts: int = 8
-    samples: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    probe_tokens: int = 50_000
-    generation: bool = True
-    probes: bool = True
     strict: bool = False
+    settings: EvalSettings = dataclasses.field(default_factory=EvalSettings)
 
     def check(self) -> None:
         """Refuses values out of range, naming the flag.
@@ -71,19 +52,21 @@ class EvalOptions:
         Raises:
             UserError: the first value out of range.
         """
+        settings = self.settings
         for name in ("batch_rows", "prompts", "samples", "max_new_tokens", "probe_tokens", "min_documents"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name, low in (("max_documents", 0), ("seq_len", 1), ("stride", 1), ("step", 0)):
-            value = getattr(self, name)
+            if getattr(settings, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(settings, name)}")
+        bounds = (("max_documents", self.max_documents, 0), ("seq_len", settings.seq_len, 1),
+                  ("stride", settings.stride, 1), ("step", self.step, 0))
+        for name, value, low in bounds:
             if value is not None and value < low:
                 raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-        if self.bootstrap < 0:
-            raise UserError(f"--bootstrap must be >= 0, got {self.bootstrap}")
-        if not 0.0 < self.level < 1.0:
-            raise UserError(f"--level must be in (0, 1), got {self.level}")
-        if self.temperature < 0:
-            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+        if settings.resamples < 0:
+            raise UserError(f"--bootstrap must be >= 0, got {settings.resamples}")
+        if not 0.0 < settings.level < 1.0:
+            raise UserError(f"--level must be in (0, 1), got {settings.level}")
+        if settings.temperature < 0:
+            raise UserError(f"--temperature must be >= 0, got {settings.temperature}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +117,7 @@ def evaluate_workdir(workdir: Path, options: EvalOptions) -> EvalResult:
     """
     from metatrain.config import load_config_dict
     from metatrain.evaluation.documents import file_documents, split_documents
-    from metatrain.evaluation.report import EvalSettings, evaluate_checkpoint
+    from metatrain.evaluation.report import evaluate_checkpoint
     from metatrain.io.outputs import write_atomically
     from metatrain.run.reader import load_checkpoint
 
@@ -145,11 +128,12 @@ def evaluate_workdir(workdir: Path, options: EvalOptions) -> EvalResult:
         check_eval_out(options.out)
     loaded = load_checkpoint(workdir, step=options.step)
     config = load_config_dict(loaded.config, where=f"checkpoint {loaded.path}")
-    seq_len = options.seq_len or config.trainer.seq_len
+    settings = dataclasses.replace(options.settings, seq_len=options.settings.seq_len or config.trainer.seq_len)
+    seq_len = settings.seq_len
     if seq_len > loaded.model_config.max_seq_len:
         raise UserError(f"--seq-len {seq_len} is longer than the model's max_seq_len {loaded.model_config.max_seq_len}")
-    if options.stride is not None and options.stride > seq_len:
-        raise UserError(f"--stride {options.stride} must be at most --seq-len {seq_len}")
+    if settings.stride is not None and settings.stride > seq_len:
+        raise UserError(f"--stride {settings.stride} must be at most --seq-len {seq_len}")
     skips = SkipCounter()
     limit = options.max_documents or None
     if options.data:
@@ -159,12 +143,6 @@ def evaluate_workdir(workdir: Path, options: EvalOptions) -> EvalResult:
         data = dataclasses.replace(config.data, strict=options.strict or config.data.strict)
         docs = split_documents(data, loaded.encoder, "eval", skips=skips, limit=limit)
         data_label = f"held-out split of {', '.join(s.name for s in data.sources)} (eval_fraction {data.eval_fraction})"
-    settings = EvalSettings(
-        seq_len=seq_len, stride=options.stride, batch_rows=options.batch_rows, resamples=options.bootstrap,
-        level=options.level, seed=options.seed, min_documents=options.min_documents, prompts=options.prompts,
-        samples=options.samples, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-        probe_tokens=options.probe_tokens, generation=options.generation, probes=options.probes,
-    )
     report = {"checkpoint": str(loaded.path), "step": loaded.step, "data": data_label,
               "skipped_records": skips.count, "max_documents": limit}
     report.update(evaluate_checkpoint(loaded.params, loaded.model_config, config.loss, loaded.encoder, docs, settings))

@@ -39,7 +39,8 @@ class EvalSettings:
     """What `metatrain eval` measures and how much of it.
 
     Attributes:
-        seq_len: positions per row (default: the run's `trainer.seq_len`).
+        seq_len: positions per row (None: the run's `trainer.seq_len`, filled in by
+            `metatrain.evaluation.evaluate` before scoring).
         stride: window step for documents longer than a row (default `seq_len // 2`).
         batch_rows: rows per forward pass.
         resamples, level, seed, min_documents: the bootstrap (`stats.py`).
@@ -51,7 +52,7 @@ class EvalSettings:
         generation, probes: run those parts at all.
     """
 
-    seq_len: int
+    seq_len: int | None = None
     stride: int | None = None
     batch_rows: int = 8
     resamples: int = DEFAULT_RESAMPLES
