@@ -32,7 +32,7 @@ import numpy as np
 from metatrain.config import RunConfig, config_to_dict
 from metatrain.data import global_batch, make_batch_iterator
 from metatrain.documents import SkipCounter
-from metatrain.errors import MetatrainError, UserError
+from metatrain.errors import FaultError, MetatrainError, UserError
 from metatrain.evaluation.text_bytes import bits_per_byte, token_byte_lengths
 from metatrain.hardware import local_chip
 from metatrain.io.storage import as_path
@@ -257,6 +257,11 @@ class Trainer:
                         self.progress.update(1)
                     self.hooks.run(info)
                     state = info.state
+            except FaultError:
+                # A write that fails while an asynchronous save runs is most often that save
+                # filling the disk: its fault names the cause and the checkpoint that is kept.
+                self.checkpointer.wait()
+                raise
             finally:
                 self.hooks.close()  # ends a profile the loop stopped inside
         if self.progress is not None:
