@@ -28,6 +28,7 @@ EXIT_DIVERGED: int = 3
 EXIT_FAULT: int = 74  # EX_IOERR
 EXIT_PREEMPTED: int = 75  # EX_TEMPFAIL: run the same command again to resume
 EXIT_INTERRUPTED: int = 130
+EXIT_TERMINATED: int = 143  # 128 + SIGTERM
 
 EXIT_STATUSES: dict[int, str] = {
     EXIT_SUCCESS: "success",
@@ -36,8 +37,13 @@ EXIT_STATUSES: dict[int, str] = {
     EXIT_DIVERGED: "divergence: the loss became NaN or infinite (the last good checkpoint is kept)",
     EXIT_FAULT: "fault: disk full, read-only work directory, failed save, corrupt file",
     EXIT_PREEMPTED: "preempted (SIGTERM): a checkpoint was saved; run the same command to resume",
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C): nothing half-written is left",
+    EXIT_TERMINATED: "terminated (SIGTERM) outside training: nothing half-written is left",
 }
+
+#: The longest error message printed whole; a longer one keeps its start and its end.
+MAX_MESSAGE_CHARS: int = 2000
+
 
 
 class MetatrainError(Exception):
@@ -56,6 +62,10 @@ class DivergedError(UserError):
     """Training diverged (non-finite loss); the message names the step and the checkpoint kept."""
 
     exit_code = EXIT_DIVERGED
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training: unwinds like Ctrl-C, so temporaries are removed."""
 
 
 class FaultError(MetatrainError):
@@ -123,6 +133,19 @@ def _chain(error: BaseException) -> list[BaseException]:
 def fault_from_os_error(error: BaseException, what: str) -> FaultError:
     """A `FaultError` saying `what` failed and why (for errors at the filesystem edge)."""
     return FaultError(f"{what}: {describe_cause(error)}")
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message` made safe to print as one line: control characters (a newline in a
+    user's value, an escape sequence) are escaped, and past `limit` characters the middle
+    is cut, saying how much, so a message quoting a huge input stays readable."""
+    if len(message) > limit:
+        head, tail = message[: limit * 3 // 4], message[-(limit // 4):]
+        message = f"{head} [... {len(message) - len(head) - len(tail):,} characters cut ...] {tail}"
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in message)
 
 
 def find_metatrain_error(error: BaseException) -> MetatrainError | None:

@@ -7,8 +7,13 @@ folder imports it (the import-linter contract in pyproject.toml).
 
 Errors (`metatrain.errors`) are printed as one line and end the command with their exit
 status (the README's table); an `OSError` that escaped the parts' own handling is a
-fault (74) named the same way. `metatrain --debug ...` or `METATRAIN_DEBUG=1` prints the
-traceback as well.
+fault (74) named the same way, and so is running out of host memory. Messages are
+printed as one line whatever they quote (control characters escaped, the middle of a very
+long one cut). `metatrain --debug ...` or `METATRAIN_DEBUG=1` prints the traceback as well.
+
+Ctrl-C ends a command with 130 and SIGTERM with 143, both unwinding like an exception so
+that no temporary or half-written output is left; `train` handles SIGTERM itself while it
+trains (a checkpoint, then 75).
 
 Commands that run on every process of a multi-host run (`DISTRIBUTED_COMMANDS`) first
 join the run with `jax.distributed.initialize` when the environment says this is one
@@ -20,16 +25,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 import traceback
 
 from metatrain.errors import (
     EXIT_FAULT,
     EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
     FaultError,
+    Terminated,
     debug_enabled,
     describe_cause,
     find_metatrain_error,
+    one_line,
 )
 
 COMMAND_MODULES: tuple[str, ...] = (
@@ -71,17 +80,37 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["METATRAIN_DEBUG"] = "1"  # also seen by worker processes
     if not debug_enabled():
         _quiet_library_error_logs()
+    previous = _terminate_by_exception()
     try:
         if args.command in DISTRIBUTED_COMMANDS:
             from metatrain.launch.distributed import initialize_from_env
 
             initialize_from_env()
         return int(args.func(args) or 0)
+    except Terminated:
+        print(f"metatrain {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"metatrain {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - every failure ends in one line and a documented status
         return _report(args.command, e)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_by_exception():
+    """Make SIGTERM raise `Terminated` in the main thread (the previous handler, or None
+    off the main thread, where no handler can be installed)."""
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (an embedding application)
+        return None
 
 
 def _quiet_library_error_logs() -> None:
@@ -113,10 +142,13 @@ def _report(command: str, error: Exception) -> int:
     known = find_metatrain_error(error)
     if known is None and isinstance(error, OSError):
         known = FaultError(describe_cause(error))
+    if known is None and isinstance(error, MemoryError):
+        known = FaultError(f"out of host memory ({describe_cause(error)}); give the command less to hold "
+                           f"(a smaller batch, input or model) or a machine with more memory")
     if known is None:
         raise error  # a bug: the traceback is the report (exit status 1)
     if debug_enabled():
         traceback.print_exception(error)
     kind = "fault" if isinstance(known, FaultError) else "error"
-    print(f"metatrain {command}: {kind}: {known}", file=sys.stderr)
+    print(f"metatrain {command}: {kind}: {one_line(str(known))}", file=sys.stderr)
     return known.exit_code if isinstance(known.exit_code, int) else EXIT_FAULT
