@@ -10,6 +10,11 @@ Adding a generator: a class with the attributes and methods of `ThoughtGenerator
 an entry in `GENERATORS` naming the function that builds it from the CLI's options
 (`@register_generator`), and its module in `GENERATOR_MODULES`.
 
+Before the first request the runner calls `prepare(example)` once: what can be known
+about the generator before any document is requested (a served model's context against
+`--max-tokens`, a key the server refuses) is refused there, as a `UserError` (the
+settings) or a `FaultError` (the endpoint), before anything is written.
+
 Errors: a request that fails for good (after the generator's own retries) raises
 `GenerationError` with a reason that never contains a secret (API keys are never part
 of any message); the runner then lists the document as failed, with the reason.
@@ -60,11 +65,24 @@ class ThinkReply:
 
 
 class GenerationError(Exception):
-    """A request failed for good (after retries); `reason` is safe to print and store."""
+    """A request failed for good (after retries); `reason` is safe to print and store.
 
-    def __init__(self, reason: str):
+    Attributes:
+        reason: what failed, where, after how many attempts, with the server's message.
+        status: the HTTP status of the last attempt (None: no response, or not HTTP).
+        message: the server's own message (secrets removed), or None.
+        settings: True when retrying cannot help and the user's settings or credentials
+            must change (an HTTP 4xx other than 408, 409 and 429); False when the
+            endpoint failed (5xx, timeouts, dropped connections, malformed replies).
+    """
+
+    def __init__(self, reason: str, *, status: int | None = None, message: str | None = None,
+                 settings: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.status = status
+        self.message = message
+        self.settings = settings
 
 
 class ThoughtGenerator(Protocol):
@@ -79,6 +97,11 @@ class ThoughtGenerator(Protocol):
     kind: str
     model: str
     settings: dict[str, Any]
+
+    async def prepare(self, example: ThinkRequest | None) -> None:
+        """Checks before the first request (`example` is the run's first one, None when
+        there is nothing to do). Raises UserError or FaultError."""
+        ...
 
     async def think(self, request: ThinkRequest) -> ThinkReply:
         """The thought for `request`. Raises `GenerationError` when it fails for good."""

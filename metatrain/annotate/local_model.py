@@ -49,7 +49,11 @@ class MetatrainGenerator:
         self.model = str(absolute(workdir or checkpoint))
         self.settings: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
                                          "max_new_tokens": self.max_new_tokens}
+        self.mantra = self.generator.encoder.mantra or ""  # what the Annotator removes from a reply
         self._lock = asyncio.Lock()
+
+    async def prepare(self, example: ThinkRequest | None) -> None:
+        """Nothing to check: the checkpoint loaded, and each request is fitted to its context."""
 
     async def think(self, request: ThinkRequest) -> ThinkReply:
         async with self._lock:  # one device: requests take turns

@@ -5,16 +5,21 @@ Files (`OUT` is `--out`):
 - `OUT`: one annotated document per line, in the inputs' order, appended as documents
   finish (flushed per document, fsynced every second), so a crash loses nothing that
   was written and a resumed run continues after the last complete line.
-- `OUT.failed.jsonl`: `{"id", "path", "line", "reason"}` for each document whose
-  requests failed after the generator's retries, also in input order. Failed documents
-  are never silently dropped, and a resumed run does not request them again; annotate
-  them again into another `--out` (e.g. from a list of their ids) to retry.
+- `OUT.failed.jsonl`: `{"id", "path", "line", "reason", "status", "message"}` for each
+  document whose requests failed after the generator's retries (`status`: the HTTP
+  status or null, `message`: the server's own words or null), in input order within a
+  run. It is a log, appended by every run: a document listed there and not in `OUT` is
+  requested again by the next run of the same command; once it is in `OUT` it is done.
 - `OUT.annotate.json`: the run's settings. A run finding `OUT` resumes only when every
   setting that shapes the output is the same (concurrency may change); otherwise it is
   refused naming what differs, and nothing is written.
 
 The runner hands each document over when it reaches the head of the input order, so
-what these files hold is always a prefix of the inputs, which a resumed run skips (by id).
+`OUT` holds the inputs' documents in their order, except those that failed in an earlier
+run and were written when a later run retried them. A resumed run checks this first
+(`check_out_order`: every line an input's id, once, in the inputs' order unless it failed
+before) and refuses a foreign, repeated or reordered line, naming it, before any request;
+then it skips the documents of `OUT`.
 
 **In a bucket** (`--out gs://BUCKET/NAME`), which has no append, `OUT` and
 `OUT.failed.jsonl` are written with `metatrain.io.storage.ObjectAppender`: finished lines are
@@ -27,8 +32,8 @@ reached the bucket is always a prefix of the inputs. `OUT.annotate.json` is writ
 bucket's `OUT` never ends in a line cut short, one that does was changed by another
 writer, and a resume refuses it instead of truncating it (as is done locally).
 
-Here: `OutputSink` (appends to `OUT` and `OUT.failed.jsonl`), `finished_ids` (what an
-earlier run wrote), `prepare_out` (the settings check that decides between a fresh run,
+Here: `OutputSink` (appends to `OUT` and `OUT.failed.jsonl`), `check_out_order` (what an
+earlier run wrote, checked against the inputs), `prepare_out` (the settings check that decides between a fresh run,
 a resumed one and a refusal). What is annotated, and in which order it reaches the
 sink, is `metatrain.annotate.runner`.
 """
@@ -42,6 +47,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
+from metatrain.annotate.generators import GenerationError
 from metatrain.annotate.inputs import RawDocument
 from metatrain.errors import UserError
 from metatrain.io.outputs import check_output_file, write_atomically
@@ -76,12 +82,13 @@ class OutputSink:
         """Append an annotated document to `OUT`."""
         self._append(self._out, self._failed, json.dumps(record, ensure_ascii=False) + "\n")
 
-    def write_failure(self, raw: RawDocument, reason: str | None) -> None:
-        """Append a document that failed, and why, to `OUT.failed.jsonl` (created on first use)."""
+    def write_failure(self, raw: RawDocument, error: GenerationError) -> None:
+        """Append a document that failed, why, and the server's own message, to
+        `OUT.failed.jsonl` (created on first use)."""
         if self._failed is None:
             self._failed = self._open(self.failed_path)
-        line = json.dumps({"id": raw.id, "path": raw.path, "line": raw.line, "reason": reason},
-                          ensure_ascii=False) + "\n"
+        line = json.dumps({"id": raw.id, "path": raw.path, "line": raw.line, "reason": error.reason,
+                           "status": error.status, "message": error.message}, ensure_ascii=False) + "\n"
         self._append(self._failed, self._out, line)
 
     def _append(self, handle: IO[str] | ObjectAppender, other: IO[str] | ObjectAppender | None, line: str) -> None:
@@ -114,35 +121,62 @@ class OutputSink:
             self._failed.close()
 
 
-def finished_ids(out: str | os.PathLike) -> set[str]:
-    """Ids already written to `out` and its failure list; locally a last line cut short by a
-    crash is removed first (its document is done again).
+def check_out_order(out: str | os.PathLike, input_ids: Iterable[str]) -> list[str]:
+    """The ids written to `out`, after checking them against the inputs' ids (in order);
+    locally a last line cut short by a crash is removed first (its document is done again).
+
+    Every line must be a record annotate wrote, of a document of the inputs, written
+    once, in the inputs' order; a document listed in `OUT.failed.jsonl` (it failed in an
+    earlier run) may come later, where its retry wrote it.
 
     Raises:
-        UserError: a line is not one annotate wrote; in a bucket (where annotate never
-            leaves a line cut short) also a last line without its newline.
+        UserError: naming the first line that breaks this, and the fix; in a bucket (where
+            annotate never leaves a line cut short) also a last line without its newline.
     """
-    ids: set[str] = set()
-    for path in (as_path(out), as_path(str(out) + FAILED_SUFFIX)):
-        if not path.is_file():
+    position: dict[str, int] = {}
+    for i, doc_id in enumerate(input_ids):
+        position.setdefault(doc_id, i)
+    retried = set(_ids(as_path(str(out) + FAILED_SUFFIX)).values())
+    fix = "restore it from the run that wrote it, or annotate into another --out"
+    lines: dict[str, int] = {}
+    last: tuple[int, str, int] | None = None  # (input position, id, line) of the last in-order line
+    for number, doc_id in _ids(as_path(out)).items():
+        if doc_id not in position:
+            raise UserError(f"{out}:{number}: {doc_id!r} is not a document of the inputs; {fix}")
+        if doc_id in lines:
+            raise UserError(f"{out}:{number}: {doc_id!r} is written twice (first on line {lines[doc_id]}); {fix}")
+        lines[doc_id] = number
+        if doc_id in retried:
             continue
-        remote = is_remote(str(path))
-        if not remote:
-            _drop_partial_last_line(path)
-        with path.open("rb") as handle:
-            for number, line in enumerate(handle, 1):
-                if remote and not line.endswith(b"\n"):
-                    raise UserError(f"{path}:{number}: the last line is cut short, which annotate never "
-                                    "writes in a bucket; another writer changed it. Restore it, or annotate "
-                                    "into another --out")
-                try:
-                    text = line.decode("utf-8")
-                    if not text.strip():
-                        continue
-                    ids.add(str(json.loads(text)["id"]))
-                except (ValueError, KeyError, TypeError):
-                    raise UserError(f"{path}:{number}: not a line annotate wrote; it was changed by hand. "
-                                    "Restore it, or annotate into another --out") from None
+        if last is not None and position[doc_id] < last[0]:
+            raise UserError(f"{out}:{number}: {doc_id!r} comes before {last[1]!r} (line {last[2]}) in the inputs, "
+                            f"so the lines were reordered; {fix}")
+        last = (position[doc_id], doc_id, number)
+    return list(lines)
+
+
+def _ids(path: StoragePath) -> dict[int, str]:
+    """Line number -> id of each record of `path` (none when it does not exist)."""
+    ids: dict[int, str] = {}
+    if not path.is_file():
+        return ids
+    remote = is_remote(str(path))
+    if not remote:
+        _drop_partial_last_line(path)
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if remote and not line.endswith(b"\n"):
+                raise UserError(f"{path}:{number}: the last line is cut short, which annotate never "
+                                "writes in a bucket; another writer changed it. Restore it, or annotate "
+                                "into another --out")
+            try:
+                text = line.decode("utf-8")
+                if not text.strip():
+                    continue
+                ids[number] = str(json.loads(text)["id"])
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}:{number}: not a line annotate wrote; it was changed by hand. "
+                                "Restore it, or annotate into another --out") from None
     return ids
 
 

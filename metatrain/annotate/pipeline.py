@@ -53,7 +53,11 @@ def annotate_corpus(options: argparse.Namespace) -> RunSummary:
     generator = build_generator(options.generator, options)
     skips = SkipCounter()
     documents = read_raw_documents(files, strict=options.strict, skips=skips)
-    summary = run_annotation(documents, generator, settings, options.out, inputs=files, tokenizer=tokenizer,
-                             progress=not options.no_progress)
+
+    def input_ids():  # the inputs read again, quietly (their bad records are reported by the run)
+        return (raw.id for raw in read_raw_documents(files, strict=options.strict, skips=SkipCounter(max_messages=0)))
+
+    summary = run_annotation(documents, generator, settings, options.out, inputs=files, input_ids=input_ids,
+                             tokenizer=tokenizer, progress=not options.no_progress)
     summary.skipped_records = skips.count
     return summary

@@ -2,10 +2,17 @@
 
 The files it writes (`OUT`, `OUT.failed.jsonl`, `OUT.annotate.json`), in a bucket too,
 and how a run resumes into them are `metatrain.annotate.output`. Each output line and
-each failure is written when its document reaches the head of the input order, so the
-finished documents are always a prefix of the inputs: a resumed run skips exactly those
-(by id) and requests nothing twice. SIGTERM and Ctrl-C stop new requests, write the
-finished prefix, and end with status 75 and 130; run the same command again to continue.
+each failure is written when its document reaches the head of the input order. A resumed
+run first checks `OUT` against the inputs (`check_out_order`), then skips exactly the
+documents written to `OUT` (by id): a document that failed is asked for again, one that
+was written never. SIGTERM and Ctrl-C stop new requests, write the finished documents,
+and end with status 75 and 130; run the same command again to continue.
+
+Before anything is written the generator checks what it can (`prepare`, with the run's
+first request as an example). A run that had documents to do and wrote none of them, or
+whose every request failed, ends with an error (`raise_if_nothing_done`): status 2 when
+the last failure was the user's settings or credentials (an HTTP 4xx), 74 when the
+endpoint failed.
 
 Within a document the points are requested one after another (the context of a point
 includes the thoughts accepted before it); `concurrency` documents are in flight at once.
@@ -17,22 +24,24 @@ import asyncio
 import collections
 import dataclasses
 import hashlib
+import itertools
 import os
+import re
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from metatrain.annotate.checks import BlockChecks
 from metatrain.annotate.generators import GenerationError, ThinkRequest, ThoughtGenerator
 from metatrain.annotate.inputs import RawDocument
-from metatrain.annotate.output import FAILED_SUFFIX, OutputSink, finished_ids, prepare_out
+from metatrain.annotate.output import FAILED_SUFFIX, OutputSink, check_out_order, prepare_out
 from metatrain.annotate.placement import PlacementConfig, assemble, context_at, plan_insertions
 from metatrain.annotate.prompts import PromptTemplate
 from metatrain.documents import Segment, parse_document
-from metatrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
+from metatrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, FaultError, UserError
 from metatrain.io.storage import absolute, as_path
 
 
@@ -54,8 +63,10 @@ class RunSettings:
             raise UserError(f"--concurrency must be >= 1, got {self.concurrency}")
 
     def identity(self, generator: ThoughtGenerator, inputs: Iterable[str]) -> dict[str, Any]:
-        """The JSON written to `OUT.annotate.json` and compared on resume."""
+        """The JSON written to `OUT.annotate.json` and compared on resume: the model and
+        the sampling, not the endpoint's address (a restarted server may listen elsewhere)."""
         p = self.placement
+        sampling = {k: v for k, v in generator.settings.items() if k not in ADDRESS_SETTINGS}
         return {
             "inputs": [str(absolute(i)) for i in inputs],
             "where": p.where, "split": p.split, "max_blocks": p.max_blocks, "order": p.effective_order,
@@ -63,8 +74,12 @@ class RunSettings:
             "prompt_sha256": self.template.sha256, "context_chars": self.template.context_chars,
             "min_chars": self.checks.min_chars, "max_chars": self.checks.max_chars,
             "filter": self.checks.filter_name, "retries": self.retries,
-            "generator": generator.kind, "model": generator.model, "settings": generator.settings,
+            "generator": generator.kind, "model": generator.model, "settings": sampling,
         }
+
+
+#: Generator settings that say where it is, not what it writes: not compared on resume.
+ADDRESS_SETTINGS = frozenset({"base_url"})
 
 
 @dataclasses.dataclass
@@ -92,6 +107,8 @@ class RunSummary(BlockCounts):
 
     documents: int = 0
     failed: int = 0
+    replies: int = 0  # requests answered (the failed ones are `failed`: one per failed document)
+    last_error: GenerationError | None = None
     resumed: int = 0
     skipped_records: int = 0
     stopped: str | None = None  # "SIGTERM" or "SIGINT" when the run was stopped
@@ -122,7 +139,8 @@ class _Done(BlockCounts):
 
     raw: RawDocument | None = None
     record: dict[str, Any] | None = None
-    reason: str | None = None
+    error: GenerationError | None = None
+    replies: int = 0
 
 
 def derive_seed(seed: int, doc_id: str, point: int, attempt: int) -> int:
@@ -135,11 +153,23 @@ def _text(segments: Iterable[Segment]) -> str:
     return "".join(s.text for s in segments if s.kind == "text")
 
 
+def mantra_pattern(mantra: str) -> re.Pattern[str] | None:
+    """Matches `mantra` restated in a reply, whatever whitespace separates its words."""
+    words = mantra.split()
+    return re.compile(r"\s+".join(re.escape(w) for w in words), re.IGNORECASE) if words else None
+
+
+def without_mantra(text: str, pattern: re.Pattern[str] | None) -> str:
+    """`text` with every restatement of the mantra removed, stripped. The encoder adds the
+    mantra to the blocks that get one; a thought that restates it would carry it twice."""
+    return text if pattern is None else pattern.sub("", text).strip()
+
+
 class Annotator:
     """Annotates documents with one generator under one set of settings."""
 
     def __init__(self, generator: ThoughtGenerator, settings: RunSettings, tokenizer: Any = None,
-                 thinking_modes: tuple[str, ...] | None = None):
+                 thinking_modes: tuple[str, ...] | None = None, mantra: str | None = None):
         self.generator = generator
         self.settings = settings
         self.tokenizer = tokenizer
@@ -148,7 +178,32 @@ class Annotator:
 
             thinking_modes = load_registry().thinking_modes
         self.thinking_modes = thinking_modes
+        if mantra is None:  # the generator's (a checkpoint's own), else the one the encoder adds by default
+            from metatrain.tokenizer.mantra import DEFAULT_MANTRA
+
+            mantra = getattr(generator, "mantra", None) or DEFAULT_MANTRA
+        self._mantra = mantra_pattern(mantra)
         self._semaphore: asyncio.Semaphore | None = None
+
+    def requests(self, raw: RawDocument) -> Iterator[tuple[int, int, str, tuple[Segment, ...]]]:
+        """`(point, points, message, context)` of each insertion point of `raw`, the
+        thoughts before it left out (what the first attempt of each point would send when
+        none was accepted)."""
+        s = self.settings
+        points = plan_insertions(raw, s.placement, self.tokenizer, thinking_modes=self.thinking_modes)
+        for k, point in enumerate(points):
+            context = context_at(raw, points, k, [None] * k, s.placement)
+            message = s.template.render(passage=point.passage, document_so_far=_text(context), document=raw.text,
+                                        doc_id=raw.id, metadata=raw.metadata, position=point.position,
+                                        point=k, points=len(points))
+            yield k, len(points), message, context
+
+    def example_request(self, raw: RawDocument | None) -> ThinkRequest | None:
+        """The first request a run would send for `raw` (for the generator's checks)."""
+        for k, _, message, context in self.requests(raw) if raw is not None else ():
+            return ThinkRequest(raw.id, k, ({"role": "user", "content": message},), context, 0,
+                                derive_seed(self.settings.seed, raw.id, k, 0), raw.mode)
+        return None
 
     async def annotate_document(self, raw: RawDocument) -> _Done:
         """Plan the points, request and check a thought for each, assemble the document."""
@@ -174,11 +229,13 @@ class Annotator:
                     async with self._semaphore:
                         reply = await self.generator.think(request)
                 except GenerationError as e:
-                    done.reason = f"point {k + 1} of {len(points)}: {e.reason}"
+                    e.reason = f"point {k + 1} of {len(points)}: {e.reason}"
+                    done.error = e
                     return done
+                done.replies += 1
                 done.tokens_in += reply.tokens_in
                 done.tokens_out += reply.tokens_out
-                text = reply.text.strip()
+                text = without_mantra(reply.text.strip(), self._mantra)
                 if not text:
                     done.empty += 1
                     break
@@ -261,11 +318,13 @@ class Annotator:
         if done.record is not None:
             sink.write_record(done.record)
         else:
-            assert done.raw is not None
-            sink.write_failure(done.raw, done.reason)
+            assert done.raw is not None and done.error is not None
+            sink.write_failure(done.raw, done.error)
         summary.add(done)
+        summary.replies += done.replies
         if done.record is None:
             summary.failed += 1
+            summary.last_error = done.error
         else:
             summary.documents += 1
         if progress is not None:
@@ -291,47 +350,87 @@ def run_annotation(
     out: str | Path,
     *,
     inputs: Iterable[str],
+    input_ids: Callable[[], Iterable[str]] | None = None,
     tokenizer: Any = None,
     progress: bool = False,
 ) -> RunSummary:
     """Annotate `documents` into `out` (a local path or `gs://BUCKET/NAME`), resuming an
     earlier run of the same settings.
 
+    Args:
+        input_ids: reads the inputs' ids again, in order (to check `out` on resume before
+            any request); None: `documents` is read into memory when resuming.
+
     Returns the summary; `summary.stopped` is set when SIGTERM or Ctrl-C ended it early.
+
+    Raises:
+        UserError: the generator's checks, a refused resume (other settings, an `out`
+            that does not match the inputs); nothing is written then.
+        FaultError: the generator cannot reach its endpoint.
     """
     out = as_path(out)
     inputs = list(inputs)
-    resumed = prepare_out(out, settings.identity(generator, inputs), inputs)
-    finished = finished_ids(out) if resumed else set()
-    summary = RunSummary(resumed=len(finished))
-
-    def todo() -> Iterator[RawDocument]:
-        for raw in documents:
-            if raw.id not in finished:
-                yield raw
-
+    annotator = Annotator(generator, settings, tokenizer)
+    documents = iter(documents)
+    first = next(documents, None)
+    documents = itertools.chain([first] if first is not None else [], documents)
+    summary = RunSummary()
     bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(desc="annotating", unit="doc", file=sys.stderr, mininterval=0.5)
-    sink = OutputSink(out)
     start = time.perf_counter()
+
+    async def run() -> None:
+        nonlocal documents, bar
+        try:
+            await generator.prepare(annotator.example_request(first))
+            resumed = prepare_out(out, settings.identity(generator, inputs), inputs)
+            finished: set[str] = set()
+            if resumed:
+                if input_ids is None:
+                    materialized = list(documents)
+                    documents = iter(materialized)
+                    ids: Iterable[str] = [raw.id for raw in materialized]
+                else:
+                    ids = input_ids()
+                finished = set(check_out_order(out, ids))
+            summary.resumed = len(finished)
+            todo = (raw for raw in documents if raw.id not in finished)
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(desc="annotating", unit="doc", file=sys.stderr, mininterval=0.5)
+            sink = OutputSink(out)
+            try:
+                await annotator.run(todo, sink, summary, bar)
+            finally:
+                sink.close()
+        finally:
+            await generator.aclose()
+
     try:
-        asyncio.run(_run(Annotator(generator, settings, tokenizer), todo(), sink, summary, bar, generator))
+        asyncio.run(run())
     finally:
-        sink.close()
         if bar is not None:
             bar.close()
         summary.seconds = time.perf_counter() - start
     return summary
 
 
-async def _run(annotator: Annotator, documents, sink, summary, bar, generator) -> None:
-    try:
-        await annotator.run(documents, sink, summary, bar)
-    finally:
-        await generator.aclose()
+def raise_if_nothing_done(summary: RunSummary, out: str | os.PathLike) -> None:
+    """Fail a run that had documents to do and wrote none, or whose every request failed.
+
+    Raises:
+        UserError: the last failure was the user's settings or credentials (HTTP 4xx).
+        FaultError: the endpoint failed (5xx, timeouts, dropped connections).
+    """
+    error = summary.last_error
+    if error is None or summary.stopped or (summary.documents and summary.replies):
+        return
+    what = "no document was annotated" if not summary.documents else "every request failed"
+    message = (f"{what}: all {summary.failed} attempted documents failed, the last with {error.reason} "
+               f"(each listed with the server's message in {out}{FAILED_SUFFIX}); "
+               + ("fix the settings or the key and" if error.settings else "when the endpoint works again,")
+               + " run the same command again to retry them")
+    raise UserError(message) if error.settings else FaultError(message)
 
 
 def exit_status(summary: RunSummary) -> int:

@@ -65,8 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_annotate(args: argparse.Namespace) -> int:
     from metatrain.annotate.pipeline import annotate_corpus
-    from metatrain.annotate.runner import exit_status
+    from metatrain.annotate.runner import exit_status, raise_if_nothing_done
 
     summary = annotate_corpus(args)
     print(summary.render(args.out), file=sys.stderr)
+    raise_if_nothing_done(summary, args.out)  # 2 (settings, key) or 74 (the endpoint), in one line
     return exit_status(summary)

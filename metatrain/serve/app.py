@@ -278,7 +278,10 @@ class Service:
         return JSONResponse({"object": "list", "data": [self._model_card()]})
 
     def _model_card(self) -> dict[str, Any]:
-        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "metatrain"}
+        """The one model; `max_model_len` is its context in tokens (prompt and reply), as vLLM
+        reports it, so a client can check its `max_tokens` before asking."""
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "metatrain",
+                "max_model_len": self.model_config.max_seq_len}
 
     async def completions(self, request: Request) -> Response:
         body = await read_body(request, COMPLETION_FIELDS, self.model_id)

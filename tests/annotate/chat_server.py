@@ -29,7 +29,7 @@ from typing import Any
 
 import uvicorn
 
-FAULT_KINDS = ("status", "timeout", "malformed", "close", "empty")
+FAULT_KINDS = ("status", "timeout", "malformed", "close", "empty", "trickle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,8 @@ class Fault:
             `seconds`, longer than the client's timeout; the wait ends early when the
             client hangs up), `malformed` (a 200 whose body is `body`, by default JSON cut
             short), `close` (drop the connection without a response), `empty` (a normal
-            completion whose content is "").
+            completion whose content is "") or `trickle` (a 200 whose body is sent one
+            byte every `seconds`, so no single read ever waits long).
         status: the HTTP status of a `status` fault.
         retry_after_ms: sent as `retry-after-ms` with a `status` fault (None: no header).
             The openai client honours it, so retries in tests take milliseconds; it ignores
@@ -98,6 +99,8 @@ class ChatServer:
         faults: `{index: Fault}` for the index-th request received (from 0), or a
             callable `(index, request_json) -> Fault | None` (to key faults on a document,
             match its text in the messages). Applied before `reply`.
+        models: the `data` of `GET /v1/models` (model cards, e.g. with vLLM's
+            `max_model_len`); None: that path is a 404, as on servers that list nothing.
     """
 
     def __init__(
@@ -105,8 +108,10 @@ class ChatServer:
         reply: ReplyFn | None = None,
         latency: float = 0.0,
         faults: Mapping[int, Fault] | FaultFn | None = None,
+        models: list[dict[str, Any]] | None = None,
     ):
         self.reply = reply or default_reply
+        self.models = models
         self.latency = latency
         self.faults = faults
         self._lock = threading.Lock()
@@ -200,6 +205,9 @@ class ChatServer:
         if scope["type"] != "http":
             return
         raw = await _read_body(receive)
+        if self.models is not None and scope["method"] == "GET" and scope["path"].rstrip("/") == "/v1/models":
+            await _send(send, 200, {"object": "list", "data": self.models})
+            return
         if scope["method"] != "POST" or scope["path"].rstrip("/") != "/v1/chat/completions":
             await _send(send, 404, _error_body("not found", "not_found"))
             return
@@ -243,6 +251,8 @@ class ChatServer:
             await _wait_for_disconnect(receive, fault.seconds)
         elif fault.kind == "close":
             await self._drop_connection(scope, receive, send)
+        elif fault.kind == "trickle":
+            await _trickle(send, json.dumps(_completion(body, "A thought sent slowly.")).encode(), fault.seconds)
 
     def _fault_for(self, index: int, body: dict[str, Any]) -> Fault | None:
         if self.faults is None:
@@ -304,6 +314,15 @@ async def _wait_for_disconnect(receive: Callable, seconds: float) -> None:
         await asyncio.wait_for(disconnected(), timeout=seconds)
     except asyncio.TimeoutError:
         pass
+
+
+async def _trickle(send: Callable, data: bytes, seconds: float) -> None:
+    """A 200 whose body comes one byte every `seconds` (ends when the client hangs up)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    for i in range(len(data)):
+        await asyncio.sleep(seconds)
+        await send({"type": "http.response.body", "body": data[i:i + 1], "more_body": i + 1 < len(data)})
 
 
 async def _send(send: Callable, status: int, payload: Any, extra_headers: list | None = None) -> None:

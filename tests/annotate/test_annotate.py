@@ -374,3 +374,107 @@ def test_an_out_that_is_a_directory_is_refused(raw, store, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--out {store}/runs is a directory" in err
     assert store.snapshot() == files
+
+
+# -- issue 25: nothing fails silently ------------------------------------------------------
+
+TOO_LONG = {"error": {"message": "max_tokens 256 does not fit: the prompt has 180 tokens and the model's "
+                                 "context is 256; ask for at most 76", "type": "invalid_request_error",
+                      "param": None, "code": "invalid_value"}}
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("status, exit_code, said", [(400, 2, "ask for at most 76"), (401, 2, "HTTP 401"),
+                                                     (503, 74, "HTTP 503")])
+def test_a_run_where_every_request_fails_exits_non_zero_with_the_servers_message(raw, tmp_path, capsys, status,
+                                                                                 exit_code, said):
+    fault = Fault("status", status, body=TOO_LONG if status == 400 else None, retry_after_ms=1)
+    out = tmp_path / "docs.jsonl"
+    with ChatServer(faults=lambda index, body: fault) as server:
+        assert annotate(server, raw, out, "--max-retries", "1") == exit_code
+    assert out.read_text() == ""
+    failed = records(Path(str(out) + ".failed.jsonl"))
+    assert [f["id"] for f in failed] == ["alpha", "beta", "gamma"]
+    assert all(f["status"] == status and said in f["reason"] for f in failed)
+    if status == 400:
+        assert all(f["message"] == TOO_LONG["error"]["message"] for f in failed)
+    err = capsys.readouterr().err
+    (line,) = [l for l in err.splitlines() if l.startswith("metatrain annotate:")]
+    assert "no document was annotated" in line and said in line and ".failed.jsonl" in line
+
+
+@pytest.mark.hostile
+def test_failed_documents_are_retried_by_the_next_run(raw, tmp_path, capsys):
+    out = tmp_path / "docs.jsonl"
+    with ChatServer(faults=lambda index, body: Fault("status", 401)) as server:
+        assert annotate(server, raw, out) == 2
+    capsys.readouterr()
+    with ChatServer() as server:  # the key is fixed, the server restarted (another port)
+        assert annotate(server, raw, out) == 0
+        assert {doc_of(b) for b in server.requests} == {"Rivers", "beta", "gamma"}
+    assert [r["id"] for r in records(out)] == ["alpha", "beta", "gamma"]
+    err = capsys.readouterr().err
+    assert "annotated 3 documents" in err and "were done already" not in err
+
+
+@pytest.mark.hostile
+def test_a_resume_after_a_partial_failure_retries_only_the_failed_documents(raw, tmp_path):
+    out = tmp_path / "docs.jsonl"
+    with ChatServer(faults=lambda index, body: Fault("status", 400) if doc_of(body) == "beta" else None) as server:
+        assert annotate(server, raw, out) == 0  # some documents written: the run did something
+        assert [r["id"] for r in records(out)] == ["alpha", "gamma"]
+    with ChatServer() as server:
+        assert annotate(server, raw, out) == 0
+        assert {doc_of(b) for b in server.requests} == {"beta"}
+        assert annotate(server, raw, out) == 0  # all done: the retried document's place is accepted
+    assert sorted(r["id"] for r in records(out)) == ["alpha", "beta", "gamma"]
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("tamper, number", [("swap", 3), ("foreign", 4), ("duplicate", 4)])
+def test_a_tampered_out_is_refused_on_resume_and_not_touched(raw, tmp_path, capsys, tamper, number):
+    out = tmp_path / "docs.jsonl"
+    with ChatServer() as server:
+        assert annotate(server, raw, out) == 0
+        lines = out.read_text().splitlines(keepends=True)
+        if tamper == "swap":
+            lines[1], lines[2] = lines[2], lines[1]
+        elif tamper == "foreign":
+            lines.append(json.dumps({"id": "not-an-input", "segments": [{"kind": "text", "text": "x"}]}) + "\n")
+        else:
+            lines.append(lines[0])
+        out.write_text("".join(lines))
+        before = out.read_bytes()
+        capsys.readouterr()
+        requests = len(server.requests)
+        assert annotate(server, raw, out) == 2
+        assert len(server.requests) == requests
+    err = capsys.readouterr().err
+    (line,) = [l for l in err.splitlines() if l.strip()]
+    assert f"{out}:{number}:" in line and "another --out" in line
+    assert out.read_bytes() == before
+
+
+@pytest.mark.hostile
+def test_a_restarted_server_on_another_port_continues_the_run(raw, tmp_path):
+    out = tmp_path / "docs.jsonl"
+    with ChatServer() as server:
+        assert annotate(server, raw, out) == 0
+    whole = out.read_bytes()
+    out.write_bytes(whole[: whole.index(b"\n") + 1])  # stopped after the first document
+    with ChatServer() as server:  # another port
+        assert annotate(server, raw, out) == 0
+        assert {doc_of(b) for b in server.requests} == {"beta", "gamma"}
+    assert [r["id"] for r in records(out)] == ["alpha", "beta", "gamma"]
+
+
+@pytest.mark.hostile
+def test_a_reply_that_restates_the_mantra_keeps_only_the_thought(raw, tmp_path):
+    from metatrain.tokenizer.mantra import DEFAULT_MANTRA
+
+    restated = DEFAULT_MANTRA.replace("\n", " ") + "\nThe river's length matters for what follows."
+    out = tmp_path / "docs.jsonl"
+    with ChatServer(reply=lambda body: restated) as server:
+        assert annotate(server, raw, out, "--where", "document") == 0
+    thoughts = [s["text"] for r in records(out) for s in r["segments"] if s["kind"] == "thinking"]
+    assert thoughts == ["The river's length matters for what follows."] * 3

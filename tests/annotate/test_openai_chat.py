@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 import traceback
 
 import openai._base_client
@@ -116,14 +117,17 @@ def test_server_errors_fail_after_all_attempts():
     with ChatServer(faults=always(Fault("status", 500))) as server:
         with pytest.raises(GenerationError) as caught:
             think(server, max_retries=3)
-    assert caught.value.reason == f"POST {server.base_url}/chat/completions: HTTP 500 after 4 attempts"
+    assert caught.value.reason == (f"POST {server.base_url}/chat/completions: HTTP 500 after 4 attempts: "
+                                   "scripted failure (HTTP 500)")  # the server's own message
+    assert (caught.value.status, caught.value.settings) == (500, False)
     assert len(server.requests) == 4
 
 
 def test_client_error_is_not_retried():
     with ChatServer(faults=always(Fault("status", 400))) as server:
-        with pytest.raises(GenerationError, match=r"HTTP 400 after 1 attempt$"):
+        with pytest.raises(GenerationError, match=r"HTTP 400 after 1 attempt: scripted failure \(HTTP 400\)$") as caught:
             think(server)
+    assert (caught.value.status, caught.value.settings) == (400, True)
     assert len(server.requests) == 1
 
 
@@ -161,7 +165,7 @@ def test_malformed_fails_after_all_attempts():
 def test_client_and_own_retries_share_one_budget():
     faults = {0: Fault("status", 503), 1: Fault("malformed"), 2: Fault("status", 503), 3: Fault("status", 503)}
     with ChatServer(faults=faults) as server:
-        with pytest.raises(GenerationError, match=r"HTTP 503 after 3 attempts$"):
+        with pytest.raises(GenerationError, match=r"HTTP 503 after 3 attempts: scripted failure \(HTTP 503\)$"):
             think(server, max_retries=2)
     assert len(server.requests) == 3
 
@@ -267,3 +271,70 @@ def test_import_does_not_load_openai():
 def test_fault_kind_is_checked():
     with pytest.raises(ValueError, match="not one of"):
         Fault("explode")
+
+
+# -- issue 25: checks before the first request, bounded requests ------------------------------
+
+
+def _annotate(server: ChatServer, tmp_path, *extra: str) -> int:
+    from metatrain.cli import main
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(json.dumps({"id": "a", "text": "One passage.\n\nAnother passage.\n"}) + "\n")
+    return main(["annotate", "--input", str(raw), "--out", str(tmp_path / "out.jsonl"), "--generator", "openai",
+                 "--base-url", server.base_url, "--model", MODEL, "--no-progress", *extra])
+
+
+@pytest.mark.hostile
+def test_max_tokens_beyond_the_served_context_is_refused_before_any_request(tmp_path, capsys):
+    with ChatServer(models=[{"id": MODEL, "object": "model", "max_model_len": 256}]) as server:
+        assert _annotate(server, tmp_path) == 2
+        assert server.requests == []
+        assert _annotate(server, tmp_path, "--max-tokens", "32") == 0  # nothing was written by the refusal
+    err = capsys.readouterr().err
+    (line,) = [l for l in err.splitlines() if l.startswith("metatrain annotate:")]
+    assert "--max-tokens 256 cannot fit the served model's context of 256 tokens" in line
+    assert "use --max-tokens <= " in line
+
+
+@pytest.mark.hostile
+def test_a_model_the_server_does_not_list_is_refused_before_any_request(tmp_path, capsys):
+    with ChatServer(models=[{"id": "other", "object": "model"}]) as server:
+        assert _annotate(server, tmp_path) == 2
+        assert server.requests == []
+    assert "--model test-model is not served" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.hostile
+def test_the_timeout_bounds_the_whole_request_not_each_read():
+    start = time.monotonic()
+    with ChatServer(faults=always(Fault("trickle", seconds=0.25))) as server:
+        with pytest.raises(GenerationError, match=r"timed out \(after 1 s\) after 1 attempt"):
+            think(server, timeout=1.0, max_retries=0)
+    assert time.monotonic() - start < 15  # the body takes over 60 s to trickle in
+
+
+@pytest.mark.hostile
+def test_a_hung_request_is_reported_as_it_is_retried(caplog):
+    caplog.set_level(logging.WARNING)
+    with ChatServer(faults={0: Fault("timeout", seconds=5.0)}) as server:
+        assert think(server, timeout=0.3).text
+    (record,) = [r for r in caplog.records if r.name == "metatrain.annotate.openai_chat"]
+    assert "timed out (after 0.3 s)" in record.getMessage() and "retrying" in record.getMessage()
+    assert "\n" not in record.getMessage()
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("url", ["http://[::1", "notaurl", "ftp://x", "http://host:99999/v1", "http:///v1"])
+def test_a_malformed_base_url_is_one_line_before_any_work(tmp_path, capsys, url):
+    from metatrain.cli import main
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(json.dumps({"id": "a", "text": "One passage."}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["annotate", "--input", str(raw), "--out", str(out), "--generator", "openai",
+                 "--base-url", url, "--model", MODEL, "--no-progress"]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and err[0].startswith("metatrain annotate: error: --base-url") and "http://" in err[0]
+    assert not out.exists()

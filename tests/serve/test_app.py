@@ -61,6 +61,14 @@ def test_models_lists_the_work_directory(served, client):
     assert model.id == served.model and model.owned_by == "metatrain" and model.object == "model"
 
 
+@pytest.mark.hostile
+def test_models_says_the_context_as_vllm_does(served):
+    """A client (`metatrain annotate`) checks its `max_tokens` against it before asking."""
+    status, body = _request(served, "GET", "/v1/models")
+    (card,) = json.loads(body)["data"]
+    assert status == 200 and card["max_model_len"] == served.generator.model_config.max_seq_len
+
+
 @pytest.mark.parametrize("mode", [None, "ai"])
 def test_greedy_completion_is_what_generate_gives(served, client, mode):
     (sample,) = served.generator.generate([PROMPT], lock_mode=mode, max_new_tokens=24,
