@@ -156,7 +156,8 @@ class TrainerConfig:
             their thinking (`eval/ablation/removed_minus_kept`, bits per byte of text the
             thinking saves; `metatrain.evaluation.in_loop`), in at most `eval_batches`
             batches of each.
-        seed: parameter initialisation (the data order has its own seed in `data`).
+        seed: parameter initialisation (the data order has its own seed in `data`), in
+            [0, 2**32): what `jax.random.key` and numpy's generators take everywhere.
         progress: show a live progress bar on a terminal.
         profile: `[start, steps]`: a `jax.profiler` trace of steps `start .. start+steps-1`
             (1-based) in `WORKDIR/tensorboard/plugins/profile/`, for TensorBoard's profile
@@ -190,6 +191,7 @@ class TrainerConfig:
         _require(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
         _require(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0 (0: never)")
         _require(self.eval_batches >= 1, f"eval_batches={self.eval_batches} must be >= 1")
+        _require(0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

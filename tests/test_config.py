@@ -168,3 +168,31 @@ def test_section_defaults_match_the_documented_ones():
     t = TrainerConfig(steps=1, batch_size=2, seq_len=3)
     assert (t.grad_accum, t.log_every, t.eval_every, t.eval_batches, t.seed, t.progress) == (1, 10, 100, 4, 0, True)
     assert all(f.kw_only for f in dataclasses.fields(RunConfig))
+
+
+TINY = CONFIGS_DIR / "tiny.yaml"
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("override, words", [
+    (f"trainer.seed={2**70}", r"'trainer.seed' must be an integer in \[-2\*\*63, 2\*\*63\) \(numpy and jax hold no more\), got 118059162071741130"),
+    (f"trainer.seed={2**32}", r"trainer: seed=4294967296 must be in \[0, 2\*\*32\)"),
+    ("trainer.seed=-1", r"trainer: seed=-1 must be in \[0, 2\*\*32\)"),
+    (f"data.seed={2**70}", r"'data.seed' must be an integer in \[-2\*\*63, 2\*\*63\)"),
+    (f"model.d_model={2**64}", r"'model.d_model' must be an integer in \[-2\*\*63, 2\*\*63\)"),
+    ("trainer.steps=" + "1" * 5000, r"value is not valid YAML: line 1, column 1: an integer of 5000 digits is too long"),
+])
+def test_an_integer_numpy_or_jax_cannot_hold_is_refused_naming_its_key(override, words):
+    with pytest.raises(UserError, match=words) as info:
+        load_config(TINY, [override])
+    assert len(str(info.value)) < 600  # the value is shown cut, not in its 5,000 digits
+    assert load_config(TINY, ["trainer.seed=4294967295"]).trainer.seed == 2**32 - 1
+
+
+@pytest.mark.hostile
+def test_a_huge_value_of_the_wrong_type_is_shown_cut(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"base: {TINY}\ntrainer:\n  steps: [" + ", ".join(["lol"] * 100_000) + "]\n")
+    with pytest.raises(UserError, match=r"'trainer.steps' must be an integer, got \['lol', 'lol', .*\.\.\.\] \(list of 100000\)") as info:
+        load_config(config)
+    assert len(str(info.value)) < 600

@@ -1,9 +1,13 @@
-"""Hostile values in settings: non-finite numbers in a run config, blank mantras. Each is
-refused in one line naming the key or flag, before anything is written."""
+"""Hostile values in settings: non-finite numbers in a run config, blank mantras, config
+files that are alias bombs, nested too deep, not UTF-8, not regular files or symlink
+loops. Each is refused in one line naming the key, flag or file, before anything is written."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -86,3 +90,63 @@ def test_a_directory_as_config_or_base_is_named_as_a_directory(tmp_path):
     child.write_text("base: configs\n")
     with pytest.raises(UserError, match=rf"^{child}: `base:` .*/configs is a directory; give a YAML file$"):
         load_config(child)
+
+
+# -- hostile config files: each is one line naming the file, exit 2, before any work ----------
+
+
+def _alias_bomb(levels: int) -> str:
+    """A list of lists, each holding nine aliases of the one before: 9**levels strings once expanded."""
+    names = "abcdefghij"[:levels]
+    text = "[&a [" + ",".join(["lol"] * 9) + "]"
+    for previous, name in itertools.pairwise(names):
+        text += f",&{name} [" + ",".join([f"*{previous}"] * 9) + "]"
+    return text + "]"
+
+
+def _config_of_kind(kind: str, tmp_path: Path) -> Path:
+    path = tmp_path / f"{kind}.yaml"
+    if kind == "alias bomb":  # 302 bytes; the message of a wrong type was 34.7 MB
+        path.write_text(f"base: {TINY}\ntrainer:\n  seed: {_alias_bomb(7)}\n")
+    elif kind == "deep":
+        path.write_text("model: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    elif kind == "latin-1":
+        path.write_bytes(b"trainer:\n  steps: 5  # caf\xe9\n")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "character device":
+        path = Path("/dev/zero")
+    elif kind == "symlink loop":
+        (tmp_path / "other.yaml").symlink_to(path)
+        path.symlink_to(tmp_path / "other.yaml")
+    return path
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("alias bomb", r"line 3, column \d+: aliases expand to more than 100,000 nodes"),
+    ("deep", r"line 1, column 107: nested deeper than 100 levels"),
+    ("latin-1", r"not UTF-8 text: byte 0xe9 at offset 26 \(line 2\); save it as UTF-8"),
+    ("fifo", r"is a named pipe \(FIFO\), not a file; give a YAML file"),
+    ("character device", r"is a character device, not a file; give a YAML file"),
+    ("symlink loop", r"is a loop of symbolic links"),
+])
+def test_a_hostile_config_file_is_one_line_naming_the_file(kind, words, tmp_path, capsys):
+    import time
+
+    path = _config_of_kind(kind, tmp_path)
+    started = time.monotonic()
+    code = main(["model-info", "--config", str(path)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines[:3]
+    assert re.search(rf"^metatrain model-info: error: .*{re.escape(path.name)}\b.*{words}", lines[0]), lines[0][:500]
+    assert len(lines[0]) < 500 and time.monotonic() - started < 15  # read no further than needed
+
+
+def test_a_config_file_past_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from metatrain.io import dataclass_yaml
+
+    monkeypatch.setattr(dataclass_yaml, "MAX_YAML_FILE_BYTES", 1000)
+    config = tmp_path / "big.yaml"
+    config.write_text(f"base: {TINY}\n" + "# padding\n" * 200)
+    with pytest.raises(UserError, match=rf"^{config}: 2,\d\d\d bytes; a YAML file metatrain reads is at most 1,000"):
+        load_config(config)

@@ -34,6 +34,7 @@ from metatrain.errors import (
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
     FaultError,
+    MetatrainError,
     Terminated,
     debug_enabled,
     describe_cause,
@@ -75,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     from metatrain.hardware import quiet_libtpu_off_tpu
 
     quiet_libtpu_off_tpu()  # before any backend starts: no TPU-initialisation errors on CPU/GPU
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except MetatrainError as e:  # an argument's type check (`as_path` of a malformed URL)
+        words = sys.argv[1:] if argv is None else argv
+        return _report(next((w for w in words if not w.startswith("-")), ""), e)
     if args.debug:
         os.environ["METATRAIN_DEBUG"] = "1"  # also seen by worker processes
     if not debug_enabled():

@@ -14,6 +14,12 @@ values parsed as YAML scalars or flow collections) are applied after the merge. 
 unknown key anywhere is an error that names the full dotted key and the closest valid
 one; a value of the wrong type names its key and the expected type.
 
+Hostile files cost little: only a regular file of at most `MAX_YAML_FILE_BYTES` is
+read (a FIFO or a device is named as one, never opened), it must be UTF-8 (the message
+gives the offset of the first bad byte), `load_yaml` bounds nesting and alias
+expansion, and a value quoted in a message is cut to a readable length (`shown`).
+Integers are bounded to 64 bits, what numpy and jax can hold.
+
 Paths: a relative path written in a YAML file is relative to *the directory of that
 file*; a relative path given in an override is relative to the current working
 directory. Loaded instances hold absolute paths (a `gs://` URL stays a URL), so a saved
@@ -31,6 +37,8 @@ import difflib
 import enum
 import math
 import os
+import reprlib
+import stat
 import types
 import typing
 from pathlib import Path
@@ -41,8 +49,12 @@ import yaml
 
 from metatrain.errors import UserError
 from metatrain.io.outputs import write_atomically
-from metatrain.io.storage import absolute, as_path, is_remote
-from metatrain.io.strict_parsing import DuplicateKeyError, load_yaml
+from metatrain.io.storage import absolute, as_path, file_size, is_remote
+from metatrain.io.strict_parsing import (
+    DuplicateKeyError,
+    describe_yaml_error,
+    load_yaml,
+)
 
 #: The key of a YAML file that names the file it overlays.
 BASE_KEY = "base"
@@ -73,7 +85,7 @@ def load_typed(cls: type, path: str | os.PathLike, overrides: Sequence[str] = ()
     raw = read_tree(cls, path)
     for override in overrides:
         apply_override(cls, raw, override, example=override_example)
-    where = str(path) + (" with --set " + " ".join(overrides) if overrides else "")
+    where = str(path) + _with_overrides(overrides)
     return build_typed(cls, raw, prefix="", where=where)
 
 
@@ -94,7 +106,7 @@ def load_typed_dict(cls: type, raw: Mapping[str, Any], overrides: Sequence[str] 
     tree = copy.deepcopy(dict(raw))
     for override in overrides:
         apply_override(cls, tree, override, example=override_example)
-    return build_typed(cls, tree, prefix="", where=where + (" with --set " + " ".join(overrides) if overrides else ""))
+    return build_typed(cls, tree, prefix="", where=where + _with_overrides(overrides))
 
 
 def to_plain_data(config: Any) -> Any:
@@ -132,28 +144,80 @@ def save_typed(config: Any, path: str | os.PathLike, *, option: str = "config") 
     write_atomically(path, text, option=option)
 
 
+#: Largest YAML file read, in bytes; a run config is a few KiB, the biggest tag registry
+#: a few hundred. A file past it (or `/dev/zero` behind a link) is refused before it is read.
+MAX_YAML_FILE_BYTES: int = 16 * 2**20
+
+#: What a path that is neither a file nor a directory is, by `stat` mode.
+_FILE_KINDS: tuple[tuple[Any, str], ...] = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
 def read_yaml(path: Path, named_by: str = "config file") -> dict[str, Any]:
     """The mapping in YAML file `path`; `named_by` says who named it, for the messages.
 
+    Only a regular file is opened (a FIFO would block the open, a device never ends),
+    and only up to `MAX_YAML_FILE_BYTES`.
+
     Raises:
-        UserError: the file is missing, a directory, not valid YAML, has a duplicate
-            key, or holds something other than a mapping.
+        UserError: the file is missing, not a regular file, too large, not UTF-8, not
+            valid YAML (or past `load_yaml`'s limits), has a duplicate key, or holds
+            something other than a mapping.
     """
-    if path.is_dir():
-        raise UserError(f"{named_by} {path} is a directory; give a YAML file")
-    if not path.is_file():
-        raise UserError(f"{named_by} {path} does not exist")
-    try:
-        data = load_yaml(path.read_text())
-    except DuplicateKeyError as e:
-        raise UserError(f"{path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+    data = _parse_yaml(path, _read_text(path, named_by))
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config file is a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def _read_text(path: Path, named_by: str) -> str:
+    """The text of YAML file `path`, refused unless it is a regular UTF-8 file of a sane size."""
+    if is_remote(str(path)):
+        if path.is_dir():
+            raise UserError(f"{named_by} {path} is a directory; give a YAML file")
+        if not path.is_file():
+            raise UserError(f"{named_by} {path} does not exist")
+        size = file_size(path)
+    else:
+        try:
+            info = os.stat(path)  # follows links; never opens, so a FIFO cannot block
+        except FileNotFoundError:
+            raise UserError(f"{named_by} {path} does not exist") from None
+        if stat.S_ISDIR(info.st_mode):
+            raise UserError(f"{named_by} {path} is a directory; give a YAML file")
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a regular file")
+            raise UserError(f"{named_by} {path} is {kind}, not a file; give a YAML file")
+        size = info.st_size
+    if size > MAX_YAML_FILE_BYTES:
+        raise UserError(f"{path}: {size:,} bytes; a YAML file metatrain reads is at most "
+                        f"{MAX_YAML_FILE_BYTES:,} (is it the right file?)")
+    with path.open("rb") as handle:
+        raw = handle.read(MAX_YAML_FILE_BYTES + 1)  # it may have grown since the stat
+    if len(raw) > MAX_YAML_FILE_BYTES:
+        raise UserError(f"{path}: more than {MAX_YAML_FILE_BYTES:,} bytes; a YAML file metatrain reads "
+                        "is at most that (is it the right file?)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}: not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} (line {line}); "
+                        "save it as UTF-8") from None
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    try:
+        return load_yaml(text)
+    except DuplicateKeyError as e:
+        raise UserError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {describe_yaml_error(e)}") from None
 
 
 def read_tree(cls: type, path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -177,8 +241,9 @@ def read_tree(cls: type, path: Path, chain: tuple[Path, ...] = ()) -> dict[str, 
     if base is None:
         return data
     if not isinstance(base, str):
-        raise UserError(f"{path}: `base:` must be a file name, got {base!r}")
-    return _merge(read_tree(cls, absolute(path.parent / base), (*chain, path)), data)
+        raise UserError(f"{path}: `base:` must be a file name, got {shown(base)}")
+    base_path = absolute(base if is_remote(base) else path.parent / base)  # a bucket URL stays one
+    return _merge(read_tree(cls, base_path, (*chain, path)), data)
 
 
 def _merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
@@ -211,13 +276,13 @@ def apply_override(cls: type, raw: dict[str, Any], override: str, *, example: st
     key = key.strip()
     if not sep or not key:
         hint = f", e.g. --set {example}" if example else ""
-        raise UserError(f"--set {override!r}: expected KEY=VALUE{hint}")
+        raise UserError(f"--set {shown(override)}: expected KEY=VALUE{hint}")
     try:
         value = load_yaml(text) if text.strip() else None
     except DuplicateKeyError as e:
-        raise UserError(f"--set {override!r}: {e}") from None
+        raise UserError(f"--set {shown(override)}: {e}") from None
     except yaml.YAMLError as e:
-        raise UserError(f"--set {override!r}: value is not valid YAML: {e}") from None
+        raise UserError(f"--set {shown(override)}: value is not valid YAML: {describe_yaml_error(e)}") from None
     parts = key.split(".")
     _check_key_path(cls, parts, key)
     value = _resolve_paths_in_value(_field_type_at(cls, parts), value, Path.cwd())
@@ -304,7 +369,7 @@ def build_typed(cls: type, raw: Any, prefix: str = "", where: str = "<memory>") 
         UserError: an unknown or missing key, or a value of the wrong type.
     """
     if not isinstance(raw, Mapping):
-        raise UserError(f"{where}: '{prefix[:-1] or 'config'}' must be a mapping of keys, got {raw!r}")
+        raise UserError(f"{where}: '{prefix[:-1] or 'config'}' must be a mapping of keys, got {shown(raw)}")
     fields = _dataclass_fields(cls)
     for key in raw:
         if key not in fields:
@@ -342,8 +407,37 @@ def _type_name(tp: Any) -> str:
     )
 
 
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlong = 40
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 8
+_SHOWN.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` cut to a readable length (nested and long values elided with `...`), so
+    a message about a value of 100,000 items, or one a YAML alias bomb built, stays a line."""
+    try:
+        return _SHOWN.repr(value)
+    except ValueError:  # an int past Python's 4,300-digit str limit
+        return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
+
+
+def _kind(value: Any) -> str:
+    """`list`, or `list of 100000` when its items were elided."""
+    name = type(value).__name__
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > _SHOWN.maxlist:
+        return f"{name} of {len(value)}"
+    return name
+
+
+def _with_overrides(overrides: Sequence[str]) -> str:
+    """` with --set a=1 b=2` for a message's `where`, each override cut to a readable length."""
+    return " with --set " + " ".join(shown(o)[1:-1] for o in overrides) if overrides else ""
+
+
 def _wrong_type(tp: Any, value: Any, key: str, where: str) -> UserError:
-    return UserError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return UserError(f"{where}: '{key}' must be {_type_name(tp)}, got {shown(value)} ({_kind(value)})")
 
 
 def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
@@ -368,7 +462,7 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r}{hint}")
+            raise UserError(f"{where}: '{key}' must be {_type_name(tp)}, got {shown(value)}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
         return build_typed(tp, value, f"{key}.", where)
@@ -379,6 +473,9 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _wrong_type(tp, value, key, where)
+        if not -(2**63) <= value < 2**63:
+            raise UserError(f"{where}: '{key}' must be an integer in [-2**63, 2**63) (numpy and jax hold no "
+                            f"more), got {shown(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
@@ -394,7 +491,7 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
             except OverflowError:  # an integer beyond float's range
                 number = math.inf
         if not math.isfinite(number):  # `.inf`, `.nan`, 1e400: NaN by step 2, never a setting
-            raise UserError(f"{where}: '{key}' must be a finite number, got {value!r}")
+            raise UserError(f"{where}: '{key}' must be a finite number, got {shown(value)}")
         return number
     if tp is str:
         if not isinstance(value, str):
@@ -403,13 +500,16 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
     if tp is Path:
         if not isinstance(value, (str, os.PathLike)):
             raise _wrong_type(tp, value, key, where)
-        return as_path(value)  # a `gs://` value stays a URL (`metatrain.io.storage`)
+        try:
+            return as_path(value)  # a `gs://` value stays a URL (`metatrain.io.storage`)
+        except UserError as e:  # an unsupported scheme, a malformed bucket URL
+            raise UserError(f"{where}: '{key}': {e}") from None
     if origin in (tuple, list, Sequence) or tp in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise _wrong_type(tp, value, key, where)
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):
-                raise UserError(f"{where}: '{key}' must be a list of {len(args)} items, got {value!r}")
+                raise UserError(f"{where}: '{key}' must be a list of {len(args)} items, got {shown(value)}")
             return tuple(_convert(a, v, f"{key}[{i}]", where) for i, (a, v) in enumerate(zip(args, value)))
         item = args[0] if args else Any
         items = [_convert(item, v, f"{key}[{i}]", where) for i, v in enumerate(value)]

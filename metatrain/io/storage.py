@@ -28,17 +28,28 @@ A few reads are spelt differently by `pathlib` and `epath`, or done well only by
 `read_range` (one ranged request, without the read-ahead block a buffered handle would
 fetch for each random read), `file_size`, and `os_reason` (gcsfs raises `OSError`s with
 no `strerror` and the request path as message, which would read as a file name).
+
+**Malformed URLs** are refused by `as_path` (and `split_bucket`) before any request, in
+one line (`check_url`): no bucket (`gs://`, `gs:///x`, which epath would read as bucket
+`x`), a bucket name Cloud Storage's naming rules refuse (which gcsfs would retry for a
+minute and google-cloud-storage would raise as a bare ValueError), `.` or `..` parts
+(object names are not resolved, and some libraries collapse them while others do not),
+control characters, and object names over 1,024 bytes.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import glob as _glob
+import ipaddress
 import logging
 import os
 import re
 from pathlib import Path
 from typing import Any, Union
+
+from metatrain.errors import UserError
 
 #: URL schemes of object storage. `gs` is read and written; `s3` is read where the
 #: libraries support it (`pip install s3fs`).
@@ -79,10 +90,9 @@ def as_path(path: str | os.PathLike) -> StoragePath:
             return path  # already an epath.Path
         return Path(path)
     if scheme not in REMOTE_SCHEMES:
-        from metatrain.errors import UserError
-
         raise UserError(f"{path}: metatrain reads and writes local paths, gs:// and s3:// (not {scheme}://); "
                         "give a local path or a bucket URL")
+    check_url(str(path))
     if scheme == "gs":
         _require_gcs(str(path))
     from etils import epath
@@ -99,25 +109,95 @@ def join(base: str | os.PathLike, *parts: str) -> StoragePath:
 
 
 def absolute(path: str | os.PathLike) -> StoragePath:
-    """A local path resolved (symlinks and `..`), a remote one as it is."""
+    """A local path resolved (symlinks and `..`), a remote one as it is.
+
+    Raises:
+        UserError: a malformed bucket URL (`check_url`), or a local path through a loop
+            of symbolic links.
+    """
     p = as_path(path)
-    return p if is_remote(str(p)) else p.resolve()
+    if is_remote(str(p)):
+        return p
+    try:
+        return p.resolve()
+    except RuntimeError:  # Python < 3.13's word for ELOOP
+        raise UserError(f"{path} is a loop of symbolic links; fix or remove the link") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{path} is a loop of symbolic links; fix or remove the link") from None
+        raise
 
 
 def split_bucket(path: str | os.PathLike) -> tuple[str, str]:
     """`("b", "x/y")` for `gs://b/x/y`.
 
     Raises:
-        UserError: no bucket is named.
+        UserError: a malformed URL (`check_url`), e.g. one that names no bucket.
     """
     text = str(path)
-    rest = text.split("://", 1)[1]
-    bucket, _, name = rest.partition("/")
-    if not bucket:
-        from metatrain.errors import UserError
-
-        raise UserError(f"{text}: names no bucket; write gs://BUCKET/PATH")
+    check_url(text)
+    bucket, _, name = text.split("://", 1)[1].partition("/")
     return bucket, name.strip("/")
+
+
+#: Cloud Storage's bucket naming rules (cloud.google.com/storage/docs/buckets#naming).
+_GCS_BUCKET_CHARACTERS = re.compile(r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$")
+_GCS_BUCKET_RULES = ("bucket names have 3-63 lowercase letters, digits, '-', '_' or '.' (up to 222 "
+                     "with dots, 63 between dots), start and end with a letter or digit, and do not "
+                     "start with 'goog' or contain 'google'")
+#: Longest object name Cloud Storage accepts, in bytes of UTF-8.
+MAX_OBJECT_NAME_BYTES: int = 1024
+
+
+def check_url(url: str) -> None:
+    """Refuses a bucket URL that no request could serve, before any request is made.
+
+    Raises:
+        UserError: no bucket, a bucket name against Cloud Storage's rules (`gs://`), a `.`
+            or `..` part, a control character, or an object name over 1,024 bytes; the
+            message shows the URL with its control characters escaped.
+    """
+    scheme, _, rest = url.partition("://")
+    bucket, _, name = rest.partition("/")
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in url)
+
+    def refuse(problem: str) -> UserError:
+        return UserError(f"{shown}: {problem}; write {scheme}://BUCKET/PATH")
+
+    if not bucket:
+        raise refuse("names no bucket")
+    if scheme.lower() == "gs":
+        problem = _gcs_bucket_problem(bucket)
+        if problem:
+            raise refuse(f"bucket name {bucket!r} {problem} ({_GCS_BUCKET_RULES})")
+    control = next((c for c in rest if ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F), None)
+    if control is not None:
+        raise refuse(f"a control character ({repr(control)[1:-1]}) is in the name; no object name holds one")
+    for part in name.split("/"):
+        if part in (".", ".."):
+            raise refuse(f"{part!r} is not a folder in a bucket (object names are never resolved)")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_OBJECT_NAME_BYTES:
+        raise refuse(f"the object name is {size:,} bytes; Cloud Storage allows at most {MAX_OBJECT_NAME_BYTES:,}")
+
+
+def _gcs_bucket_problem(bucket: str) -> str | None:
+    """What is wrong with GCS bucket name `bucket`, or None."""
+    if not _GCS_BUCKET_CHARACTERS.match(bucket):
+        if len(bucket) >= 2 and re.fullmatch(r"[a-z0-9._-]+", bucket):
+            return "must start and end with a letter or digit"
+        return "may hold only lowercase letters, digits, '-', '_' and '.'" if len(bucket) >= 3 else "is too short"
+    components = bucket.split(".")
+    if not 3 <= len(bucket) <= (222 if len(components) > 1 else 63) or max(map(len, components)) > 63:
+        return f"is {len(bucket)} characters long"
+    try:
+        ipaddress.IPv4Address(bucket)
+        return "is an IP address"
+    except ValueError:
+        pass
+    if bucket.startswith("goog") or "google" in bucket or "g00gle" in bucket:
+        return "is reserved"
+    return None
 
 
 def tensorstore_kvstore(path: str | os.PathLike) -> dict[str, Any]:
@@ -176,8 +256,6 @@ def _require_gcs(path: str) -> None:
         import fsspec
         import gcsfs  # noqa: F401
     except ImportError:  # pragma: no cover - a dependency of metatrain
-        from metatrain.errors import UserError
-
         raise UserError(f"{path}: reading gs:// needs gcsfs; pip install gcsfs") from None
     fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 
@@ -302,6 +380,7 @@ def glob_paths(pattern: str | os.PathLike, *, files_only: bool = False, recursiv
     if not is_remote(text):
         found = [as_path(p) for p in _glob.glob(text, recursive=recursive)]
         return sorted(p for p in found if not files_only or p.is_file())
+    check_url(text)
     import fsspec
 
     fs, fs_pattern = fsspec.core.url_to_fs(text)

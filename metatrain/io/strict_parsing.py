@@ -12,6 +12,15 @@ scan that does not recurse, before parsing), numbers longer than
 `MAX_JSON_NUMBER_LENGTH` characters (Python refuses int strings over 4,300 digits with
 a bare ValueError) or too large for a float (`1e400` would become inf), `NaN` and
 `Infinity` (not JSON), and keys longer than `MAX_JSON_KEY_LENGTH` characters.
+
+`load_yaml` bounds what a small hostile file can cost, each refusal a `yaml.YAMLError`
+with the line and column (`describe_yaml_error` words it in one line): nesting deeper
+than `MAX_YAML_DEPTH` (PyYAML's composer recurses, so 100,000 `[` raise RecursionError),
+aliases that would expand to more than `MAX_YAML_ALIAS_NODES` nodes (a 300-byte
+"billion laughs" file is 9**9 strings once a consumer walks or prints it), an alias
+inside the node it names (a cycle), integers longer than `MAX_YAML_INT_DIGITS` digits,
+and any value a constructor cannot build (`2020-13-45`, `!!int abc`), which PyYAML
+lets escape as a bare ValueError.
 """
 
 from __future__ import annotations
@@ -34,8 +43,93 @@ class DuplicateKeyError(ValueError):
         super().__init__(f"{where}duplicate key {key!r}{first}; a key may appear once in a mapping")
 
 
+#: Deepest nesting of mappings and sequences in a YAML file. A run config needs 4
+#: (`mesh.rules` is a list of lists in a mapping in a mapping), a sweep spec or a tag
+#: registry a few more.
+MAX_YAML_DEPTH: int = 100
+#: Most nodes that aliases may add to a YAML document once expanded: the sum, over
+#: every `*alias`, of the size of the node it names (nested aliases included). Shared
+#: blocks in a real file add hundreds; a billion-laughs file adds 10**8.
+MAX_YAML_ALIAS_NODES: int = 100_000
+#: Longest integer in a YAML file, in digits: Python's own limit for int strings, which
+#: it enforces with a bare ValueError. What a setting may hold is then the schema's check
+#: (`1e400` written out is refused as "must be a finite number", with its key).
+MAX_YAML_INT_DIGITS: int = 4300
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key that appears twice in one mapping."""
+    """PyYAML's safe loader, refusing a key that appears twice in one mapping, and
+    documents past the limits above (before they are constructed)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0  # collections being composed
+        self._complete: set[int] = set()  # ids of the collections composed in full
+        self._expanded_sizes: dict[int, int] = {}  # id(node) -> nodes it stands for, expanded
+        self._alias_nodes = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._count_alias(self.peek_event())
+            return super().compose_node(parent, index)
+        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_YAML_DEPTH} levels; flatten the file",
+                self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._complete.add(id(node))
+        return node
+
+    def _count_alias(self, event: yaml.AliasEvent) -> None:
+        node = self.anchors.get(event.anchor)
+        if node is None:
+            return  # an undefined alias: PyYAML's composer reports it
+        if isinstance(node, yaml.CollectionNode) and id(node) not in self._complete:
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} is inside the node it names (a cycle); "
+                "write the value out", event.start_mark)
+        self._alias_nodes += self._expanded_size(node)
+        if self._alias_nodes > MAX_YAML_ALIAS_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases expand to more than {MAX_YAML_ALIAS_NODES:,} nodes (a "
+                "\"billion laughs\" file?); write the values out or use fewer aliases", event.start_mark)
+
+    def _expanded_size(self, node: yaml.Node) -> int:
+        """How many nodes `node` stands for with every alias in it expanded; memoized,
+        so shared nodes cost one visit however often they are used. Recursion is bounded
+        by `MAX_YAML_DEPTH`, and `node` is complete (no cycle reaches it)."""
+        key = id(node)
+        if key not in self._expanded_sizes:
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [child for pair in node.value for child in pair]
+            else:
+                children = []
+            self._expanded_sizes[key] = 1 + sum(self._expanded_size(child) for child in children)
+        return self._expanded_sizes[key]
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError, TypeError) as e:
+            if isinstance(e, DuplicateKeyError):
+                raise
+            raise yaml.constructor.ConstructorError(None, None, str(e), node.start_mark) from None
+
+    def construct_yaml_int(self, node):
+        digits = len(str(node.value).lstrip("+-").replace("_", ""))
+        if digits > MAX_YAML_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {digits} digits is too long (at most {MAX_YAML_INT_DIGITS})",
+                node.start_mark)
+        return super().construct_yaml_int(node)
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -55,11 +149,32 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
 
 
 def load_yaml(text: str) -> Any:
-    """`yaml.safe_load(text)`, raising `DuplicateKeyError` for a repeated mapping key."""
+    """`yaml.safe_load(text)`, raising `DuplicateKeyError` for a repeated mapping key.
+
+    Raises:
+        yaml.YAMLError: not YAML, or past one of the limits above (`describe_yaml_error`).
+        DuplicateKeyError: a mapping names a key twice.
+    """
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def describe_yaml_error(error: yaml.YAMLError) -> str:
+    """`line 3, column 1: expected ',' or ']', but got '<stream end>' (while parsing a flow
+    sequence at line 2, column 10)`: PyYAML's message without its quoted snippet, on one line."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return " ".join(str(error).split())
+    mark = error.problem_mark or error.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    text = error.problem or error.context or "not valid YAML"
+    if error.problem and error.context:
+        at = error.context_mark
+        context_at = f" at line {at.line + 1}, column {at.column + 1}" if at is not None and at != mark else ""
+        text += f" ({error.context}{context_at})"
+    return where + " ".join(text.split())
 
 
 #: Deepest nesting of objects and arrays in a JSON record. A document needs 3 (its

@@ -4,6 +4,7 @@ directory and a failed write (on local disk and in a bucket: `store`)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,68 @@ def test_a_failed_write_leaves_the_old_file(store):
     gc.collect()  # a file left open would upload its buffer now
     assert as_path(path).read_text() == "old\n"
     assert store.files() == ["out.jsonl"]  # no partial file left beside it
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("url, words", [
+    ("gs://", "names no bucket"),
+    ("gs:///x", "names no bucket"),
+    ("gs://bad_bucket!/x", "bucket name 'bad_bucket!'"),
+    ("gs://Team/x", "bucket name 'Team'"),
+    ("gs://ab/x", "bucket name 'ab'"),
+    ("gs://-team/x", "bucket name '-team'"),
+    ("gs://my bucket/x", "bucket name 'my bucket'"),
+    ("gs://google-team/x", "bucket name 'google-team'"),
+    ("gs://192.168.5.4/x", "bucket name '192.168.5.4'"),
+    ("gs://" + "b" * 64 + "/x", "bucket name 'bbbb"),
+    ("gs://team/../x", "'..' is not a folder"),
+    ("gs://team/runs/./r1", "'.' is not a folder"),
+    ("gs://team/runs\nr1", "control character"),
+    ("gs://team/runs/\x7fr1", "control character"),
+    ("gs://team/" + "x" * 1025, "1,025 bytes"),
+])
+def test_a_malformed_bucket_url_is_one_line_before_any_request(url, words):
+    from metatrain.io.storage import absolute, join
+
+    for build in (as_path, absolute, lambda u: join(u, "config.yaml"), split_bucket, tensorstore_kvstore):
+        with pytest.raises(UserError, match=re.escape(words)) as info:
+            build(url)
+        assert "\n" not in str(info.value).replace(url, "") and "gs://BUCKET/PATH" in str(info.value)
+    # Names the rules allow: dots, underscores, spaces and unicode in object names, a bare bucket.
+    for good in ("gs://team.example.com/x", "gs://my_team-1/runs/a b/é", "gs://team", "gs://team/"):
+        assert str(as_path(good)).startswith("gs://")
+
+
+@pytest.mark.hostile
+def test_a_malformed_url_in_a_config_names_the_key_and_fails_before_any_work(gcs_emulator):
+    from ..conftest import TINY, error_lines, run_cli
+
+    url = "gs://bad_bucket!/tok.model"
+    result = run_cli("train", "--config", str(TINY), "--set", f"data.tokenizer={url}", "--set", "trainer.steps=1",
+                     env={"STORAGE_EMULATOR_HOST": gcs_emulator.url}, timeout=120)
+    lines = error_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert re.search(rf"^metatrain train: error: .*'data.tokenizer': {re.escape(url)}: bucket name 'bad_bucket!'",
+                     lines[0])
+
+
+@pytest.mark.hostile
+def test_a_malformed_workdir_url_fails_at_once_with_exit_2(gcs_emulator):
+    from ..conftest import TINY, error_lines, run_cli
+
+    for url in ("gs://bad_bucket!/run", "gs:///run", "gs://b/../run"):
+        result = run_cli("train", "--config", str(TINY), "--set", "trainer.steps=1", "--workdir", url,
+                         env={"STORAGE_EMULATOR_HOST": gcs_emulator.url}, timeout=120)
+        lines = error_lines(result.stderr)
+        assert result.returncode == 2 and url in result.stderr, result.stderr[-2000:]
+        assert not any(line.startswith("Traceback") for line in lines)
+
+
+@pytest.mark.hostile
+def test_a_symlink_loop_is_one_line(tmp_path):
+    from metatrain.io.storage import absolute
+
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(UserError, match=rf"^{tmp_path}/a/x is a loop of symbolic links"):
+        absolute(tmp_path / "a" / "x")

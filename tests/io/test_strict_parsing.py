@@ -1,8 +1,10 @@
 """Duplicate keys are errors in every YAML file metatrain reads and in JSON documents
-(issue: PyYAML and `json` silently keep the last value)."""
+(issue: PyYAML and `json` silently keep the last value); hostile YAML (alias bombs, deep
+nesting, values PyYAML cannot build) and JSON past the limits are refused in one line."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -87,3 +89,64 @@ def test_json_error_messages_say_at_once():
         with pytest.raises(json.JSONDecodeError) as info:
             loads_json(text)
         assert describe_json_error(info.value) == expected
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """Billion laughs: each list holds nine aliases of the previous one (~330 bytes, 9**9 leaves)."""
+    names = "abcdefghi"[:levels]
+    text = "a: &a [" + ",".join(["lol"] * 9) + "]\n"
+    for previous, name in itertools.pairwise(names):
+        text += f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]\n"
+    return text
+
+
+@pytest.mark.hostile
+def test_a_yaml_alias_bomb_is_refused_before_it_is_expanded():
+    import time
+
+    import yaml
+
+    from metatrain.io.strict_parsing import MAX_YAML_ALIAS_NODES
+
+    text = _alias_bomb()
+    assert len(text) < 400
+    started = time.monotonic()
+    with pytest.raises(yaml.YAMLError, match=rf"aliases expand to more than {MAX_YAML_ALIAS_NODES:,} nodes"):
+        load_yaml(text)
+    assert time.monotonic() - started < 10  # refused, not expanded (expanding takes minutes)
+    # Aliases used as they are meant to be (a shared block, reused) still load.
+    assert load_yaml("x: &x {lr: 1}\ny: *x\nz: [*x, *x]\n")["z"] == [{"lr": 1}, {"lr": 1}]
+    # An alias inside the node it names would make a structure that contains itself.
+    with pytest.raises(yaml.YAMLError, match=r"alias \*x is inside the node it names"):
+        load_yaml("a: &x [1, *x]\n")
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, "a:\n" + "".join(f"{' ' * i}- \n" for i in range(1, 2000))])
+def test_yaml_nested_past_the_limit_is_a_yaml_error_not_a_recursion_error(text):
+    import yaml
+
+    from metatrain.io.strict_parsing import MAX_YAML_DEPTH
+
+    with pytest.raises(yaml.YAMLError, match=rf"nested deeper than {MAX_YAML_DEPTH} levels"):
+        load_yaml(text)
+    deep_enough = "[" * MAX_YAML_DEPTH + "]" * MAX_YAML_DEPTH
+    assert load_yaml(deep_enough) is not None
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("value, reason", [
+    ("1" * 5000, "integer of 5000 digits"),
+    ("2020-13-45", "month must be in 1..12"),
+    ("!!int abc", "invalid literal for int"),
+    ("!!float abc", "could not convert string to float"),
+])
+def test_a_yaml_value_its_constructor_cannot_build_is_a_yaml_error_naming_the_line(value, reason):
+    import yaml
+
+    from metatrain.io.strict_parsing import describe_yaml_error
+
+    with pytest.raises(yaml.YAMLError) as info:
+        load_yaml(f"trainer:\n  steps: {value}\n")
+    described = describe_yaml_error(info.value)
+    assert described.startswith("line 2, column 10: ") and reason in described and "\n" not in described
