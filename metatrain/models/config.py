@@ -8,6 +8,7 @@ them against `jax.eval_shape` of the real module.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from metatrain.errors import UserError
@@ -16,6 +17,11 @@ ComputeDtype = Literal["bfloat16", "float32", "float16"]
 ParamDtype = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots", "offload"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "splash"]
+
+#: The largest size of one dimension (XLA indexes some axes with 32-bit integers).
+MAX_DIMENSION: int = 2**31 - 1
+#: The most parameters a config may describe (100 trillion: past any machine's memory).
+MAX_PARAMS: int = 10**14
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("bfloat16", "float32", "float16"),
@@ -107,6 +113,11 @@ class ModelConfig:
                 raise UserError(
                     f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}"
                 )
+        if self.num_params > MAX_PARAMS:
+            raise UserError(
+                f"this model has {self.num_params:.3g} parameters, past the {MAX_PARAMS:.0e} any machine can "
+                f"hold; check vocab_size, d_model, d_ff and n_layers"
+            )
 
     # -- parameter counts (closed form) ------------------------------------------------
     @property
@@ -177,7 +188,11 @@ class ModelConfig:
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{name} must be a positive integer, got {value!r}")
+    if value > MAX_DIMENSION:
+        raise UserError(f"{name}={value} is past the largest size an array axis may have ({MAX_DIMENSION:,}); "
+                        f"give a smaller {name}")
 
 
 def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return ", ".join(str(d) for d in sorted({*small, *(n // d for d in small)}))

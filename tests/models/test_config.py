@@ -56,3 +56,21 @@ def test_flops_per_token_is_6n_plus_attention():
     assert cfg.flops_per_token() == cfg.flops_per_token(cfg.max_seq_len)
     # tying does not change the FLOPs: the output projection is a matmul either way
     assert dataclasses.replace(cfg, tie_embeddings=False).flops_per_token(7) == cfg.flops_per_token(7)
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (dict(vocab_size=2**40), ["vocab_size=1099511627776", "largest size"]),
+        (dict(d_model=2**62, head_dim=None), ["d_model", "largest size"]),
+        (dict(n_layers=10**6, d_model=4096, head_dim=None, n_heads=32, n_kv_heads=8, d_ff=16384),
+         ["parameters", "n_layers"]),
+        (dict(n_heads=2**31 - 2, n_kv_heads=2**30 - 3, head_dim=2), ["n_kv_heads", "1, 2, "]),
+    ],
+)
+def test_sizes_no_machine_could_hold_are_refused_at_once(change, words):
+    with pytest.raises(UserError) as e:
+        ModelConfig(**{**BASE, **change})
+    for word in words:
+        assert word in str(e.value)
