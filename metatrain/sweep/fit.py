@@ -84,6 +84,7 @@ def fit_sweep(
     targets = targets_for(role, loss_key)
     series, notes = select_series(records, targets, tokens_key, source=str(manifest_path(directory)))
     fits = [fit_series(s, resamples=resamples, level=level, seed=seed) for s in series]
+    notes += [note for f in fits if (note := degenerate_note(f)) is not None]
     report = build_report(fits, notes, tokens_key=tokens_key, level=level, resamples=resamples)
     report["sweep"] = str(directory)
     if plots:
@@ -244,6 +245,30 @@ def _identification_notes(s: Series, tokens_key: str) -> list[str]:
     return notes
 
 
+#: Relative spread below which losses (or a fitted law's predictions) count as constant.
+_FLAT = 1e-6
+
+
+def _spread(values: np.ndarray) -> float:
+    return float(np.ptp(values) / max(float(np.max(np.abs(values))), 1e-300))
+
+
+def degenerate_note(fit: RoleFit) -> str | None:
+    """A note when the fit says nothing about scaling: the losses do not vary across the
+    runs (runs that did not train, or a loss key copied from one run), or the fitted law
+    predicts the same loss everywhere (only E was fitted). The fit is still reported, so a
+    sweep can be inspected, but its A, B, alpha and beta carry no meaning."""
+    s = fit.series
+    if _spread(s.L) <= _FLAT:
+        return (f"{_label(s)}: the losses do not vary ({s.loss_key} is {s.L[0]:.6g} in all {len(s.L)} runs), so "
+                "the fit is degenerate: only E is determined, and A, B, alpha and beta mean nothing; check that "
+                "the runs trained and that their losses were collected")
+    if _spread(fit.law.law(s.N, s.D)) <= _FLAT:
+        return (f"{_label(s)}: the fitted law predicts the same loss for every run, so the fit is degenerate: "
+                "the losses do not fall with model size or tokens, and A, B, alpha and beta mean nothing")
+    return None
+
+
 def _positive(runs: list[Record], key: str, source: str, hint: str = "fix the manifest") -> np.ndarray:
     values = []
     for r in runs:
@@ -295,6 +320,7 @@ def _law_entry(fit: RoleFit) -> dict[str, Any]:
         "points": len(fit.series.names),
         "rms_log_residual": fit.law.rms_log_residual,
         # Minimising L at fixed C = k N D gives N_opt ~ C^(beta/(alpha+beta)).
+        "degenerate": degenerate_note(fit) is not None,
         "N_opt_exponent": beta / (alpha + beta) if alpha + beta > 0 else None,
         "D_opt_exponent": alpha / (alpha + beta) if alpha + beta > 0 else None,
     }

@@ -39,6 +39,8 @@ from metatrain.sweep.manifest import Record, manifest_path, read_manifest, write
 from metatrain.sweep.spec import SweepSpec, load_spec
 
 RUNS_DIR = "runs"
+#: The most steps a run can take: the train state counts them in a 32-bit integer.
+MAX_STEPS = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,7 @@ def plan_runs(spec: SweepSpec, spec_dir: Path, overrides: Sequence[str] = ()) ->
     family = get_family(spec.family)
     runs: list[PlannedRun] = []
     checked: set[tuple[int, str]] = set()
+    named: dict[str, float] = {}  # run name -> the grid.tokens or isoflop.budgets value it came from
     for variant in spec.variant_names:
         settings = [*_as_sets(spec.overrides), *_as_sets(spec.variants.get(variant, {})), *overrides]
         where = f"variant {variant!r}" if variant else "the spec's overrides"
@@ -94,7 +97,8 @@ def plan_runs(spec: SweepSpec, spec_dir: Path, overrides: Sequence[str] = ()) ->
                 size = family.find(size_name)
                 for tokens in spec.grid.tokens:
                     train_tokens = tokens / fraction if fraction else tokens
-                    runs.append(_planned(configs[size_name], size, variant, train_tokens, tokens=tokens, text_fraction=fraction))
+                    run = _planned(configs[size_name], size, variant, train_tokens, tokens=tokens, text_fraction=fraction)
+                    runs.append(_claim_name(named, run, "grid.tokens", tokens, "6 significant digits of the tokens"))
         else:
             iso = spec.isoflop
             for budget in iso.budgets:
@@ -103,8 +107,36 @@ def plan_runs(spec: SweepSpec, spec_dir: Path, overrides: Sequence[str] = ()) ->
                     config = configs[size.name]
                     check_point_vocab(config, _run_name(variant, size, None, budget), checked)
                     tokens = budget / config.model.flops_per_token(config.trainer.seq_len)
-                    runs.append(_planned(config, size, variant, tokens, budget=budget))
+                    run = _planned(config, size, variant, tokens, budget=budget)
+                    runs.append(_claim_name(named, run, "isoflop.budgets", budget, "3 significant digits of the budget"))
     return runs
+
+
+def _claim_name(named: dict[str, float], run: PlannedRun, key: str, value: float, precision: str) -> PlannedRun:
+    """`run`, once no other point has its name: a run directory and a manifest line are
+    keyed by it, and `sweep run` refuses a manifest that names a run twice.
+
+    Raises:
+        UserError: two values of `key` round to the same name; one line naming both.
+    """
+    name = run.record["name"]
+    if name in named:
+        first, second = _distinctly(named[name], value)
+        raise UserError(
+            f"{key} {first} and {second} both name the run {name} (names keep {precision}): "
+            f"drop one, or make them differ within that precision"
+        )
+    named[name] = value
+    return run
+
+
+def _distinctly(a: float, b: float) -> tuple[str, str]:
+    """`a` and `b` with the fewest significant digits that tell them apart."""
+    for digits in range(3, 18):
+        shown = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if shown[0] != shown[1]:
+            return shown
+    return repr(a), repr(b)
 
 
 def check_point_vocab(config: RunConfig, point: str, checked: set[tuple[int, str]] | None = None) -> None:
@@ -211,7 +243,15 @@ def _planned(
     text_fraction: float | None = None,
 ) -> PlannedRun:
     tc = config.trainer
-    steps = round(train_tokens / config.tokens_per_step)
+    exact_steps = train_tokens / config.tokens_per_step
+    if exact_steps > MAX_STEPS:
+        what = f"isoflop.budgets: {budget:g} FLOPs is" if budget is not None else f"grid.tokens: {tokens:g} tokens is"
+        raise UserError(
+            f"{size.name}: {what} {exact_steps:.3g} steps of {config.tokens_per_step} tokens, beyond the "
+            f"{MAX_STEPS:,} steps a run can count; give at most {MAX_STEPS * config.tokens_per_step:.3g} tokens "
+            "per run"
+        )
+    steps = round(exact_steps)
     if steps < 1:
         what = f"budget {budget:.3g} FLOPs" if budget is not None else f"{tokens:g} tokens"
         raise UserError(

@@ -60,6 +60,9 @@ class GridSpec:
         for t in self.tokens:
             if not (math.isfinite(t) and t > 0):
                 raise UserError(f"grid.tokens: {t} is not a positive number of tokens")
+            if t != int(t):
+                raise UserError(f"grid.tokens: {t:g} is not a whole number of tokens; give a count such as "
+                                f"{math.floor(t)} or {math.ceil(t)}")
         if len(set(self.tokens)) != len(self.tokens):
             raise UserError(f"grid.tokens lists a budget twice: {list(self.tokens)}")
 

@@ -29,7 +29,12 @@ from metatrain.io.outputs import check_output_file, write_atomically
 from metatrain.io.storage import StoragePath, as_path, is_remote
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA
 from metatrain.tokenizer.registry import TagRegistry, load_registry
-from metatrain.tokenizer.spm import SpmTokenizer, read_model_proto
+from metatrain.tokenizer.spm import (
+    SpmTokenizer,
+    first_changed_id,
+    parse_model_proto,
+    read_model_proto,
+)
 
 #: SentencePiece trainer settings under which every text round-trips exactly.
 EXACT_SETTINGS: dict[str, object] = {
@@ -139,8 +144,10 @@ def train_tokenizer(
         raise UserError(f"no valid documents in {', '.join(map(str, inputs))} ({skips.summary()})")
     texts = list(training_texts(documents, mantra=mantra))
     # SentencePiece writes PREFIX.model and PREFIX.vocab itself: let it write them in a
-    # private directory beside the outputs (any local one for a bucket), then publish each
-    # atomically.
+    # private directory beside the outputs (any local one for a bucket), check the model
+    # there, and only then publish each file atomically. A refusal, a failed check or an
+    # interrupt (Ctrl-C, or SIGTERM, which the CLI turns into an exception) leaves the old
+    # outputs as they were and removes the scratch directory.
     if is_remote(str(out_prefix)):
         staging = Path(tempfile.mkdtemp(prefix=f"metatrain-{out_prefix.name}.", suffix=".partial"))
     else:
@@ -169,14 +176,16 @@ def train_tokenizer(
         # the same bytes wherever it was trained.
         proto = read_model_proto(staged.with_name(staged.name + ".model"))
         proto.trainer_spec.model_prefix = out_prefix.name
+        model_bytes = proto.SerializeToString()
+        vocab_bytes = staged.with_name(staged.name + ".vocab").read_bytes()
+        tokenizer = SpmTokenizer(model_bytes, registry, source=str(model_path))
+        _check_round_trip(tokenizer, texts[:_SELF_CHECK_TEXTS])
+        # The model last: a reader that finds the new model finds its vocabulary listing too.
         inputs_and_tags = [*inputs, registry.source]
-        write_atomically(model_path, proto.SerializeToString(), inputs=inputs_and_tags, option="--out")
-        write_atomically(vocab_path, staged.with_name(staged.name + ".vocab").read_bytes(),
-                         inputs=inputs_and_tags, option="--out")
+        write_atomically(vocab_path, vocab_bytes, inputs=inputs_and_tags, option="--out")
+        write_atomically(model_path, model_bytes, inputs=inputs_and_tags, option="--out")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    tokenizer = SpmTokenizer.load(model_path, registry)
-    _check_round_trip(tokenizer, texts[:_SELF_CHECK_TEXTS])
     return TrainReport(model_path, tokenizer.vocab_size, len(documents), len(texts), skips.count)
 
 
@@ -222,6 +231,8 @@ def extend_tokenizer(base: str | Path, registry: TagRegistry, out: str | Path) -
     """
     check_output_file(out, inputs=[base, registry.source], option="--out")
     proto = read_model_proto(base)
+    original = model_pb2.ModelProto()
+    original.CopyFrom(proto)
     piece_type = model_pb2.ModelProto.SentencePiece
     index = {p.piece: i for i, p in enumerate(proto.pieces)}
     added: dict[str, int] = {}
@@ -242,6 +253,26 @@ def extend_tokenizer(base: str | Path, registry: TagRegistry, out: str | Path) -
         new.piece, new.score, new.type = tag, 0.0, piece_type.CONTROL
         index[tag] = added[tag] = len(proto.pieces) - 1
     proto.trainer_spec.vocab_size = len(proto.pieces)
-    out = write_atomically(out, proto.SerializeToString(), inputs=[base, registry.source], option="--out")
-    SpmTokenizer.load(out, registry)  # the result must pass the same check as any model
+    data = proto.SerializeToString()
+    _check_extended(original, data, registry, out)
+    out = write_atomically(out, data, inputs=[base, registry.source], option="--out")
     return ExtendReport(out, added, present, len(proto.pieces))
+
+
+def _check_extended(base: model_pb2.ModelProto, data: bytes, registry: TagRegistry, out: str | Path) -> None:
+    """Refuse (UserError, before `out` is touched) an extended model that does not pass the
+    check every model meets when it is loaded, or that reads back with an old id changed or
+    with text encoded differently from the base (tags are control pieces: text never
+    produces one)."""
+    try:
+        tokenizer = SpmTokenizer(data, registry, source=str(out))
+    except UserError as e:
+        raise UserError(f"{e}; --out {out} was not written") from None
+    except RuntimeError as e:  # SentencePiece's own loader refused the pieces
+        raise UserError(f"SentencePiece cannot load the extended model ({e}); --out {out} was not written") from None
+    changed = first_changed_id(base, parse_model_proto(data, source=str(out)))
+    old = spm.SentencePieceProcessor(model_proto=base.SerializeToString())
+    texts = [*registry.tags, " ".join(registry.tags)]
+    if changed is not None or tokenizer.processor.encode(texts) != old.encode(texts):
+        raise RuntimeError(f"extending the model changed id {changed} or how text encodes; this is a bug "
+                           "in metatrain")

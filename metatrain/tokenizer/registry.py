@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -126,6 +127,15 @@ def _check_tag_string(tag: Any, source: str) -> None:
         raise UserError(f"{source}: every tag must be a non-empty string, got {tag!r}")
     if any(ch.isspace() for ch in tag) or "\u2581" in tag:
         raise UserError(f"{source}: tag {tag!r} contains whitespace; a tag is one piece without spaces")
+    for ch in tag:
+        # A lone surrogate (YAML's "\ud800") is no character: no UTF-8 file or model can
+        # hold it. A control character (NUL, ESC, ...) is refused by SentencePiece's
+        # loader (NUL) or would print as terminal codes; a tag is printable text.
+        kind = unicodedata.category(ch)
+        if kind in ("Cs", "Cc"):
+            what = "a lone surrogate, which is not a character" if kind == "Cs" else "a control character"
+            raise UserError(f"{source}: tag {tag!r} contains U+{ord(ch):04X}, {what}; write the tag "
+                            "with printable characters")
     if tag in RESERVED_PIECES or _BYTE_PIECE.fullmatch(tag):
         raise UserError(f"{source}: tag {tag!r} is a piece SentencePiece reserves for itself; pick another name")
 

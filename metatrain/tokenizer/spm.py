@@ -9,6 +9,7 @@ document's structure. Training and extending models live in `build.py`.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from metatrain.errors import UserError
+from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.io.storage import StoragePath, as_path, os_reason
 from metatrain.tokenizer.registry import TagRegistry, load_registry
 
@@ -214,6 +216,10 @@ class TokenizerInfo:
         special: ids of bos, eos, unk and pad (-1 when absent).
         tags: every control piece other than BOS/EOS/PAD, with its id.
         missing_tags: registry tags the model lacks (fix with `tokenizer extend`).
+        clashing_tags: registry tags the model has as pieces that are not control pieces
+            (matched in raw text), with their id and piece type; `tokenizer extend` cannot
+            make them tags, so the fix is renaming them in the registry.
+        tags_source: the registry the tags were checked against.
         model_type: `bpe`, `unigram`, ...
         normalizer: name of the normalisation rule.
         byte_fallback: whether unseen characters become byte pieces.
@@ -229,10 +235,13 @@ class TokenizerInfo:
     normalizer: str
     byte_fallback: bool
     exact_round_trip: bool
+    clashing_tags: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
+    tags_source: str = str(DEFAULT_TAGS)
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         out["missing_tags"] = list(self.missing_tags)
+        out["clashing_tags"] = {tag: {"id": i, "type": kind} for tag, (i, kind) in self.clashing_tags.items()}
         return out
 
     def render(self) -> str:
@@ -247,10 +256,24 @@ class TokenizerInfo:
             f"tags ({len(self.tags)}):",
         ]
         lines += [f"  {tid:>7}  {tag}" for tag, tid in self.tags.items()]
+        if self.clashing_tags:
+            clashes = ", ".join(f"{tag} (id {i}, a {kind} piece)" for tag, (i, kind) in self.clashing_tags.items())
+            lines.append(f"registry tags the model matches in raw text: {clashes}  (no tool can turn such a "
+                         f"piece into a tag without changing what its id means: rename it in {self.tags_source})")
         if self.missing_tags:
-            lines.append("missing registry tags: " + ", ".join(self.missing_tags)
-                         + "  (add them with `metatrain tokenizer extend`)")
+            lines.append("missing registry tags: " + ", ".join(self.missing_tags) + f"  ({self._missing_fix()})")
         return "\n".join(lines)
+
+    def _missing_fix(self) -> str:
+        """What adds the missing tags: only a command `tokenizer extend` will carry out."""
+        if self.special["bos"] < 0 or self.special["eos"] < 0:
+            return "the model has no BOS or EOS piece, so adding tags cannot make it usable: train one with " \
+                   "`metatrain tokenizer train`"
+        if self.clashing_tags:
+            return "add them with `tokenizer extend` once the tags above are renamed"
+        command = shlex.join(["metatrain", "tokenizer", "extend", "--base", self.path, "--tags", self.tags_source,
+                              "--out", "NEW.model"])
+        return f"add them with `{command}`"
 
 
 def inspect_tokenizer(path: str | Path, registry: TagRegistry | None = None) -> TokenizerInfo:
@@ -267,13 +290,18 @@ def inspect_tokenizer(path: str | Path, registry: TagRegistry | None = None) -> 
     control = model_pb2.ModelProto.SentencePiece.CONTROL
     skip = {special["bos"], special["eos"], special["pad"]}
     tags = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == control and i not in skip}
+    piece_ids = {p.piece: i for i, p in enumerate(proto.pieces)}
+    clashing = {t: (piece_ids[t], _PIECE_TYPE_NAMES[proto.pieces[piece_ids[t]].type]) for t in registry.tags
+                if t in piece_ids and proto.pieces[piece_ids[t]].type != control}
     model_types = {v: k.lower() for k, v in model_pb2.TrainerSpec.ModelType.items()}
     return TokenizerInfo(
         path=str(path),
         vocab_size=len(proto.pieces),
         special=special,
         tags=tags,
-        missing_tags=tuple(t for t in registry.tags if t not in tags),
+        missing_tags=tuple(t for t in registry.tags if t not in tags and t not in clashing),
+        clashing_tags=clashing,
+        tags_source=str(registry.source),
         model_type=model_types.get(proto.trainer_spec.model_type, "unknown"),
         normalizer=proto.normalizer_spec.name or "(custom)",
         byte_fallback=bool(proto.trainer_spec.byte_fallback),

@@ -249,3 +249,18 @@ def test_fit_reads_a_store_and_writes_report_and_plots_there(grid_spec, store, c
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert {f"plots/{p.rsplit('/', 1)[1]}" for p in report["plots"]} | {"fit.json", "manifest.jsonl"} <= set(
         store.files("sweep"))
+
+
+@pytest.mark.hostile
+def test_fit_of_losses_that_do_not_vary_says_so(tmp_path, capsys):
+    records = manifest(variants=("joint",), sizes=3, budgets=3)
+    for r in records:
+        r["loss"] = r["loss/text"] = r["loss/thinking"] = 2.5
+    write_manifest(tmp_path, records)
+    assert main(["sweep", "fit", str(tmp_path), "--role", "text", "--bootstrap", "0", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "fit.json").read_text())
+    notes = [n for n in report["notes"] if "do not vary" in n]
+    assert notes and "joint/text" in notes[0] and "2.5" in notes[0], report["notes"]
+    assert notes[0] in out
+    assert report["fits"][0]["degenerate"] is True

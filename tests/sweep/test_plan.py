@@ -2,6 +2,7 @@
 directory on local disk and in a bucket (`store`)."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -202,3 +203,37 @@ def test_plan_writes_configs_and_manifest_into_a_store(grid_spec, store, capsys)
     commands = launch_commands(out, "local")  # reads every point's config from the store
     assert commands[0] == (f"metatrain train --config {out}/runs/tiny-1.D2048/config.yaml "
                            f"--workdir {out}/runs/tiny-1.D2048")
+
+
+# -- hostile specs (issue 25): never a plan `sweep run` refuses, never an impossible run -----
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("body, says", [
+    ("grid:\n  sizes: [tiny-1, tiny-2]\n  tokens: [1000000, 1000001]\n",
+     "grid.tokens 1000000 and 1000001 both name the run tiny-1.D1e06"),
+    ("isoflop:\n  budgets: [1.0e11, 1.001e11]\n  sizes_per_budget: 3\n",
+     "isoflop.budgets 1e+11 and 1.001e+11 both name the run C1e11.tiny-"),
+], ids=["grid", "isoflop"])
+def test_plan_refuses_points_whose_names_collide(tmp_path, body, says):
+    spec = write_spec(tmp_path, "overrides: {trainer.eval_every: 2}\n" + body)
+    out = tmp_path / "sweep"
+    with pytest.raises(UserError, match="^" + re.escape(says)) as info:
+        plan_sweep(spec, out)
+    assert "\n" not in str(info.value)
+    assert not out.exists()  # nothing `sweep run` would refuse is written
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("body, says", [
+    ("grid:\n  sizes: [tiny-1]\n  tokens: [1.0e30]\n", "grid.tokens: 1e+30 tokens"),
+    ("isoflop:\n  budgets: [1.0e40]\n  sizes_per_budget: 3\n", "isoflop.budgets: 1e+40 FLOPs"),
+    ("grid:\n  sizes: [tiny-1]\n  tokens: [2048.5]\n", "grid.tokens: 2048.5 is not a whole number of tokens"),
+], ids=["tokens", "budget", "fraction"])
+def test_plan_refuses_impossible_token_counts_in_one_line(tmp_path, body, says):
+    spec = write_spec(tmp_path, "overrides: {trainer.eval_every: 2}\n" + body)
+    out = tmp_path / "sweep"
+    with pytest.raises(UserError, match=re.escape(says)) as info:
+        plan_sweep(spec, out)
+    assert "\n" not in str(info.value)
+    assert not out.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+import shlex
 
 import pytest
 import sentencepiece as spm
@@ -13,9 +14,16 @@ from metatrain.cli import main
 from metatrain.errors import UserError
 from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_CORPUS
 from metatrain.io.storage import as_path
-from metatrain.tokenizer import SpmTokenizer, extend_tokenizer, inspect_tokenizer, load_registry, train_tokenizer
+from metatrain.tokenizer import (
+    SpmTokenizer,
+    extend_tokenizer,
+    inspect_tokenizer,
+    load_registry,
+    train_tokenizer,
+)
 from metatrain.tokenizer.build import _chunks
 from metatrain.tokenizer.registry import registry_from_dict
+from metatrain.tokenizer.spm import read_model_proto
 
 from ..conftest import write_jsonl
 from .conftest import TEST_VOCAB, make_corpus
@@ -175,7 +183,8 @@ def test_inspect(model_path, tmp_path, registry):
     plain = inspect_tokenizer(base)
     assert plain.tags == {} and plain.missing_tags == registry.tags
     assert not plain.exact_round_trip and plain.normalizer == "nmt_nfkc"
-    assert "add them with `metatrain tokenizer extend`" in plain.render()
+    assert f"add them with `metatrain tokenizer extend --base {base} --tags {DEFAULT_TAGS} --out NEW.model`" \
+        in plain.render()
 
 
 def test_unigram_models_round_trip_too(tmp_path):
@@ -216,3 +225,37 @@ def test_tokenizer_extend_in_a_store_writes_the_local_bytes(store, model_path, t
     again = extend_tokenizer(f"{store}/ext.model", load_registry(tags), f"{store}/again.model")
     assert again.added == {} and str(again.out_path) == f"{store}/again.model"
     assert as_path(f"{store}/again.model").read_bytes() == (tmp_path / "ext.model").read_bytes()
+
+
+@pytest.mark.hostile
+def test_inspect_suggests_only_an_extend_that_extend_accepts(model_path, tmp_path):
+    """A registry tag that the model has as an ordinary (text) piece cannot be added by
+    `extend`: inspect must say to rename it, and the command it suggests for the tags that
+    are really missing must then run."""
+    from ..conftest import run_cli
+
+    proto = read_model_proto(model_path)
+    normal = next(p.piece for p in proto.pieces
+                  if p.type == p.NORMAL and p.piece.isalpha() and len(p.piece) > 1)
+    tags = tmp_path / "tags.yaml"
+    tags.write_text(DEFAULT_TAGS.read_text().replace(
+        ANCHOR, ANCHOR + NEW_TAG + f'  word: "{normal}"\n'))
+    shown = run_cli("tokenizer", "inspect", "--tokenizer", str(model_path), "--tags", str(tags))
+    assert shown.returncode == 0, shown.stderr
+    normal_id = next(i for i, p in enumerate(proto.pieces) if p.piece == normal)
+    assert f"{normal} (id {normal_id}, a normal piece)" in shown.stdout
+    assert f"rename it in {tags}" in shown.stdout
+    assert "metatrain tokenizer extend --base" not in shown.stdout  # extend would refuse this registry
+    refused = run_cli("tokenizer", "extend", "--base", str(model_path), "--tags", str(tags),
+                      "--out", str(tmp_path / "refused.model"))
+    assert refused.returncode == 2 and f"Rename the tag in {tags}" in refused.stderr
+
+    tags.write_text(DEFAULT_TAGS.read_text().replace(ANCHOR, ANCHOR + NEW_TAG))
+    shown = run_cli("tokenizer", "inspect", "--tokenizer", str(model_path), "--tags", str(tags))
+    suggested = shown.stdout.split("`")[1]
+    assert suggested.startswith("metatrain tokenizer extend --base"), shown.stdout
+    argv = shlex.split(suggested)[1:]
+    argv[argv.index("NEW.model")] = str(tmp_path / "new.model")
+    done = run_cli(*argv)
+    assert done.returncode == 0, done.stderr
+    assert "added: <|toxic|>=" in done.stderr
