@@ -178,6 +178,8 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"steps={self.steps} must be >= 1")
+        _require(self.steps <= 2**31 - 1, f"steps={self.steps} is more than a run can count (the train state counts "
+                                          f"steps in int32: at most 2147483647)")
         if self.profile is not None:
             start, count = self.profile
             _require(start >= 1 and count >= 1, f"profile={list(self.profile)}: give [start step >= 1, steps >= 1]")

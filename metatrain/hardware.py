@@ -11,8 +11,6 @@ import dataclasses
 import glob
 import os
 
-import jax
-
 #: What libtpu is told off a TPU VM: no metadata server, one local worker. Neither
 #: running on CPU/GPU nor compiling ahead of time for a TPU topology needs more.
 _NO_LOCAL_TPU = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": "v5litepod-4"}
@@ -79,4 +77,6 @@ def chip_for_device_kind(device_kind: str) -> Chip | None:
 
 def local_chip() -> Chip | None:
     """The chip of this process's first device, or None where the peak is unknown."""
+    import jax  # here, not at the top: commands that never touch a device do not load JAX
+
     return chip_for_device_kind(jax.devices()[0].device_kind)

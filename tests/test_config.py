@@ -180,6 +180,7 @@ TINY = CONFIGS_DIR / "tiny.yaml"
     ("trainer.seed=-1", r"trainer: seed=-1 must be in \[0, 2\*\*32\)"),
     (f"data.seed={2**70}", r"'data.seed' must be an integer in \[-2\*\*63, 2\*\*63\)"),
     (f"model.d_model={2**64}", r"'model.d_model' must be an integer in \[-2\*\*63, 2\*\*63\)"),
+    (f"trainer.steps={2**40}", r"trainer: steps=1099511627776 is more than a run can count"),
     ("trainer.steps=" + "1" * 5000, r"value is not valid YAML: line 1, column 1: an integer of 5000 digits is too long"),
 ])
 def test_an_integer_numpy_or_jax_cannot_hold_is_refused_naming_its_key(override, words):

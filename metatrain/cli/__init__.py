@@ -27,6 +27,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 import traceback
 
 from metatrain.errors import (
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["METATRAIN_DEBUG"] = "1"  # also seen by worker processes
     if not debug_enabled():
         _quiet_library_error_logs()
-    previous = _terminate_by_exception()
+    previous = _signals_raise()
     try:
         if args.command in DISTRIBUTED_COMMANDS:
             from metatrain.launch.distributed import initialize_from_env
@@ -101,21 +102,39 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - every failure ends in one line and a documented status
         return _report(args.command, e)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def _terminate_by_exception():
-    """Make SIGTERM raise `Terminated` in the main thread (the previous handler, or None
-    off the main thread, where no handler can be installed)."""
+#: Functions whose exceptions Python reports as "ignored" instead of raising them: a signal
+#: that arrives while one runs (JAX frees buffers from a garbage-collector callback) would
+#: be lost, and the command would go on as if never interrupted.
+_SWALLOWING = frozenset({"_xla_gc_callback", "__del__"})
 
-    def terminate(signum, frame):
-        raise Terminated()
 
+def _signals_raise() -> dict[int, object]:
+    """Make SIGINT raise `KeyboardInterrupt` and SIGTERM `Terminated` in the main thread,
+    each delivered again a moment later when it arrives inside a function whose exceptions
+    are swallowed. Returns the previous handlers (none off the main thread, where no
+    handler can be installed)."""
+
+    def handler(signum, frame):
+        f = frame
+        while f is not None:
+            if f.f_code.co_name in _SWALLOWING:
+                threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+                return
+            f = f.f_back
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    previous: dict[int, object] = {}
     try:
-        return signal.signal(signal.SIGTERM, terminate)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup`, a background job: still ignored
+                previous[signum] = signal.signal(signum, handler)
     except ValueError:  # not the main thread (an embedding application)
-        return None
+        pass
+    return previous
 
 
 def _quiet_library_error_logs() -> None:
