@@ -150,3 +150,18 @@ def test_a_config_file_past_the_size_limit_is_refused_before_it_is_read(tmp_path
     config.write_text(f"base: {TINY}\n" + "# padding\n" * 200)
     with pytest.raises(UserError, match=rf"^{config}: 2,\d\d\d bytes; a YAML file metatrain reads is at most 1,000"):
         load_config(config)
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("argv", [
+    ["tokenizer", "inspect", "--tokenizer", str(SAMPLE_TOKENIZER), "--tags", "{fifo}"],
+    ["sweep", "plan", "--spec", "{fifo}", "--out", "{out}"],
+])
+def test_a_named_pipe_as_a_tag_registry_or_sweep_spec_is_named_and_never_opened(argv, tmp_path, capsys):
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes: none will
+    code = main([a.format(fifo=fifo, out=tmp_path / "sweep") for a in argv])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{fifo} is a named pipe" in err
+    assert not (tmp_path / "sweep").exists()

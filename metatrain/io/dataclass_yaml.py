@@ -168,7 +168,7 @@ def read_yaml(path: Path, named_by: str = "config file") -> dict[str, Any]:
             valid YAML (or past `load_yaml`'s limits), has a duplicate key, or holds
             something other than a mapping.
     """
-    data = _parse_yaml(path, _read_text(path, named_by))
+    data = _parse_yaml(path, read_yaml_text(path, named_by))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -176,7 +176,7 @@ def read_yaml(path: Path, named_by: str = "config file") -> dict[str, Any]:
     return data
 
 
-def _read_text(path: Path, named_by: str) -> str:
+def read_yaml_text(path: Path, named_by: str) -> str:
     """The text of YAML file `path`, refused unless it is a regular UTF-8 file of a sane size."""
     if is_remote(str(path)):
         if path.is_dir():

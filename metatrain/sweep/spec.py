@@ -31,8 +31,15 @@ from typing import Any, Literal
 import yaml
 
 from metatrain.errors import UserError
-from metatrain.io.dataclass_yaml import build_typed  # the run config's loader too: one set of messages
-from metatrain.io.strict_parsing import DuplicateKeyError, load_yaml
+from metatrain.io.dataclass_yaml import (  # the run config's loader too: one set of messages
+    build_typed,
+    read_yaml_text,
+)
+from metatrain.io.strict_parsing import (
+    DuplicateKeyError,
+    describe_yaml_error,
+    load_yaml,
+)
 from metatrain.sweep.family import get_family
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -182,14 +189,13 @@ def load_spec(path: str | Path) -> SweepSpec:
             valid one), a value of the wrong type, or a failed check.
     """
     path = Path(path).resolve()
-    if not path.is_file():
-        raise UserError(f"sweep spec {path} does not exist")
+    text = read_yaml_text(path, "sweep spec")
     try:
-        raw = load_yaml(path.read_text())
+        raw = load_yaml(text)
     except DuplicateKeyError as e:
         raise UserError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+        raise UserError(f"{path}: not valid YAML: {describe_yaml_error(e)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a sweep spec is a mapping (base:, grid: or isoflop:, ...), got {raw!r}")
     if isinstance(raw.get("base"), str):

@@ -16,9 +16,14 @@ from typing import Any
 import yaml
 
 from metatrain.errors import UserError
+from metatrain.io.dataclass_yaml import read_yaml_text
 from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.io.storage import StoragePath, as_path, os_reason
-from metatrain.io.strict_parsing import DuplicateKeyError, load_yaml
+from metatrain.io.strict_parsing import (
+    DuplicateKeyError,
+    describe_yaml_error,
+    load_yaml,
+)
 
 #: Piece names SentencePiece reserves for itself; a tag may not take one of them.
 RESERVED_PIECES: frozenset[str] = frozenset({"<s>", "</s>", "<unk>", "<pad>"})
@@ -211,15 +216,13 @@ def load_registry(path: str | StoragePath = DEFAULT_TAGS) -> TagRegistry:
     """
     path = as_path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_yaml_text(path, "tag registry")
     except OSError as e:
         raise UserError(f"cannot read tag registry {path}: {os_reason(e)}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"tag registry {path} is not UTF-8 text: {e}") from None
     try:
         data = load_yaml(text)
     except DuplicateKeyError as e:
         raise UserError(f"tag registry {path}: {e}") from None
     except yaml.YAMLError as e:
-        raise UserError(f"tag registry {path} is not valid YAML: {e}") from None
+        raise UserError(f"tag registry {path} is not valid YAML: {describe_yaml_error(e)}") from None
     return registry_from_dict(data, source=str(path))
