@@ -46,6 +46,21 @@ COMPUTE_FIELDS: tuple[str, ...] = ("dtype", "param_dtype", "remat", "scan_layers
 #: Hugging Face `model_type`s whose checkpoints are Llama's layout and function.
 LLAMA_FAMILY: tuple[str, ...] = ("llama", "mistral")
 
+#: The largest value of each size in a config.json that `metatrain import` accepts: far
+#: above any released Llama-family model (Llama 3.1 405B: 126 layers, 16,384 wide, a
+#: 128,256 vocabulary, 131,072 positions), and small enough that a typo or a hostile file
+#: is refused before anything of that size is allocated (RoPE tables, caches, names).
+SIZE_LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "num_hidden_layers": 1 << 10,
+    "num_attention_heads": 1 << 10,
+    "num_key_value_heads": 1 << 10,
+    "head_dim": 1 << 12,
+    "max_position_embeddings": 1 << 20,
+}
+
 #: Tensors of block i, under `model.layers.i.` (see the table above).
 _LAYER_TENSORS: tuple[str, ...] = (
     "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
@@ -141,6 +156,25 @@ def _rope_theta(hf: Mapping[str, Any], source: str) -> float:
     if theta is None:
         raise UserError(f"{source} names no rope_theta (neither at the top level nor in rope_parameters)")
     return float(theta)
+
+
+def check_llama_sizes(hf: Mapping[str, Any], *, source: str = "config.json") -> None:
+    """Refuse a config.json size (`SIZE_LIMITS`) that is not a whole number from 1 to its
+    limit, before anything is built from it. Sizes the file leaves out are not checked
+    (transformers fills in its defaults).
+
+    Raises:
+        UserError: the first such size, named, with its limit.
+    """
+    for key, limit in SIZE_LIMITS.items():
+        value = hf.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{source}: {key}={value!r} is not a whole number >= 1; correct config.json")
+        if value > limit:
+            raise UserError(f"{source}: {key}={value!r} is above {limit:,}, the most metatrain imports (no "
+                            "Llama-family model has that many); correct config.json")
 
 
 def model_fields_from_llama(hf: Mapping[str, Any], *, source: str = "config.json") -> dict[str, Any]:

@@ -44,7 +44,7 @@ from metatrain.io.outputs import discard_dir, publish_dir, staging_dir
 from metatrain.io.storage import StoragePath, absolute, as_path, is_remote
 from metatrain.models.config import ModelConfig
 from metatrain.roles import LOSS_ROLE_LABELS
-from metatrain.run.layout import METRICS_FILE
+from metatrain.run.layout import METRICS_FILE, refuse_inside_checkpoints
 from metatrain.run.reader import LoadedCheckpoint, load_checkpoint
 from metatrain.tokenizer.encoder import Encoder
 from metatrain.tokenizer.registry import TagRegistry
@@ -130,13 +130,15 @@ def export_workdir(
         max_shard_size: above this the weights are sharded (e.g. "5GB", or bytes).
 
     Raises:
-        UserError: the extra is not installed; `out` is not empty; no such checkpoint;
-            the model has a feature Llama lacks (the field is named).
+        UserError: the extra is not installed; `out` is not empty or lies inside a run's
+            checkpoints; no such checkpoint; the model has a feature Llama lacks (the
+            field is named).
         FaultError: the checkpoint does not restore, or `out` cannot be written.
     """
     require_hf()
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
+    refuse_inside_checkpoints(out, "--out")
     workdir = absolute(workdir)
     staging = staging_dir(out, option="--out")
     try:

@@ -4,6 +4,12 @@ exported, Llama models made by transformers itself, and held-out inputs.
 torch and transformers come from the `hf` extra; each test module skips without them.
 """
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
@@ -146,3 +152,47 @@ def load_hf_model(directory):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(directory).eval()
+
+
+# -- commands interrupted half-way -----------------------------------------------------
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """`metatrain ARGS` started in a fresh process (the environment of `run_cli`), to be
+    signalled while it works."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env.pop("METATRAIN_DEBUG", None)
+    return subprocess.Popen([sys.executable, "-m", "metatrain.cli", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def interrupt_while_building(process: subprocess.Popen, parent, final_name: str, sig: int,
+                             timeout: float = 120.0) -> tuple[list[str], str]:
+    """Send `sig` to `process` as soon as a directory under `parent` has contents (the
+    command's output, being built), and wait for the process to end. Returns what
+    `parent/final_name` held at that moment ([] when it did not exist) and the stderr.
+
+    Raises:
+        AssertionError: the process ended, or `timeout` passed, before anything was built.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"ended before it was interrupted: {process.communicate()}"
+        if any(_entries(d) for d in parent.iterdir()):
+            seen = _entries(parent / final_name)
+            process.send_signal(sig)
+            return seen, process.communicate(timeout=timeout)[1]
+        time.sleep(0.005)
+    process.kill()
+    raise AssertionError(f"nothing was built under {parent} in {timeout:.0f} s")
+
+
+def _entries(directory) -> list[str]:
+    """The names in `directory`; [] when it is not (or no longer) a directory."""
+    try:
+        return sorted(p.name for p in directory.iterdir())
+    except OSError:
+        return []
+
+
+INTERRUPTS = (pytest.param(signal.SIGINT, id="SIGINT"), pytest.param(signal.SIGTERM, id="SIGTERM"))

@@ -18,7 +18,17 @@ from metatrain.hf.export import export_workdir  # noqa: E402
 from metatrain.io.storage import as_path, gcs_blob  # noqa: E402
 from metatrain.models.config import ModelConfig  # noqa: E402
 
-from .conftest import HELD_OUT_TEXTS, held_out_documents, hf_logits, load_hf_model, metatrain_logits  # noqa: E402
+from ..conftest import error_lines
+from .conftest import (
+    HELD_OUT_TEXTS,
+    INTERRUPTS,
+    held_out_documents,
+    hf_logits,
+    interrupt_while_building,
+    load_hf_model,
+    metatrain_logits,
+    start_cli,
+)
 
 LOGIT_TOLERANCE = 1e-4  # float32 both sides; measured ~6e-6
 GREEDY_TOKENS = 32
@@ -183,6 +193,30 @@ def test_refuses_a_non_empty_out_and_a_missing_step(workdir, tmp_path):
         export_workdir(workdir, tmp_path / "new", step=7)
     assert not (tmp_path / "new").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no staging directory left behind
+
+
+@pytest.mark.hostile
+def test_an_out_inside_another_runs_checkpoints_is_refused(workdir, tmp_path, capsys):
+    """That run's checkpointer would list the export as a checkpoint and rename it as corrupt."""
+    run = tmp_path / "other-run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    assert main(["export", "--workdir", str(workdir), "--out", str(run / "checkpoints" / "99")]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "inside" in lines[0] and "checkpoints" in lines[0], lines
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("sig", INTERRUPTS)
+def test_an_interrupted_export_leaves_nothing_behind(workdir, tmp_path, sig):
+    parent = tmp_path / "exports"
+    parent.mkdir()
+    process = start_cli("export", "--workdir", str(workdir), "--out", str(parent / "model"))
+    seen, stderr = interrupt_while_building(process, parent, "model", sig)
+    assert seen == [], f"--out held {seen} while the export was still building it"
+    assert process.returncode == 128 + sig, stderr
+    assert sorted(p.name for p in parent.iterdir()) == []
 
 
 # -- an --out in a store: local disk or a bucket (the GCS emulator) -----------------------

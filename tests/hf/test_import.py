@@ -2,6 +2,7 @@
 computes the same logits, exports back bit for bit, and trains on."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from metatrain.cli import main
 from metatrain.errors import UserError  # noqa: E402
 from metatrain.run.reader import load_checkpoint  # noqa: E402
 from metatrain.hf.convert import from_hf_tensors, hf_tensor_shapes, to_hf_tensors  # noqa: E402
@@ -18,7 +20,17 @@ from metatrain.hf.importer import import_checkpoint  # noqa: E402
 from metatrain.io.paths import CONFIGS_DIR  # noqa: E402
 from metatrain.models.config import ModelConfig  # noqa: E402
 
-from .conftest import held_out_documents, hf_logits, load_hf_model, metatrain_logits, save_hf_llama  # noqa: E402
+from ..conftest import TINY, error_lines, run_cli
+from .conftest import (
+    INTERRUPTS,
+    held_out_documents,
+    hf_logits,
+    interrupt_while_building,
+    load_hf_model,
+    metatrain_logits,
+    save_hf_llama,
+    start_cli,
+)
 
 LOGIT_TOLERANCE = 1e-4
 #: The tiny preset for everything but the model; rows short enough for max_position_embeddings=64.
@@ -175,3 +187,107 @@ def test_sharded_and_bfloat16_checkpoints_import(tmp_path):
         again.update(load_file(shard))
     assert sorted(original) == sorted(again)
     assert all(torch.equal(original[n], again[n]) and again[n].dtype == torch.bfloat16 for n in original)
+
+
+# -- hostile inputs and interrupts (issue 25) -------------------------------------------------
+
+CLI_SETTINGS = [arg for setting in RUN_SETTINGS for arg in ("--set", setting)]
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("sig", INTERRUPTS)
+def test_an_interrupted_import_leaves_nothing_under_its_name(hf_llama_untied_gqa, tmp_path, sig):
+    """The work directory is built aside and renamed into place whole: interrupted half-way,
+    there is nothing under --out for `train` to mistake for an empty run, and no temporary."""
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    process = start_cli("import", "--from", str(hf_llama_untied_gqa), "--out", str(parent / "run"),
+                        "--config", str(TINY), *CLI_SETTINGS)
+    seen, stderr = interrupt_while_building(process, parent, "run", sig)
+    assert seen == [], f"--out held {seen} while the import was still building it"
+    assert process.returncode == 128 + sig, stderr
+    assert sorted(p.name for p in parent.iterdir()) == []
+
+
+def _with_index(source, tmp_path, entry):
+    """A copy of `source` whose safetensors index maps one tensor to `entry`."""
+    from safetensors import safe_open
+
+    copy = tmp_path / "indexed"
+    shutil.copytree(source, copy)
+    with safe_open(copy / "model.safetensors", framework="np") as f:
+        names = sorted(f.keys())
+    weight_map = {name: "model.safetensors" for name in names}
+    weight_map[names[0]] = entry
+    (copy / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return copy
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("entry", ["/etc/passwd", "../elsewhere/model.safetensors", "sub/../../elsewhere/x"])
+def test_weight_map_entries_outside_from_are_not_read(hf_llama_untied_gqa, tmp_path, entry):
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copyfile(hf_llama_untied_gqa / "model.safetensors", tmp_path / "elsewhere" / "model.safetensors")
+    shutil.copyfile(hf_llama_untied_gqa / "model.safetensors", tmp_path / "elsewhere" / "x")
+    source = _with_index(hf_llama_untied_gqa, tmp_path, entry)
+    with pytest.raises(UserError, match=f"weight_map entry '{entry}' is not a file in --from") as e:
+        _import(source, tmp_path / "out")
+    assert "model.safetensors.index.json" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("name", ["model-fifo.safetensors", "config.json"])
+def test_a_fifo_in_from_is_refused_not_waited_on(hf_llama_untied_gqa, tmp_path, name):
+    """A named pipe blocks whoever opens it until a writer comes: import refuses it
+    in one line instead of hanging."""
+    source = _with_index(hf_llama_untied_gqa, tmp_path, "model-fifo.safetensors")
+    (source / name).unlink(missing_ok=True)
+    os.mkfifo(source / name)
+    result = run_cli("import", "--from", str(source), "--out", str(tmp_path / "out"), "--config", str(TINY),
+                     *CLI_SETTINGS, timeout=120)
+    lines = error_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert name in lines[0] and "named pipe" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("changes, message", [
+    ({"num_hidden_layers": 10**6}, "num_hidden_layers=1000000 is above 1,024"),
+    ({"intermediate_size": 10**9}, "intermediate_size=1000000000 is above"),
+    ({"max_position_embeddings": 10**12}, "max_position_embeddings=1000000000000 is above"),
+    ({"vocab_size": 10**10}, "vocab_size=10000000000 is above"),
+    ({"num_hidden_layers": "many"}, "num_hidden_layers='many' is not a whole number"),
+    ({"num_hidden_layers": 1000}, r"implies [\d,]+ parameters .*num_hidden_layers=1000,.* but its weight files hold"),
+])
+def test_config_sizes_are_checked_before_anything_is_built(hf_llama_untied_gqa, tmp_path, changes, message):
+    """A config.json that implies more parameters than its weights hold, or a context no
+    model has, is refused at once (num_hidden_layers=10**6 took 40 s to refuse)."""
+    source = _edited_copy(hf_llama_untied_gqa, tmp_path, **changes)
+    with pytest.raises(UserError, match=message):
+        _import(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.hostile
+def test_a_symlink_loop_as_from_is_one_line(tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert main(["import", "--from", str(tmp_path / "a"), "--out", str(tmp_path / "out")]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "--from" in lines[0] and "symbolic links" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.hostile
+def test_an_out_inside_another_runs_checkpoints_is_refused(hf_llama_untied_gqa, tmp_path, capsys):
+    run = tmp_path / "other-run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    out = run / "checkpoints" / "99"
+    assert main(["import", "--from", str(hf_llama_untied_gqa), "--out", str(out), "--config", str(TINY),
+                 *CLI_SETTINGS]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "inside" in lines[0] and "checkpoints" in lines[0], lines
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == []
