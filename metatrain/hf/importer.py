@@ -53,7 +53,7 @@ from metatrain.hf.convert import (
     model_fields_from_llama,
 )
 from metatrain.hf.export import require_hf
-from metatrain.io.outputs import check_output_dir, discard_dir, publish_dir, staging_dir
+from metatrain.io.outputs import check_output_dir, describe_kind, discard_dir, publish_dir, staging_dir
 from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.io.storage import absolute
 from metatrain.models.config import ModelConfig
@@ -149,16 +149,8 @@ def input_file(source: Path, name: str, *, listed_in: Path | None = None) -> Pat
     except (OSError, RuntimeError) as e:
         raise UserError(f"{where}: cannot open {path} ({describe_cause(e)})") from None
     if not stat.S_ISREG(mode):
-        raise UserError(f"{where}: {path} is {_kind_of(mode)}, not a regular file; put the file itself there")
+        raise UserError(f"{where}: {path} is {describe_kind(mode)}, not a regular file; put the file itself there")
     return path
-
-
-def _kind_of(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
-        if test(mode):
-            return kind
-    return "not a regular file"
 
 
 def read_hf_config(source: Path) -> dict[str, Any]:

@@ -48,7 +48,7 @@ import numpy as np
 import yaml
 
 from metatrain.errors import UserError
-from metatrain.io.outputs import write_atomically
+from metatrain.io.outputs import describe_kind, write_atomically
 from metatrain.io.storage import absolute, as_path, file_size, is_remote
 from metatrain.io.strict_parsing import (
     DuplicateKeyError,
@@ -149,12 +149,6 @@ def save_typed(config: Any, path: str | os.PathLike, *, option: str = "config") 
 MAX_YAML_FILE_BYTES: int = 16 * 2**20
 
 #: What a path that is neither a file nor a directory is, by `stat` mode.
-_FILE_KINDS: tuple[tuple[Any, str], ...] = (
-    (stat.S_ISFIFO, "a named pipe (FIFO)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
 
 
 def read_yaml(path: Path, named_by: str = "config file") -> dict[str, Any]:
@@ -192,8 +186,7 @@ def read_yaml_text(path: Path, named_by: str) -> str:
         if stat.S_ISDIR(info.st_mode):
             raise UserError(f"{named_by} {path} is a directory; give a YAML file")
         if not stat.S_ISREG(info.st_mode):
-            kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a regular file")
-            raise UserError(f"{named_by} {path} is {kind}, not a file; give a YAML file")
+            raise UserError(f"{named_by} {path} is {describe_kind(info.st_mode)}, not a file; give a YAML file")
         size = info.st_size
     if size > MAX_YAML_FILE_BYTES:
         raise UserError(f"{path}: {size:,} bytes; a YAML file metatrain reads is at most "

@@ -45,7 +45,7 @@ _KINDS = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
-    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
     (stat.S_ISSOCK, "a socket"),
     (stat.S_ISREG, "a regular file"),
 )
@@ -56,7 +56,8 @@ def _fix(option: str, prefix: str = "") -> str:
     return f"{prefix}choose another {option}" if option.startswith("--") else "move it out of the way"
 
 
-def _kind(mode: int) -> str:
+def describe_kind(mode: int) -> str:
+    """What kind of file `mode` (`os.stat().st_mode`) is, for a message: "a named pipe (FIFO)", ..."""
     return next((name for test, name in _KINDS if test(mode)), "an unknown kind of file")
 
 
@@ -77,7 +78,7 @@ def check_output_file(path: PathLike, *, inputs: Iterable[PathLike] = (), option
         raise UserError(f"{option} {path}: cannot check it: {e.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
         raise UserError(
-            f"{option} {path} is {_kind(info.st_mode)}; metatrain only replaces regular files: "
+            f"{option} {path} is {describe_kind(info.st_mode)}; metatrain only replaces regular files: "
             f"{_fix(option)}"
         )
     for source in inputs:
@@ -255,7 +256,7 @@ def check_output_dir(path: PathLike, *, option: str = "--out") -> Path:
     except FileNotFoundError:
         return path
     if not stat.S_ISDIR(info.st_mode):
-        raise UserError(f"{option} {path} already exists and is {_kind(info.st_mode)}, not a "
+        raise UserError(f"{option} {path} already exists and is {describe_kind(info.st_mode)}, not a "
                         f"directory to create: choose another {option}")
     if any(path.iterdir()):
         raise UserError(f"{option} {path} already exists and is not empty; metatrain never "
