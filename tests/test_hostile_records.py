@@ -86,8 +86,8 @@ def test_jsonl_reader_skips_a_hostile_record_and_keeps_its_neighbours(tmp_path, 
     reader = JsonlReader(SPEC, split=None, eval_fraction=0.0, strict=False, skips=log)
     out = [reader.encode_record(r) for r in line_records(JsonlLines([path]))]
     assert [o is not None for o in out] == [True, False, True]
-    ((skip_path, line, skip_reason, _),) = log.drain()
-    assert (skip_path, line) == (str(path), 2) and reason in skip_reason
+    (skipped,) = log.drain()
+    assert (skipped.path, skipped.line) == (str(path), 2) and reason in skipped.reason
     strict = JsonlReader(SPEC, split=None, eval_fraction=0.0, strict=True, skips=SkipLog())
     with pytest.raises(UserError, match=f"{path}:2: .*{reason[:20]}"):
         strict.encode_record(JsonlLines([path])[1])
@@ -101,7 +101,7 @@ def test_json_errors_say_at_column_once(tmp_path):
     assert skips.messages == [f"{path}:1: invalid JSON: Unterminated string starting at column 51"]
     log = SkipLog()
     JsonlReader(SPEC, split=None, eval_fraction=0.0, strict=False, skips=log).encode_record(JsonlLines([path])[0])
-    assert log.drain()[0][2] == "invalid JSON: Unterminated string starting at column 51"
+    assert next(iter(log.drain())).reason == "invalid JSON: Unterminated string starting at column 51"
 
 
 def test_a_leading_byte_order_mark_keeps_the_first_document(tmp_path):

@@ -38,7 +38,6 @@ from metatrain.data.sources import EncoderSpec, JsonlReader, SkipLog, expand_jso
 from metatrain.data.split import check_split, id_hash, in_split
 from metatrain.documents import SkipCounter
 from metatrain.errors import FaultError, UserError, describe_cause
-from metatrain.io.formats import RecordError
 from metatrain.io.outputs import check_output_dir, discard_dir, publish_dir, staging_dir
 from metatrain.io.storage import StoragePath, as_path, join, tensorstore_kvstore
 from metatrain.roles import LOSS_ROLES, LOSS_ROLE_LABELS, ROLE_DTYPE
@@ -206,8 +205,8 @@ def write_cache(
         writer = _CacheWriter(tmp)
         for i in tqdm(range(len(records)), desc="tokenizing", unit="doc", disable=not progress, mininterval=0.5):
             encoded = reader.encode_record(records[i])
-            for path, line, reason, doc_id in log.drain():
-                skips.add(RecordError(path, line, reason, doc_id))
+            for error in log.drain():
+                skips.add(error)
             if encoded is not None:
                 writer.add(encoded.doc_id, encoded.ids, encoded.roles)
         writer.close()

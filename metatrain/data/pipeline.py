@@ -41,11 +41,17 @@ from metatrain.data.config import DataConfig, ScheduleStage, SourceConfig
 from metatrain.data.mixture import Source, eval_lane, scheduled_train_lane, train_lane
 from metatrain.data.packing import empty_row, pack_examples, rows_to_batch
 from metatrain.data.sharding import LANES_KEY, gather_state, local_lanes, select_lanes
-from metatrain.data.sources import EncoderSpec, JsonlReader, SkipLog, expand_jsonl_paths, open_records
+from metatrain.data.sources import (
+    MIN_SKIPS_BEFORE_GIVING_UP,
+    EncoderSpec,
+    JsonlReader,
+    SkipLog,
+    expand_jsonl_paths,
+    open_records,
+)
 from metatrain.data.split import check_split, in_split
 from metatrain.documents import SkipCounter
 from metatrain.errors import UserError
-from metatrain.io.formats import RecordError
 
 STATE_FORMAT = "metatrain-data-state"
 STATE_VERSION = 1
@@ -171,8 +177,8 @@ class BatchIterator:
         if self._iter is None:
             raise RuntimeError("this BatchIterator was closed")
         batch = next(self._iter)
-        for path, line, reason, doc_id in batch.pop(_SKIPPED):
-            self.skips.add(RecordError(path, line, reason, doc_id))
+        for error in batch.pop(_SKIPPED):
+            self.skips.add(error)
         # From worker processes the arrays live in shared memory; plain copies free it
         # at once instead of whenever the caller drops the batch.
         return {k: np.array(v) for k, v in batch.items()} if self._copy else batch
@@ -290,7 +296,7 @@ def _has_document(source: Source, split: str, data: DataConfig) -> bool:
             return True
     if valid == 0:
         skipped = log.drain()
-        first = "; ".join(str(RecordError(*s)) for s in skipped[:3]) or "every line is blank"
+        first = "; ".join(str(e) for _, e in zip(range(3), skipped)) or "every line is blank"
         raise UserError(f"data source {source.name} has no valid document ({len(skipped)} bad records): {first}")
     return False
 
@@ -372,6 +378,11 @@ def make_batch_iterator(
     log = SkipLog()
     opened = [_open_source(data, k, split, log) for k in range(len(data.sources))]
     sources = [src for group in opened for src in group]
+    if split == "train":
+        # The infinite stream repeats its sources: more bad records than a whole pass
+        # holds between two batches, and no batch will come (see `SkipLog`).
+        log.give_up_after = max(sum(len(src.records) for src in sources), MIN_SKIPS_BEFORE_GIVING_UP)
+        log.batch = f"a batch of {batch_size}x{seq_len} positions"
     owners = [k for k, group in enumerate(opened) for _ in group]
     shares = [src.weight / data.sources[k].weight for k, src in zip(owners, sources)]
     schedule = _expand_schedule(data.schedule, owners, shares) if split == "train" else ()

@@ -39,6 +39,7 @@ small index arrays, and open files and the tokenizer lazily in each process.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import itertools
 from collections.abc import Mapping
@@ -242,22 +243,85 @@ class EncoderSpec:
         return Encoder.from_files(self.tokenizer, self.tags, mantra=mantra, mantra_policy=self.mantra_policy)
 
 
+#: Reasons a `SkipLog` keeps whole per batch; the other skips of the batch travel as file
+#: and line only (enough to count each record once), so a long run of bad records costs a
+#: few bytes each, not its message.
+KEPT_REASONS = 10
+#: Bad records a stream skips between two batches before it gives up, at the least (see
+#: `SkipLog`): a tiny corpus may read itself many times per batch without being hopeless.
+MIN_SKIPS_BEFORE_GIVING_UP = 10_000
+_REASON_NOT_KEPT = "(reason not kept: one of many bad records read for one batch)"
+
+
+@dataclasses.dataclass
+class Skipped:
+    """The records skipped for one batch: `files[k]`, `lines[k]`, and the first few reasons.
+
+    Iterating gives `RecordError`s, in the order the records were skipped; those past the
+    first `KEPT_REASONS` carry a placeholder reason.
+    """
+
+    paths: list[str] = dataclasses.field(default_factory=list)
+    files: array.array = dataclasses.field(default_factory=lambda: array.array("i"))
+    lines: array.array = dataclasses.field(default_factory=lambda: array.array("q"))
+    examples: list[tuple[str, int, str, str | None]] = dataclasses.field(default_factory=list)  # pickles
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __iter__(self):
+        yield from (RecordError(*example) for example in self.examples)
+        for k in range(len(self.examples), len(self.lines)):
+            yield RecordError(self.paths[self.files[k]], int(self.lines[k]), _REASON_NOT_KEPT)
+
+
 class SkipLog:
     """Records skipped by readers, waiting to be reported to the main process.
 
-    Readers append `(path, line, reason, doc_id)`; the batch iterator drains them into
-    each batch so that skips made inside worker processes reach the `SkipCounter` of
-    the main process.
+    Readers `add` each skipped record; the batch iterator `drain`s them into each batch,
+    so that skips made inside worker processes reach the `SkipCounter` of the main
+    process. Between two batches a record costs its file and line (12 bytes), its reason
+    only for the first `KEPT_REASONS`.
+
+    Args:
+        give_up_after: bad records skipped between two batches after which the stream
+            cannot make a batch and stops (`UserError`); None: never (a finite stream, or
+            one drained after every record).
+        batch: what the stream makes, for that message (e.g. "a batch of 8x128 positions").
     """
 
-    def __init__(self) -> None:
-        self.pending: list[tuple[str, int, str, str | None]] = []
+    def __init__(self, give_up_after: int | None = None, batch: str = "a batch") -> None:
+        self.give_up_after = give_up_after
+        self.batch = batch
+        self._pending = Skipped()
+        self._path_index: dict[str, int] = {}
 
     def add(self, error: RecordError) -> None:
-        self.pending.append((error.path, error.line, error.reason, error.doc_id))
+        """Note one skipped record.
 
-    def drain(self) -> list[tuple[str, int, str, str | None]]:
-        out, self.pending = self.pending, []
+        Raises:
+            UserError: more than `give_up_after` records were skipped since the last batch.
+        """
+        pending = self._pending
+        index = self._path_index.get(error.path)
+        if index is None:
+            index = self._path_index[error.path] = len(pending.paths)
+            pending.paths.append(error.path)
+        pending.files.append(index)
+        pending.lines.append(int(error.line))
+        if len(pending.examples) < KEPT_REASONS:
+            pending.examples.append((error.path, error.line, error.reason, error.doc_id))
+        if self.give_up_after is not None and len(pending) > self.give_up_after:
+            first = "; ".join(str(RecordError(*e)) for e in pending.examples[:2])
+            raise UserError(
+                f"data: {len(pending)} bad records skipped since the last batch, more than a whole pass over the "
+                f"training data ({self.give_up_after} records), and still not {self.batch}: too few good records "
+                f"to train on; fix or remove the bad records, or add documents (the first: {first})"
+            )
+
+    def drain(self) -> Skipped:
+        """The records skipped since the last drain (a batch was made); the log starts afresh."""
+        out, self._pending, self._path_index = self._pending, Skipped(), {}
         return out
 
 

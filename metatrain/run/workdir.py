@@ -42,7 +42,15 @@ from typing import Any
 from metatrain.errors import FaultError, UserError, describe_cause
 from metatrain.io.outputs import write_atomically
 from metatrain.io.storage import absolute, as_path, gcs_blob, is_remote
-from metatrain.run.layout import CONFIG_FILE, LOCK_FILE, RUN_FILE, TAGS_FILE, TOKENIZER_FILE
+from metatrain.run.layout import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LOCK_FILE,
+    RUN_FILE,
+    TAGS_FILE,
+    TOKENIZER_FILE,
+    refuse_inside_checkpoints,
+)
 
 #: Seconds between the holder's rewrites of its lock file.
 HEARTBEAT_S: float = 15.0
@@ -404,6 +412,40 @@ class NoLock:
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+# -- what may be trained in -----------------------------------------------------------------
+
+
+def check_trainable(workdir: Any, option: str = "--workdir") -> None:
+    """Refuse a work directory a run cannot start or resume in, before anything is written.
+
+    A run trains in a directory that does not exist yet, an empty one (a lock file left by
+    a dead trainer does not count), or a run's own: one with `config.yaml` or
+    `checkpoints/`. Anything else (a regular file, a half-built `import`, any folder of
+    other files) is refused rather than trained on as if it were empty; so is a
+    directory inside another run's `checkpoints/`, which that run would move aside.
+
+    Raises:
+        UserError: the path is a file, a non-empty directory that is not a run, or
+            inside another run's checkpoints; the message says what to give instead.
+    """
+    refuse_inside_checkpoints(workdir, option)
+    path = as_path(workdir)
+    if path.is_file():
+        raise UserError(f"{option} {workdir} is a file, not a directory: give a new or empty directory, "
+                        "or the work directory of a run to resume")
+    if not path.is_dir():
+        return
+    names = sorted(p.name for p in path.iterdir())
+    if CONFIG_FILE in names or CHECKPOINTS_DIR in names or not set(names) - {LOCK_FILE}:
+        return
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise UserError(
+        f"{option} {workdir} is not empty and is not a run: it has no {CONFIG_FILE} and no {CHECKPOINTS_DIR}/ "
+        f"(it holds {shown}); give a new or empty directory, or the work directory of a run to resume "
+        f"(a half-finished `metatrain import`: run the import again)"
+    )
 
 
 # -- where the run came from ----------------------------------------------------------------

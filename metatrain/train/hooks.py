@@ -11,10 +11,12 @@ The trainer's hooks, each with its own cadence:
 - `MetricsWindow` (every step): keeps the device metrics of the current window and
   fetches them once per `trainer.log_every` steps (the host never waits on the device
   in between), checks that the loss is finite (`check_finite`: a NaN stops the run
-  naming the step), and writes `metrics.jsonl` and TensorBoard.
+  naming the step), writes `metrics.jsonl` and TensorBoard, and shows the window on
+  the progress bar or, when stderr is not a terminal, as one line there.
 - `PreemptionHook` (every step): after a SIGTERM, saves at the step every process
   agreed on and stops the loop; `metatrain train` then exits 75 and the same command
-  resumes. With one process a signal handler notices the signal; with several, JAX's
+  resumes. A SIGTERM while the loop waits for a batch that does not come within
+  `DATA_WAIT_GRACE_S` stops the run there, without a new checkpoint (143). With one process a signal handler notices the signal; with several, JAX's
   preemption service (started by `jax.distributed.initialize`) picks the step.
 - `CheckpointHook` (every `checkpoint.every` steps and at the end): flushes the metrics
   window first, so a non-finite loss is caught before its state could be saved.
@@ -31,20 +33,21 @@ them after each step and closes them when the loop ends, however it ends.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Protocol, Sequence, TextIO, TypeVar
 
 import jax
 import numpy as np
 
 from metatrain.data import BatchIterator
 from metatrain.documents import SkipCounter
-from metatrain.errors import DivergedError, FaultError
+from metatrain.errors import DivergedError, FaultError, Terminated
 from metatrain.io.storage import as_path
 from metatrain.run.checkpoint import Checkpointer
 from metatrain.run.layout import TENSORBOARD_DIR
@@ -183,17 +186,22 @@ class MetricsWindow(HookBase):
         flops_per_token: model FLOPs per token, for the MFU.
         peak_flops: the chip's peak FLOP/s (None: unknown, no MFU).
         progress: a tqdm bar to show the loss on, or None.
+        progress_lines: where to print one progress line per window (stderr when it is
+            not a terminal, so a log under nohup or a scheduler shows the run moving), or None.
+        total_steps: the run's `trainer.steps`, named in the progress lines.
     """
 
     every = 1
     at_end = True
 
     def __init__(self, *, writer: MetricsWriter, checkpointer: Checkpointer, skips: SkipCounter, log_every: int,
-                 tokens_per_step: int, flops_per_token: int, peak_flops: float | None, progress: Any = None):
+                 tokens_per_step: int, flops_per_token: int, peak_flops: float | None, progress: Any = None,
+                 progress_lines: TextIO | None = None, total_steps: int = 0):
         self.writer, self.checkpointer, self.skips = writer, checkpointer, skips
         self.log_every = log_every
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.progress = progress
+        self.progress_lines, self.total_steps = progress_lines, total_steps
         self.pending: list[tuple[int, dict]] = []
         self.last: dict[str, Any] = {}
         self.throughput: list[float] = []
@@ -235,6 +243,10 @@ class MetricsWindow(HookBase):
         self._window_start = time.perf_counter()
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
+        if self.progress_lines is not None:
+            skipped = f"  skipped {self.skips.count} bad records" if self.skips.count else ""
+            print(f"metatrain train: step {host[-1][0]}/{self.total_steps}  loss {metrics['loss']:.4f}  "
+                  f"{tps:,.0f} tokens/s{skipped}", file=self.progress_lines, flush=True)
 
     def tokens_per_sec(self) -> float:
         """The median throughput of the windows (the first left out when there are others)."""
@@ -313,12 +325,28 @@ class EvalHook(HookBase):
             self.last = metrics
 
 
+#: Seconds a SIGTERM that arrives while the loop waits for a batch gives that batch
+#: before the run stops without a checkpoint (a stream skipping a long run of bad records
+#: may not make one for minutes).
+DATA_WAIT_GRACE_S: float = 5.0
+
+
+class StoppedWaitingForData(Terminated):
+    """SIGTERM while the loop waited for a batch that did not come within the grace."""
+
+
 class PreemptionHook(HookBase):
     """After a SIGTERM: save at the step every process agrees on, then stop the loop.
 
     The loop asks `reached(step)` before it yields each step, so that the step carries
     `preempted`; this hook then saves through the checkpoint hook. Used as a context
     manager, which installs (and restores) the SIGTERM handler of a single process.
+
+    A SIGTERM that arrives while the loop waits for a batch (`waiting_for_data`) gives
+    that batch `DATA_WAIT_GRACE_S` seconds: a batch that comes is trained on and saved
+    as above; otherwise `StoppedWaitingForData` is raised where the wait is, and the
+    run stops without a new checkpoint (the stream's position inside a batch cannot be
+    saved), keeping the last one.
     """
 
     every = 1
@@ -328,7 +356,9 @@ class PreemptionHook(HookBase):
         self._checkpointer = checkpointer
         self._checkpoint_hook = checkpoint_hook
         self._signalled = False
+        self._waiting = False
         self._previous = None
+        self._previous_alarm = None
         # With several processes JAX's preemption service owns SIGTERM (a Python handler
         # would replace it and the processes could stop at different steps).
         self._collective = jax.process_count() > 1
@@ -342,9 +372,38 @@ class PreemptionHook(HookBase):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+        if self._previous_alarm is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._previous_alarm)
+            self._previous_alarm = None
 
     def _on_sigterm(self, signum, frame) -> None:
         self._signalled = True
+        if self._waiting:
+            self._start_grace()
+
+    def _start_grace(self) -> None:
+        if self._previous_alarm is None:
+            self._previous_alarm = signal.signal(signal.SIGALRM, self._on_grace_over)
+        signal.setitimer(signal.ITIMER_REAL, DATA_WAIT_GRACE_S)
+
+    def _on_grace_over(self, signum, frame) -> None:
+        if self._waiting:
+            raise StoppedWaitingForData()
+
+    @contextlib.contextmanager
+    def waiting_for_data(self) -> Iterator[None]:
+        """The loop waits for its next batch inside this (see the class docstring)."""
+        if self._previous is None:  # no handler of ours (several processes, another thread)
+            yield
+            return
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
+            if self._previous_alarm is not None:
+                signal.setitimer(signal.ITIMER_REAL, 0)
 
     def reached(self, step: int) -> bool:
         """Whether to save and stop after `step` (asked after every step, on every process)."""

@@ -20,6 +20,7 @@ any `Hook`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -43,7 +44,13 @@ from metatrain.run.metrics import MetricsWriter, add_sums, role_metrics
 from metatrain.run.program import build_train_program
 from metatrain.run.resume import check_allowed_changes, check_resume
 from metatrain.run.state import init_state
-from metatrain.run.workdir import NoLock, check_origin, prepare_workdir, workdir_lock
+from metatrain.run.workdir import (
+    NoLock,
+    check_origin,
+    check_trainable,
+    prepare_workdir,
+    workdir_lock,
+)
 from metatrain.tokenizer.spm import check_vocab_size
 from metatrain.train.hooks import (
     CheckpointHook,
@@ -54,6 +61,7 @@ from metatrain.train.hooks import (
     PreemptionHook,
     ProfileHook,
     StepInfo,
+    StoppedWaitingForData,
 )
 
 
@@ -102,9 +110,11 @@ class Trainer:
             from the checkpoint's config on resume (`--allow-change`).
 
         Raises:
-            UserError: the model's vocabulary is not the tokenizer's, or the model or
-                batch does not fit the mesh.
+            UserError: the work directory is a file, not a run or inside another run's
+                checkpoints; the model's vocabulary is not the tokenizer's; the model or
+                batch does not fit the mesh; the data cannot give a batch of either split.
         """
+        check_trainable(workdir)
         check_vocab_size(config.model.vocab_size, config.data.tokenizer)
         self.config = config
         self.workdir = as_path(workdir)
@@ -119,18 +129,27 @@ class Trainer:
 
         # UTF-8 bytes per token, for eval/bpb/text (tags are checked by the encoder later).
         self.token_bytes = token_byte_lengths(SpmTokenizer.load(config.data.tokenizer, _registry(config)))
-        program = build_train_program(config, devices, token_bytes=self.token_bytes)
+        # The data order comes from `data.seed`; `trainer.seed` initialises the parameters.
+        # One counter for the train and every eval stream: a bad record is counted (and
+        # logged) once however often the streams read it, so the summary matches the log.
+        self.skips = SkipCounter()
+        if tc.eval_every > 0:
+            # Checked now, not at the first evaluation: a run whose eval split is empty
+            # stops before its first step, with nothing written that a fix must undo.
+            make_batch_iterator(config.data, batch_size=tc.batch_size, seq_len=tc.seq_len, split="eval",
+                                skips=self.skips).close()
+        self.train_iter = make_batch_iterator(config.data, batch_size=tc.batch_size, seq_len=tc.seq_len,
+                                              split="train", skips=self.skips)
+        try:
+            program = build_train_program(config, devices, token_bytes=self.token_bytes)
+        except BaseException:
+            self.train_iter.close()
+            raise
         self.program = program
         self.mesh, self.rules, self.model = program.mesh, program.rules, program.model
         self.optimizer, self.schedule = program.optimizer, program.schedule
         self.shardings, self.batch_sharding = program.shardings, program.batch_sharding
         self.train_step, self.eval_step = program.train_step, program.eval_step
-        # The data order comes from `data.seed`; `trainer.seed` initialises the parameters.
-        # One counter for the train and every eval stream: a bad record is counted (and
-        # logged) once however often the streams read it, so the summary matches the log.
-        self.skips = SkipCounter()
-        self.train_iter = make_batch_iterator(config.data, batch_size=tc.batch_size, seq_len=tc.seq_len,
-                                              split="train", skips=self.skips)
         self.checkpointer = Checkpointer(self.workdir, config.checkpoint)
         self.writer = MetricsWriter(self.workdir, enabled=self.is_main)
         self.progress = None
@@ -210,7 +229,18 @@ class Trainer:
         total = self.config.trainer.steps
         step = start
         while step < total:
-            state, metrics = self.train_step(state, self.next_batch())
+            try:
+                with preemption.waiting_for_data() if preemption is not None else contextlib.nullcontext():
+                    batch = self.next_batch()
+            except StoppedWaitingForData:
+                kept = self.checkpointer.latest_step()
+                print(f"metatrain train: SIGTERM while waiting for a batch after step {step} (the data stream had "
+                      f"skipped {self.skips.count} bad records so far, more may wait to be counted); stopping: "
+                      "no checkpoint was saved, "
+                      + (f"the last one (step {kept}) is kept" if kept is not None else "there is none yet"),
+                      file=sys.stderr, flush=True)
+                raise
+            state, metrics = self.train_step(state, batch)
             step += 1
             preempted = preemption is not None and preemption.reached(step) and step < total
             yield StepInfo(step, state, metrics, final=step == total or preempted, preempted=preempted)
@@ -236,11 +266,14 @@ class Trainer:
 
     def _run(self, state, start: int) -> TrainSummary:
         tc = self.config.trainer
-        self.progress = _progress_bar(start, tc.steps, enabled=self.is_main and tc.progress)
+        show = self.is_main and tc.progress
+        terminal = sys.stderr.isatty()
+        self.progress = _progress_bar(start, tc.steps) if show and terminal else None
         window = MetricsWindow(writer=self.writer, checkpointer=self.checkpointer, skips=self.skips,
                                log_every=tc.log_every, tokens_per_step=self.config.tokens_per_step,
                                flops_per_token=self.flops_per_token, peak_flops=self.peak_flops,
-                               progress=self.progress)
+                               progress=self.progress, progress_lines=sys.stderr if show and not terminal else None,
+                               total_steps=tc.steps)
         checkpoint = CheckpointHook(window=window, checkpointer=self.checkpointer, writer=self.writer,
                                     data=self.train_iter, config_dict=config_to_dict(self.config),
                                     every=self.config.checkpoint.every, workdir=self.workdir, lock=self.lock)
@@ -327,9 +360,7 @@ class _lock:
         self._inner.__exit__(*exc)
 
 
-def _progress_bar(start: int, total: int, enabled: bool):
-    if not enabled or not sys.stderr.isatty():
-        return None
+def _progress_bar(start: int, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)

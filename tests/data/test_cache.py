@@ -198,3 +198,34 @@ def test_the_cli_caches_inputs_in_a_store_into_it_and_reports_bad_ones(stored_co
                   "--out", f"{store}/c2", "--no-progress")
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
     assert f"{remote}/missing.jsonl does not exist" in missing.stderr
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_cache_build_leaves_nothing_behind(tmp_path, signum):
+    import os
+    import signal
+    import time
+
+    corpus = write_jsonl(tmp_path / "big.jsonl", make_docs(40_000, seed=2))
+    out = tmp_path / "out" / "cache"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("METATRAIN_DEBUG", None)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "metatrain.cli", "data", "cache", "--input", str(corpus), "--out", str(out),
+         "--tokenizer", str(SAMPLE_TOKENIZER), "--no-progress"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        # Signalled while it builds: once the staging directory holds the first arrays.
+        while not any(p.name.endswith(".partial") and any(p.iterdir()) for p in out.parent.glob(".*")):
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.05)
+        child.send_signal(getattr(signal, signum))
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == {"SIGINT": 130, "SIGTERM": 143}[signum], err[-2000:]
+    assert sorted(p.name for p in out.parent.iterdir()) == [], "a temporary was left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl", "out"]

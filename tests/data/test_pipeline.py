@@ -275,3 +275,23 @@ def test_training_batches_from_a_glob_in_a_store_equal_the_local_ones(stored_cor
     want = take(make_batch_iterator(data_config(f"{root}/shards/*.jsonl", num_workers=workers), **kw), 5)
     got = take(make_batch_iterator(data_config(f"{store}/corpus/shards/*.jsonl", num_workers=workers), **kw), 5)
     assert_batches_equal(got, want)
+
+
+@pytest.mark.hostile
+def test_a_stream_that_cannot_make_a_batch_in_a_whole_pass_fails_in_one_line(tmp_path):
+    import time
+
+    # One good document among 20,000 bad records: no pass gives every row of a batch.
+    path = tmp_path / "mostly_bad.jsonl"
+    good = json.dumps({"id": "ok", "segments": [{"kind": "text", "text": "The river floods."}]})
+    path.write_text("\n".join([good, *(["not json"] * 20_000)]) + "\n")
+    it = make_batch_iterator(data_config(path, eval_fraction=0.0), batch_size=B, seq_len=L)
+    started = time.monotonic()
+    with pytest.raises(UserError) as refused:
+        next(it)
+    assert time.monotonic() - started < 120  # one pass or so, not forever
+    message = str(refused.value)
+    assert "\n" not in message and len(message) < 1000
+    assert "more than a whole pass over the training data (20001 records)" in message
+    assert "too few good records" in message and f"{path}:" in message and ": invalid JSON" in message
+    it.close()

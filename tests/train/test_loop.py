@@ -22,14 +22,24 @@ import pytest
 
 from metatrain.config import load_config
 from metatrain.data import global_batch
-from metatrain.errors import EXIT_PREEMPTED, DivergedError
+from metatrain.errors import EXIT_PREEMPTED, DivergedError, UserError
 from metatrain.io.paths import REPO_ROOT
 from metatrain.io.storage import as_path
 from metatrain.roles import Role
 from metatrain.train.hooks import FunctionHook
 from metatrain.train.loop import Trainer, train
 
-from ..conftest import STEPS, TINY, read_records, run_cli, tiny_config, train_losses
+from ..conftest import (
+    STEPS,
+    TINY,
+    error_lines,
+    make_docs,
+    read_records,
+    run_cli,
+    tiny_config,
+    train_losses,
+    write_jsonl,
+)
 
 # Keys every training record must carry (a contract read by scripts and sweeps).
 TRAIN_KEYS = (
@@ -398,3 +408,73 @@ def test_a_run_in_a_store_is_preempted_and_resumes_exactly(preempted_reference, 
     resumed = _losses(as_path(f"{workdir}/metrics.jsonl").read_text())
     for step in range(1, PREEMPTED_STEPS + 1):  # CPU runs are exact
         assert resumed[step] == preempted_reference[step], f"step {step}: {resumed[step]} != {preempted_reference[step]}"
+
+
+# -- checks before work ----------------------------------------------------------------------
+
+
+@pytest.mark.hostile
+def test_an_empty_eval_split_is_refused_before_anything_is_written_and_the_fix_then_works(tmp_path):
+    from metatrain.data.split import id_hash, in_split
+
+    # A small corpus whose ids all hash into the train split at the default eval_fraction.
+    docs = [d for d in make_docs(60, seed=3) if not in_split(id_hash(d["id"]), "eval", 0.05)][:16]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    assert not any(in_split(id_hash(d["id"]), "eval", 0.05) for d in docs)
+    assert any(in_split(id_hash(d["id"]), "eval", 0.5) for d in docs)
+    workdir = tmp_path / "run"
+    common = (f"data.sources=[{{path: {corpus}}}]", "trainer.seq_len=32", "checkpoint.every=1",
+              "trainer.eval_every=2", "checkpoint.async_save=false")
+    with pytest.raises(UserError, match=r"the eval split is empty.*raise data.eval_fraction"):
+        train(tiny_config(*common), workdir)
+    assert not workdir.exists() or not any(workdir.iterdir())  # no step, no checkpoint, no config
+    summary = train(tiny_config(*common, "data.eval_fraction=0.5"), workdir)  # the fix it names
+    assert summary.final_step == STEPS and summary.eval_metrics.get("eval/loss") is not None
+
+
+@pytest.mark.hostile
+def test_progress_is_a_line_every_log_every_steps_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    # As under nohup or a scheduler: stderr is a file, so no bar, but a line per window.
+    train(tiny_config("trainer.steps=4", "trainer.log_every=2", "checkpoint.every=4", "trainer.eval_every=0",
+                      "trainer.progress=true"),
+          tmp_path)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("metatrain train: step")]
+    assert [line.split()[3] for line in lines] == ["2/4", "4/4"], lines
+    assert all(" loss " in line and "tokens/s" in line for line in lines)
+    # trainer.progress=false turns it off, as it turns off the bar.
+    train(tiny_config("trainer.steps=5", "trainer.log_every=1", "trainer.eval_every=0"), tmp_path)
+    assert "metatrain train: step" not in capsys.readouterr().err
+
+
+@pytest.mark.hostile
+def test_sigterm_while_the_stream_skips_bad_records_stops_the_run_promptly(tmp_path):
+    corpus = tmp_path / "mostly_bad.jsonl"
+    good = json.dumps({"id": "ok", "segments": [{"kind": "text", "text": "The river floods in spring."}]})
+    corpus.write_text("\n".join([good, *(["not json"] * 400_000)]) + "\n")  # a pass takes many seconds
+    workdir = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env.pop("METATRAIN_DEBUG", None)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "metatrain.cli", "train", "--config", str(TINY), "--workdir", str(workdir),
+         "--set", f"data.sources=[{{path: {corpus}}}]", "--set", "data.eval_fraction=0.0",
+         "--set", "trainer.eval_every=0", "--set", "trainer.seq_len=32"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        # TensorBoard's event file is the last thing written before the first batch is read.
+        while not list((workdir / "tensorboard").glob("events.*")):
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.1)
+        time.sleep(2.0)
+        child.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _, err = child.communicate(timeout=90)
+        stopped_after = time.monotonic() - signalled
+    finally:
+        child.kill()
+    assert child.returncode == 143, err[-2000:]
+    assert stopped_after < 30  # the grace for a batch, not a whole pass over 400,000 bad records
+    lines = error_lines(err)
+    assert "SIGTERM while waiting for a batch" in lines[-2] and "no checkpoint was saved" in lines[-2], lines
+    assert lines[-1] == "metatrain train: terminated (SIGTERM)"
