@@ -40,7 +40,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from metatrain.config import RunConfig, config_to_dict, load_config, save_config
+from metatrain.config import RunConfig, load_config
 from metatrain.data.pipeline import make_batch_iterator
 from metatrain.errors import FaultError, UserError, describe_cause
 from metatrain.hf.convert import (
@@ -57,10 +57,8 @@ from metatrain.io.outputs import check_output_dir, describe_kind, discard_dir, p
 from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.io.storage import absolute
 from metatrain.models.config import ModelConfig
-from metatrain.run.checkpoint import Checkpointer
-from metatrain.run.create import grow_train_state, host_devices, on_one_device
+from metatrain.run.create import grow_train_state, host_devices, on_one_device, write_run
 from metatrain.run.layout import (
-    CONFIG_FILE,
     TAGS_FILE,
     TOKENIZER_FILE,
     refuse_inside_checkpoints,
@@ -350,7 +348,7 @@ def import_checkpoint(
             old_state, program.abstract_state(), old_vocab_size=old_model.vocab_size,
             new_vocab_size=model.vocab_size, seed=seed, noise_scale=noise_scale,
         )
-        _write_run(staging, config, state, _initial_data_state(config, staging / TOKENIZER_FILE, tags))
+        write_run(staging, config, 0, state, _initial_data_state(config, staging / TOKENIZER_FILE, tags))
     except BaseException as e:
         discard_dir(staging)
         if isinstance(e, OSError):
@@ -369,19 +367,3 @@ def _run_config(base: RunConfig, model: ModelConfig, out: Path) -> RunConfig:
     except UserError as e:
         raise UserError(f"{e} (model.max_seq_len is config.json's max_position_embeddings; "
                         "shorten trainer.seq_len with --set)") from None
-
-
-def _write_run(staging: Path, config: RunConfig, state: TrainState, data_state: dict) -> None:
-    """The checkpoint at step 0, then `config.yaml`, the mark of a finished work
-    directory, into the directory being built (its tokenizer and tags already there).
-
-    Written here rather than by `metatrain.run.create.write_workdir`, which writes in
-    place and checks that the config's tokenizer exists: this config names the files
-    where the directory will be once renamed into place.
-    """
-    checkpointer = Checkpointer(staging, config.checkpoint)
-    try:
-        checkpointer.save(0, state, data_state, config_to_dict(config))
-    finally:
-        checkpointer.close()  # waits for an async save; raises FaultError if it failed
-    save_config(config, staging / CONFIG_FILE)

@@ -5,29 +5,28 @@ import` (`metatrain.hf.importer`) both build a train state on one host device, g
 vocabulary-sized leaves where the tokenizer grew (`grow_train_state`), and write it as
 a fresh run (`write_workdir`) that `metatrain train` continues.
 
-`write_workdir` writes under the new directory's lock, in this order: the tokenizer,
-the tag registry, the checkpoint (complete once orbax has committed it), and
-`config.yaml` last, the marker of a finished directory. On any failure everything it
-wrote is removed again; in a bucket, every object under it.
+`write_workdir` builds the directory beside its final name (`staging_dir`) in this
+order: the tokenizer, the tag registry, the checkpoint (`write_run`: complete once orbax
+has committed it) and `config.yaml` last, the marker of a finished directory; then it
+renames it into place (`publish_dir`). An interrupt or a failure leaves nothing under
+the final name; in a bucket the directory is written in place and every object under it
+is removed again. The importer builds its directory the same way and ends with `write_run`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metatrain.config import RunConfig, config_to_dict
-from metatrain.errors import UserError
-from metatrain.io.outputs import discard_dir, write_atomically
-from metatrain.io.storage import StoragePath, as_path, is_remote
+from metatrain.config import RunConfig, config_to_dict, save_config
+from metatrain.io.outputs import discard_dir, publish_dir, staging_dir, write_atomically
+from metatrain.io.storage import StoragePath, as_path, join
 from metatrain.run.checkpoint import Checkpointer
-from metatrain.run.layout import LOCK_FILE, TAGS_FILE, TOKENIZER_FILE
-from metatrain.run.workdir import prepare_workdir, workdir_lock
+from metatrain.run.layout import CONFIG_FILE, TAGS_FILE, TOKENIZER_FILE
 from metatrain.tokenizer.resize import DEFAULT_NOISE_SCALE, grow_vocab_axis
 
 
@@ -138,45 +137,30 @@ def on_one_device(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, mesh=mesh)
 
 
+def write_run(directory: StoragePath, config: RunConfig, step: int, state: Any, data_state: dict) -> None:
+    """The checkpoint at `step`, then `config.yaml`, the mark of a finished work directory,
+    into `directory` (being built; its tokenizer and tag registry already there)."""
+    checkpointer = Checkpointer(directory, config.checkpoint)
+    try:
+        checkpointer.save(step, state, data_state, config_to_dict(config))
+    finally:
+        checkpointer.close()  # waits for the (async) save; raises FaultError if it failed
+    save_config(config, join(directory, CONFIG_FILE))
+
+
 def write_workdir(
     out: StoragePath, config: RunConfig, tokenizer: StoragePath, tags: StoragePath, step: int, state: Any,
     data_state: dict,
 ) -> None:
-    """Creates `out` under its lock, `config.yaml` last; on any failure removes what was
-    written there. In a bucket the lock is `ObjectLock`, the files are written as whole
-    objects and a failure deletes every object under `out`."""
-    remote = is_remote(str(out))
-    existed = out.exists()
-    lock = workdir_lock(out)
-    lock.acquire()
-    if any(p.name != LOCK_FILE for p in out.iterdir()):  # someone wrote here since the check
-        lock.release()
-        raise UserError(f"--out {out} is no longer empty; choose another --out")
+    """Creates the work directory `out`: built aside and moved into place whole, so an
+    interrupted or failed write leaves nothing under its name (in a bucket: written in
+    place, `config.yaml` last, and every object removed again on failure)."""
+    staging = staging_dir(out, option="--out")
     try:
         for source, name in ((tokenizer, TOKENIZER_FILE), (tags, TAGS_FILE)):
-            write_atomically(out / name, as_path(source).read_bytes(), option="--out")
-        checkpointer = Checkpointer(out, config.checkpoint)
-        try:
-            checkpointer.save(step, state, data_state, config_to_dict(config))
-        finally:
-            checkpointer.close()  # waits for the (async) save; raises FaultError if it failed
-        prepare_workdir(config, out, None)
+            write_atomically(join(staging, name), as_path(source).read_bytes(), option="--out")
+        write_run(staging, config, step, state, data_state)
     except BaseException:
-        lock.release()
-        if remote:
-            discard_dir(out)
-        else:
-            _remove_contents(out, remove_dir=not existed)
+        discard_dir(staging)
         raise
-    lock.release()
-
-
-def _remove_contents(out: StoragePath, *, remove_dir: bool) -> None:
-    if remove_dir:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    for child in out.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
+    publish_dir(staging, out, option="--out")
