@@ -158,7 +158,7 @@ class TrainerConfig:
             batches of each.
         seed: parameter initialisation (the data order has its own seed in `data`), in
             [0, 2**32): what `jax.random.key` and numpy's generators take everywhere.
-        progress: show a live progress bar on a terminal.
+        progress: show progress: a live bar on a terminal, else a line every `log_every` steps on stderr.
         profile: `[start, steps]`: a `jax.profiler` trace of steps `start .. start+steps-1`
             (1-based) in `WORKDIR/tensorboard/plugins/profile/`, for TensorBoard's profile
             plugin or xprof; null: no trace.
