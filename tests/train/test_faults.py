@@ -104,6 +104,7 @@ def test_the_command_line_says_a_full_disk_in_one_line_and_exits_74(small_fs):
     lines = error_lines(done.stderr)
     assert len(lines) == 1, lines
     assert lines[0].startswith("metatrain train: fault: saving the checkpoint at step 2") and "[ENOSPC]" in lines[0]
+    shutil.rmtree(root / "run")  # the same disk again: what the first run left would fill it sooner
     debug = run_cli("--debug", *args)
     assert debug.returncode == 74 and "Traceback (most recent call last)" in debug.stderr
     assert lines[0] in error_lines(debug.stderr)  # the same line, with the library noise left in
