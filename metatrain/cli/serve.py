@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, metavar="N", help="port to listen on (default 8000)")
     p.add_argument("--max-batch", type=int, default=8, metavar="B",
-                   help="rows decoded together by each engine (locked, unlocked); default 8")
+                   help="rows decoded together by each engine (locked, unlocked); default 8. Checked "
+                        "against the device's free memory before anything is allocated")
     p.add_argument("--hide-thinking", action="store_true",
                    help="leave thinking out of every reply (a request can hide it, never reveal it)")
     p.set_defaults(func=run_serve)

@@ -20,6 +20,7 @@ from typing import Any
 from metatrain.documents import SkipCounter
 from metatrain.errors import UserError
 from metatrain.evaluation.report import EvalSettings
+from metatrain.generate.sampling import check_seed
 from metatrain.io.storage import is_remote
 
 #: The files `metatrain eval` writes into its output directory (nothing else is touched).
@@ -67,6 +68,7 @@ class EvalOptions:
             raise UserError(f"--level must be in (0, 1), got {settings.level}")
         if settings.temperature < 0:
             raise UserError(f"--temperature must be >= 0, got {settings.temperature}")
+        check_seed(settings.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,12 +114,15 @@ def evaluate_workdir(workdir: Path, options: EvalOptions) -> EvalResult:
         `report.json`, and the bad records skipped.
 
     Raises:
-        UserError: a bad option, no such checkpoint, no document to evaluate, or an
-            output directory that may not receive the report.
+        UserError: a bad option (a seed the PRNG cannot take, more free-generation samples
+            than memory holds: both before any work), no such checkpoint, no document to
+            evaluate, or an output directory that may not receive the report.
     """
     from metatrain.config import load_config_dict
     from metatrain.evaluation.documents import file_documents, split_documents
-    from metatrain.evaluation.report import evaluate_checkpoint
+    from metatrain.evaluation.free_generation import check_generation_fits
+    from metatrain.evaluation.report import PROMPT_TOKENS, evaluate_checkpoint
+    from metatrain.generate.generator import Generator
     from metatrain.io.outputs import write_atomically
     from metatrain.run.reader import load_checkpoint
 
@@ -134,6 +139,10 @@ def evaluate_workdir(workdir: Path, options: EvalOptions) -> EvalResult:
         raise UserError(f"--seq-len {seq_len} is longer than the model's max_seq_len {loaded.model_config.max_seq_len}")
     if settings.stride is not None and settings.stride > seq_len:
         raise UserError(f"--stride {settings.stride} must be at most --seq-len {seq_len}")
+    if settings.generation:
+        check_generation_fits(Generator(loaded.params, loaded.model_config, loaded.encoder), prompts=settings.prompts,
+                              samples=settings.samples, prompt_tokens=PROMPT_TOKENS,
+                              max_new_tokens=settings.max_new_tokens)
     skips = SkipCounter()
     limit = options.max_documents or None
     if options.data:

@@ -229,6 +229,32 @@ def _capped_budget(model_config: ModelConfig, prompts: Sequence[EncodedPrompt], 
     return min(max_new_tokens, room)
 
 
+def check_generation_fits(generator: Generator, *, prompts: int, samples: int, prompt_tokens: int,
+                          max_new_tokens: int) -> None:
+    """Refuses free generation whose `prompts` x `samples` rows one decode batch cannot
+    hold on the parameters' device (`metatrain.generate.capacity`), before any work.
+
+    Args:
+        generator: the model.
+        prompts, samples: `--prompts` and `--samples`.
+        prompt_tokens: text tokens of a prompt, at most (the AI lock's tags come on top).
+        max_new_tokens: `--max-new-tokens` (cut, as `run_free_generation` cuts it).
+
+    Raises:
+        UserError: naming both flags, the memory, and the most samples that fit.
+    """
+    longest = prompt_tokens + len(encode_prompt(generator.encoder, "", AI_MODE).ids)
+    budget = max(1, min(max_new_tokens, generator.model_config.max_seq_len - longest))
+    memory = generator.decode_memory(longest, budget)
+    too_many = memory.shortfall(prompts * samples)
+    if too_many:
+        fits = memory.rows_that_fit or 0
+        fix = (f"lower --samples to at most {fits // prompts}" if fits >= prompts else
+               f"lower --prompts and --samples to a product of at most {fits}")
+        raise UserError(f"--prompts {prompts} x --samples {samples} (free generation): {too_many}; {fix}, "
+                        "or leave generation out with --no-generation")
+
+
 def _free_samples(generator: Generator, prompts: Sequence[EncodedPrompt], num_samples: int,
                   budget: int, sampling: SamplingConfig, seed: int) -> list[list[int]]:
     """Generated ids per row (prompt-major, as `Generator.generate`), sampled by `FreeChooser`.

@@ -17,6 +17,7 @@ What does not live here: the model (`metatrain.models`), the grammar
 from __future__ import annotations
 
 import functools
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -353,6 +354,9 @@ def _probe_task(features: np.ndarray, y: np.ndarray, token_test: np.ndarray, tok
 def plot_probes(report: dict, path: Path) -> Path:
     """A PNG of held-out accuracy by layer, one line per task, its baseline dashed.
 
+    The image is rendered in memory first, so an interrupted render leaves nothing on
+    disk; only the short write goes through a temporary (`write_atomically`).
+
     Returns:
         `path`, written atomically.
     """
@@ -373,4 +377,6 @@ def plot_probes(report: dict, path: Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_ylabel("held-out accuracy")
     ax.legend(fontsize=8)
-    return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90), option="plot")
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=90)
+    return write_atomically(path, image.getvalue(), option="plot")

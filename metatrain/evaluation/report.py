@@ -34,6 +34,10 @@ from metatrain.roles import LOSS_ROLE_LABELS, Role
 from metatrain.tokenizer.encoder import EncodedDocument, Encoder
 
 
+#: Text tokens of a free-generation prompt, at most (the opening of a document).
+PROMPT_TOKENS: int = 24
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
     """What `metatrain eval` measures and how much of it.
@@ -118,7 +122,8 @@ def ablation_report(sums: dict[str, DocumentSums], settings: EvalSettings) -> di
     return out
 
 
-def _prompts(encoder: Encoder, docs: Sequence[EncodedDocument], count: int, max_tokens: int = 24) -> list[str]:
+def _prompts(encoder: Encoder, docs: Sequence[EncodedDocument], count: int,
+             max_tokens: int = PROMPT_TOKENS) -> list[str]:
     """The opening text run of the first documents that open with text (at most `max_tokens`)."""
     out = []
     for doc in docs:

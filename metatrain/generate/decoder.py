@@ -81,6 +81,11 @@ class PromptBatch:
         return jnp.maximum(jnp.arange(self.ids.shape[1])[None, :] - pad[:, None], 0)
 
 
+def padded_length(longest: int) -> int:
+    """P, the prompt length a batch whose longest prompt has `longest` tokens is padded to."""
+    return -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+
+
 def batch_prompts(prompts: Sequence[EncodedPrompt], mantra_length: int) -> tuple[PromptBatch, RowState]:
     """Encoded prompts as one batch, padded to a multiple of `PROMPT_BUCKET` (so similar
     lengths share a compile), and each row's grammar state after its prompt.
@@ -92,7 +97,7 @@ def batch_prompts(prompts: Sequence[EncodedPrompt], mantra_length: int) -> tuple
     Returns:
         `(ids [B, P] right-aligned, P a multiple of PROMPT_BUCKET; row states [B])`.
     """
-    length = -(-max(len(p.ids) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
+    length = padded_length(max(len(p.ids) for p in prompts))
     return (
         PromptBatch.left_padded([p.ids for p in prompts], length),
         RowState.start(np.array([p.state for p in prompts]), np.array([p.blocks for p in prompts]), mantra_length),

@@ -18,8 +18,9 @@ import numpy as np
 
 from metatrain.documents import Segment
 from metatrain.errors import UserError
+from metatrain.generate.capacity import DecodeMemory, device_of
 from metatrain.generate.constraints import GrammarChooser, TagConstraints
-from metatrain.generate.decoder import Chooser, batch_prompts, generate_tokens
+from metatrain.generate.decoder import Chooser, batch_prompts, generate_tokens, padded_length
 from metatrain.generate.prompts import EncodedPrompt, Prompt, encode_prompt, grammar_states
 from metatrain.generate.sampling import SamplingConfig
 from metatrain.models import ModelConfig
@@ -170,7 +171,8 @@ class Generator:
 
         Raises:
             UserError: no prompt, bad settings, a budget that does not fit, a bad lock mode
-                or control.
+                or control, or more rows (prompts x samples) than the device's free memory
+                holds in one batch (checked before anything is allocated).
         """
         if not prompts:
             raise UserError("give at least one prompt")
@@ -178,6 +180,13 @@ class Generator:
             raise UserError(f"num-samples must be >= 1, got {num_samples}")
         encoded = [encode_prompt(self.encoder, p, lock_mode, control) for p in prompts]
         budget = self._budget(encoded, max_new_tokens)
+        memory = self.decode_memory(max(len(p.ids) for p in encoded), budget)
+        too_many = memory.shortfall(len(prompts) * num_samples)
+        if too_many:
+            per_prompt = (memory.rows_that_fit or 0) // len(prompts)
+            fix = (f"ask for at most {per_prompt} samples per prompt" if per_prompt else
+                   f"give at most {memory.rows_that_fit} prompts, or fewer --max-new-tokens")
+            raise UserError(f"--num-samples {num_samples} x {len(prompts)} prompts: {too_many}; {fix}")
         rows = [p for p in encoded for _ in range(num_samples)]
         constraints = TagConstraints.from_encoder(self.encoder, lock_mode=lock_mode)
         tokens, lengths, done = self.decode_rows(rows, constraints, max_new_tokens=budget,
@@ -186,6 +195,13 @@ class Generator:
             self._sample(row // num_samples, row % num_samples, rows[row], tokens[row, : lengths[row]], done[row])
             for row in range(len(rows))
         ]
+
+    def decode_memory(self, longest_prompt: int, max_new_tokens: int) -> DecodeMemory:
+        """The memory of one decode batch of prompts up to `longest_prompt` tokens, each
+        continued by up to `max_new_tokens`, on the parameters' device (`capacity.py`)."""
+        prompt_length = padded_length(longest_prompt)
+        return DecodeMemory.measure(self.model_config, prompt_length, prompt_length + max_new_tokens,
+                                    device_of(self.params))
 
     def decode_rows(
         self, rows: Sequence[EncodedPrompt], constraints: TagConstraints, *, max_new_tokens: int,
@@ -196,9 +212,16 @@ class Generator:
         Prompts are padded to a multiple of `decoder.PROMPT_BUCKET`, so similar lengths share a
         compile. `max_new_tokens` must fit (`generate` checks it).
 
+        Raises:
+            UserError: the rows need more memory than the device has free (`decode_memory`).
+
         Returns:
             `(tokens [B, N] int32 (-1 after a row's end), lengths [B], done [B] bool)`.
         """
+        longest = max(len(p.ids) for p in rows)
+        too_many = self.decode_memory(longest, max_new_tokens).shortfall(len(rows))
+        if too_many:
+            raise UserError(f"{too_many}: decode fewer rows at once")
         prompts, states = batch_prompts(rows, constraints.mantra_length)
         out = generate_tokens(
             self.params,

@@ -55,13 +55,15 @@ def sample_checkpoint(
         What `metatrain generate` prints for each sample, in order (`format_samples`).
 
     Raises:
-        UserError: a bad prompt or setting, or no loadable checkpoint.
+        UserError: a bad prompt, setting or seed, no loadable checkpoint, or more samples
+            than the device's memory holds in one batch.
     """
     from metatrain.generate.prompts import check_prompt_text
-    from metatrain.generate.sampling import SamplingConfig
+    from metatrain.generate.sampling import SamplingConfig, check_seed
 
     for prompt in prompts:  # before the checkpoint loads
         check_prompt_text(prompt)
+    check_seed(seed)
     sampling = SamplingConfig(temperature, top_k, top_p)
     generator = Generator.load(workdir, checkpoint)
     samples = generator.generate(

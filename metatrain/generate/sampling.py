@@ -21,6 +21,23 @@ from metatrain.errors import UserError
 #: Below this a temperature's reciprocal overflows float32.
 _FLOAT32_TINY: float = float(jnp.finfo(jnp.float32).tiny)
 
+#: The largest seed: `jax.random.key` keeps only a seed's low 32 bits (2**32 + 5 would
+#: draw what 5 draws), and a larger one does not even convert.
+MAX_SEED: int = 2**32 - 1
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """`seed` if the PRNG takes it as it is (0 <= seed <= `MAX_SEED`).
+
+    Raises:
+        UserError: out of that range, naming `flag`.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        shown = seed if len(str(seed)) <= 40 else f"{str(seed)[:37]}..."
+        raise UserError(f"{flag} must be an integer from 0 to {MAX_SEED} (the PRNG's 32 bits), got {shown}; "
+                        "choose a seed in that range")
+    return seed
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:

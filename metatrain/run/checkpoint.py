@@ -31,13 +31,17 @@ import jax
 import orbax.checkpoint as ocp
 
 from metatrain.config import CheckpointConfig
-from metatrain.errors import FaultError, UserError, describe_cause
+from metatrain.errors import FaultError, UserError, describe_cause, is_out_of_memory
 from metatrain.io.storage import absolute, join, move_tree
 from metatrain.run.layout import CHECKPOINTS_DIR
 from metatrain.run.state import TrainState
 
 #: Items of every checkpoint (the layout above).
 STATE_ITEM, DATA_ITEM, CONFIG_ITEM = "state", "data", "config"
+
+#: Listings a reader tries when each changes under its read (a trainer deleting what it listed).
+RELISTS: int = 20
+_RELIST = object()  # `_newest_that_reads`: the listing changed, list again
 
 
 def split_step_dir(path: Path) -> tuple[Path, int] | None:
@@ -71,12 +75,6 @@ def _all_processes_ok(ok: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
-
-
-def _is_resource_error(error: BaseException) -> bool:
-    """Out of memory while restoring says nothing about the checkpoint: never move it aside."""
-    text = str(error)
-    return isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
 
 
 class Checkpointer:
@@ -253,6 +251,12 @@ class Checkpointer:
             try:
                 return read(step)
             except Exception as e:  # noqa: BLE001
+                if self._listing_changed(steps) and step not in self.all_steps():
+                    raise UserError(
+                        f"checkpoint {self.step_dir(step)} was deleted while it was read (its trainer keeps only "
+                        f"its newest checkpoints, now {', '.join(map(str, self.all_steps())) or 'none'}): "
+                        "read the newest with --workdir alone, or a step the run keeps"
+                    ) from None
                 raise FaultError(f"checkpoint {self.step_dir(step)} cannot be restored: {describe_cause(e)}") from None
         found = self._first_intact(read)
         if found is None:
@@ -260,37 +264,69 @@ class Checkpointer:
         return found
 
     def _first_intact(self, read: Callable[[int], Any]) -> Any:
-        """`read(step)` of the newest step for which it succeeds on every process."""
-        steps = self.all_steps()
-        if not steps:
-            aside = sorted(p.name for p in self.directory.glob("*.corrupt-*")) if self.directory.is_dir() else []
-            if aside and not self.read_only:
-                raise FaultError(
-                    f"{self.directory} holds only damaged checkpoints, set aside earlier ({', '.join(aside)}); "
-                    "nothing to resume from, and starting over here would mix two runs. Train in another "
-                    "--workdir, or remove them to start this one over"
-                )
-            return None
-        damaged: list[str] = []
-        for step in reversed(steps):
+        """`read(step)` of the newest step for which it succeeds on every process.
+
+        A step whose read fails while the listing changed under it (a trainer with a
+        small `checkpoint.keep` saved a newer one and deleted it) is not damage: the
+        steps are listed again and the newest not yet tried is read. Only a checkpoint
+        that is still listed and fails to restore is reported (and, unless read-only,
+        moved aside).
+        """
+        damaged: dict[int, str] = {}
+        for _ in range(RELISTS):
+            if not self.all_steps() and not damaged:
+                aside = sorted(p.name for p in self.directory.glob("*.corrupt-*")) if self.directory.is_dir() else []
+                if aside and not self.read_only:
+                    raise FaultError(
+                        f"{self.directory} holds only damaged checkpoints, set aside earlier ({', '.join(aside)}); "
+                        "nothing to resume from, and starting over here would mix two runs. Train in another "
+                        "--workdir, or remove them to start this one over"
+                    )
+                return None
+            found = self._newest_that_reads(read, damaged)
+            if found is not _RELIST:
+                return found
+        raise UserError(
+            f"the checkpoints in {self.directory} were replaced faster than they could be read "
+            f"({RELISTS} listings in a row changed while reading): its trainer keeps too few of them. "
+            "Read it when training has stopped, or train it with a larger checkpoint.keep"
+        )
+
+    def _newest_that_reads(self, read: Callable[[int], Any], damaged: dict[int, str]) -> Any:
+        """`read` of the newest listed step (not in `damaged`) that restores; `_RELIST` when
+        the listing changed under a failed read; records each damaged step in `damaged`.
+
+        Raises:
+            FaultError: no step restores and none vanished (every damage named).
+        """
+        listed = self.all_steps()
+        for step in reversed([s for s in listed if s not in damaged]):
             error: BaseException | None = None
             try:
                 result = read(step)
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 - truncated, zeroed and missing files fail differently
-                if _is_resource_error(e):
+                if is_out_of_memory(e):  # says nothing about the checkpoint: never set it aside
                     raise
                 error = e
             if _all_processes_ok(error is None):
                 return result
+            if self._listing_changed(listed):
+                return _RELIST
             cause = describe_cause(error) if error is not None else "another process could not restore it"
-            damaged.append(self._set_aside(step, cause))
+            damaged[step] = self._set_aside(step, cause)
+            listed = self.all_steps()  # without it, once moved aside
         raise FaultError(
-            f"none of the {len(steps)} checkpoints in {self.directory} can be restored "
-            f"({'; '.join(damaged)}); nothing to resume from. Train in another --workdir, "
+            f"none of the {len(damaged)} checkpoints in {self.directory} can be restored "
+            f"({'; '.join(damaged.values())}); nothing to resume from. Train in another --workdir, "
             "or restore the checkpoints from a backup"
         )
+
+    def _listing_changed(self, steps: list[int]) -> bool:
+        """Whether the complete checkpoints are no longer `steps` (on any process)."""
+        self._manager.reload()
+        return not _all_processes_ok(self.all_steps() == steps)
 
     def _set_aside(self, step: int, cause: str) -> str:
         """Report checkpoint `step` as damaged; move it aside unless read-only."""

@@ -251,6 +251,7 @@ class Service:
         self.model_id, self.hide_thinking = model_id, hide_thinking
         self.created = int(time.time())
         self.hangups = 0  # rows cancelled because their client hung up before they ended
+        self._started = False
         end = frozenset({encoder.tag_ids[t] for t in encoder.grammar.mode_path(LOCK_MODE, encoder.grammar.base_mode)})
         self.locked = Engine(generator.params, generator.model_config,
                              TagConstraints.from_encoder(encoder, lock_mode=LOCK_MODE),
@@ -264,7 +265,11 @@ class Service:
         return self.locked, self.unlocked
 
     async def start(self) -> None:
-        """Compile the shortest prompt bucket of both engines, then start their decode threads."""
+        """Compile the shortest prompt bucket of both engines, then start their decode threads
+        (once: `metatrain serve` starts the service before it listens, and the app again)."""
+        if self._started:
+            return
+        self._started = True
         for engine, lock in ((self.locked, LOCK_MODE), (self.unlocked, None)):
             await asyncio.to_thread(engine.warm_up, encode_prompt(self.encoder, "", lock))
             engine.start()

@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from metatrain.errors import UserError
+from metatrain.generate.capacity import DecodeMemory
 from metatrain.generate.constraints import RowState, TagConstraints, advance, forced_tokens, mask_illegal_tags
-from metatrain.generate.decoder import DecodeState, PromptBatch, batch_prompts, decode_step, prefill
+from metatrain.generate.decoder import DecodeState, PromptBatch, batch_prompts, decode_step, padded_length, prefill
 from metatrain.generate.prompts import EncodedPrompt
 from metatrain.generate.sampling import draw_categorical, filter_top_p, finite_scores
 from metatrain.models import ModelConfig
@@ -185,6 +186,35 @@ def _steps(params: Any, batch: _Batch, cancel: jax.Array, constraints: TagConstr
     return batch, tokens.T
 
 
+def check_batch_fits(model_config: ModelConfig, max_batch: int, *, engines: int, device: jax.Device) -> None:
+    """Refuses, before any engine allocates, a `max_batch` whose batches `engines` engines
+    (each may hold one at once) cannot keep in `device`'s free memory, and a context too
+    long for even one row. A batch's cache holds the longest prompt's bucket plus
+    `max_seq_len` slots (`_prefill`).
+
+    Raises:
+        UserError: the context or `--max-batch`, with how much fits.
+    """
+    context = model_config.max_seq_len
+    prompt = padded_length(context - 1)
+    memory = DecodeMemory.measure(model_config, prompt, prompt + context, device)
+    fits = memory.rows_that_fit
+    if fits is None:
+        return
+    per_engine = fits // engines
+    if per_engine < 1:
+        raise UserError(
+            f"the model's context, max_seq_len={context}, is too large to serve: {memory.shortfall(engines)}; "
+            "serve it on a device with more memory, or fix the run's model.max_seq_len (for an imported "
+            "model, max_position_embeddings in its config.json)"
+        )
+    if max_batch > per_engine:
+        raise UserError(
+            f"--max-batch {max_batch} does not fit: {engines} engines (locked, unlocked) x {max_batch} rows = "
+            f"{memory.shortfall(engines * max_batch)}; give --max-batch {per_engine} or less"
+        )
+
+
 class Engine:
     """Decodes submitted rows in batches of up to `max_batch` on a background thread.
 
@@ -209,6 +239,7 @@ class Engine:
         self._stopped = False
         self.active_rows = 0  # rows of the running batch not yet ended (for tests and metrics)
         self.batches = 0
+        self._warm_buckets: set[int] = set()  # prompt lengths (padded) already compiled
 
     # -- the caller's side ---------------------------------------------------------------------
     def check(self, request: RowRequest) -> None:
@@ -255,8 +286,13 @@ class Engine:
                 item[1]._fail(UserError("the server shut down before this request was decoded"))
 
     def warm_up(self, prompt: EncodedPrompt) -> None:
-        """Compile the prefill and step programs for `prompt`'s bucket (blocking)."""
-        self._decode([(RowRequest(prompt, 1, temperature=0.0), None)])
+        """Compile the prefill and step programs for `prompt`'s bucket (blocking); a bucket
+        already warmed is not decoded again (the server warms before it listens, and the
+        app's start-up asks again)."""
+        bucket = padded_length(len(prompt.ids))
+        if bucket not in self._warm_buckets:
+            self._decode([(RowRequest(prompt, 1, temperature=0.0), None)])
+            self._warm_buckets.add(bucket)
 
     # -- the decode thread -----------------------------------------------------------------------
     def _run(self) -> None:

@@ -122,3 +122,55 @@ def test_eval_reads_a_store_and_writes_its_report_there(stored_run, report, caps
     _, local = report  # the same command on the session run, with the local file
     for key in ("bpb/text", "loss/text", "tokens/text", "documents", "ablation", "free_generation"):
         assert remote[key] == local[key], key
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("seed", [str(2**70), "-1"])
+def test_a_seed_the_rng_cannot_take_is_refused_before_the_checkpoint_loads(capsys, tmp_path, seed):
+    code, _, err = _eval(capsys, "--workdir", str(tmp_path), "--seed", seed)  # no checkpoint: refused first
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("metatrain eval: error: --seed") and f"{2**32 - 1}" in line
+
+
+@pytest.mark.hostile
+def test_more_free_generation_samples_than_memory_holds_are_refused_before_evaluating(capsys, workdir, tmp_path):
+    out = tmp_path / "o"
+    code, _, err = _eval(capsys, "--workdir", str(workdir), "--data", str(SYNTHETIC), "--out", str(out),
+                         "--no-probes", *QUICK, "--samples", "1000000")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("metatrain eval: error: --prompts 2 x --samples 1000000") and "at most" in line
+    assert not out.exists()  # refused before any work
+
+
+def _interrupted_eval(workdir, out, delay: float):
+    """`metatrain eval` in a fresh process, SIGINT after `delay` seconds: (status, stderr)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "metatrain.cli", "eval", "--workdir", str(workdir), "--data", str(SYNTHETIC),
+         "--out", str(out), *QUICK], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err
+
+
+@pytest.mark.hostile
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [4.0, 6.0, 8.0, 9.0, 10.0, 11.0, 12.0])
+def test_ctrl_c_in_eval_ends_with_130_and_leaves_no_temporary(workdir, tmp_path, delay):
+    out = tmp_path / "out"
+    code, err = _interrupted_eval(workdir, out, delay)
+    if code == 0:  # the evaluation ended before the signal: nothing to test at this delay
+        return
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "metatrain eval: interrupted"
+    left = [p.name for p in out.iterdir()] if out.exists() else []
+    assert not [name for name in left if name not in ("report.json", "probes.png")], left

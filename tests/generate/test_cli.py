@@ -7,6 +7,7 @@ import shutil
 import types
 
 import numpy as np
+import pytest
 
 from metatrain.cli import main
 from metatrain.documents import Document, Segment
@@ -121,3 +122,22 @@ def test_generation_from_a_store_equals_generation_from_disk(stored_run, workdir
     code, local, err = _generate(capsys, "--workdir", str(workdir), *args)
     assert code == 0, err
     assert [json.loads(line)["ids"] for line in remote.splitlines()] == [json.loads(line)["ids"] for line in local.splitlines()]
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("seed", [str(2**70), "-1"])
+def test_a_seed_the_rng_cannot_take_is_refused_in_one_line(capsys, workdir, seed):
+    code, out, err = _generate(capsys, "--workdir", str(workdir), "--prompt", "Hi", "--max-new-tokens", "4",
+                               "--seed", seed)
+    assert code == 2 and not out
+    (line,) = err.strip().splitlines()
+    assert line.startswith("metatrain generate: error: --seed") and f"{2**32 - 1}" in line
+
+
+@pytest.mark.hostile
+def test_more_samples_than_memory_holds_are_refused_before_decoding(capsys, workdir):
+    code, out, err = _generate(capsys, "--workdir", str(workdir), "--prompt", "Hi", "--prompt", "Ho",
+                               "--num-samples", "1000000")
+    assert code == 2 and not out
+    (line,) = err.strip().splitlines()
+    assert line.startswith("metatrain generate: error: --num-samples 1000000") and "ask for at most" in line

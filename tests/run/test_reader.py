@@ -4,7 +4,11 @@ run's tokenizer and tags found beside `checkpoints/` or where its config says.""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -12,6 +16,8 @@ import pytest
 
 from metatrain.errors import UserError
 from metatrain.run.reader import load_checkpoint, resolve_checkpoint, run_files
+
+from ..conftest import TINY
 
 
 def test_an_argument_names_one_work_directory_or_one_step_directory(workdir, tmp_path):
@@ -55,3 +61,31 @@ def test_the_runs_copies_come_first_then_the_configured_files(workdir, tmp_path)
     assert tokenizer == run / "tokenizer.model" and str(tags) == str(config["data"]["tags"])
     with pytest.raises(UserError, match="cannot find the run's tags.yaml"):
         run_files(run, {"data": {}})
+
+
+@pytest.mark.hostile
+def test_a_reader_racing_a_trainer_that_keeps_one_checkpoint_reads_the_newest(tmp_path):
+    """A trainer with `checkpoint.keep=1` deletes each checkpoint as soon as the next is
+    saved: a reader that listed it a moment before must read the newer one, not report
+    the run as damaged (issue 25)."""
+    run = tmp_path / "run"
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "metatrain.cli", "train", "--config", str(TINY), "--workdir", str(run),
+         "--set", "trainer.steps=400", "--set", "trainer.eval_every=0", "--set", "trainer.progress=false",
+         "--set", "checkpoint.every=1", "--set", "checkpoint.keep=1", "--set", "checkpoint.async_save=false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not any(p.name.isdigit() for p in (run / "checkpoints").glob("*")):
+            assert trainer.poll() is None, trainer.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the trainer wrote no checkpoint"
+            time.sleep(0.1)
+        steps = []
+        while trainer.poll() is None and len(steps) < 12:
+            steps.append(load_checkpoint(run).step)  # never "none of the 1 checkpoints can be restored"
+        assert len(steps) >= 3 and steps == sorted(steps), steps
+    finally:
+        trainer.kill()
+        trainer.wait()
