@@ -1,3 +1,3 @@
-from metatrain.cli import main
+from metatrain.cli import run
 
-raise SystemExit(main())
+run()

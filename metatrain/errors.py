@@ -148,6 +148,13 @@ def one_line(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
                    for c in message)
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation failed: Python's `MemoryError`, or XLA's RESOURCE_EXHAUSTED (on CPU
+    an INTERNAL error saying "Out of memory"), in `error` or its causes."""
+    return any(isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+               for e in _related(error))
+
+
 def find_metatrain_error(error: BaseException) -> MetatrainError | None:
     """`error` itself or the first `MetatrainError` among its causes and contexts (a worker
     process's error arrives wrapped in the data loader's own exception)."""

@@ -23,12 +23,14 @@ of several processes (`metatrain.launch.distributed`), before any device is touc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
 import sys
 import threading
 import traceback
+from typing import NoReturn
 
 from metatrain.errors import (
     EXIT_FAULT,
@@ -40,6 +42,7 @@ from metatrain.errors import (
     debug_enabled,
     describe_cause,
     find_metatrain_error,
+    is_out_of_memory,
     one_line,
 )
 
@@ -112,6 +115,25 @@ def main(argv: list[str] | None = None) -> int:
 _SWALLOWING = frozenset({"_xla_gc_callback", "__del__"})
 
 
+def run() -> NoReturn:
+    """The `metatrain` executable: `main`, then exit with its status.
+
+    After Ctrl-C or SIGTERM (every `finally` has run by then, so no temporary is left)
+    the process ends without the interpreter's teardown: XLA may still be running a
+    computation dispatched before the interrupt, and tearing the backend down under it
+    crashes (a segmentation fault instead of 130). Once the status is decided, a late
+    Ctrl-C cannot turn it into a traceback from an exit handler.
+    """
+    status = main()
+    if status in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
+
+
 def _signals_raise() -> dict[int, object]:
     """Make SIGINT raise `KeyboardInterrupt` and SIGTERM `Terminated` in the main thread,
     each delivered again a moment later when it arrives inside a function whose exceptions
@@ -166,7 +188,7 @@ def _report(command: str, error: Exception) -> int:
     known = find_metatrain_error(error)
     if known is None and isinstance(error, OSError):
         known = FaultError(describe_cause(error))
-    if known is None and isinstance(error, MemoryError):
+    if known is None and is_out_of_memory(error):
         known = FaultError(f"out of host memory ({describe_cause(error)}); give the command less to hold "
                            f"(a smaller batch, input or model) or a machine with more memory")
     if known is None:

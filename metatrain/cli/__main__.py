@@ -1,5 +1,5 @@
 """`python -m metatrain.cli ...`: the form launchers write into job scripts and manifests."""
 
-from metatrain.cli import main
+from metatrain.cli import run
 
-raise SystemExit(main())
+run()
