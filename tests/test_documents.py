@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import sys
 
 import pytest
 
@@ -170,3 +171,46 @@ def test_skip_counter_keeps_only_the_first_messages():
     assert skips.count == 5 and skips.messages == ["f:1: bad", "f:2: bad"]
     assert skips.summary() == "skipped 5 bad records"
     assert SkipCounter(count=1).summary() == "skipped 1 bad record"
+
+
+def _size(seen) -> int:
+    """Bytes of the skip counter's memory of records: the container and what it holds."""
+    items = [x for kv in seen.items() for x in kv] if isinstance(seen, dict) else list(seen)
+    return sys.getsizeof(seen) + sum(sys.getsizeof(x) for x in items)
+
+
+@pytest.mark.hostile
+def test_a_skipped_record_costs_one_bit_and_still_counts_once():
+    skips = SkipCounter(max_messages=1)
+    for line in range(1, 3_000_001):
+        skips.add(RecordError("big.jsonl", line, "bad"))
+    assert _size(skips._seen) < 1 << 20  # a set of (path, line) tuples held ~430 MB
+    skips.add(RecordError("big.jsonl", 2_999_999, "bad"))  # read again (the next epoch): counted once
+    skips.add(RecordError("big.jsonl", 0, "cannot open"))  # line 0 names the file itself
+    skips.add(RecordError("other.jsonl", 7, "bad"))
+    skips.add(RecordError("other.jsonl", 7, "bad"))
+    assert skips.count == 3_000_002 and skips.messages == ["big.jsonl:1: bad"]
+
+
+@pytest.mark.hostile
+def test_a_line_past_the_bound_is_a_counted_record_error_and_stops_strict_mode(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    _write(path, [_doc(0), b"x" * 5000, _doc(1)])
+    skips = SkipCounter()
+    assert [d.id for d in read_documents(path, skips=skips, max_line_bytes=1000)] == ["ok-0", "ok-1"]
+    assert skips.count == 1
+    assert skips.messages == [(f"{path}:2: the line is 5000 bytes, longer than the limit of 1000 bytes; it was "
+                               "skipped unread (split the document, or raise the limit: data.max_line_bytes in "
+                               "training, --max-line-bytes for the commands)")]
+    with pytest.raises(RecordError, match=f"^{path}:2: the line is 5000 bytes"):
+        list(read_documents(path, strict=True, max_line_bytes=1000))
+
+
+@pytest.mark.hostile
+def test_a_file_with_no_line_end_is_one_counted_record_error():
+    skips = SkipCounter()
+    assert list(read_documents(["/dev/zero", "/dev/null"], skips=skips, max_line_bytes=1000)) == []
+    (message,) = skips.messages
+    assert message.startswith("/dev/zero:1: no line end within ")
+    assert message.endswith("bytes (the limit on a line is 1000 bytes); is it a JSON Lines file? The rest "
+                            "of the file was not read")

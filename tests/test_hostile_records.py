@@ -15,14 +15,16 @@ import pytest
 import zstandard
 
 from metatrain import cli as metatrain_cli
+from metatrain.data.config import DataConfig
 from metatrain.data.sources import EncoderSpec, JsonlLines, JsonlReader, SkipLog, expand_jsonl_paths
 from metatrain.documents import SkipCounter, read_documents
 from metatrain.errors import UserError
+from metatrain.io.compression import MAX_LINE_BYTES, SKIP_FACTOR
 from metatrain.io.formats import RecordError
 from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
 from metatrain.io.strict_parsing import MAX_JSON_DEPTH, MAX_JSON_KEY_LENGTH
 
-from .conftest import good_record, line_records, write_lines
+from .conftest import data_config, error_lines, good_record, line_records, run_cli, write_lines
 
 pytestmark = pytest.mark.hostile
 
@@ -152,3 +154,86 @@ def test_data_cache_reads_a_compressed_corpus(tmp_path, capsys):
     assert metatrain_cli.main(argv) == 0
     meta = json.loads((out / "cache.json").read_text())
     assert (meta["documents"], meta["skipped_records"]) == (2, 1)
+
+
+# -- over-long lines and files without line ends (issue 25) ---------------------------------
+
+
+def test_encode_of_dev_zero_ends_in_one_line_without_holding_it(tmp_path):
+    out = tmp_path / "encoded.jsonl"
+    # the default bound (MAX_LINE_BYTES): /dev/zero is read a bounded amount, never held whole
+    result = run_cli("encode", "--tokenizer", str(SAMPLE_TOKENIZER), "--input", "/dev/zero",
+                     "--output", str(out), timeout=120)
+    lines = error_lines(result.stderr)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert lines[-1].startswith("metatrain encode: error: no valid document in /dev/zero, so nothing was "
+                                "written to ")
+    assert f"/dev/zero:1: no line end within {(SKIP_FACTOR + 1) * MAX_LINE_BYTES} bytes" in lines[-1]
+    assert "is it a JSON Lines file?" in lines[-1] and not out.exists()
+
+
+def test_a_line_past_the_default_bound_is_skipped_by_both_read_paths(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    huge = b'{"id": "huge", "segments": [{"kind": "text", "text": "' + b"x" * MAX_LINE_BYTES + b'"}]}'
+    write_lines(path, [good_record(0), huge, good_record(1)])
+    skips = SkipCounter()
+    assert [d.id for d in read_documents(path, skips=skips)] == ["ok-0", "ok-1"]
+    assert skips.messages[0].startswith(f"{path}:2: the line is {len(huge)} bytes, longer than the "
+                                        f"limit of {MAX_LINE_BYTES} bytes")
+    log = SkipLog()
+    reader = JsonlReader(SPEC, split=None, eval_fraction=0.0, strict=False, skips=log)
+    assert [reader.encode_record(r) is not None for r in line_records(JsonlLines([path]))] == [True, False, True]
+    assert next(iter(log.drain())).reason == skips.messages[0].split(": ", 1)[1]
+
+
+def test_training_data_takes_the_bound_from_the_data_config(tmp_path):
+    from metatrain.data import make_batch_iterator
+
+    path = tmp_path / "docs.jsonl"
+    write_lines(path, [good_record(i) for i in range(20)] + [b"x" * 3000])
+    data = data_config(path, eval_fraction=0.0, max_line_bytes=1000)
+    with make_batch_iterator(data, batch_size=2, seq_len=16) as batches:
+        for _ in range(12):  # past a whole pass over the data
+            next(batches)
+    assert batches.skips.count == 1
+    assert batches.skips.messages[0].startswith(f"{path}:21: the line is 3000 bytes, longer than the limit of "
+                                                "1000 bytes")
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "64MiB"])
+def test_the_bound_in_the_data_config_is_checked(value):
+    with pytest.raises(ValueError, match=f"`max_line_bytes` must be an integer >= 1 .*got {value!r}"):
+        DataConfig(max_line_bytes=value)
+
+
+def test_data_cache_of_dev_zero_is_named_as_not_a_regular_file(tmp_path):
+    result = run_cli("data", "cache", "--input", "/dev/zero", "--tokenizer", str(SAMPLE_TOKENIZER),
+                     "--out", str(tmp_path / "cache"), "--no-progress", timeout=120)
+    assert result.returncode == 2
+    assert error_lines(result.stderr)[-1].startswith("metatrain data: error: data source /dev/zero is not a regular "
+                                                     "file")
+
+
+@pytest.mark.parametrize("command", ["encode", "data cache", "tokenizer train"])
+def test_every_command_that_reads_json_lines_takes_max_line_bytes(command, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    long = json.dumps({"id": "long", "segments": [{"kind": "text", "text": "y" * 5000}]}).encode()
+    write_lines(path, [good_record(i) for i in range(40)] + [long])
+    out = {"encode": ["--output", str(tmp_path / "ids.jsonl"), "--tokenizer", str(SAMPLE_TOKENIZER)],
+           "data cache": ["--out", str(tmp_path / "cache"), "--tokenizer", str(SAMPLE_TOKENIZER), "--no-progress"],
+           "tokenizer train": ["--out", str(tmp_path / "spm"), "--vocab-size", "400"]}[command]
+    result = run_cli(*command.split(), "--input", str(path), *out, "--max-line-bytes", "1000", "--strict")
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = error_lines(result.stderr)
+    assert f"{path}:41: the line is {len(long)} bytes, longer than the limit of 1000 bytes" in line
+
+
+def test_an_annotate_text_input_past_the_bound_is_a_record_error(tmp_path):
+    from metatrain.annotate.inputs import read_raw_documents
+    from metatrain.io import compression
+
+    txt = tmp_path / "long.txt"
+    txt.write_bytes(b"z" * (compression.MAX_LINE_BYTES + 10) + b"\n")
+    skips = SkipCounter()
+    assert list(read_raw_documents([txt], skips=skips)) == []
+    assert skips.count == 1 and "longer than the limit" in skips.messages[0]

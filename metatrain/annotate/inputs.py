@@ -52,8 +52,8 @@ from typing import Any
 
 from metatrain.documents import DEFAULT_DOCUMENT_MODE, Segment, SkipCounter, parse_document
 from metatrain.errors import UserError
-from metatrain.io.compression import COMPRESSIONS, iter_lines
-from metatrain.io.formats import JSONL, RecordError, format_of, read_records
+from metatrain.io.compression import COMPRESSIONS, LineTooLong, iter_lines
+from metatrain.io.formats import JSONL, RecordError, describe_line_too_long, format_of, read_records
 from metatrain.io.storage import StoragePath, absolute, as_path, glob_paths, os_reason
 
 #: Kinds of text input file, by the suffix before any compression suffix.
@@ -208,7 +208,7 @@ def _read_all(files: list[Path], strict: bool, skips: SkipCounter) -> Iterator[R
             skips.add(item)
 
 
-def _open_lines(path: Path) -> Iterator[bytes]:
+def _open_lines(path: Path) -> Iterator[bytes | LineTooLong]:
     """`iter_lines(path)`, with a file that cannot be opened raised as a `RecordError` at line 0."""
     lines = iter_lines(path)
     try:
@@ -220,7 +220,13 @@ def _open_lines(path: Path) -> Iterator[bytes]:
 
 def _read_txt(path: Path) -> Iterator[RawDocument | RecordError]:
     name, doc_id = str(path), _stem(path)
-    data = b"".join(_open_lines(path))  # lines keep their endings, so this is the file's bytes
+    parts = []
+    for number, line in enumerate(_open_lines(path), start=1):
+        if isinstance(line, LineTooLong):  # never held: the document would be past any context
+            yield RecordError(name, number, describe_line_too_long(line), doc_id)
+            return
+        parts.append(line)
+    data = b"".join(parts)  # lines keep their endings, so this is the file's bytes
     skip = len(_BOM) if data.startswith(_BOM) else 0
     try:
         text = data[skip:].decode("utf-8")

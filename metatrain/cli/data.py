@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from metatrain.cli.options import add_max_line_bytes
 from metatrain.data.cache import cache_stats, format_cache_stats, write_cache
 from metatrain.data.sources import EncoderSpec
 from metatrain.errors import UserError
@@ -34,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cache.add_argument("--mantra-policy", default="every", choices=MANTRA_POLICIES,
                        help="which thinking blocks open with the mantra; `none` for no mantra")
     cache.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    add_max_line_bytes(cache)
     cache.add_argument("--no-progress", action="store_true", help="no progress bar")
     cache.set_defaults(func=_run_cache)
 
@@ -50,7 +52,8 @@ def _run_cache(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
     spec = EncoderSpec(args.tokenizer, args.tags, args.mantra, args.mantra_policy)
-    meta = write_cache(args.input, args.out, spec, strict=args.strict, progress=not args.no_progress)
+    meta = write_cache(args.input, args.out, spec, strict=args.strict, progress=not args.no_progress,
+                       max_line_bytes=args.max_line_bytes)
     print(
         f"wrote {args.out}: {meta['documents']} documents, {meta['tokens']} tokens, "
         f"skipped {meta['skipped_records']} bad records"

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from metatrain.cli.options import add_max_line_bytes
 from metatrain.documents import SkipCounter
 from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.io.storage import as_path
@@ -30,6 +31,7 @@ def _run_train(args: argparse.Namespace) -> int:
     report = train_tokenizer(
         args.input, vocab_size=args.vocab_size, out_prefix=args.out, registry=load_registry(args.tags),
         model_type=args.model_type, mantra=read_mantra_file(args.mantra_file), strict=args.strict, skips=skips,
+        max_line_bytes=args.max_line_bytes,
     )
     print(f"wrote {report.model_path} ({report.vocab_size} pieces) from {report.documents} documents, "
           f"{report.texts} texts; {skips.summary()}", file=sys.stderr)
@@ -61,7 +63,8 @@ def _run_resize_checkpoint(args: argparse.Namespace) -> int:
 def _run_encode(args: argparse.Namespace) -> int:
     skips = SkipCounter()
     report = encode_files(args.tokenizer, args.tags, args.input, args.output, mantra_file=args.mantra_file,
-                          mantra_policy=args.mantra_policy, strict=args.strict, skips=skips)
+                          mantra_policy=args.mantra_policy, strict=args.strict, skips=skips,
+                          max_line_bytes=args.max_line_bytes)
     print(f"wrote {report.documents} documents ({report.tokens} tokens) to {args.output}; "
           f"{skips.summary()}", file=sys.stderr)
     return 0
@@ -86,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     train.add_argument("--mantra-file", metavar="FILE", help="mantra text (default: the built-in mantra)")
     train.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    add_max_line_bytes(train)
     _add_tags_flag(train)
     train.set_defaults(func=_run_train)
 
@@ -133,5 +137,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     enc.add_argument("--mantra-policy", choices=MANTRA_POLICIES, default="every")
     enc.add_argument("--mantra-file", metavar="FILE", help="mantra text (default: the built-in mantra)")
     enc.add_argument("--strict", action="store_true", help="stop with an error at the first bad record")
+    add_max_line_bytes(enc)
     _add_tags_flag(enc)
     enc.set_defaults(func=_run_encode)

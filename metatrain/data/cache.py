@@ -38,6 +38,7 @@ from metatrain.data.sources import EncoderSpec, JsonlReader, SkipLog, expand_jso
 from metatrain.data.split import check_split, id_hash, in_split
 from metatrain.documents import SkipCounter
 from metatrain.errors import FaultError, UserError, describe_cause
+from metatrain.io.compression import MAX_LINE_BYTES
 from metatrain.io.outputs import check_output_dir, discard_dir, publish_dir, staging_dir
 from metatrain.io.storage import StoragePath, as_path, join, tensorstore_kvstore
 from metatrain.roles import LOSS_ROLES, LOSS_ROLE_LABELS, ROLE_DTYPE
@@ -171,6 +172,7 @@ def write_cache(
     *,
     strict: bool = False,
     progress: bool = True,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> dict[str, Any]:
     """Tokenizes documents once into a token cache directory.
 
@@ -183,6 +185,8 @@ def write_cache(
         encoder: tokenizer, tag registry and mantra to encode with.
         strict: stop at the first bad record instead of skipping it.
         progress: show a progress bar (tqdm, on stderr).
+        max_line_bytes: the longest JSON Lines line read (its newline not counted); a
+            longer one is a bad record, never read.
 
     Returns:
         The cache's metadata (also written to `out/cache.json`).
@@ -195,7 +199,7 @@ def write_cache(
 
     out = check_output_dir(out, option="--out")
     files = [f for pattern in inputs for f in expand_jsonl_paths(pattern)]
-    records = open_records(files)
+    records = open_records(files, max_line_bytes=max_line_bytes)
     log = SkipLog()
     reader = JsonlReader(encoder, split=None, eval_fraction=0.0, strict=strict, skips=log)
     fingerprint = encoder_fingerprint(encoder, vocab_size=reader.encoder.vocab_size)

@@ -16,6 +16,7 @@ import math
 import os
 from pathlib import Path
 
+from metatrain.io.compression import MAX_LINE_BYTES
 from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_CORPUS, SAMPLE_TOKENIZER
 from metatrain.io.storage import as_path
 from metatrain.tokenizer.mantra import MANTRA_POLICIES
@@ -177,6 +178,9 @@ class DataConfig:
         seed: seed of the shuffle and the mixture; None in `make_batch_iterator`
             (its `seed` argument) falls back to this.
         strict: stop at the first bad record instead of skipping and counting it.
+        max_line_bytes: the longest JSON Lines line read, in bytes (its newline not
+            counted); a longer line is a bad record, refused from its length without
+            being read, so one huge line cannot exhaust memory.
         num_workers: background worker processes for reading, encoding and packing (0:
             in the main process). Each worker makes every other batch from its own slice of
             every lane's records, so the batch order depends on `num_workers` (not on the
@@ -192,6 +196,7 @@ class DataConfig:
     eval_fraction: float = 0.05
     seed: int = 0
     strict: bool = False
+    max_line_bytes: int = MAX_LINE_BYTES
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -226,5 +231,8 @@ class DataConfig:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
+        if isinstance(self.max_line_bytes, bool) or not isinstance(self.max_line_bytes, int) or self.max_line_bytes < 1:
+            raise ValueError(f"`max_line_bytes` must be an integer >= 1 (the longest JSON Lines line read, in bytes; "
+                             f"default {MAX_LINE_BYTES}), got {self.max_line_bytes!r}")
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"`num_workers` must be an integer >= 0, got {self.num_workers!r}")

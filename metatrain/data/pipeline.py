@@ -254,7 +254,7 @@ def _open_source(data: DataConfig, index: int, split: str, skips: SkipLog) -> li
         reader = CacheReader(cache, split=split, eval_fraction=data.eval_fraction)
         records = grain.MapDataset.range(len(cache))
     else:
-        lines = open_records(expand_jsonl_paths(cfg.path))
+        lines = open_records(expand_jsonl_paths(cfg.path), max_line_bytes=data.max_line_bytes)
         reader = JsonlReader(spec, split=split, eval_fraction=data.eval_fraction, strict=data.strict, skips=skips)
         records = grain.MapDataset.source(lines)
     if len(records) == 0:

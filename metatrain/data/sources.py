@@ -26,7 +26,8 @@ A compressed file (local or remote) is decompressed once into a spill file under
 records and errors still name the compressed file and its line numbers.
 
 `JsonlLines` indexes the non-blank lines of its files once (byte offsets, found with
-NumPy) so grain can shuffle and shard them without reading them; `JsonlReader` parses,
+NumPy) so grain can shuffle and shard them without reading them (and refuse a line
+longer than the bound, `data.max_line_bytes`, from its length alone); `JsonlReader` parses,
 splits, encodes and shifts one record (a line, a row or an ArrayRecord record) when
 grain asks for it. A record that cannot be used becomes `None` (grain skips it) and is
 noted in the shared `SkipLog`; in strict mode it raises instead. Every other exception
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import functools
 import itertools
 from collections.abc import Mapping
 from typing import Any
@@ -51,7 +53,7 @@ from metatrain.data.packing import shift_document
 from metatrain.data.split import check_split, id_hash, in_split
 from metatrain.documents import parse_record
 from metatrain.errors import UserError
-from metatrain.io.compression import COMPRESSIONS, random_access_path
+from metatrain.io.compression import COMPRESSIONS, MAX_LINE_BYTES, LineTooLong, random_access_path
 from metatrain.io.formats import ARRAY_RECORD, JSONL, PARQUET, ArrayRecords, ParquetRows, RecordError, format_of
 from metatrain.io.storage import StoragePath, as_path, file_size, glob_paths, is_remote, os_reason, read_range
 
@@ -83,6 +85,9 @@ def expand_jsonl_paths(path: str | StoragePath) -> list[StoragePath]:
     if p.is_dir():
         raise UserError(f"data source {text} is a directory, and not a token cache (it has no cache.json); "
                         f"to read its JSON Lines files give a glob such as {p / '*.jsonl'}")
+    if not p.is_file() and p.exists():
+        raise UserError(f"data source {text} is not a regular file (a device, FIFO or socket), and training "
+                        "reads its records by byte offset; give a JSON Lines, Parquet or ArrayRecord file")
     if not p.is_file():
         raise UserError(f"data source {text} does not exist (expected a JSON Lines, Parquet or ArrayRecord "
                         "file, a glob of them, or a token cache)")
@@ -158,11 +163,14 @@ class JsonlLines:
     `RandomAccessDataSource` (`__len__`, `__getitem__`). A compressed file is read
     from its decompressed spill file; `path` still names the compressed file. A local
     plain file is memory-mapped; a remote one (`gs://...`) is streamed once to index
-    it, and each line is then fetched by a ranged request.
+    it, and each line is then fetched by a ranged request. A line longer than
+    `max_line_bytes` (its newline not counted) is known from the index and never read:
+    its raw bytes are a `LineTooLong`, which the reader counts as a bad record.
     """
 
-    def __init__(self, files: list[StoragePath]):
+    def __init__(self, files: list[StoragePath], *, max_line_bytes: int = MAX_LINE_BYTES):
         self.files = [str(f) for f in files]  # the names records and errors report
+        self.max_line_bytes = max_line_bytes
         self._data_files = [str(_random_access(as_path(f))) for f in self.files]  # what is read
         starts, ends, numbers = zip(*(_index_lines(as_path(f)) for f in self._data_files)) if files else ((), (), ())
         self._starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
@@ -175,9 +183,12 @@ class JsonlLines:
     def __len__(self) -> int:
         return len(self._starts)
 
-    def __getitem__(self, index: int) -> tuple[str, int, bytes]:
+    def __getitem__(self, index: int) -> tuple[str, int, bytes | LineTooLong]:
         file_index = int(np.searchsorted(self._file_bounds, index, side="right")) - 1
         name = self._data_files[file_index]
+        length = int(self._ends[index] - self._starts[index])
+        if length > self.max_line_bytes:
+            return self.files[file_index], int(self._numbers[index]), LineTooLong(length, self.max_line_bytes, True)
         if is_remote(name):
             raw = read_range(name, int(self._starts[index]), int(self._ends[index]))
             return self.files[file_index], int(self._numbers[index]), raw
@@ -213,16 +224,18 @@ class ConcatRecords:
         return self.parts[k][index - int(self._bounds[k])]
 
 
-def open_records(files: list[StoragePath]):
+def open_records(files: list[StoragePath], *, max_line_bytes: int = MAX_LINE_BYTES):
     """Random access to the records of `files`, in order: `records[i]` is `(path, number, raw)`.
 
     Consecutive files of one format share one index (`JsonlLines`, `ParquetRows`,
-    `ArrayRecords`); `metatrain.io.formats.load_record` turns `raw` into a record.
+    `ArrayRecords`); `metatrain.io.formats.load_record` turns `raw` into a record. A
+    JSON Lines line longer than `max_line_bytes` is a bad record, never read.
 
     Raises:
         UserError: a file cannot be opened, or is not valid Parquet or ArrayRecord.
     """
-    opener = {JSONL: JsonlLines, PARQUET: ParquetRows, ARRAY_RECORD: ArrayRecords}
+    opener = {JSONL: functools.partial(JsonlLines, max_line_bytes=max_line_bytes), PARQUET: ParquetRows,
+              ARRAY_RECORD: ArrayRecords}
     parts = [opener[kind](list(group)) for kind, group in itertools.groupby(files, format_of)]
     return parts[0] if len(parts) == 1 else ConcatRecords(parts)
 
@@ -362,11 +375,11 @@ class JsonlReader:
         state["_encoder"] = None  # SentencePiece does not pickle; rebuilt in each process
         return state
 
-    def __call__(self, record: tuple[str, int, bytes | Mapping]) -> dict[str, np.ndarray] | None:
+    def __call__(self, record: tuple[str, int, bytes | Mapping | LineTooLong]) -> dict[str, np.ndarray] | None:
         encoded = self.encode_record(record)
         return None if encoded is None else shift_document(encoded.ids, encoded.roles)
 
-    def encode_record(self, record: tuple[str, int, bytes | Mapping]):
+    def encode_record(self, record: tuple[str, int, bytes | Mapping | LineTooLong]):
         """The record's `EncodedDocument`, or None when it is blank, of the other split or skipped.
 
         Raises:
@@ -381,7 +394,7 @@ class JsonlReader:
         except Exception as e:  # a bug or an unexpected failure: say which record
             raise RecordFailure(f"{path}:{line}: unexpected error while reading this record: {e!r}") from e
 
-    def _encode(self, path: str, line: int, raw: bytes | Mapping):
+    def _encode(self, path: str, line: int, raw: bytes | Mapping | LineTooLong):
         from metatrain.tokenizer import EncodeError
 
         try:

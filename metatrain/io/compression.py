@@ -7,7 +7,11 @@ being read as text (a gzip file would otherwise read as "invalid UTF-8 at byte 1
 Two ways in, one per read path:
 
 - `iter_lines(path)` streams the raw lines of a file, decompressing as it goes, in
-  constant memory (`metatrain.documents.read_documents`: `encode`, `tokenizer train`).
+  bounded memory (`metatrain.documents.read_documents`: `encode`, `tokenizer train`): a
+  line longer than `MAX_LINE_BYTES` (or the bound given) is skipped to its end in chunks,
+  never held, and comes as a `LineTooLong` for the reader to count as a bad record; a
+  file that has no line end for `SKIP_FACTOR` more bounds (`/dev/zero`, a binary file)
+  is abandoned there.
 - `random_access_path(path)` gives a plain file that `metatrain.data.sources.JsonlLines`
   can index and read by byte range (grain reads record i by its byte offset). A plain
   file is returned as it is (a remote one too: it is read in place, by ranged requests). A compressed file is decompressed once, streaming, into a *spill
@@ -34,13 +38,14 @@ need writers we do not control.
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import gzip
 import io
 import lzma
 import os
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -60,6 +65,35 @@ _MAGIC: tuple[tuple[bytes, str, str], ...] = (
 )
 _ZSTD_MAX_WINDOW = 1 << 31  # accepts files written with `zstd --long=31`
 _COPY_CHUNK = 1 << 20
+_READ_CHUNK = 1 << 20  # bytes read at a time when splitting lines
+
+#: The longest JSON Lines line read, in bytes (its newline not counted), unless a setting
+#: says otherwise (`data.max_line_bytes`, `--max-line-bytes`): a longer line is a bad
+#: record, refused without being held, so a corpus of one 200 MB line or `/dev/zero`
+#: cannot exhaust memory.
+MAX_LINE_BYTES = 64 << 20
+#: How far past the bound an over-long line is followed to its end, in bounds: a line
+#: with no end within `SKIP_FACTOR` more bounds means the file is not JSON Lines (a
+#: device, a binary file), and the rest of it is not read.
+SKIP_FACTOR = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class LineTooLong:
+    """A line longer than the bound, in place of its bytes (`iter_lines`,
+    `metatrain.data.sources.JsonlLines`); `metatrain.io.formats.load_record` makes it a
+    record error.
+
+    Attributes:
+        length: the line's length in bytes (its newline not counted); when it has not
+            `ended`, the bytes of it in which no line end was found.
+        limit: the bound it is past.
+        ended: whether its end was found; if not, the rest of its file is not read.
+    """
+
+    length: int
+    limit: int
+    ended: bool
 
 
 def compression_of(path: str | Path) -> str | None:
@@ -128,10 +162,15 @@ def _corrupt(path: StoragePath, compression: str, error: BaseException) -> UserE
                      "or not compressed the way its name says")
 
 
-def iter_lines(path: str | StoragePath) -> Iterator[bytes]:
+def iter_lines(path: str | StoragePath, *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[bytes | LineTooLong]:
     """The raw lines of a JSON Lines file (with their newline), decompressed if its name says so.
 
-    A remote file (`gs://...`) is streamed from its bucket.
+    A line longer than `max_line_bytes` (its newline not counted) comes as a
+    `LineTooLong` in its place, and is skipped to its end without being held; a line
+    with no end within `SKIP_FACTOR` more bounds is the last item: the rest of the
+    file is not read. The file is read in chunks, so memory stays within about twice
+    `max_line_bytes` (a line and its copy as it grows), whatever the file holds. A
+    remote file (`gs://...`) is streamed from its bucket.
 
     Raises:
         OSError: the file cannot be opened.
@@ -142,15 +181,64 @@ def iter_lines(path: str | StoragePath) -> Iterator[bytes]:
     compression = compression_of(path)
     if compression is None:
         with path.open("rb") as handle:
-            first = handle.readline()
-            _check_plain(path, first[:8])
-            if first:
-                yield first
-            yield from handle
+            head = handle.read(_READ_CHUNK)
+            _check_plain(path, head[:8])
+            yield from _split_lines(handle.read, max_line_bytes, head)
         return
     with _open_decompressed(path, compression) as handle:
-        while line := _guarded(handle.readline, path, compression):
-            yield line
+        yield from _split_lines(lambda n: _guarded(lambda: handle.read(n), path, compression), max_line_bytes)
+
+
+def _split_lines(read: Callable[[int], bytes], limit: int, buffer: bytes = b"") -> Iterator[bytes | LineTooLong]:
+    """The lines of the stream `read(n)` gives, each at most `limit` bytes (its newline
+    not counted), the others as `LineTooLong`; `buffer` holds bytes already read.
+
+    The buffer holds a partial line and one read: reads grow with the partial line (so
+    a long line is not copied over and over) and stop once it passes `limit`.
+    """
+    start = scanned = 0  # the current line starts at `start`; buffer[start:scanned] holds no newline
+    at_end = False
+    while True:
+        end = buffer.find(b"\n", scanned, start + limit + 1)
+        if end >= 0:
+            yield buffer[start:end + 1]
+            start = scanned = end + 1
+            continue
+        pending = len(buffer) - start
+        if pending > limit:
+            too_long, buffer = _skip_line(read, buffer[start + limit + 1:], limit)
+            yield too_long
+            if not too_long.ended:
+                return
+            start = scanned = 0
+            continue
+        if at_end:
+            if pending:
+                yield buffer[start:]
+            return
+        chunk = read(max(_READ_CHUNK, min(pending, limit + 1 - pending)))
+        if not chunk:
+            at_end = True
+            continue
+        buffer, scanned, start = buffer[start:] + chunk, pending, 0
+
+
+def _skip_line(read: Callable[[int], bytes], rest: bytes, limit: int) -> tuple[LineTooLong, bytes]:
+    """Follows a line whose first `limit + 1` bytes were read to its end, holding one
+    read at a time; `rest` are the bytes read after those. Gives up (the line has not
+    `ended`) past `SKIP_FACTOR` more bounds. Returns the line, and the bytes read after it.
+    """
+    length = limit + 1
+    while True:
+        end = rest.find(b"\n")
+        if end >= 0:
+            return LineTooLong(length + end, limit, ended=True), rest[end + 1:]
+        length += len(rest)
+        if length >= (SKIP_FACTOR + 1) * limit:  # (the last read may have gone past it)
+            return LineTooLong((SKIP_FACTOR + 1) * limit, limit, ended=False), b""
+        rest = read(_READ_CHUNK)
+        if not rest:  # the end of the file ends the line
+            return LineTooLong(length, limit, ended=True), b""
 
 
 _spills: dict[tuple[str, int, int], Path] = {}

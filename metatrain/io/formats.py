@@ -13,6 +13,8 @@ records of every format with the same code and the same messages:
 
 - a JSON Lines line, or an ArrayRecord record (the same bytes: one JSON document),
   parsed within the limits of `metatrain.io.strict_parsing`; a blank one is no record;
+  a line longer than the bound (`metatrain.io.compression.MAX_LINE_BYTES`, or the
+  setting) is a bad record read no further than the bound;
 - a Parquet row, a dict of its columns. A file with a `segments` column holds metatrain
   documents: a list of structs {kind, text, mode?, control?}, or the JSON text of that
   list. A file with a `text` column holds text-only documents: the text becomes the
@@ -50,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from metatrain.errors import UserError
-from metatrain.io.compression import iter_lines
+from metatrain.io.compression import MAX_LINE_BYTES, LineTooLong, iter_lines
 from metatrain.io.storage import StoragePath, as_path, is_remote, os_reason
 from metatrain.io.strict_parsing import DuplicateKeyError, JsonLimitError, describe_json_error, loads_json
 
@@ -103,18 +105,22 @@ class RecordError(UserError):
 # -- one raw record -> its JSON value -------------------------------------------------------
 
 
-def load_record(raw: bytes | Mapping, *, path: str, line: int) -> Any:
+def load_record(raw: bytes | Mapping | LineTooLong, *, path: str, line: int) -> Any:
     """The JSON value of one raw record, or None for a blank line.
 
     `raw` is a JSON Lines line or an ArrayRecord record (bytes; a leading BOM is
-    ignored), or a Parquet row (a dict of its columns, see the module docstring).
+    ignored), a Parquet row (a dict of its columns, see the module docstring), or a
+    JSON Lines line past the bound on its length (`LineTooLong`, never read).
 
     Raises:
-        RecordError: the bytes are not valid UTF-8, not JSON, or past the JSON limits
-            (`metatrain.io.strict_parsing`); a Parquet row has a null id, a null or empty text.
+        RecordError: the line is too long; the bytes are not valid UTF-8, not JSON, or
+            past the JSON limits (`metatrain.io.strict_parsing`); a Parquet row has a
+            null id, a null or empty text.
     """
     if isinstance(raw, Mapping):
         return _row_value(raw, path=path, line=line)
+    if isinstance(raw, LineTooLong):
+        raise RecordError(path, line, describe_line_too_long(raw))
     if raw.startswith(_BOM):
         raw = raw[len(_BOM):]
     if not raw.strip():
@@ -132,6 +138,16 @@ def load_record(raw: bytes | Mapping, *, path: str, line: int) -> Any:
         raise RecordError(path, line, f"invalid JSON: {e}") from None
     except JsonLimitError as e:
         raise RecordError(path, line, str(e)) from None
+
+
+def describe_line_too_long(line: LineTooLong) -> str:
+    """Why a line past the bound is a bad record, and what to do about it."""
+    if not line.ended:
+        return (f"no line end within {line.length} bytes (the limit on a line is {line.limit} bytes); is it a "
+                "JSON Lines file? The rest of the file was not read")
+    return (f"the line is {line.length} bytes, longer than the limit of {line.limit} bytes; it was skipped "
+            "unread (split the document, or raise the limit: data.max_line_bytes in training, --max-line-bytes "
+            "for the commands)")
 
 
 def _row_value(row: Mapping, *, path: str, line: int) -> dict[str, Any]:
@@ -163,12 +179,16 @@ def _row_value(row: Mapping, *, path: str, line: int) -> dict[str, Any]:
 # -- streaming ------------------------------------------------------------------------------
 
 
-def read_records(path: str | StoragePath, *, metadata: bool = False) -> Iterator[tuple[int, Any] | RecordError]:
+def read_records(
+    path: str | StoragePath, *, metadata: bool = False, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[tuple[int, Any] | RecordError]:
     """The records of one file in order: `(number, JSON value)`, or the `RecordError` of a bad one.
 
     Blank lines and empty records are left out. A Parquet file is read one row group at a
-    time; `metadata` reads all its columns, not only those of a document. A remote file
-    is streamed from its bucket.
+    time; `metadata` reads all its columns, not only those of a document. A JSON Lines
+    line longer than `max_line_bytes` is a bad record, skipped unread; one that does not
+    end is the file's last (`metatrain.io.compression.iter_lines`). A remote file is
+    streamed from its bucket.
 
     Raises:
         RecordError: the file cannot be opened (line 0).
@@ -184,7 +204,7 @@ def read_records(path: str | StoragePath, *, metadata: bool = False) -> Iterator
         elif kind == ARRAY_RECORD:
             raws = _array_record_records(path)
         else:
-            raws = _jsonl_lines(path)
+            raws = _jsonl_lines(path, max_line_bytes)
     except OSError as e:
         raise RecordError(name, 0, f"cannot open: {os_reason(e)}") from None
     for number, raw in raws:
@@ -197,8 +217,8 @@ def read_records(path: str | StoragePath, *, metadata: bool = False) -> Iterator
             yield number, value
 
 
-def _jsonl_lines(path: StoragePath) -> Iterator[tuple[int, bytes]]:
-    lines = iter_lines(path)
+def _jsonl_lines(path: StoragePath, max_line_bytes: int) -> Iterator[tuple[int, bytes | LineTooLong]]:
+    lines = iter_lines(path, max_line_bytes=max_line_bytes)
     first = next(lines, None)  # opens the file now, so an OSError is raised here
     return enumerate(() if first is None else itertools.chain([first], lines), start=1)
 

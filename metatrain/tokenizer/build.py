@@ -25,6 +25,7 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from metatrain.documents import SkipCounter, read_documents
 from metatrain.errors import UserError
+from metatrain.io.compression import MAX_LINE_BYTES
 from metatrain.io.outputs import check_output_file, write_atomically
 from metatrain.io.storage import StoragePath, as_path, is_remote
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA
@@ -103,6 +104,7 @@ def train_tokenizer(
     character_coverage: float = 0.9995,
     strict: bool = False,
     skips: SkipCounter | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> TrainReport:
     """Trains a SentencePiece model on the documents' text, with every tag a control piece.
 
@@ -121,6 +123,7 @@ def train_tokenizer(
         character_coverage: share of characters covered by pieces; the rest are bytes.
         strict: stop at the first bad record instead of skipping it.
         skips: counter for skipped records.
+        max_line_bytes: the longest JSON Lines line read; a longer one is a bad record.
 
     Raises:
         UserError: no documents, or SentencePiece refused the settings (e.g. a vocabulary
@@ -139,7 +142,7 @@ def train_tokenizer(
     vocab_path = out_prefix.with_name(out_prefix.name + ".vocab")
     for path in (model_path, vocab_path):
         check_output_file(path, inputs=[*inputs, registry.source], option="--out")
-    documents = list(read_documents(inputs, strict=strict, skips=skips))
+    documents = list(read_documents(inputs, strict=strict, skips=skips, max_line_bytes=max_line_bytes))
     if not documents:
         raise UserError(f"no valid documents in {', '.join(map(str, inputs))} ({skips.summary()})")
     texts = list(training_texts(documents, mantra=mantra))

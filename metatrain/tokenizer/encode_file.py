@@ -14,6 +14,7 @@ from pathlib import Path
 
 from metatrain.documents import SkipCounter, read_documents
 from metatrain.errors import UserError
+from metatrain.io.compression import MAX_LINE_BYTES
 from metatrain.io.outputs import atomic_output, check_output_file
 from metatrain.roles import Role
 from metatrain.tokenizer.encoder import EncodeError, Encoder
@@ -37,13 +38,14 @@ def encode_jsonl(
     strict: bool = False,
     skips: SkipCounter | None = None,
     also_reads: Sequence[str | Path] = (),
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> EncodeReport:
     """Writes one `{"id", "ids", "roles"}` line per valid document of `inputs` to `output`.
 
     `inputs` are JSON Lines, Parquet or ArrayRecord files (`metatrain.documents.read_documents`).
 
-    Bad records (unreadable, invalid, or rejected by the grammar) are skipped and
-    counted, or in strict mode stop the run. `output` is replaced atomically when the
+    Bad records (unreadable, invalid, a line longer than `max_line_bytes`, or rejected
+    by the grammar) are skipped and counted, or in strict mode stop the run. `output` is replaced atomically when the
     run completes with at least one document (`metatrain.io.outputs`); it may not be one
     of `inputs` or of `also_reads` (the tokenizer, tags and mantra files), nor anything
     but a regular file.
@@ -56,7 +58,7 @@ def encode_jsonl(
     labels = {int(role): role.label for role in Role}
     documents = tokens = 0
     with atomic_output(output, inputs=[*inputs, *also_reads]) as handle:
-        for doc in read_documents(inputs, strict=strict, skips=skips):
+        for doc in read_documents(inputs, strict=strict, skips=skips, max_line_bytes=max_line_bytes):
             try:
                 encoded = encoder.encode(doc)
             except EncodeError as e:
@@ -86,6 +88,7 @@ def encode_files(
     mantra_policy: str = "every",
     strict: bool = False,
     skips: SkipCounter | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> EncodeReport:
     """`encode_jsonl` with an `Encoder` loaded from `tokenizer`, `tags` and `mantra_file`.
 
@@ -101,6 +104,7 @@ def encode_files(
         mantra_policy: which thinking blocks open with the mantra.
         strict: stop at the first bad record.
         skips: counts the bad records skipped.
+        max_line_bytes: the longest JSON Lines line read (its newline not counted).
 
     Raises:
         UserError: as `encode_jsonl`, or a file cannot be read.
@@ -109,4 +113,5 @@ def encode_files(
     check_output_file(output, inputs=[*inputs, *reads])  # before anything is loaded
     encoder = Encoder.from_files(tokenizer, tags, mantra=read_mantra_file(mantra_file),
                                  mantra_policy=mantra_policy)
-    return encode_jsonl(encoder, inputs, output, strict=strict, skips=skips, also_reads=reads)
+    return encode_jsonl(encoder, inputs, output, strict=strict, skips=skips, also_reads=reads,
+                        max_line_bytes=max_line_bytes)

@@ -229,3 +229,15 @@ def test_an_interrupted_cache_build_leaves_nothing_behind(tmp_path, signum):
     assert child.returncode == {"SIGINT": 130, "SIGTERM": 143}[signum], err[-2000:]
     assert sorted(p.name for p in out.parent.iterdir()) == [], "a temporary was left behind"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl", "out"]
+
+
+@pytest.mark.hostile
+def test_a_line_past_the_bound_is_skipped_and_counted_in_the_cache(tmp_path, encoder_spec):
+    docs = make_docs(2)
+    path = write_jsonl(tmp_path / "a.jsonl", [docs[0], "x" * 50_000, docs[1]])
+    meta = write_cache([path], tmp_path / "cache", encoder_spec, progress=False, max_line_bytes=10_000)
+    assert (meta["documents"], meta["skipped_records"]) == (2, 1)
+    assert meta["skipped_examples"][0].startswith(f"{path}:2: the line is 50000 bytes, longer than the limit")
+    with pytest.raises(UserError, match=f"{path}:2: the line is 50000 bytes"):
+        write_cache([path], tmp_path / "strict", encoder_spec, strict=True, progress=False, max_line_bytes=10_000)
+    assert not (tmp_path / "strict").exists()

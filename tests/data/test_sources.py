@@ -3,6 +3,7 @@ sources on local disk and in a bucket (`store`)."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from metatrain.data import sources as sources_module
 from metatrain.data.sources import JsonlLines, JsonlReader, SkipLog, expand_jsonl_paths, open_records
 from metatrain.data.split import id_hash, in_split
 from metatrain.errors import UserError
+from metatrain.io.compression import LineTooLong
 
 from ..conftest import make_docs, write_jsonl
 
@@ -63,11 +65,11 @@ def test_bad_records_are_skipped_and_counted_with_file_and_line(tmp_path, encode
     out = [reader(lines[i]) for i in range(len(lines))]
     assert [o is not None for o in out] == [True, False, False, False, False, True, False]
     skipped = log.drain()
-    assert [(s[0], s[1]) for s in skipped] == [(str(path), line) for line in (2, 3, 4, 5, 7)]
-    for (_, _, reason, _), (_, expected) in zip(skipped, BAD_LINES):
-        assert expected in reason
-    assert "UTF-8" in skipped[-1][2]
-    assert log.drain() == []
+    assert [(s.path, s.line) for s in skipped] == [(str(path), line) for line in (2, 3, 4, 5, 7)]
+    for error, (_, expected) in zip(skipped, BAD_LINES):
+        assert expected in error.reason
+    assert "UTF-8" in list(skipped)[-1].reason
+    assert len(log.drain()) == 0
 
 
 def test_strict_reader_stops_with_file_and_line(tmp_path, encoder_spec):
@@ -130,3 +132,31 @@ def test_records_in_a_store_pickle_and_read_in_another_process(stored_corpus, tm
     out = subprocess.run([sys.executable, "-c", code, str(pickled)], capture_output=True, check=True,
                          env=store.env())
     assert pickle.loads(out.stdout) == want
+
+
+@pytest.mark.hostile
+def test_a_line_past_the_bound_is_refused_from_its_length_unread(tmp_path, encoder_spec):
+    good = make_docs(2)
+    path = write_jsonl(tmp_path / "a.jsonl", [good[0], "x" * 50_000, good[1]])
+    lines = JsonlLines([path], max_line_bytes=10_000)
+    assert lines[1][2] == LineTooLong(length=50_000, limit=10_000, ended=True)  # its bytes are never read
+    assert pickle.loads(pickle.dumps(lines))[1] == lines[1]  # the bound travels to grain's workers
+    log = SkipLog()
+    reader = JsonlReader(encoder_spec, split=None, eval_fraction=0.0, strict=False, skips=log)
+    assert [reader(lines[i]) is not None for i in range(3)] == [True, False, True]
+    (skipped,) = log.drain()
+    assert (skipped.path, skipped.line) == (str(path), 2)
+    assert skipped.reason.startswith("the line is 50000 bytes, longer than the limit of 10000 bytes")
+    strict = JsonlReader(encoder_spec, split=None, eval_fraction=0.0, strict=True, skips=SkipLog())
+    with pytest.raises(UserError, match=f"{path}:2: the line is 50000 bytes"):
+        strict(lines[1])
+    assert open_records([path], max_line_bytes=10_000)[1] == lines[1]
+
+
+@pytest.mark.hostile
+def test_a_device_or_fifo_source_is_named_as_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    for source in ("/dev/zero", fifo):
+        with pytest.raises(UserError, match=f"^data source {source} is not a regular file .*give a JSON Lines"):
+            expand_jsonl_paths(source)

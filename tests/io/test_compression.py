@@ -18,6 +18,8 @@ import zstandard
 from metatrain.data.sources import JsonlLines, expand_jsonl_paths
 from metatrain.documents import SkipCounter, read_documents
 from metatrain.errors import UserError
+from metatrain.io import compression
+from metatrain.io.compression import SKIP_FACTOR, LineTooLong, iter_lines
 
 from ..conftest import good_record, line_records, write_lines
 
@@ -84,3 +86,36 @@ def test_a_damaged_compressed_file_is_a_one_line_error(tmp_path):
         list(read_documents(path))
     with pytest.raises(UserError, match=f"{path}: cannot decompress it as gzip"):
         JsonlLines([path])
+
+
+# -- a bound on the length of a line (issue 25) ---------------------------------------------
+
+LIMIT = 1000  # a small bound keeps these fast; the default is `MAX_LINE_BYTES`
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".zst"])
+def test_a_line_past_the_bound_is_skipped_without_being_held_and_reading_goes_on(tmp_path, suffix):
+    path = tmp_path / f"docs.jsonl{suffix}"
+    at_limit, too_long = b"a" * LIMIT, b"b" * (5 * LIMIT)
+    write_lines(path, [good_record(0), at_limit, too_long, good_record(1)], OPENERS.get(suffix, open))
+    assert list(iter_lines(path, max_line_bytes=LIMIT)) == [
+        good_record(0) + b"\n", at_limit + b"\n", LineTooLong(length=5 * LIMIT, limit=LIMIT, ended=True),
+        good_record(1) + b"\n"]
+
+
+def test_a_file_with_no_line_end_is_abandoned_after_a_bounded_read():
+    (only,) = list(iter_lines("/dev/zero", max_line_bytes=LIMIT))  # /dev/zero never ends
+    assert only == LineTooLong(length=(SKIP_FACTOR + 1) * LIMIT, limit=LIMIT, ended=False)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 64, 1 << 20])
+def test_lines_split_the_same_at_every_chunk_boundary(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(compression, "_READ_CHUNK", chunk)
+    path = tmp_path / "docs.jsonl"
+    lines = [b"x" * n for n in (0, 1, 7, 63, 64, 65, 200, 0, 3)]
+    path.write_bytes(b"\n".join(lines))  # no final newline
+    expected = [line + b"\n" for line in lines[:-1]] + [lines[-1]]
+    for limit in (200, 201, 1 << 20):
+        assert list(iter_lines(path, max_line_bytes=limit)) == expected
+    assert list(iter_lines(path, max_line_bytes=64))[3:8] == [
+        b"x" * 63 + b"\n", b"x" * 64 + b"\n", LineTooLong(65, 64, True), LineTooLong(200, 64, True), b"\n"]

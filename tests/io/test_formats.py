@@ -94,7 +94,7 @@ def test_bad_rows_are_skipped_and_counted_naming_file_and_row(tmp_path, encoder_
     records = open_records(files)
     encoded = [reader.encode_record(records[i]) for i in range(len(records))]
     assert [e.doc_id for e in encoded if e is not None] == ["a", "e", "f"]
-    assert [RecordError(*s) for s in log.drain()] == want
+    assert list(log.drain()) == want
 
 
 def test_strict_mode_stops_at_the_first_bad_row_in_one_line(tmp_path, encoder_spec):
