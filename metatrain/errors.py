@@ -136,16 +136,25 @@ def fault_from_os_error(error: BaseException, what: str) -> FaultError:
 
 
 def one_line(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """`message` made safe to print as one line: control characters (a newline in a
-    user's value, an escape sequence) are escaped, and past `limit` characters the middle
-    is cut, saying how much, so a message quoting a huge input stays readable."""
+    """`message` made safe to print: control characters (a newline in a user's value, an
+    escape sequence) are escaped, and past `limit` characters the middle is cut, saying
+    how much, so a message quoting a huge input stays readable.
+
+    The one structure kept is an indented list: a newline followed by two spaces (a
+    refused resume lists the changed keys that way), so no line of a message can pass
+    for the start of another message.
+    """
     if len(message) > limit:
         head, tail = message[: limit * 3 // 4], message[-(limit // 4):]
         message = f"{head} [... {len(message) - len(head) - len(tail):,} characters cut ...] {tail}"
-    if message.isprintable():
-        return message
+    return "\n  ".join(_escaped(part) for part in message.split("\n  "))
+
+
+def _escaped(text: str) -> str:
+    if text.isprintable():
+        return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
-                   for c in message)
+                   for c in text)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -25,6 +25,8 @@ from ..conftest import error_lines, run_cli
 def test_one_line_escapes_control_characters_and_keeps_the_rest():
     assert one_line("plain words, ünïcode") == "plain words, ünïcode"
     assert one_line("a\nb\x1b[31mc\ud800") == "a\\nb\\x1b[31mc\\ud800"
+    # an indented list (a refused resume's changed keys) stays one item per line
+    assert one_line("cannot resume:\n  a: 1 -> 2\n  fix: b") == "cannot resume:\n  a: 1 -> 2\n  fix: b"
 
 
 def test_one_line_cuts_the_middle_of_a_long_message_and_says_how_much():

@@ -4,7 +4,10 @@ line, and nothing half-written or temporary survives (issue 25)."""
 
 from __future__ import annotations
 
+import json
+import random
 import signal
+import string
 import subprocess
 import sys
 import time
@@ -117,19 +120,24 @@ def _wait_for(predicate, process, limit: float = 120.0) -> bool:
 @pytest.mark.hostile
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_train_leaves_the_old_outputs_and_no_temporary(tmp_path, signum):
-    """The signal arrives as soon as SentencePiece has written its model (in the scratch
-    directory): the command is not done (the model is still to be checked), so it must end
-    with the old `.model` and `.vocab` in place and nothing else beside them."""
+    """The signal arrives once the scratch directory exists, while SentencePiece trains
+    (a corpus large enough to take a while): the command is not done, so it must end with
+    the old `.model` and `.vocab` in place and nothing else beside them."""
+    rng = random.Random(0)
+    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(5000)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "segments": [{"kind": "text", "text": " ".join(
+        rng.choices(words, k=60))}]}) + "\n" for i in range(20000)))
     out = tmp_path / "out"
     out.mkdir()
     old = plant_old_outputs(out / "tok.model", out / "tok.vocab")
     process = subprocess.Popen(
-        [sys.executable, "-m", "metatrain.cli", "tokenizer", "train", "--input", str(SAMPLE_CORPUS),
-         "--vocab-size", str(SAMPLE_VOCAB), "--out", str(out / "tok")],
+        [sys.executable, "-m", "metatrain.cli", "tokenizer", "train", "--input", str(corpus),
+         "--vocab-size", "2000", "--out", str(out / "tok")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        trained = _wait_for(lambda: any(out.glob(".tok.*.partial/tok.vocab")), process)
-        assert trained, "the trainer never wrote its scratch model"
+        training = _wait_for(lambda: any(out.glob(".tok.*.partial")), process)
+        assert training, "the trainer never made its scratch directory"
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=60)
     finally:

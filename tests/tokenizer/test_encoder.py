@@ -227,7 +227,7 @@ def test_a_tokenizer_and_tags_in_a_store_encode_like_the_local_ones(stored_input
 def test_a_missing_tokenizer_or_tags_is_one_line_naming_the_path(store, model_path):
     with pytest.raises(UserError, match=f"^cannot read tokenizer {store}/missing.model: No such file or directory$"):
         Encoder.from_files(f"{store}/missing.model", DEFAULT_TAGS)
-    with pytest.raises(UserError, match=f"^cannot read tag registry {store}/tags.yaml: No such file or directory$"):
+    with pytest.raises(UserError, match=f"^tag registry {store}/tags.yaml does not exist$"):
         Encoder.from_files(model_path, f"{store}/tags.yaml")
 
 
