@@ -143,9 +143,9 @@ def test_a_hostile_config_file_is_one_line_naming_the_file(kind, words, tmp_path
 
 
 def test_a_config_file_past_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    from metatrain.io import dataclass_yaml
+    from metatrain.io import yaml_files
 
-    monkeypatch.setattr(dataclass_yaml, "MAX_YAML_FILE_BYTES", 1000)
+    monkeypatch.setattr(yaml_files, "MAX_YAML_FILE_BYTES", 1000)
     config = tmp_path / "big.yaml"
     config.write_text(f"base: {TINY}\n" + "# padding\n" * 200)
     with pytest.raises(UserError, match=rf"^{config}: 2,\d\d\d bytes; a YAML file metatrain reads is at most 1,000"):

@@ -33,13 +33,13 @@ import yaml
 from metatrain.errors import UserError
 from metatrain.io.dataclass_yaml import (  # the run config's loader too: one set of messages
     build_typed,
-    read_yaml_text,
 )
 from metatrain.io.strict_parsing import (
     DuplicateKeyError,
     describe_yaml_error,
     load_yaml,
 )
+from metatrain.io.yaml_files import read_yaml_text
 from metatrain.sweep.family import get_family
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")

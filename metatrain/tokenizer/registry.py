@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 
 from metatrain.errors import UserError
-from metatrain.io.dataclass_yaml import read_yaml_text
 from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.io.storage import StoragePath, as_path, os_reason
 from metatrain.io.strict_parsing import (
@@ -24,6 +23,7 @@ from metatrain.io.strict_parsing import (
     describe_yaml_error,
     load_yaml,
 )
+from metatrain.io.yaml_files import read_yaml_text
 
 #: Piece names SentencePiece reserves for itself; a tag may not take one of them.
 RESERVED_PIECES: frozenset[str] = frozenset({"<s>", "</s>", "<unk>", "<pad>"})

@@ -44,13 +44,8 @@ from metatrain.run.metrics import MetricsWriter, add_sums, role_metrics
 from metatrain.run.program import build_train_program
 from metatrain.run.resume import check_allowed_changes, check_resume
 from metatrain.run.state import init_state
-from metatrain.run.workdir import (
-    NoLock,
-    check_origin,
-    check_trainable,
-    prepare_workdir,
-    workdir_lock,
-)
+from metatrain.run.lock import NoLock, workdir_lock
+from metatrain.run.workdir import check_origin, check_trainable, prepare_workdir
 from metatrain.tokenizer.spm import check_vocab_size
 from metatrain.train.hooks import (
     CheckpointHook,

@@ -18,14 +18,12 @@ memory is where a whole train state fits. The array surgery (`metatrain.run.crea
 pure function of trees; files, the work directories and the checkpointer live in
 `resize_checkpoint`.
 
-The new work directory is written in place under its lock (`train.lock`), in this
-order: `tokenizer.model`, `tags.yaml`, the checkpoint (complete once orbax has
-committed it), and `config.yaml` last. `config.yaml` is the marker: a resized work
-directory without it is incomplete. On any failure everything written there is
-removed again. Either work directory may be in a bucket (`gs://`, see
-`metatrain.io.storage`): there the lock is `ObjectLock`, every file is one whole object,
-orbax marks the checkpoint with `commit_success.txt`, and a failed build's objects are
-deleted with `discard_dir`.
+The new work directory is built beside its final name and moved into place whole
+(`metatrain.run.create.write_workdir`): `tokenizer.model`, `tags.yaml`, the checkpoint,
+and `config.yaml` last, so a failure or an interrupt leaves nothing under the final
+name. Either work directory may be in a bucket (`gs://`, see `metatrain.io.storage`):
+there it is written in place, every file one whole object, orbax marks the checkpoint
+with `commit_success.txt`, and a failed build's objects are deleted with `discard_dir`.
 """
 
 from __future__ import annotations

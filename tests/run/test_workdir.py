@@ -14,9 +14,9 @@ import pytest
 
 from metatrain.errors import FaultError
 from metatrain.io.storage import as_path
-from metatrain.run import workdir as workdir_module
+from metatrain.run import lock as lock_module
 from metatrain.run.layout import LOCK_FILE
-from metatrain.run.workdir import STALE_AFTER_S, ObjectLock, WorkdirLock, WorkdirLocked
+from metatrain.run.lock import STALE_AFTER_S, ObjectLock, WorkdirLock, WorkdirLocked
 from metatrain.train.hooks import FunctionHook
 from metatrain.train.loop import Trainer, train
 
@@ -34,7 +34,7 @@ def test_a_second_trainer_on_a_held_directory_exits_2_naming_the_holder_and_writ
     # The holder is another process: a real `metatrain train` run held at its start.
     holder = subprocess.Popen(
         [sys.executable, "-c", (
-            "import sys, time; from pathlib import Path; from metatrain.run.workdir import WorkdirLock\n"
+            "import sys, time; from pathlib import Path; from metatrain.run.lock import WorkdirLock\n"
             f"lock = WorkdirLock(Path({str(workdir)!r})); lock.acquire(); print('held', flush=True); time.sleep(120)"
         )],
         stdout=subprocess.PIPE, text=True,
@@ -125,8 +125,8 @@ def test_the_lock_in_a_bucket_is_exclusive_and_a_stale_one_is_taken_over(bucket,
         assert "last heartbeat" in message and f"delete {workdir}/train.lock" in message
 
         # Another host's lock whose heartbeat stopped: taken over, and its holder learns it lost.
-        monkeypatch.setattr(workdir_module, "STALE_AFTER_S", 0.0)
-        monkeypatch.setattr(workdir_module.socket, "gethostname", lambda: "rescheduled-vm")
+        monkeypatch.setattr(lock_module, "STALE_AFTER_S", 0.0)
+        monkeypatch.setattr(lock_module.socket, "gethostname", lambda: "rescheduled-vm")
         successor = ObjectLock(workdir)
         successor.acquire()
         assert "taking over the stale lock" in capsys.readouterr().err
