@@ -16,9 +16,11 @@ README documents. (`metatrain.io.formats.RecordError` describes one bad input re
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+from collections.abc import Iterator
 
 #: Exit statuses of every `metatrain` command (documented in the README).
 EXIT_SUCCESS: int = 0
@@ -162,6 +164,49 @@ def is_out_of_memory(error: BaseException) -> bool:
     an INTERNAL error saying "Out of memory"), in `error` or its causes."""
     return any(isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
                for e in _related(error))
+
+
+#: Functions whose exceptions Python reports as "ignored" instead of raising them: an
+#: exception a signal handler raises while one of them runs is lost (JAX frees buffers
+#: from a garbage-collector callback, so a Ctrl-C can land there).
+SWALLOWING_FUNCTIONS: frozenset[str] = frozenset({"_xla_gc_callback", "__del__"})
+
+
+def raised_here_is_lost(frame) -> bool:
+    """Whether an exception a signal handler raises at `frame` (its second argument)
+    would be swallowed: the handler should arrange to act again a moment later."""
+    while frame is not None:
+        if frame.f_code.co_name in SWALLOWING_FUNCTIONS:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_critical_depth = 0
+_deferred: list[BaseException] = []
+
+
+@contextlib.contextmanager
+def critical_section() -> Iterator[None]:
+    """Steps that must not be cut in two (publishing a model and its vocabulary): an
+    interrupt that a handler defers (`defer_interrupt`) is raised when the block ends."""
+    global _critical_depth
+    _critical_depth += 1
+    try:
+        yield
+    finally:
+        _critical_depth -= 1
+        if not _critical_depth and _deferred:
+            raise _deferred.pop(0)
+
+
+def defer_interrupt(error: BaseException) -> bool:
+    """Keep `error` for the end of the current `critical_section`; False when none is open
+    (the signal handler then raises it at once)."""
+    if not _critical_depth:
+        return False
+    _deferred.append(error)
+    return True
 
 
 def find_metatrain_error(error: BaseException) -> MetatrainError | None:

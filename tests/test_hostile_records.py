@@ -237,3 +237,15 @@ def test_an_annotate_text_input_past_the_bound_is_a_record_error(tmp_path):
     skips = SkipCounter()
     assert list(read_raw_documents([txt], skips=skips)) == []
     assert skips.count == 1 and "longer than the limit" in skips.messages[0]
+
+
+def test_an_annotate_text_input_past_the_bound_in_many_short_lines_is_a_record_error(tmp_path, monkeypatch):
+    from metatrain.annotate import inputs
+    from metatrain.annotate.inputs import read_raw_documents
+
+    monkeypatch.setattr(inputs, "MAX_LINE_BYTES", 10_000)
+    txt = tmp_path / "long.txt"
+    txt.write_text("a short line of text\n" * 1000)
+    skips = SkipCounter()
+    assert list(read_raw_documents([txt], skips=skips)) == []
+    assert skips.count == 1 and "passes 10,000 bytes by line" in skips.messages[0]

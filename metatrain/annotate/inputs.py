@@ -52,7 +52,7 @@ from typing import Any
 
 from metatrain.documents import DEFAULT_DOCUMENT_MODE, Segment, SkipCounter, parse_document
 from metatrain.errors import UserError
-from metatrain.io.compression import COMPRESSIONS, LineTooLong, iter_lines
+from metatrain.io.compression import COMPRESSIONS, MAX_LINE_BYTES, LineTooLong, iter_lines
 from metatrain.io.formats import JSONL, RecordError, describe_line_too_long, format_of, read_records
 from metatrain.io.storage import StoragePath, absolute, as_path, glob_paths, os_reason
 
@@ -220,10 +220,15 @@ def _open_lines(path: Path) -> Iterator[bytes | LineTooLong]:
 
 def _read_txt(path: Path) -> Iterator[RawDocument | RecordError]:
     name, doc_id = str(path), _stem(path)
-    parts = []
+    parts, size = [], 0
     for number, line in enumerate(_open_lines(path), start=1):
         if isinstance(line, LineTooLong):  # never held: the document would be past any context
             yield RecordError(name, number, describe_line_too_long(line), doc_id)
+            return
+        size += len(line)
+        if size > MAX_LINE_BYTES:  # one .txt file is one document: bounded like one record
+            yield RecordError(name, number, f"the file passes {MAX_LINE_BYTES:,} bytes by line {number}, more "
+                                            "than one document may hold; split it into several files", doc_id)
             return
         parts.append(line)
     data = b"".join(parts)  # lines keep their endings, so this is the file's bytes

@@ -152,6 +152,9 @@ def check_out_order(out: str | os.PathLike, input_ids: Iterable[str]) -> list[st
             raise UserError(f"{out}:{number}: {doc_id!r} comes before {last[1]!r} (line {last[2]}) in the inputs, "
                             f"so the lines were reordered; {fix}")
         last = (position[doc_id], doc_id, number)
+    for path in (as_path(out), as_path(str(out) + FAILED_SUFFIX)):
+        if path.is_file() and not is_remote(str(path)):
+            _drop_partial_last_line(path)  # only now: a refused --out is left exactly as it was
     return list(lines)
 
 
@@ -161,10 +164,10 @@ def _ids(path: StoragePath) -> dict[int, str]:
     if not path.is_file():
         return ids
     remote = is_remote(str(path))
-    if not remote:
-        _drop_partial_last_line(path)
     with path.open("rb") as handle:
         for number, line in enumerate(handle, 1):
+            if not remote and not line.endswith(b"\n"):
+                continue  # cut short by a crash: removed once the rest is found in order
             if remote and not line.endswith(b"\n"):
                 raise UserError(f"{path}:{number}: the last line is cut short, which annotate never "
                                 "writes in a bucket; another writer changed it. Restore it, or annotate "
@@ -204,6 +207,11 @@ def _drop_partial_last_line(path: Path) -> None:
         handle.truncate(0)
 
 
+#: Generator settings that say where it is, not what it writes: not compared on resume
+#: (a restarted server may listen elsewhere; runs before this rule stored them).
+ADDRESS_SETTINGS = frozenset({"base_url"})
+
+
 def prepare_out(out: StoragePath, identity: dict[str, Any], inputs: Iterable[str]) -> bool:
     """Check `out` and its settings file; returns True when resuming an earlier run.
 
@@ -224,6 +232,8 @@ def prepare_out(out: StoragePath, identity: dict[str, Any], inputs: Iterable[str
             earlier = json.loads(settings_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise UserError(f"{settings_path} is unreadable ({e}); choose another --out") from None
+        if isinstance(earlier.get("settings"), dict):
+            earlier["settings"] = {k: v for k, v in earlier["settings"].items() if k not in ADDRESS_SETTINGS}
         differ = [f"{key}: {earlier.get(key)!r} -> {identity.get(key)!r}"
                   for key in sorted(set(earlier) | set(identity)) if earlier.get(key) != identity.get(key)]
         if differ:

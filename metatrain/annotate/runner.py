@@ -37,7 +37,13 @@ from typing import Any
 from metatrain.annotate.checks import BlockChecks
 from metatrain.annotate.generators import GenerationError, ThinkRequest, ThoughtGenerator
 from metatrain.annotate.inputs import RawDocument
-from metatrain.annotate.output import FAILED_SUFFIX, OutputSink, check_out_order, prepare_out
+from metatrain.annotate.output import (
+    ADDRESS_SETTINGS,
+    FAILED_SUFFIX,
+    OutputSink,
+    check_out_order,
+    prepare_out,
+)
 from metatrain.annotate.placement import PlacementConfig, assemble, context_at, plan_insertions
 from metatrain.annotate.prompts import PromptTemplate
 from metatrain.documents import Segment, parse_document
@@ -76,10 +82,6 @@ class RunSettings:
             "filter": self.checks.filter_name, "retries": self.retries,
             "generator": generator.kind, "model": generator.model, "settings": sampling,
         }
-
-
-#: Generator settings that say where it is, not what it writes: not compared on resume.
-ADDRESS_SETTINGS = frozenset({"base_url"})
 
 
 @dataclasses.dataclass
@@ -282,11 +284,13 @@ class Annotator:
         pending: collections.deque[asyncio.Task] = collections.deque()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        previous = {}  # the command's own handlers (the CLI's), put back after the run
         for signum, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             try:
+                previous[signum] = signal.getsignal(signum)
                 loop.add_signal_handler(signum, lambda n=name: (setattr(summary, "stopped", n), stop.set()))
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-                pass
+                previous.pop(signum, None)
         try:
             for raw in documents:
                 if stop.is_set():
@@ -300,9 +304,10 @@ class Annotator:
             for task in pending:  # stopped: unfinished documents are redone on resume
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum, handler in previous.items():
                 try:
-                    loop.remove_signal_handler(signum)
+                    loop.remove_signal_handler(signum)  # it leaves the default handler, not the CLI's
+                    signal.signal(signum, handler)
                 except (NotImplementedError, RuntimeError, ValueError):
                     pass
 
@@ -416,14 +421,22 @@ def run_annotation(
 
 
 def raise_if_nothing_done(summary: RunSummary, out: str | os.PathLike) -> None:
-    """Fail a run that had documents to do and wrote none, or whose every request failed.
+    """Fail a run that had documents to do and wrote none, whose every request failed, or
+    whose input held no valid document at all (a resume that finds everything done is fine).
 
     Raises:
-        UserError: the last failure was the user's settings or credentials (HTTP 4xx).
+        UserError: the input held no valid document, or the last failure was the user's
+            settings or credentials (HTTP 4xx).
         FaultError: the endpoint failed (5xx, timeouts, dropped connections).
     """
+    if summary.stopped:
+        return
+    if not (summary.documents or summary.failed or summary.resumed):
+        skipped = f" ({summary.skipped_records} bad records skipped, see the warnings)" if summary.skipped_records else ""
+        raise UserError(f"the input holds no document to annotate{skipped}, so nothing was written to {out}; "
+                        "give JSON Lines documents with an id and text, or .txt files")
     error = summary.last_error
-    if error is None or summary.stopped or (summary.documents and summary.replies):
+    if error is None or (summary.documents and summary.replies):
         return
     what = "no document was annotated" if not summary.documents else "every request failed"
     message = (f"{what}: all {summary.failed} attempted documents failed, the last with {error.reason} "

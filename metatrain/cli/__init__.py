@@ -40,10 +40,12 @@ from metatrain.errors import (
     MetatrainError,
     Terminated,
     debug_enabled,
+    defer_interrupt,
     describe_cause,
     find_metatrain_error,
     is_out_of_memory,
     one_line,
+    raised_here_is_lost,
 )
 
 COMMAND_MODULES: tuple[str, ...] = (
@@ -109,12 +111,6 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signum, handler)
 
 
-#: Functions whose exceptions Python reports as "ignored" instead of raising them: a signal
-#: that arrives while one runs (JAX frees buffers from a garbage-collector callback) would
-#: be lost, and the command would go on as if never interrupted.
-_SWALLOWING = frozenset({"_xla_gc_callback", "__del__"})
-
-
 def run() -> NoReturn:
     """The `metatrain` executable: `main`, then exit with its status.
 
@@ -141,13 +137,12 @@ def _signals_raise() -> dict[int, object]:
     handler can be installed)."""
 
     def handler(signum, frame):
-        f = frame
-        while f is not None:
-            if f.f_code.co_name in _SWALLOWING:
-                threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
-                return
-            f = f.f_back
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        if raised_here_is_lost(frame):
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
+        error = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        if not defer_interrupt(error):  # inside a critical section it is raised at its end
+            raise error
 
     previous: dict[int, object] = {}
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from metatrain.cli.options import output_path
 from metatrain.io.paths import SAMPLE_TOKENIZER
 
 
@@ -26,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--input", action="append", required=True, metavar="RAW",
                    help="JSON Lines ({id, text} or documents), .txt, compressed, a directory or a glob; repeatable")
-    p.add_argument("--out", required=True, metavar="DOCS.jsonl", help="annotated documents (appended; resumable), a local file or gs://BUCKET/NAME")
+    p.add_argument("--out", required=True, type=output_path("--out"), metavar="DOCS.jsonl", help="annotated documents (appended; resumable), a local file or gs://BUCKET/NAME")
     p.add_argument("--generator", required=True, choices=sorted(GENERATOR_MODULES), help="what writes the thinking")
     place = p.add_argument_group("placement")
     place.add_argument("--where", choices=("passage", "document", "chunk"), default="passage",

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from metatrain.cli.options import add_max_line_bytes
+from metatrain.cli.options import add_max_line_bytes, output_path
 from metatrain.data.cache import cache_stats, format_cache_stats, write_cache
 from metatrain.data.sources import EncoderSpec
 from metatrain.errors import UserError
@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cache.add_argument("--tokenizer", required=True, metavar="T.model", help="SentencePiece model with the tags")
     cache.add_argument("--tags", default=str(DEFAULT_TAGS), metavar="TAGS.yaml",
                        help="tag registry (default: %(default)s)")
-    cache.add_argument("--out", required=True, metavar="DIR", help="cache directory to create")
+    cache.add_argument("--out", required=True, type=output_path("--out"), metavar="DIR", help="cache directory to create")
     cache.add_argument("--mantra", default=None, help="mantra text (default: the default mantra)")
     cache.add_argument("--mantra-policy", default="every", choices=MANTRA_POLICIES,
                        help="which thinking blocks open with the mantra; `none` for no mantra")

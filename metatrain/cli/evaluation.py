@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 
+from metatrain.cli.options import output_path
 from metatrain.io.storage import as_path
 
 
@@ -36,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="evaluate these documents (JSON Lines, compressed or a glob; repeatable) instead of "
                         "the run's held-out split")
     p.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step (default: the newest)")
-    p.add_argument("--out", type=as_path, default=None, metavar="DIR",
+    p.add_argument("--out", type=output_path("--out", as_path), default=None, metavar="DIR",
                    help="where report.json and probes.png go (default: W/eval/<step>)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
     p.add_argument("--max-documents", type=int, default=2000, metavar="N",

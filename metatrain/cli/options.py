@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
 from metatrain.io.compression import MAX_LINE_BYTES
+from metatrain.run.layout import refuse_inside_checkpoints
 
 
 def positive_int(text: str) -> int:
@@ -23,3 +26,15 @@ def add_max_line_bytes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-line-bytes", type=positive_int, default=MAX_LINE_BYTES, metavar="N",
                         help="longest JSON Lines line read; a longer one is a bad record, skipped without "
                              "being held (default: %(default)s, 64 MiB)")
+
+
+def output_path(option: str, convert: Callable[[str], Any] = str) -> Callable[[str], Any]:
+    """argparse `type=` for an output flag: `convert(text)`, refused (one line, exit 2) when
+    it lies inside a run's `checkpoints/`, which that run lists, moves aside and deletes."""
+
+    def check(text: str) -> Any:
+        value = convert(text)
+        refuse_inside_checkpoints(value, option)
+        return value
+
+    return check

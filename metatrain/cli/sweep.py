@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from metatrain.cli.options import output_path
 from metatrain.io.storage import as_path
 
 
@@ -39,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     plan = sub.add_parser("plan", help="write one run config per point and the manifest")
     plan.add_argument("--spec", type=Path, required=True, help="sweep spec YAML (see configs/sweeps/)")
-    plan.add_argument("--out", required=True, help="sweep directory to create (a local path or gs://bucket/path)")
+    plan.add_argument("--out", required=True, type=output_path("--out"), help="sweep directory to create (a local path or gs://bucket/path)")
     _add_set(plan)
     plan.set_defaults(func=run_plan)
 

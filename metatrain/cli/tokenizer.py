@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from metatrain.cli.options import add_max_line_bytes
+from metatrain.cli.options import add_max_line_bytes, output_path
 from metatrain.documents import SkipCounter
 from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.io.storage import as_path
@@ -84,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--input", action="append", required=True, metavar="DOCS",
                        help=f"document file: {_INPUT_FORMATS} (repeat for several)")
     train.add_argument("--vocab-size", type=int, required=True, metavar="N")
-    train.add_argument("--out", required=True, metavar="PREFIX",
+    train.add_argument("--out", required=True, type=output_path("--out"), metavar="PREFIX",
                        help="writes PREFIX.model and PREFIX.vocab (PREFIX may be gs://BUCKET/PATH)")
     train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     train.add_argument("--mantra-file", metavar="FILE", help="mantra text (default: the built-in mantra)")
@@ -95,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     extend = tok_sub.add_parser("extend", help="append tags to an existing model; existing ids stay")
     extend.add_argument("--base", required=True, metavar="BASE.model")
-    extend.add_argument("--out", required=True, metavar="NEW.model", help="the new model (may be gs://BUCKET/PATH)")
+    extend.add_argument("--out", required=True, type=output_path("--out"), metavar="NEW.model", help="the new model (may be gs://BUCKET/PATH)")
     _add_tags_flag(extend)
     extend.set_defaults(func=_run_extend)
 
@@ -119,7 +119,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the run to resize (only read; may be gs://BUCKET/PATH)")
     resize.add_argument("--tokenizer", required=True, type=as_path, metavar="NEW.model",
                         help="`metatrain tokenizer extend` of DIR/tokenizer.model")
-    resize.add_argument("--out", required=True, type=as_path, metavar="OUT",
+    resize.add_argument("--out", required=True, type=output_path("--out", as_path), metavar="OUT",
                         help="the new work directory (must not exist, or be empty; may be gs://BUCKET/PATH)")
     resize.add_argument("--tags", type=as_path, default=None, metavar="FILE",
                         help="tag registry of NEW.model (default: DIR/tags.yaml)")
@@ -133,7 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     enc.add_argument("--tokenizer", required=True, metavar="T.model")
     enc.add_argument("--input", action="append", required=True, metavar="DOCS",
                      help=f"document file: {_INPUT_FORMATS} (repeat for several)")
-    enc.add_argument("--output", required=True, metavar="OUT.jsonl")
+    enc.add_argument("--output", required=True, type=output_path("--output"), metavar="OUT.jsonl")
     enc.add_argument("--mantra-policy", choices=MANTRA_POLICIES, default="every")
     enc.add_argument("--mantra-file", metavar="FILE", help="mantra text (default: the built-in mantra)")
     enc.add_argument("--strict", action="store_true", help="stop with an error at the first bad record")

@@ -55,7 +55,11 @@ def serve_workdir(workdir: Path, *, host: str = "127.0.0.1", port: int = 8000, m
     check_batch_fits(generator.model_config, max_batch, engines=ENGINES, device=device_of(generator.params))
     app = create_app(generator, model_id=workdir.name, max_batch=max_batch, hide_thinking=hide_thinking)
     _warm_up(app.state.service, max_batch)
-    listener = _listen(host, port)
+    try:
+        listener = _listen(host, port)
+    except BaseException:
+        app.state.service.stop()  # the warmed engines' decode threads
+        raise
     config = uvicorn.Config(app, lifespan="on", log_level="info")
     server = uvicorn.Server(config)
     print(f"metatrain serve: {workdir.name} on http://{host}:{listener.getsockname()[1]}/v1", file=sys.stderr,

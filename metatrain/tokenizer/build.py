@@ -24,7 +24,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from metatrain.documents import SkipCounter, read_documents
-from metatrain.errors import UserError
+from metatrain.errors import UserError, critical_section
 from metatrain.io.compression import MAX_LINE_BYTES
 from metatrain.io.outputs import check_output_file, write_atomically
 from metatrain.io.storage import StoragePath, as_path, is_remote
@@ -185,8 +185,9 @@ def train_tokenizer(
         _check_round_trip(tokenizer, texts[:_SELF_CHECK_TEXTS])
         # The model last: a reader that finds the new model finds its vocabulary listing too.
         inputs_and_tags = [*inputs, registry.source]
-        write_atomically(vocab_path, vocab_bytes, inputs=inputs_and_tags, option="--out")
-        write_atomically(model_path, model_bytes, inputs=inputs_and_tags, option="--out")
+        with critical_section():  # an interrupt between the two would pair a new .vocab with an old .model
+            write_atomically(vocab_path, vocab_bytes, inputs=inputs_and_tags, option="--out")
+            write_atomically(model_path, model_bytes, inputs=inputs_and_tags, option="--out")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return TrainReport(model_path, tokenizer.vocab_size, len(documents), len(texts), skips.count)

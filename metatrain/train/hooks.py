@@ -47,7 +47,7 @@ import numpy as np
 
 from metatrain.data import BatchIterator
 from metatrain.documents import SkipCounter
-from metatrain.errors import DivergedError, FaultError, Terminated
+from metatrain.errors import DivergedError, FaultError, Terminated, raised_here_is_lost
 from metatrain.io.storage import as_path
 from metatrain.run.checkpoint import Checkpointer
 from metatrain.run.layout import TENSORBOARD_DIR
@@ -388,8 +388,12 @@ class PreemptionHook(HookBase):
         signal.setitimer(signal.ITIMER_REAL, DATA_WAIT_GRACE_S)
 
     def _on_grace_over(self, signum, frame) -> None:
-        if self._waiting:
-            raise StoppedWaitingForData()
+        if not self._waiting:
+            return
+        if raised_here_is_lost(frame):  # inside a garbage-collector callback: try again shortly
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            return
+        raise StoppedWaitingForData()
 
     @contextlib.contextmanager
     def waiting_for_data(self) -> Iterator[None]:
@@ -398,6 +402,8 @@ class PreemptionHook(HookBase):
             yield
             return
         self._waiting = True
+        if self._signalled:  # SIGTERM came during the last step's hooks: the grace starts now
+            self._start_grace()
         try:
             yield
         finally:

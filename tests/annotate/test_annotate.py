@@ -469,6 +469,22 @@ def test_a_restarted_server_on_another_port_continues_the_run(raw, tmp_path):
 
 
 @pytest.mark.hostile
+def test_a_run_begun_when_the_address_was_a_setting_still_continues(raw, tmp_path):
+    out = tmp_path / "docs.jsonl"
+    with ChatServer() as server:
+        assert annotate(server, raw, out) == 0
+        settings_file = Path(str(out) + ".annotate.json")
+        earlier = json.loads(settings_file.read_text())
+        earlier["settings"]["base_url"] = server.base_url  # as runs before issue 25 stored it
+        settings_file.write_text(json.dumps(earlier))
+    whole = out.read_bytes()
+    out.write_bytes(whole[: whole.index(b"\n") + 1])
+    with ChatServer() as server:
+        assert annotate(server, raw, out) == 0
+    assert [r["id"] for r in records(out)] == ["alpha", "beta", "gamma"]
+
+
+@pytest.mark.hostile
 def test_a_reply_that_restates_the_mantra_keeps_only_the_thought(raw, tmp_path):
     from metatrain.tokenizer.mantra import DEFAULT_MANTRA
 
@@ -478,3 +494,18 @@ def test_a_reply_that_restates_the_mantra_keeps_only_the_thought(raw, tmp_path):
         assert annotate(server, raw, out, "--where", "document") == 0
     thoughts = [s["text"] for r in records(out) for s in r["segments"] if s["kind"] == "thinking"]
     assert thoughts == ["The river's length matters for what follows."] * 3
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("content", ["", '{"no id": 1}\n{not json\n'])
+def test_an_input_without_one_valid_document_fails_instead_of_writing_nothing(tmp_path, capsys, content):
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(content)
+    out = tmp_path / "docs.jsonl"
+    with ChatServer() as server:
+        assert annotate(server, raw, out) == 2
+        assert server.requests == []
+    (line,) = [l for l in capsys.readouterr().err.splitlines() if l.startswith("metatrain annotate:")]
+    assert "the input holds no document to annotate" in line
+    assert ("2 bad records skipped" in line) == bool(content)
+

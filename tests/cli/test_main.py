@@ -76,3 +76,31 @@ def test_a_signal_outside_training_leaves_no_temporary_and_says_so_in_one_line(t
     assert done.returncode == status, done.stderr[-2000:]
     assert left == []
     assert error_lines(done.stderr)[-1] == f"metatrain encode: {word}"
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("argv", [
+    ["data", "cache", "--input", "{docs}", "--tokenizer", "{tok}", "--out", "{inside}"],
+    ["encode", "--input", "{docs}", "--tokenizer", "{tok}", "--output", "{inside}/ids.jsonl"],
+    ["tokenizer", "train", "--input", "{docs}", "--vocab-size", "400", "--out", "{inside}/spm"],
+    ["tokenizer", "extend", "--base", "{tok}", "--out", "{inside}/new.model"],
+    ["tokenizer", "resize-checkpoint", "--workdir", "{run}", "--tokenizer", "{tok}", "--out", "{inside}"],
+    ["eval", "--workdir", "{run}", "--out", "{inside}"],
+    ["annotate", "--input", "{docs}", "--out", "{inside}/docs.jsonl", "--generator", "openai",
+     "--base-url", "http://127.0.0.1:9/v1", "--model", "m"],
+    ["sweep", "plan", "--spec", "{docs}", "--out", "{inside}"],
+])
+def test_no_command_writes_inside_a_runs_checkpoints(tmp_path, capsys, argv):
+    from metatrain.cli import main
+    from metatrain.io.paths import SAMPLE_CORPUS, SAMPLE_TOKENIZER
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "3").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    inside = run / "checkpoints" / "555"
+    words = [a.format(docs=SAMPLE_CORPUS, tok=SAMPLE_TOKENIZER, run=run, inside=inside) for a in argv]
+    assert main(words) == 2
+    (line,) = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert f"is inside {run / 'checkpoints'}, the checkpoints of the run {run}" in line
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

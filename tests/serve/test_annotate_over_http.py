@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from metatrain.data.split import id_hash, in_split
 from metatrain.io.paths import REPO_ROOT, SAMPLE_CORPUS
 
 from ..conftest import free_port, run_cli
@@ -91,7 +92,11 @@ def test_the_documented_loop_runs_as_written_against_a_served_default_preset_mod
                       "--set", "trainer.eval_every=0", "--set", "trainer.progress=false", timeout=600)
     assert trained.returncode == 0, trained.stderr[-3000:]
     corpus = tmp_path / "next.jsonl"
-    corpus.write_text("".join(SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines(keepends=True)[:4]))
+    # Three documents of the train split and one of the eval split (data.eval_fraction 0.05),
+    # so that the documented training, evaluation included, has both.
+    lines = SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines(keepends=True)
+    held_out = [in_split(id_hash(json.loads(line)["id"]), "eval", 0.05) for line in lines]
+    corpus.write_text("".join([l for l, e in zip(lines, held_out) if not e][:3] + [l for l, e in zip(lines, held_out) if e][:1]))
     port = free_port()
 
     def as_here(command: str) -> str:
@@ -126,7 +131,7 @@ def test_the_documented_loop_runs_as_written_against_a_served_default_preset_mod
     assert not Path(f"{out}.failed.jsonl").exists()
     assert [r["id"] for r in records] == [r["id"] for r in inputs]
     assert {(r["annotation"]["generator"], r["annotation"]["model"]) for r in records} == {("openai", "gen0")}
-    trained = subprocess.run(["bash", "-c", as_here(train) + " --set trainer.steps=2 --set trainer.eval_every=0"],
+    trained = subprocess.run(["bash", "-c", as_here(train) + " --set trainer.steps=2"],  # fewer steps: time only
                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (runs / "gen1" / "checkpoints").is_dir()
