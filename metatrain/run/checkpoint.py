@@ -325,8 +325,13 @@ class Checkpointer:
 
     def _listing_changed(self, steps: list[int]) -> bool:
         """Whether the complete checkpoints are no longer `steps` (on any process)."""
-        self._manager.reload()
-        return not _all_processes_ok(self.all_steps() == steps)
+        try:
+            self._manager.reload()
+        except FileNotFoundError:  # a step vanished between orbax's listing and its look at it
+            same = False
+        else:
+            same = self.all_steps() == steps
+        return not _all_processes_ok(same)
 
     def _set_aside(self, step: int, cause: str) -> str:
         """Report checkpoint `step` as damaged; move it aside unless read-only."""
