@@ -39,7 +39,7 @@ from metatrain.data.split import check_split, id_hash, in_split
 from metatrain.documents import SkipCounter
 from metatrain.errors import FaultError, UserError, describe_cause
 from metatrain.io.compression import MAX_LINE_BYTES
-from metatrain.io.outputs import check_output_dir, discard_dir, publish_dir, staging_dir
+from metatrain.io.outputs import built_dir, check_output_dir
 from metatrain.io.storage import StoragePath, as_path, join, tensorstore_kvstore
 from metatrain.roles import LOSS_ROLES, LOSS_ROLE_LABELS, ROLE_DTYPE
 
@@ -204,8 +204,7 @@ def write_cache(
     reader = JsonlReader(encoder, split=None, eval_fraction=0.0, strict=strict, skips=log)
     fingerprint = encoder_fingerprint(encoder, vocab_size=reader.encoder.vocab_size)
     skips = SkipCounter()
-    tmp = staging_dir(out, option="--out")
-    try:
+    with built_dir(out, what="the token cache") as tmp:
         writer = _CacheWriter(tmp)
         for i in tqdm(range(len(records)), desc="tokenizing", unit="doc", disable=not progress, mininterval=0.5):
             encoded = reader.encode_record(records[i])
@@ -231,10 +230,6 @@ def write_cache(
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    except BaseException:
-        discard_dir(tmp)
-        raise
-    publish_dir(tmp, out, option="--out")
     return meta
 
 

@@ -40,7 +40,7 @@ import yaml
 
 from metatrain.errors import FaultError, UserError, describe_cause
 from metatrain.hf.convert import check_exportable, llama_config_kwargs, to_hf_tensors
-from metatrain.io.outputs import discard_dir, publish_dir, staging_dir
+from metatrain.io.outputs import built_dir
 from metatrain.io.storage import StoragePath, absolute, as_path, is_remote
 from metatrain.models.config import ModelConfig
 from metatrain.roles import LOSS_ROLE_LABELS
@@ -140,8 +140,7 @@ def export_workdir(
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
     refuse_inside_checkpoints(out, "--out")
     workdir = absolute(workdir)
-    staging = staging_dir(out, option="--out")
-    try:
+    with built_dir(out, what="the export") as staging:
         loaded = load_checkpoint(workdir, step=step)
         config = loaded.model_config
         check_exportable(config)
@@ -158,12 +157,6 @@ def export_workdir(
         card = model_card(loaded, loaded.config, read_metrics(workdir / METRICS_FILE, loaded.step), dtype)
         (staging / "README.md").write_text(card, encoding="utf-8")
         (staging / "config.json").write_text(model_files["config.json"], encoding="utf-8")  # last: complete
-    except BaseException as e:
-        discard_dir(staging)
-        if isinstance(e, OSError):
-            raise FaultError(f"writing the export {out} failed: {describe_cause(e)}") from None
-        raise
-    publish_dir(staging, out, option="--out")
     return ExportReport(absolute(out), loaded.step, dtype, config.num_params, files)
 
 

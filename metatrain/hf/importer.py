@@ -53,7 +53,7 @@ from metatrain.hf.convert import (
     model_fields_from_llama,
 )
 from metatrain.hf.export import require_hf
-from metatrain.io.outputs import check_output_dir, describe_kind, discard_dir, publish_dir, staging_dir
+from metatrain.io.outputs import built_dir, check_output_dir, describe_kind
 from metatrain.io.paths import DEFAULT_TAGS
 from metatrain.io.storage import absolute
 from metatrain.models.config import ModelConfig
@@ -335,8 +335,7 @@ def import_checkpoint(
     del tensors
 
     out = absolute(out)
-    staging = staging_dir(out, option="--out")
-    try:
+    with built_dir(out, what="the work directory") as staging:
         extended = extend_tokenizer(spm_file, registry, staging / TOKENIZER_FILE)
         model = dataclasses.replace(old_model, vocab_size=extended.vocab_size)
         config = _run_config(base, model, out)
@@ -349,12 +348,6 @@ def import_checkpoint(
             new_vocab_size=model.vocab_size, seed=seed, noise_scale=noise_scale,
         )
         write_run(staging, config, 0, state, _initial_data_state(config, staging / TOKENIZER_FILE, tags))
-    except BaseException as e:
-        discard_dir(staging)
-        if isinstance(e, OSError):
-            raise FaultError(f"writing the work directory {out} failed: {describe_cause(e)}") from None
-        raise
-    publish_dir(staging, out, option="--out")
     return ImportReport(source, out, model, dict(extended.added), grown)
 
 

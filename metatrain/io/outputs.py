@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
-from metatrain.errors import UserError
+from metatrain.errors import FaultError, UserError, describe_cause
 from metatrain.io.storage import StoragePath, as_path, is_remote, remove_tree
 
 PathLike = str | os.PathLike[str]
@@ -291,6 +291,28 @@ def publish_dir(staging: Path, path: PathLike, *, option: str = "--out") -> Path
     os.chmod(path, 0o777 & ~_umask())
     _fsync_directory(path.parent)
     return path
+
+
+class built_dir:  # noqa: N801 - used like `open`
+    """`with built_dir(path, what="the export") as staging:` builds a directory output in
+    `staging_dir(path)`: a clean exit publishes it (`publish_dir`); an exception or an
+    interrupt removes it, and an `OSError` becomes a `FaultError` naming `what` and `path`.
+    (A class, for the reason `atomic_output` is one.)"""
+
+    def __init__(self, path: PathLike, *, what: str, option: str = "--out"):
+        self.path, self.what, self.option = path, what, option
+
+    def __enter__(self) -> Path:
+        self.staging = staging_dir(self.path, option=self.option)
+        return self.staging
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            publish_dir(self.staging, self.path, option=self.option)
+            return
+        discard_dir(self.staging)
+        if isinstance(exc, OSError):
+            raise FaultError(f"writing {self.what} {self.path} failed: {describe_cause(exc)}") from None
 
 
 def discard_dir(staging: PathLike) -> None:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metatrain.config import RunConfig, config_to_dict, save_config
-from metatrain.io.outputs import discard_dir, publish_dir, staging_dir, write_atomically
+from metatrain.io.outputs import built_dir, write_atomically
 from metatrain.io.storage import StoragePath, as_path, join
 from metatrain.run.checkpoint import Checkpointer
 from metatrain.run.layout import CONFIG_FILE, TAGS_FILE, TOKENIZER_FILE
@@ -155,12 +155,7 @@ def write_workdir(
     """Creates the work directory `out`: built aside and moved into place whole, so an
     interrupted or failed write leaves nothing under its name (in a bucket: written in
     place, `config.yaml` last, and every object removed again on failure)."""
-    staging = staging_dir(out, option="--out")
-    try:
+    with built_dir(out, what="the work directory") as staging:
         for source, name in ((tokenizer, TOKENIZER_FILE), (tags, TAGS_FILE)):
             write_atomically(join(staging, name), as_path(source).read_bytes(), option="--out")
         write_run(staging, config, step, state, data_state)
-    except BaseException:
-        discard_dir(staging)
-        raise
-    publish_dir(staging, out, option="--out")
