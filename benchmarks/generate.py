@@ -5,7 +5,7 @@
 
 Model: the config's model (default: the embedded default run's), random parameters
 (speed does not depend on them), tokenizer, tags and mantra of the config's data.
-Every measurement runs the real jitted loop of `metatrain.generate.decoder` with a
+Every measurement runs the real jitted loop of `metatrain.engine.step` with a
 16-token prompt and `length - 16` new tokens, greedy, after one warm-up call that
 compiles it; the fastest of `--repeats` interleaved runs is reported (the run least
 disturbed by other load on a shared machine).
@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from metatrain.config import load_config
-from metatrain.generate.constraints import GrammarChooser, RowState, TagConstraints
-from metatrain.generate.decoder import PromptBatch, generate_tokens
+from metatrain.engine.constraints import GrammarChooser, RowState, TagConstraints
+from metatrain.engine.sampling import SamplingConfig, pick_tokens, scaled_scores
+from metatrain.engine.step import PromptBatch, generate_tokens
 from metatrain.generate.prompts import encode_prompt
-from metatrain.generate.sampling import SamplingConfig, pick_tokens, scaled_scores
 from metatrain.models import ModelConfig, Transformer, init_params_shape, logits
 from metatrain.tokenizer.encoder import Encoder
 from metatrain.tokenizer.mantra import DEFAULT_MANTRA

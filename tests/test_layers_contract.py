@@ -51,7 +51,7 @@ def test_the_tree_keeps_every_contract():
         ("models/transformer.py", "import metatrain.train.loop",
          "metatrain.models.transformer -> metatrain.train.loop"),
         ("generate/sampling.py", "from metatrain.train import resize",
-         "metatrain.generate.sampling -> metatrain.train"),
+         "metatrain.engine.sampling -> metatrain.train"),
         ("io/storage.py", "import metatrain.data.packing",
          "metatrain.io.storage -> metatrain.data.packing"),
         ("roles.py", "import metatrain.loss",

@@ -3,12 +3,18 @@
 The generational loop: generation N, trained on thinking-annotated text, annotates the
 corpus for generation N+1. For each insertion point the model continues the document so
 far (its text, and the thinking already in it) under the thinking lock
-(`metatrain.generate.constraints.THINKING_LOCK`): `<thinking>` and the mantra are forced
+(`metatrain.engine.constraints.THINKING_LOCK`): `<thinking>` and the mantra are forced
 as in training (the run's own mantra and policy), the model writes the block's text,
 and the block ends at `</thinking>`. The chat template is not used: the model was
 trained on documents, not on instructions.
 
-One request runs at a time (one device); the context is cut from the front to leave
+The insertion points in flight (one per document, `--concurrency` documents) decode
+together on the inference engine (`metatrain.engine.Engine`), at most `--max-batch`
+rows at once, on the mesh `--set mesh.KEY=VALUE` chooses; a row that ends frees its
+slot for the next point at once, and a document's next point starts from the KV cache
+of its previous one (the text before it is the same), so only the new text is
+prefilled. Each point samples from its own stream (its `seed`), so a thought does not
+depend on which others shared its batch. The context is cut from the front to leave
 `max_new_tokens` under the model's `max_seq_len`. A block cut off by `max_new_tokens`
 keeps the text written so far.
 """
@@ -17,10 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from metatrain.annotate.generators import GenerationError, ThinkReply, ThinkRequest, register_generator
+from metatrain.annotate.generators import (
+    GenerationError,
+    ThinkReply,
+    ThinkRequest,
+    register_generator,
+)
 from metatrain.documents import Document, Segment
 from metatrain.errors import UserError
 from metatrain.io.storage import absolute, as_path
@@ -36,31 +48,69 @@ class MetatrainGenerator:
 
     def __init__(self, workdir: str | Path | None = None, *, checkpoint: str | Path | None = None,
                  temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0, max_new_tokens: int = 96,
-                 context_chars: int = DEFAULT_CONTEXT_CHARS):
+                 context_chars: int = DEFAULT_CONTEXT_CHARS, max_batch: int = 8,
+                 mesh_settings: Sequence[str] | None = None):
+        from metatrain.engine import (
+            Engine,
+            GrammarChooser,
+            SamplingConfig,
+            TagConstraints,
+        )
+        from metatrain.engine.constraints import THINKING_LOCK
         from metatrain.generate.generator import Generator
-        from metatrain.generate.sampling import SamplingConfig
 
         if max_new_tokens < 1:
             raise UserError(f"--max-tokens must be >= 1, got {max_new_tokens}")
         self.sampling = SamplingConfig(temperature, top_k, top_p)
-        self.generator = Generator.load(as_path(workdir) if workdir else None, as_path(checkpoint) if checkpoint else None)
-        self.max_new_tokens = min(max_new_tokens, self.generator.model_config.max_seq_len - 8)
+        self.generator = Generator.load(as_path(workdir) if workdir else None, as_path(checkpoint) if checkpoint else None,
+                                        mesh_settings=mesh_settings)
+        config = self.generator.model_config
+        self.max_new_tokens = min(max_new_tokens, config.max_seq_len - 8)
         self.context_chars = context_chars
         self.model = str(absolute(workdir or checkpoint))
         self.settings: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
                                          "max_new_tokens": self.max_new_tokens}
-        self.mantra = self.generator.encoder.mantra or ""  # what the Annotator removes from a reply
-        self._lock = asyncio.Lock()
+        encoder = self.generator.encoder
+        self.mantra = encoder.mantra or ""  # what the Annotator removes from a reply
+        self.engine = Engine(self.generator.params, config, TagConstraints.from_encoder(encoder, lock_mode=THINKING_LOCK),
+                             max_batch=max_batch, eos_id=encoder.eos_id, chooser=GrammarChooser(self.sampling),
+                             mesh=self.generator.mesh)
+        too_many = self.engine.memory().shortfall(self.engine.max_batch)
+        if too_many:
+            raise UserError(f"--max-batch {max_batch}: {too_many}; give a smaller --max-batch")
 
     async def prepare(self, example: ThinkRequest | None) -> None:
-        """Nothing to check: the checkpoint loaded, and each request is fitted to its context."""
+        """Start the engine's loop (the checkpoint loaded; each request is fitted to its context)."""
+        self.engine.start()
 
     async def think(self, request: ThinkRequest) -> ThinkReply:
-        async with self._lock:  # one device: requests take turns
-            return await asyncio.to_thread(self._think, request)
+        from metatrain.engine import RowRequest
+        from metatrain.generate.generator import recover_segments
 
-    def _think(self, request: ThinkRequest) -> ThinkReply:
-        from metatrain.generate.constraints import THINKING_LOCK
+        encoder = self.generator.encoder
+        encoded = self._encode(request)
+        self.engine.start()
+        try:
+            handle = self.engine.submit(RowRequest(encoded, self.max_new_tokens, seed=request.seed))
+        except UserError as e:
+            raise GenerationError(str(e)) from None
+        try:
+            while await handle.next() is not None:
+                pass
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise
+        ids = [*encoded.prefix, *handle.tokens]
+        segments = recover_segments(encoder, ids, encoded.prompt_state)
+        thinking = next((s.text for s in segments if s.kind == "thinking"), "")
+        if encoder.mantra and thinking.startswith(encoder.mantra):
+            thinking = thinking[len(encoder.mantra):]
+        # `ids` starts with the forced prefix, already counted in `tokens_in`.
+        return ThinkReply(thinking.strip(), tokens_in=len(encoded.ids), tokens_out=len(handle.tokens))
+
+    def _encode(self, request: ThinkRequest) -> Any:
+        """The point's prompt under the thinking lock, its context cut from the front to fit."""
+        from metatrain.engine.constraints import THINKING_LOCK
         from metatrain.generate.prompts import encode_prompt
 
         encoder = self.generator.encoder
@@ -71,24 +121,14 @@ class MetatrainGenerator:
             encoded = encode_prompt(encoder, prompt, THINKING_LOCK)
             length = len(encoded.ids)  # the forced <thinking> and mantra included
             if length <= room:
-                break
+                return encoded
             if keep <= 1:
                 raise GenerationError(f"the mantra alone leaves no room in max_seq_len "
                                       f"{self.generator.model_config.max_seq_len}")
             keep = max(1, keep * room // (2 * length))
-        try:
-            sample = self.generator.generate([prompt], lock_mode=THINKING_LOCK, max_new_tokens=self.max_new_tokens,
-                                             sampling=self.sampling, seed=request.seed)[0]
-        except UserError as e:
-            raise GenerationError(str(e)) from None
-        thinking = next((s.text for s in sample.segments if s.kind == "thinking"), "")
-        if encoder.mantra and thinking.startswith(encoder.mantra):
-            thinking = thinking[len(encoder.mantra):]
-        # `sample.ids` starts with the forced prefix, already counted in `tokens_in`.
-        return ThinkReply(thinking.strip(), tokens_in=length, tokens_out=len(sample.ids) - len(encoded.prefix))
 
     async def aclose(self) -> None:
-        return None
+        await asyncio.to_thread(self.engine.stop)
 
 
 def _last_chars(segments: tuple[Segment, ...], keep: int) -> tuple[Segment, ...]:
@@ -116,5 +156,6 @@ def build_metatrain_generator(args: Any) -> MetatrainGenerator:
     return MetatrainGenerator(
         args.workdir, checkpoint=getattr(args, "checkpoint", None),
         temperature=args.temperature, top_p=args.top_p, top_k=getattr(args, "top_k", 0),
-        max_new_tokens=args.max_tokens,
+        max_new_tokens=args.max_tokens, max_batch=getattr(args, "max_batch", None) or getattr(args, "concurrency", 8),
+        mesh_settings=getattr(args, "mesh_settings", None),
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from metatrain.cli.options import output_path
+from metatrain.cli.options import add_mesh_option, output_path, positive_int
 from metatrain.io.paths import SAMPLE_TOKENIZER
 
 
@@ -61,6 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     local.add_argument("--workdir", default=None, metavar="DIR", help="a trained run (its newest checkpoint)")
     local.add_argument("--checkpoint", default=None, metavar="PATH", help="one checkpoint step directory")
     local.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: all)")
+    local.add_argument("--max-batch", type=positive_int, default=None, metavar="N",
+                       help="rows the engine decodes at once (default: --concurrency, one insertion point per "
+                            "document in flight)")
+    add_mesh_option(local)
     p.set_defaults(func=run_annotate)
 
 

@@ -2,7 +2,8 @@
 
     metatrain eval --workdir W [--data DOCS.jsonl] [--step N] [--out DIR] [--json]
 
-Reads one checkpoint of a run (its newest, or `--step N`) onto one device and the run's
+Reads one checkpoint of a run (its newest, or `--step N`) onto a mesh of the visible
+devices (`--set mesh.KEY=VALUE`) and the run's
 held-out split (or `--data`), and writes `DIR/report.json` (default
 `W/eval/<step>/`) and `DIR/probes.png`; prints the report as tables (`--json`: the JSON).
 What each number means: docs/eval.md. Parsing only; the work is
@@ -15,7 +16,7 @@ import argparse
 import json
 import sys
 
-from metatrain.cli.options import output_path
+from metatrain.cli.options import add_mesh_option, output_path
 from metatrain.io.storage import as_path
 
 
@@ -60,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-generation", action="store_true", help="leave out free generation")
     p.add_argument("--no-probes", action="store_true", help="leave out the probes")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    add_mesh_option(p)
     p.set_defaults(func=run_eval)
 
 
@@ -74,7 +76,7 @@ def run_eval(args: argparse.Namespace) -> int:
         probe_tokens=args.probe_tokens, generation=not args.no_generation, probes=not args.no_probes,
     )
     options = EvalOptions(data=args.data, step=args.step, out=args.out, max_documents=args.max_documents,
-                          strict=args.strict, settings=settings)
+                          strict=args.strict, settings=settings, mesh_settings=args.mesh_settings)
     result = evaluate_workdir(args.workdir, options)
     if args.json:
         print(json.dumps(result.report))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from metatrain.cli.options import add_mesh_option
 from metatrain.io.storage import as_path
 
 
@@ -43,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="PRNG seed (default 0)")
     p.add_argument("--hide-thinking", action="store_true", help="leave thinking blocks out of the text")
     p.add_argument("--json", action="store_true", help="one JSON object per sample: ids, text, segments, ...")
+    add_mesh_option(p)
     p.set_defaults(func=run_generate)
 
 
@@ -58,6 +60,7 @@ def run_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed,
         as_json=args.json,
+        mesh_settings=args.mesh_settings,
         hide_thinking=args.hide_thinking,
     ):
         print(text)

@@ -6,7 +6,9 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from metatrain.errors import UserError
 from metatrain.io.compression import MAX_LINE_BYTES
+from metatrain.parallel.mesh import parse_mesh_setting
 from metatrain.run.layout import refuse_inside_checkpoints
 
 
@@ -38,3 +40,26 @@ def output_path(option: str, convert: Callable[[str], Any] = str) -> Callable[[s
         return value
 
     return check
+
+
+def mesh_setting(text: str) -> str:
+    """argparse `type=` for `--set mesh.KEY=VALUE`: the text, refused (one line, exit 2)
+    unless KEY is data, fsdp or tensor and VALUE an integer >= 1 or -1."""
+    try:
+        parse_mesh_setting(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--set ")) from None
+    return text
+
+
+def add_mesh_option(parser: argparse.ArgumentParser) -> None:
+    """`--set mesh.KEY=VALUE` (repeatable, dest `mesh_settings`, [] when not given): the
+    inference mesh, `metatrain.parallel.mesh.inference_mesh_config`."""
+    parser.add_argument(
+        "--set", dest="mesh_settings", action="append", default=[], type=mesh_setting, metavar="mesh.KEY=VALUE",
+        help="the device mesh the model is sharded over, KEY one of data (rows split), fsdp (parameters "
+             "sharded along d_model) and tensor (heads, MLP and vocab split), VALUE a size or -1 for the "
+             "devices left over (repeatable). Default: every visible device, fsdp as large as d_model "
+             "allows and the rest on data; axes not given are data=-1, fsdp=1, tensor=1, and sizes without "
+             "a -1 may use fewer devices than there are (--set mesh.data=1: the first device only)",
+    )

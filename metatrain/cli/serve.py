@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from metatrain.cli.options import add_mesh_option
 from metatrain.io.storage import as_path
 
 
@@ -32,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "against the device's free memory before anything is allocated")
     p.add_argument("--hide-thinking", action="store_true",
                    help="leave thinking out of every reply (a request can hide it, never reveal it)")
+    add_mesh_option(p)
     p.set_defaults(func=run_serve)
 
 
@@ -40,5 +42,5 @@ def run_serve(args: argparse.Namespace) -> int:
     from metatrain.serve.server import serve_workdir
 
     serve_workdir(args.workdir, host=args.host, port=args.port, max_batch=args.max_batch,
-                  hide_thinking=args.hide_thinking)
+                  hide_thinking=args.hide_thinking, mesh_settings=args.mesh_settings)
     return 0

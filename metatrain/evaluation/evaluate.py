@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from metatrain.documents import SkipCounter
+from metatrain.engine.sampling import check_seed
 from metatrain.errors import UserError
 from metatrain.evaluation.report import EvalSettings
-from metatrain.generate.sampling import check_seed
 from metatrain.io.storage import is_remote
 
 #: The files `metatrain eval` writes into its output directory (nothing else is touched).
@@ -38,6 +38,8 @@ class EvalOptions:
         max_documents: evaluate the first N documents (0: all of them).
         strict: stop at the first bad record instead of skipping it.
         settings: what is measured and how much (`--seq-len`, `--bootstrap`, `--prompts`, ...).
+        mesh_settings: `--set mesh.KEY=VALUE` values: the mesh the checkpoint is restored
+            onto (empty: every visible device, in a layout the model allows).
     """
 
     data: Sequence[str] | None = None
@@ -46,6 +48,7 @@ class EvalOptions:
     max_documents: int = 2000
     strict: bool = False
     settings: EvalSettings = dataclasses.field(default_factory=EvalSettings)
+    mesh_settings: Sequence[str] = ()
 
     def check(self) -> None:
         """Refuses values out of range, naming the flag.
@@ -131,7 +134,7 @@ def evaluate_workdir(workdir: Path, options: EvalOptions) -> EvalResult:
         raise UserError(f"--workdir {workdir} is not a directory (give a `metatrain train` work directory)")
     if options.out is not None:
         check_eval_out(options.out)
-    loaded = load_checkpoint(workdir, step=options.step)
+    loaded = load_checkpoint(workdir, step=options.step, mesh_settings=list(options.mesh_settings))
     config = load_config_dict(loaded.config, where=f"checkpoint {loaded.path}")
     settings = dataclasses.replace(options.settings, seq_len=options.settings.seq_len or config.trainer.seq_len)
     seq_len = settings.seq_len
@@ -140,7 +143,7 @@ def evaluate_workdir(workdir: Path, options: EvalOptions) -> EvalResult:
     if settings.stride is not None and settings.stride > seq_len:
         raise UserError(f"--stride {settings.stride} must be at most --seq-len {seq_len}")
     if settings.generation:
-        check_generation_fits(Generator(loaded.params, loaded.model_config, loaded.encoder), prompts=settings.prompts,
+        check_generation_fits(Generator(loaded.params, loaded.model_config, loaded.encoder, loaded.mesh), prompts=settings.prompts,
                               samples=settings.samples, prompt_tokens=PROMPT_TOKENS,
                               max_new_tokens=settings.max_new_tokens)
     skips = SkipCounter()
@@ -154,7 +157,8 @@ def evaluate_workdir(workdir: Path, options: EvalOptions) -> EvalResult:
         data_label = f"held-out split of {', '.join(s.name for s in data.sources)} (eval_fraction {data.eval_fraction})"
     report = {"checkpoint": str(loaded.path), "step": loaded.step, "data": data_label,
               "skipped_records": skips.count, "max_documents": limit}
-    report.update(evaluate_checkpoint(loaded.params, loaded.model_config, config.loss, loaded.encoder, docs, settings))
+    report.update(evaluate_checkpoint(loaded.params, loaded.model_config, config.loss, loaded.encoder, docs, settings,
+                                      mesh=loaded.mesh))
     out = check_eval_out(options.out or workdir / "eval" / str(loaded.step))
     out.mkdir(parents=True, exist_ok=True)
     if "probes" in report:

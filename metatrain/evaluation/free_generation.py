@@ -45,11 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metatrain.engine.constraints import RowState, TagConstraints
+from metatrain.engine.sampling import SamplingConfig, pick_tokens, scaled_scores
 from metatrain.errors import UserError
-from metatrain.generate.constraints import RowState, TagConstraints
 from metatrain.generate.generator import Generator
 from metatrain.generate.prompts import EncodedPrompt, encode_prompt
-from metatrain.generate.sampling import SamplingConfig, pick_tokens, scaled_scores
 from metatrain.models import ModelConfig
 from metatrain.tokenizer.encoder import Encoder
 from metatrain.tokenizer.mantra import block_gets_mantra
@@ -84,7 +84,7 @@ def free_advance(constraints: TagConstraints, rows: RowState, tokens: jax.Array)
 class FreeChooser:
     """Samples each row's next token from the model alone: no tag mask, no mantra, no lock.
 
-    Implements `metatrain.generate.decoder.Chooser`; frozen and hashable, so it is a
+    Implements `metatrain.engine.step.Chooser`; frozen and hashable, so it is a
     static argument of `generate_tokens`. The constraints are only read for the grammar
     arrays (state tracking); their `ends` (the lock) are ignored.
     """
@@ -232,7 +232,7 @@ def _capped_budget(model_config: ModelConfig, prompts: Sequence[EncodedPrompt], 
 def check_generation_fits(generator: Generator, *, prompts: int, samples: int, prompt_tokens: int,
                           max_new_tokens: int) -> None:
     """Refuses free generation whose `prompts` x `samples` rows one decode batch cannot
-    hold on the parameters' device (`metatrain.generate.capacity`), before any work.
+    hold on the parameters' device (`metatrain.engine.capacity`), before any work.
 
     Args:
         generator: the model.
@@ -278,6 +278,7 @@ def run_free_generation(
     max_new_tokens: int = 64,
     sampling: SamplingConfig = SamplingConfig(),
     seed: int = 0,
+    mesh: Any = None,
 ) -> dict[str, Any]:
     """Samples every prompt free and masked, in human and AI mode, and counts both.
 
@@ -294,6 +295,7 @@ def run_free_generation(
         max_new_tokens: budget per sample, cut to the room max_seq_len leaves.
         sampling: temperature, top-k, top-p (the same in both settings).
         seed: PRNG seed of every generation call.
+        mesh: the mesh `params` are on (None: one device).
 
     Returns:
         {"prompts", "samples_per_prompt", "max_new_tokens" (after the cut),
@@ -306,7 +308,7 @@ def run_free_generation(
         raise UserError("give at least one prompt")
     if num_samples < 1:
         raise UserError(f"num-samples must be >= 1, got {num_samples}")
-    generator = Generator(params, model_config, encoder)
+    generator = Generator(params, model_config, encoder, mesh)
     encoded = {lock: [encode_prompt(encoder, p, lock) for p in prompts] for lock in (None, AI_MODE)}
     budget = _capped_budget(model_config, [p for rows in encoded.values() for p in rows], max_new_tokens)
     report: dict[str, Any] = {"prompts": len(prompts), "samples_per_prompt": num_samples,

@@ -28,11 +28,15 @@ from metatrain.errors import UserError
 from metatrain.evaluation.ablation import VARIANTS, make_variants
 from metatrain.evaluation.layout import layout_documents
 from metatrain.evaluation.scoring import DocumentSums, score_rows
-from metatrain.evaluation.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, MIN_DOCUMENTS, paired_ratio_difference
+from metatrain.evaluation.stats import (
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    MIN_DOCUMENTS,
+    paired_ratio_difference,
+)
 from metatrain.evaluation.text_bytes import LN2, token_byte_lengths
 from metatrain.roles import LOSS_ROLE_LABELS, Role
 from metatrain.tokenizer.encoder import EncodedDocument, Encoder
-
 
 #: Text tokens of a free-generation prompt, at most (the opening of a document).
 PROMPT_TOKENS: int = 24
@@ -150,8 +154,10 @@ def evaluate_checkpoint(
     encoder: Encoder,
     docs: Sequence[EncodedDocument],
     settings: EvalSettings,
+    mesh: Any = None,
 ) -> dict[str, Any]:
-    """The whole report for one checkpoint on `docs` (see the module docstring).
+    """The whole report for one checkpoint on `docs` (see the module docstring); `mesh`:
+    the mesh `params` are on (None: one device), where free generation decodes too.
 
     Raises:
         UserError: no document to evaluate.
@@ -166,15 +172,15 @@ def evaluate_checkpoint(
     report["ablation"] = ablation_report(sums, settings)
     report["layout"] = {"seq_len": settings.seq_len, "stride": settings.window_stride}
     if settings.generation:
+        from metatrain.engine.sampling import SamplingConfig
         from metatrain.evaluation.free_generation import run_free_generation
-        from metatrain.generate.sampling import SamplingConfig
 
         prompts = _prompts(encoder, docs, settings.prompts)
         if prompts:
             report["free_generation"] = run_free_generation(
                 params, model_config, encoder, prompts, num_samples=settings.samples,
                 max_new_tokens=settings.max_new_tokens, sampling=SamplingConfig(settings.temperature),
-                seed=settings.seed,
+                seed=settings.seed, mesh=mesh,
             )
     if settings.probes:
         from metatrain.evaluation.probes import run_probes

@@ -1,30 +1,13 @@
-"""Generation under the tag grammar: KV-cache decoding, sampling, mantra forcing, the AI lock.
+"""Generation from a trained run: prompts in, samples (ids, text, segments) out.
 
-    sampling.py     temperature, top-k, top-p and greedy on masked logits (pure)
-    constraints.py  the grammar as device arrays: tag mask, state update, mantra, lock
-    decoder.py      prefill and the decode step (shared with the serving engine); the jitted loop
     prompts.py      prompts (text or documents) to ids and grammar states
-    generator.py    `Generator`: prompts in, samples (ids, text, segments) out
+    generator.py    `Generator`: prompts in, samples out, decoded by the engine
     sample.py       samples as `metatrain generate` prints them; the end-of-training sample
 
-The KV cache itself is the model's (`metatrain.models.Transformer.decode`); which tags
-are legal is the tokenizer's grammar (`metatrain.tokenizer.grammar`). Nothing here
-trains.
+The decoding itself (KV cache, grammar, sampling, batching) is the inference engine's
+(`metatrain.engine`).
 """
 
-from metatrain.generate.constraints import GrammarChooser, RowState, TagConstraints
-from metatrain.generate.decoder import DecodeOutput, PromptBatch, generate_tokens
 from metatrain.generate.generator import Generator, Sample
-from metatrain.generate.sampling import SamplingConfig
 
-__all__ = [
-    "DecodeOutput",
-    "Generator",
-    "GrammarChooser",
-    "PromptBatch",
-    "RowState",
-    "Sample",
-    "SamplingConfig",
-    "TagConstraints",
-    "generate_tokens",
-]
+__all__ = ["Generator", "Sample"]

@@ -1,8 +1,8 @@
 """`Generator`: prompts in, samples out (ids, text and segments), from a trained model.
 
-This is the host side of generation: it encodes prompts, pads them into one batch,
-calls the jitted loop (`metatrain.generate.decoder.generate_tokens`) once, and turns
-the ids back into text and segments with the run's `Encoder`. `metatrain generate`
+This is the host side of generation: it encodes prompts, decodes them as one batch job
+on the inference engine (`metatrain.engine.Engine.run`), and turns the ids back into
+text and segments with the run's `Encoder`. `metatrain generate`
 and the sample printed after `metatrain train` both go through here.
 """
 
@@ -13,16 +13,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from metatrain.documents import Segment
+from metatrain.engine.capacity import DecodeMemory, device_of
+from metatrain.engine.constraints import GrammarChooser, TagConstraints
+from metatrain.engine.engine import Engine, RowRequest
+from metatrain.engine.sampling import SamplingConfig
+from metatrain.engine.step import Chooser, padded_length
 from metatrain.errors import UserError
-from metatrain.generate.capacity import DecodeMemory, device_of
-from metatrain.generate.constraints import GrammarChooser, TagConstraints
-from metatrain.generate.decoder import Chooser, batch_prompts, generate_tokens, padded_length
-from metatrain.generate.prompts import EncodedPrompt, Prompt, encode_prompt, grammar_states
-from metatrain.generate.sampling import SamplingConfig
+from metatrain.generate.prompts import (
+    EncodedPrompt,
+    Prompt,
+    encode_prompt,
+    grammar_states,
+)
 from metatrain.models import ModelConfig
 from metatrain.run.reader import load_checkpoint
 from metatrain.tokenizer.encoder import Encoder
@@ -99,23 +104,31 @@ class Generator:
     """Samples from a model under its tag grammar.
 
     Args:
-        params: the model's unboxed parameters.
+        params: the model's unboxed parameters (on one device, or sharded over `mesh`).
         model_config: its shape.
         encoder: tokenizer, grammar and mantra (policy) it was trained with.
+        mesh: the mesh the parameters are on (None: one device).
     """
 
-    def __init__(self, params: Any, model_config: ModelConfig, encoder: Encoder):
+    def __init__(self, params: Any, model_config: ModelConfig, encoder: Encoder, mesh: Any = None):
         if encoder.vocab_size != model_config.vocab_size:
             raise UserError(f"the tokenizer has {encoder.vocab_size} tokens, the model {model_config.vocab_size}")
         self.params = params
         self.model_config = model_config
         self.encoder = encoder
+        self.mesh = mesh
 
     @classmethod
-    def load(cls, workdir: Path | None = None, checkpoint: Path | None = None) -> "Generator":
-        """From a work directory's latest checkpoint or one checkpoint step directory."""
-        loaded = load_checkpoint(workdir, checkpoint)
-        return cls(loaded.params, loaded.model_config, loaded.encoder)
+    def load(cls, workdir: Path | None = None, checkpoint: Path | None = None,
+             mesh_settings: Sequence[str] | None = None) -> "Generator":
+        """From a work directory's latest checkpoint or one checkpoint step directory;
+        with `mesh_settings` (`--set mesh.KEY=VALUE` values, [] for the default layout),
+        restored straight onto a mesh of the visible devices."""
+        if mesh_settings is None:
+            loaded = load_checkpoint(workdir, checkpoint)
+        else:
+            loaded = load_checkpoint(workdir, checkpoint, mesh_settings=mesh_settings)
+        return cls(loaded.params, loaded.model_config, loaded.encoder, getattr(loaded, "mesh", None))
 
     def _budget(self, prompts: Sequence[EncodedPrompt], max_new_tokens: int | None) -> int:
         limit = self.model_config.max_seq_len
@@ -207,10 +220,11 @@ class Generator:
         self, rows: Sequence[EncodedPrompt], constraints: TagConstraints, *, max_new_tokens: int,
         chooser: Chooser, seed: int = 0,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Runs the decode loop once over encoded prompts (one row each), on the host after.
+        """Decodes encoded prompts (one row each) as one batch job of the engine.
 
-        Prompts are padded to a multiple of `decoder.PROMPT_BUCKET`, so similar lengths share a
-        compile. `max_new_tokens` must fit (`generate` checks it).
+        Each row draws from its own stream of `seed` (row i: `fold_in(key(seed), i)`), so a
+        row's sample does not depend on its neighbours. `max_new_tokens` must fit
+        (`generate` checks it).
 
         Raises:
             UserError: the rows need more memory than the device has free (`decode_memory`).
@@ -222,18 +236,15 @@ class Generator:
         too_many = self.decode_memory(longest, max_new_tokens).shortfall(len(rows))
         if too_many:
             raise UserError(f"{too_many}: decode fewer rows at once")
-        prompts, states = batch_prompts(rows, constraints.mantra_length)
-        out = generate_tokens(
-            self.params,
-            prompts,
-            states,
-            constraints,
-            jax.random.key(seed),
-            model_config=self.model_config,
-            max_new_tokens=max_new_tokens,
-            chooser=chooser,
-        )
-        return jax.device_get((out.tokens, out.lengths, out.rows.done))
+        context = min(self.model_config.max_seq_len, padded_length(longest) + max_new_tokens)
+        engine = Engine(self.params, self.model_config, constraints, max_batch=len(rows), eos_id=self.encoder.eos_id,
+                        context=context, chooser=chooser, mesh=self.mesh)
+        handles = engine.run([RowRequest(p, max_new_tokens, seed=seed, stream=i) for i, p in enumerate(rows)])
+        tokens = np.full((len(rows), max_new_tokens), -1, np.int32)
+        for i, handle in enumerate(handles):
+            tokens[i, : len(handle.tokens)] = handle.tokens
+        lengths = np.asarray([len(h.tokens) for h in handles], np.int32)
+        return tokens, lengths, np.asarray([h.finish_reason != "length" for h in handles])
 
     def _sample(self, prompt_index: int, sample_index: int, prompt: EncodedPrompt,
                 generated: np.ndarray, done: bool) -> Sample:

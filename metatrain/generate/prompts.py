@@ -21,8 +21,8 @@ import dataclasses
 import numpy as np
 
 from metatrain.documents import Document
+from metatrain.engine.constraints import THINKING_LOCK, check_lock_mode
 from metatrain.errors import UserError
-from metatrain.generate.constraints import THINKING_LOCK, check_lock_mode
 from metatrain.tokenizer.encoder import EncodeError, Encoder
 from metatrain.tokenizer.mantra import block_gets_mantra
 

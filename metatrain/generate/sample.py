@@ -31,6 +31,7 @@ def sample_checkpoint(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    mesh_settings: Sequence[str] = (),
     as_json: bool = False,
     hide_thinking: bool = False,
 ) -> list[str]:
@@ -58,14 +59,14 @@ def sample_checkpoint(
         UserError: a bad prompt, setting or seed, no loadable checkpoint, or more samples
             than the device's memory holds in one batch.
     """
+    from metatrain.engine.sampling import SamplingConfig, check_seed
     from metatrain.generate.prompts import check_prompt_text
-    from metatrain.generate.sampling import SamplingConfig, check_seed
 
     for prompt in prompts:  # before the checkpoint loads
         check_prompt_text(prompt)
     check_seed(seed)
     sampling = SamplingConfig(temperature, top_k, top_p)
-    generator = Generator.load(workdir, checkpoint)
+    generator = Generator.load(workdir, checkpoint, mesh_settings=list(mesh_settings))
     samples = generator.generate(
         prompts,
         lock_mode=lock_mode,
@@ -109,7 +110,7 @@ def training_sample(workdir: Path, *, max_new_tokens: int = 96, seed: int = 0) -
 
     Sampled at temperature 0.8 with top-p 0.95 after `TRAINING_SAMPLE_PROMPT`.
     """
-    from metatrain.generate.sampling import SamplingConfig
+    from metatrain.engine.sampling import SamplingConfig
 
     generator = Generator.load(workdir)
     budget = min(max_new_tokens, generator.model_config.max_seq_len - 16)

@@ -1,7 +1,7 @@
 """metatrain's tag grammar, mantra forcing and AI-mode lock for `transformers` `generate`.
 
 `TagGrammarLogitsProcessor` is a `transformers.LogitsProcessor` that does to
-`model.generate` what `metatrain.generate.constraints` does inside metatrain's own
+`model.generate` what `metatrain.engine.constraints` does inside metatrain's own
 decode loop, so a model exported by `metatrain export` keeps its grammar (and, with
 `mode="ai"`, the lock) outside metatrain:
 
@@ -87,6 +87,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+
 import numpy as np
 import torch
 from transformers import LogitsProcessor
@@ -94,11 +95,15 @@ from transformers import LogitsProcessor
 from metatrain.errors import UserError
 from metatrain.tokenizer.encoder import Encoder
 from metatrain.tokenizer.grammar import ILLEGAL
-from metatrain.tokenizer.mantra import DEFAULT_MANTRA, block_gets_mantra, check_mantra_policy
+from metatrain.tokenizer.mantra import (
+    DEFAULT_MANTRA,
+    block_gets_mantra,
+    check_mantra_policy,
+)
 from metatrain.tokenizer.registry import load_registry
 from metatrain.tokenizer.spm import SpmTokenizer
 
-#: `mode` of the lock that writes one thinking block (`metatrain.generate.constraints.
+#: `mode` of the lock that writes one thinking block (`metatrain.engine.constraints.
 #: THINKING_LOCK`, not imported from there because that module imports jax).
 THINKING_LOCK = "thinking"
 

@@ -16,6 +16,7 @@ from metatrain.layers.attention import (
     attention_mask,
     cache_attention_mask,
     dot_product_attention,
+    write_slots,
 )
 from metatrain.layers.embedding import Embedding
 from metatrain.layers.mlp import SwiGLU
@@ -31,5 +32,6 @@ __all__ = [
     "apply_rotary",
     "attention_mask",
     "cache_attention_mask",
+    "write_slots",
     "dot_product_attention",
 ]

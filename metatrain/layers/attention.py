@@ -57,16 +57,24 @@ def cache_attention_mask(
     Args:
         query_segment_ids: [B, T] int32 document of each new token.
         key_segment_ids: [B, S] int32 document of each cache slot (0 = empty or padding).
-        query_start: int32 scalar, the slot of the first new token.
+        query_start: int32 [B], each row's slot of its first new token.
 
     Returns:
         [B, 1, T, S] bool, True where attention is allowed.
     """
     num_queries, num_slots = query_segment_ids.shape[1], key_segment_ids.shape[1]
-    query_slots = query_start + jnp.arange(num_queries)  # [T]
-    causal = jnp.arange(num_slots)[None, :] <= query_slots[:, None]  # [T, S]
+    query_slots = query_start[:, None] + jnp.arange(num_queries)[None, :]  # [B, T]
+    causal = jnp.arange(num_slots)[None, None, :] <= query_slots[:, :, None]  # [B, T, S]
     same_document = query_segment_ids[:, :, None] == key_segment_ids[:, None, :]  # [B, T, S]
     return (same_document & causal)[:, None]
+
+
+def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """`new` [B, T, ...] written into `cache` [B, S, ...] at each row's own slot `index[b]`.
+
+    The cache needs T free slots after every index (a start past S - T would be clamped
+    and overwrite earlier slots)."""
+    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(cache, new, index)
 
 
 class LayerCache(NamedTuple):
@@ -136,7 +144,9 @@ SPLASH_BLOCK = 512
 
 
 def _splash_blocks(seq_len: int):
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
 
     block = next(b for b in (SPLASH_BLOCK, 256, 128) if seq_len % b == 0)
     return splash.BlockSizes(
@@ -164,8 +174,12 @@ def _splash_attention(
     Returns:
         [B, T, N, H] in the dtype of `value`.
     """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as masks,
+    )
 
     seq_len, head_dim = query.shape[1], query.shape[3]
     if seq_len % 128:
@@ -305,7 +319,7 @@ class Attention(nn.Module):
             x: [B, T, D] normalised residual stream of the new tokens.
             positions: [B, T] int32 position of each new token inside its document.
             mask: [B, 1, T, S] bool from `cache_attention_mask`.
-            index: int32 scalar, the cache slot of the first new token.
+            index: int32 [B], each row's cache slot of its first new token.
             cache: this layer's keys and values, [B, S, K, H] each.
 
         Returns:
@@ -313,8 +327,8 @@ class Attention(nn.Module):
         """
         query, key, value = self.project_qkv(x, positions)
         cache = LayerCache(
-            jax.lax.dynamic_update_slice_in_dim(cache.key, key.astype(cache.key.dtype), index, axis=1),
-            jax.lax.dynamic_update_slice_in_dim(cache.value, value.astype(cache.value.dtype), index, axis=1),
+            write_slots(cache.key, key.astype(cache.key.dtype), index),
+            write_slots(cache.value, value.astype(cache.value.dtype), index),
         )
         out = dot_product_attention(query, cache.key, cache.value, mask)
         return self.project_out(out), cache

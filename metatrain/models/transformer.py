@@ -29,7 +29,15 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from metatrain.layers import Attention, Embedding, LayerCache, RMSNorm, SwiGLU, cache_attention_mask
+from metatrain.layers import (
+    Attention,
+    Embedding,
+    LayerCache,
+    RMSNorm,
+    SwiGLU,
+    cache_attention_mask,
+    write_slots,
+)
 from metatrain.models.config import ModelConfig
 
 Params = Any  # nested dict of arrays (or of flax `LogicallyPartitioned` boxes)
@@ -81,7 +89,7 @@ class DecoderBlock(nn.Module):
     ) -> tuple[jax.Array, LayerCache]:
         """New tokens through the block over its KV cache (see `Attention.decode`).
 
-        x [B, T, D], positions [B, T], mask [B, 1, T, S], index scalar, cache [B, S, K, H]
+        x [B, T, D], positions [B, T], mask [B, 1, T, S], index [B], cache [B, S, K, H]
         each -> ([B, T, D], the cache with the T new slots written).
         """
         attended, cache = self.attention.decode(self.attention_norm(x), positions, mask, index, cache)
@@ -133,7 +141,8 @@ class KVCache:
     Attributes:
         layers: `LayerCache` of [L, B, S, K, H] keys and values (compute dtype).
         segment_ids: [B, S] int32 document of each slot.
-        index: int32 scalar, the next free slot.
+        index: int32 [B], each row's next free slot: rows fill at their own pace (a
+            row admitted mid-batch starts at 0 while its neighbours are far along).
     """
 
     layers: LayerCache
@@ -149,9 +158,9 @@ class KVCache:
 def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
     """An empty cache of `length` slots for `batch` rows: [L, B, S, K, H] zeros."""
     shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
-    zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
+    dtype = jnp.dtype(config.dtype)
     return KVCache(
-        LayerCache(zeros, zeros), jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32)
+        LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch,), jnp.int32)
     )
 
 
@@ -218,16 +227,18 @@ class Transformer(nn.Module):
         at the end of the whole sequence.
 
         Args:
-            inputs: [B, T] int32 token ids, written to slots `cache.index ..`.
+            inputs: [B, T] int32 token ids, row b's written to slots `cache.index[b] ..`
+                (the cache must have T free slots after every row's index).
             positions: [B, T] int32 position of each token inside its document.
             segment_ids: [B, T] int32 document of each token (0 = padding).
             cache: the cache of the tokens before these (`init_cache` when none).
 
         Returns:
-            ([B, T, D] final normalised hidden states, the cache with T more slots).
+            ([B, T, D] final normalised hidden states, the cache with every row's index
+            T slots on).
         """
         index = cache.index
-        slot_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, index, axis=1)
+        slot_segments = write_slots(cache.segment_ids, segment_ids, index)
         mask = cache_attention_mask(segment_ids, slot_segments, index)  # [B, 1, T, S]
         x = self.embedding(inputs)
         if self.config.scan_layers:

@@ -13,6 +13,14 @@ the mesh axes `data`, `fsdp` and `tensor`:
 Multi-slice (several TPU slices joined by the data-centre network): `dcn_data` slices
 each run the `data x fsdp x tensor` mesh over their fast interconnect, and the mesh's
 `data` axis spans `dcn_data * data` (only gradients cross the slow network).
+
+Inference (a trained checkpoint decoded on a mesh; `metatrain.run.reader`) uses the same
+table with one change (`inference_rules`): the batch rows are split over `data` only,
+while `fsdp` still shards the parameters along `embed`. Its mesh comes from
+`--set mesh.KEY=VALUE` settings (`inference_mesh_config`): without any, every visible
+device with `fsdp` as large as the model's `d_model` allows and the rest on `data`; a
+mesh without a -1 axis may use fewer devices than there are (the first ones,
+`build_inference_mesh`).
 """
 
 from __future__ import annotations
@@ -273,3 +281,217 @@ def param_bytes_per_device(
         shard = [-(-dim // _split_factor(entry, sizes)) for dim, entry in zip(leaf.shape, mesh_spec)]
         total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+# -- inference: the training rules with rows over `data` only, the mesh the CLI chooses ------------
+
+#: The `--set` keys an inference mesh takes, each `mesh.<axis>`.
+INFERENCE_SETTING_PREFIX = "mesh."
+
+
+def inference_rules(rules: LogicalRules = DEFAULT_RULES) -> LogicalRules:
+    """`rules` with the logical `batch` axis split over `data` only (every other rule kept).
+
+    At inference the rows of a batch are split over `data`; `fsdp` shards the parameters
+    along `embed` (and the activations' `embed`, as `batch` no longer claims it) but does
+    not split the rows.
+    """
+    rows: LogicalRule = ("batch", "data")
+    if all(logical != "batch" for logical, _ in rules):
+        return (rows,) + tuple(rules)
+    return tuple(rows if logical == "batch" else (logical, axes) for logical, axes in rules)
+
+
+def kv_cache_spec() -> PartitionSpec:
+    """PartitionSpec of a KV cache array [L, B, S, K, H] (layers, rows, positions, KV
+    heads, head dim): rows over `data`, KV heads over `tensor` (so `tensor` must divide
+    `n_kv_heads`; `check_inference_fits` checks it)."""
+    return PartitionSpec(None, "data", None, "tensor", None)
+
+
+def parse_mesh_setting(setting: str) -> tuple[str, int]:
+    """`(axis, size)` of one `--set` value such as "mesh.tensor=2" (size -1: absorb the rest).
+
+    Raises:
+        UserError: not `mesh.KEY=VALUE`, a key other than data, fsdp or tensor, or a size
+            that is not an integer >= 1 or -1.
+    """
+    keys = ", ".join(INFERENCE_SETTING_PREFIX + a for a in MESH_AXES)
+    key, eq, value = setting.partition("=")
+    if not key.startswith(INFERENCE_SETTING_PREFIX) or not eq:
+        raise UserError(
+            f"--set {setting}: not a mesh setting; give --set mesh.KEY=VALUE, KEY one of {', '.join(MESH_AXES)}"
+        )
+    axis = key[len(INFERENCE_SETTING_PREFIX):]
+    if axis not in MESH_AXES:
+        raise UserError(f"--set {setting}: {key} is not a mesh axis of inference; give one of {keys}")
+    try:
+        size = int(value.strip())
+    except ValueError:
+        raise UserError(
+            f"--set {setting}: {value!r} is not an integer; give a size such as --set {key}=2 "
+            "(or -1 to absorb the remaining devices)"
+        ) from None
+    if size != -1 and size < 1:
+        raise UserError(f"--set {setting}: a mesh axis size must be >= 1, or -1 to absorb the remaining devices")
+    return axis, size
+
+
+def inference_mesh_config(
+    settings: Sequence[str], model_config: ModelConfig, num_devices: int, *, rules: LogicalRules = DEFAULT_RULES
+) -> MeshConfig:
+    """The inference mesh chosen by `--set mesh.KEY=VALUE` settings (later ones win).
+
+    - No setting: all `num_devices` devices, `fsdp` the largest divisor of `num_devices`
+      for which the model fits (with the default rules: the largest that divides
+      `d_model`; parameters sharded, rows not split), the rest on `data`, `tensor=1`.
+    - Some settings: the axes not given take MeshConfig's defaults (`data=-1` absorbs
+      the remaining devices, `fsdp=1`, `tensor=1`; `data=1` when another axis is -1).
+      Without a -1 axis the sizes may multiply to fewer than `num_devices`: the mesh
+      then uses the first devices only (`--set mesh.data=1`: one device).
+
+    Args:
+        settings: the strings after `--set`, e.g. ["mesh.tensor=2"].
+        model_config: the model to place (its dimensions must divide the split axes).
+        num_devices: visible devices.
+        rules: the training rules; the result carries `inference_rules(rules)`.
+
+    Raises:
+        UserError: a malformed setting, sizes needing more devices than there are, or a
+            model dimension the mesh cannot split (one line naming it).
+    """
+    placed = inference_rules(rules)
+    if not settings:
+        return _default_inference_mesh(model_config, num_devices, placed)
+    sizes = dict(parse_mesh_setting(s) for s in settings)
+    absorbing = [f"mesh.{axis}=-1" for axis, size in sizes.items() if size == -1]
+    if len(absorbing) > 1:
+        raise UserError(f"--set {' and '.join(absorbing)}: only one mesh axis may absorb the remaining devices")
+    if "data" not in sizes and absorbing:
+        sizes["data"] = 1
+    config = MeshConfig(**sizes, rules=placed)
+    check_inference_fits(model_config, inference_axis_sizes(config, num_devices), placed)
+    return config
+
+
+def _default_inference_mesh(model_config: ModelConfig, num_devices: int, rules: LogicalRules) -> MeshConfig:
+    """`data x fsdp` over all devices, `fsdp` the largest divisor that the model fits."""
+    divisors = [f for f in range(num_devices, 0, -1) if num_devices % f == 0]
+    for fsdp in divisors:
+        config = MeshConfig(data=num_devices // fsdp, fsdp=fsdp, tensor=1, rules=rules)
+        try:
+            check_inference_fits(model_config, config.axis_sizes(num_devices), rules)
+        except UserError:
+            if fsdp == 1:
+                raise
+            continue
+        return config
+    raise UserError(f"num_devices={num_devices}: there must be at least one device")
+
+
+def inference_axis_sizes(config: MeshConfig, num_devices: int) -> dict[str, int]:
+    """The size of every mesh axis of an inference mesh on `num_devices` visible devices.
+
+    Like `MeshConfig.axis_sizes`, except that sizes without a -1 may multiply to fewer
+    than `num_devices` (the mesh then uses the first of them).
+
+    Raises:
+        UserError: the sizes need more devices than there are, or cannot absorb the rest.
+    """
+    sizes = {name: getattr(config, name) for name in MESH_AXES}
+    if -1 in sizes.values():
+        return config.axis_sizes(num_devices)
+    used = math.prod(sizes.values()) * config.dcn_data
+    if used > num_devices:
+        shown = " x ".join(f"{n}={s}" for n, s in sizes.items())
+        raise UserError(
+            f"mesh {shown} needs {used} devices but {num_devices} are visible; give sizes whose product is "
+            f"at most {num_devices} (--set mesh.KEY=VALUE), or -1 on one axis to use every device"
+        )
+    return config.axis_sizes(used)
+
+
+def build_inference_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `Mesh` with axes ("data", "fsdp", "tensor") over the first prod(sizes) of
+    `devices` (default: all visible), as `inference_axis_sizes` resolves them.
+
+    Raises:
+        UserError: the sizes need more devices than there are.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    used = math.prod(inference_axis_sizes(config, len(devices)).values())
+    if used == len(devices):
+        return build_mesh(config, devices)
+    subset = devices[:used]
+    shape = tuple(config.axis_sizes(used)[name] for name in MESH_AXES)
+    try:
+        device_array = mesh_utils.create_device_mesh(shape, subset)
+    except (ValueError, AssertionError, NotImplementedError):  # a subset that is no physical sub-box
+        device_array = np.asarray(subset, dtype=object).reshape(shape)
+    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def check_inference_fits(
+    model_config: ModelConfig, mesh: Mesh | Mapping[str, int], rules: LogicalRules = DEFAULT_RULES
+) -> None:
+    """Refuse, in one line naming the dimension, a model the inference mesh cannot split.
+
+    As `check_fits` without the batch (splitting the rows over `data` is the engine's
+    job), plus the KV cache: `n_kv_heads` must divide by `tensor` (`kv_cache_spec`).
+
+    Args:
+        model_config: the model.
+        mesh: a Mesh, or a mapping from mesh axis name to size.
+        rules: the inference rules (`inference_rules(...)`).
+
+    Raises:
+        UserError: e.g. "model.n_kv_heads=2 is not divisible by mesh tensor=4 (...); give
+            --set mesh.tensor=2 or 1"; several problems are joined on the same line.
+    """
+    sizes = _axis_sizes_of(mesh)
+    dims = _model_dims(model_config)
+    split = {logical: _axes_of(mesh_axes_of((logical,), rules)[0]) for logical in dims}
+    problems = [
+        _fit_problem(key, size, f"its '{logical}' axis is split over it", split[logical], sizes, dims, split)
+        for logical, (key, size) in dims.items()
+        if size % _split_factor(split[logical] or None, sizes)
+    ]
+    key, kv_heads = dims["kv_heads"]
+    if split["kv_heads"] != ("tensor",) and kv_heads % sizes["tensor"]:
+        problems.append(_fit_problem(key, kv_heads, "the KV cache's heads are split over it", ("tensor",), sizes, dims,
+                                     {**split, "kv_heads": ("tensor",)}))
+    if problems:
+        raise UserError("; also ".join(problems))
+
+
+def _model_dims(model_config: ModelConfig) -> dict[str, tuple[str, int]]:
+    """Logical axis -> (config key, size) of every model dimension the rules may split."""
+    return {
+        "vocab": ("model.vocab_size", model_config.vocab_size),
+        "embed": ("model.d_model", model_config.d_model),
+        "heads": ("model.n_heads", model_config.n_heads),
+        "kv_heads": ("model.n_kv_heads", model_config.n_kv_heads),
+        "head_dim": ("model.head_dim", model_config.head_dim),
+        "mlp": ("model.d_ff", model_config.d_ff),
+        "layers": ("model.n_layers", model_config.n_layers),
+    }
+
+
+def _axes_of(spec_entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
+
+
+def _fit_problem(
+    key: str, size: int, why: str, axes: tuple[str, ...], sizes: Mapping[str, int],
+    dims: Mapping[str, tuple[str, int]], split: Mapping[str, tuple[str, ...]],
+) -> str:
+    """"model.X=N is not divisible by mesh a=S (why); give --set mesh.a=... ": one problem."""
+    shown = " x ".join(f"{a}={sizes[a]}" for a in axes)
+    if len(axes) != 1:
+        return (f"{key}={size} is not divisible by mesh {shown} ({why}); give mesh sizes "
+                f"({', '.join('mesh.' + a for a in axes)}) whose product divides {size}")
+    axis = axes[0]
+    together = [n for logical, (_, n) in dims.items() if split[logical] == (axis,)]
+    fitting = [v for v in range(sizes[axis] - 1, 1, -1) if all(n % v == 0 for n in together)][:3] + [1]
+    shown_fits = ", ".join(map(str, fitting[:-1])) + " or 1" if len(fitting) > 1 else "1"
+    return f"{key}={size} is not divisible by mesh {shown} ({why}); give --set mesh.{axis}={shown_fits}"

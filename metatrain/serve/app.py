@@ -44,11 +44,11 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from metatrain.documents import Document, Segment
+from metatrain.engine.constraints import TagConstraints
+from metatrain.engine.engine import Engine, Handle, RowRequest
 from metatrain.errors import UserError
-from metatrain.generate.constraints import TagConstraints
 from metatrain.generate.generator import Generator, recover_segments, render_ids
 from metatrain.generate.prompts import EncodedPrompt, encode_prompt
-from metatrain.serve.engine import Engine, Handle, RowRequest
 from metatrain.serve.requests import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
@@ -252,12 +252,11 @@ class Service:
         self.created = int(time.time())
         self.hangups = 0  # rows cancelled because their client hung up before they ended
         self._started = False
-        end = frozenset({encoder.tag_ids[t] for t in encoder.grammar.mode_path(LOCK_MODE, encoder.grammar.base_mode)})
         self.locked = Engine(generator.params, generator.model_config,
                              TagConstraints.from_encoder(encoder, lock_mode=LOCK_MODE),
-                             max_batch=max_batch, eos_id=encoder.eos_id, end_ids=end)
+                             max_batch=max_batch, eos_id=encoder.eos_id, mesh=generator.mesh)
         self.unlocked = Engine(generator.params, generator.model_config, TagConstraints.from_encoder(encoder),
-                               max_batch=max_batch, eos_id=encoder.eos_id)
+                               max_batch=max_batch, eos_id=encoder.eos_id, mesh=generator.mesh)
 
     @property
     def engines(self) -> tuple[Engine, Engine]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from metatrain.errors import FaultError, UserError, describe_cause, is_out_of_memory
@@ -24,7 +25,7 @@ ENGINES: int = 2
 
 
 def serve_workdir(workdir: Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
-                  hide_thinking: bool = False) -> None:
+                  hide_thinking: bool = False, mesh_settings: Sequence[str] = ()) -> None:
     """Load the latest checkpoint of `workdir` and serve it until the server stops.
 
     Args:
@@ -33,6 +34,8 @@ def serve_workdir(workdir: Path, *, host: str = "127.0.0.1", port: int = 8000, m
         port: port to listen on (0-65535).
         max_batch: rows decoded together by each engine.
         hide_thinking: leave thinking out of every reply.
+        mesh_settings: `--set mesh.KEY=VALUE` values: the mesh the model is restored onto
+            (empty: every visible device, in a layout the model allows).
 
     Raises:
         UserError: `max_batch` < 1 or more rows than memory holds, `port` out of range or
@@ -42,16 +45,16 @@ def serve_workdir(workdir: Path, *, host: str = "127.0.0.1", port: int = 8000, m
     """
     import uvicorn
 
-    from metatrain.generate.capacity import device_of
+    from metatrain.engine.capacity import device_of
+    from metatrain.engine.engine import check_batch_fits
     from metatrain.generate.generator import Generator
     from metatrain.serve.app import create_app
-    from metatrain.serve.engine import check_batch_fits
 
     if max_batch < 1:
         raise UserError(f"--max-batch must be >= 1, got {max_batch}")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {port}")
-    generator = Generator.load(workdir)
+    generator = Generator.load(workdir, mesh_settings=list(mesh_settings))
     check_batch_fits(generator.model_config, max_batch, engines=ENGINES, device=device_of(generator.params))
     app = create_app(generator, model_id=workdir.name, max_batch=max_batch, hide_thinking=hide_thinking)
     _warm_up(app.state.service, max_batch)

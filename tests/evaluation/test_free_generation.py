@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from metatrain.engine.constraints import GrammarChooser, RowState, TagConstraints
+from metatrain.engine.sampling import SamplingConfig
 from metatrain.errors import UserError
 from metatrain.evaluation.free_generation import (
     FreeChooser,
@@ -15,10 +17,8 @@ from metatrain.evaluation.free_generation import (
     count_generation,
     run_free_generation,
 )
-from metatrain.run.reader import load_checkpoint
-from metatrain.generate.constraints import GrammarChooser, RowState, TagConstraints
-from metatrain.generate.sampling import SamplingConfig
 from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
+from metatrain.run.reader import load_checkpoint
 from metatrain.tokenizer.encoder import Encoder
 from metatrain.tokenizer.grammar import IllegalTransition, State
 

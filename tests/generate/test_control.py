@@ -12,11 +12,16 @@ import pytest
 
 from metatrain.cli import main
 from metatrain.documents import Document, Segment
+from metatrain.engine.constraints import (
+    THINKING_LOCK,
+    GrammarChooser,
+    RowState,
+    TagConstraints,
+)
+from metatrain.engine.sampling import SamplingConfig
 from metatrain.errors import UserError
-from metatrain.generate.constraints import THINKING_LOCK, GrammarChooser, RowState, TagConstraints
 from metatrain.generate.generator import Generator
 from metatrain.generate.prompts import encode_prompt
-from metatrain.generate.sampling import SamplingConfig
 
 PROMPT = "Tell me about rivers."
 

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from metatrain.documents import Document, Segment
-from metatrain.generate import Generator, GrammarChooser, SamplingConfig, generate_tokens
+from metatrain.engine import GrammarChooser, SamplingConfig
+from metatrain.engine.step import admit_call, steps_call
+from metatrain.generate import Generator
 from metatrain.generate.prompts import encode_prompt, grammar_states
 from metatrain.models import Transformer, logits
 
@@ -34,10 +36,10 @@ class PushTokens:
     boost: float
     inner: GrammarChooser = GrammarChooser(SamplingConfig(1.0))
 
-    def __call__(self, logits, rows, key, constraints):
-        k1, k2 = jax.random.split(key)
-        noise = jax.random.normal(k1, logits.shape)
-        return self.inner(noise.at[:, jnp.asarray(self.tokens)].add(self.boost), rows, k2, constraints)
+    def __call__(self, logits, rows, keys, constraints):
+        pairs = jax.vmap(jax.random.split)(keys)  # one key per row
+        noise = jax.vmap(lambda k: jax.random.normal(k, logits.shape[1:]))(pairs[:, 0])
+        return self.inner(noise.at[:, jnp.asarray(self.tokens)].add(self.boost), rows, pairs[:, 1], constraints)
 
 
 def _recomputed_logits(generator, ids):
@@ -89,9 +91,9 @@ def test_a_seed_reproduces_samples_and_another_seed_changes_them(generator):
 
 def test_no_recompilation_across_tokens_seeds_and_prompts_of_a_bucket(generator):
     generator.generate(PROMPTS, max_new_tokens=N, sampling=GREEDY, seed=1)
-    compiled = generate_tokens._cache_size()
+    compiled = admit_call._cache_size(), steps_call._cache_size()
     generator.generate(["Other words", "and more"], max_new_tokens=N, sampling=GREEDY, seed=2)
-    assert generate_tokens._cache_size() == compiled
+    assert (admit_call._cache_size(), steps_call._cache_size()) == compiled
 
 
 def test_rows_end_on_eos_or_the_lock_exit_and_the_lock_never_generates_human_text(generator):

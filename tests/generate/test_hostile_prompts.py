@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from metatrain.cli import main
+from metatrain.engine.sampling import SamplingConfig, sample_tokens
 from metatrain.errors import UserError
-from metatrain.generate.sampling import SamplingConfig, sample_tokens
 
 pytestmark = pytest.mark.hostile
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from metatrain.documents import Document, Segment
+from metatrain.engine.constraints import THINKING_LOCK, TagConstraints
+from metatrain.engine.sampling import SamplingConfig
 from metatrain.errors import UserError
-from metatrain.generate.constraints import THINKING_LOCK, TagConstraints
 from metatrain.generate.generator import Generator
 from metatrain.generate.prompts import encode_prompt
-from metatrain.generate.sampling import SamplingConfig
 from metatrain.io.paths import DEFAULT_TAGS, SAMPLE_TOKENIZER
 from metatrain.tokenizer import Encoder
 

@@ -21,7 +21,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList  # noqa: E402
+from transformers import (  # noqa: E402
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 
 from metatrain.hf.logits_processor import TagGrammarLogitsProcessor  # noqa: E402
 from metatrain.io.paths import DEFAULT_TAGS, REPO_ROOT, SAMPLE_TOKENIZER  # noqa: E402
@@ -351,8 +356,8 @@ def generator(workdir):
 def test_greedy_generate_equals_metatrain_generate(request, tmp_path, workdir, generator, weights):
     import jax.numpy as jnp
 
-    from metatrain.generate.constraints import GrammarChooser
-    from metatrain.generate.sampling import SamplingConfig
+    from metatrain.engine.constraints import GrammarChooser
+    from metatrain.engine.sampling import SamplingConfig
 
     @dataclasses.dataclass(frozen=True)
     class BiasedGreedy:  # the same bias in both decoders: tags (and so mantras, the lock's end) happen

@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metatrain.models import ModelConfig, Transformer, init_cache, init_params_shape, logits
+from metatrain.models import (
+    ModelConfig,
+    Transformer,
+    init_cache,
+    init_params_shape,
+    logits,
+)
 
 CFG = ModelConfig(
     vocab_size=37, d_model=26, n_layers=3, n_heads=6, n_kv_heads=2, head_dim=10, d_ff=34,
@@ -74,7 +80,7 @@ def test_cached_decoding_equals_recomputing_the_prefix(scan_layers):
         step_pos = np.array([[n + t] for n in LENGTHS], np.int32)
         hidden, cache = decode(params, jnp.asarray(new), jnp.asarray(step_pos), jnp.ones((2, 1), jnp.int32), cache)
         got.append(np.asarray(logits(hidden, params, cfg))[:, 0])
-    assert int(cache.index) == PROMPT_LEN + NEW - 1
+    assert cache.index.tolist() == [PROMPT_LEN + NEW - 1] * 2
     full = _full_logits(cfg, params, [r[:-1] for r in rows])
     for b, n in enumerate(LENGTHS):
         expected = full[b, n - 1 : n + NEW - 1]

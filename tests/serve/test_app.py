@@ -13,9 +13,9 @@ import openai
 import pytest
 
 from metatrain.documents import Document, Segment
+from metatrain.engine.sampling import SamplingConfig
 from metatrain.generate.generator import recover_segments
 from metatrain.generate.prompts import encode_prompt
-from metatrain.generate.sampling import SamplingConfig
 from metatrain.serve.app import Reply, chat_prompt, chat_renderer, completion_renderer
 from metatrain.serve.requests import parse_sampling
 

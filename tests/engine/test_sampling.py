@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from metatrain.engine.sampling import SamplingConfig, filter_top_p, sample_tokens
 from metatrain.errors import UserError
-from metatrain.generate.sampling import SamplingConfig, filter_top_p, sample_tokens
 
 V = 11
 

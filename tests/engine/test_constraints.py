@@ -17,10 +17,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from metatrain.documents import Document, Segment
+from metatrain.engine.constraints import (
+    GrammarChooser,
+    RowState,
+    TagConstraints,
+    mask_illegal_tags,
+)
+from metatrain.engine.sampling import SamplingConfig
 from metatrain.errors import UserError
-from metatrain.generate.constraints import GrammarChooser, RowState, TagConstraints, mask_illegal_tags
 from metatrain.generate.prompts import encode_prompt
-from metatrain.generate.sampling import SamplingConfig
 from metatrain.tokenizer.encoder import Encoder
 
 STEPS, ROWS = 80, 6

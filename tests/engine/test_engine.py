@@ -7,12 +7,12 @@ import asyncio
 
 import pytest
 
+from metatrain.engine.constraints import TagConstraints
+from metatrain.engine.engine import STEPS_PER_CALL, Engine, RowRequest
+from metatrain.engine.sampling import SamplingConfig
 from metatrain.errors import UserError
-from metatrain.generate.constraints import TagConstraints
 from metatrain.generate.generator import Generator
 from metatrain.generate.prompts import encode_prompt
-from metatrain.generate.sampling import SamplingConfig
-from metatrain.serve.engine import STEPS_PER_CALL, Engine, RowRequest
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def generator(workdir):
 def engine(generator):
     enc = generator.encoder
     engine = Engine(generator.params, generator.model_config, TagConstraints.from_encoder(enc, lock_mode="ai"),
-                    max_batch=4, eos_id=enc.eos_id, end_ids=frozenset({enc.tag_ids["</AI>"]}))
+                    max_batch=4, eos_id=enc.eos_id)
     engine.start()
     yield engine
     engine.stop()

@@ -3,7 +3,7 @@
 Pure functions of arrays, jitted inside the decode loop. Whatever the logits hold (NaN,
 infinities, huge values), a token that `allowed` forbids is never returned: scores are
 made finite first, forbidden tokens then get -inf, and every filter keeps the best
-allowed token. The grammar decides `allowed` (`metatrain.generate.constraints`); this
+allowed token. The grammar decides `allowed` (`metatrain.engine.constraints`); this
 module knows nothing about tags.
 """
 
@@ -112,7 +112,8 @@ def filter_top_p(scores: jax.Array, p: float | jax.Array) -> jax.Array:
 
 
 def draw_categorical(key: jax.Array, scores: jax.Array) -> jax.Array:
-    """One index per row with probability softmax(scores) ([B, V] -> [B] int32).
+    """One index per row with probability softmax(scores) ([B, V] -> [B] int32), from one
+    key for the batch or one key per row ([B]).
 
     Inverse-CDF sampling: one uniform number per row against the cumulative sum, which
     costs a few passes over V where Gumbel-max (`jax.random.categorical`) draws V
@@ -121,7 +122,11 @@ def draw_categorical(key: jax.Array, scores: jax.Array) -> jax.Array:
     """
     cdf = jnp.cumsum(jax.nn.softmax(scores, axis=-1), axis=-1)
     tiny = jnp.finfo(jnp.float32).tiny
-    u = jax.random.uniform(key, cdf.shape[:-1] + (1,), jnp.float32, tiny, 1.0) * cdf[..., -1:]
+    if key.ndim == 1:  # one key per row: each row's draw is its own, whatever its neighbours
+        u = jax.vmap(lambda k: jax.random.uniform(k, (1,), jnp.float32, tiny, 1.0))(key)
+    else:
+        u = jax.random.uniform(key, cdf.shape[:-1] + (1,), jnp.float32, tiny, 1.0)
+    u = u * cdf[..., -1:]
     index = jnp.sum(cdf < u, axis=-1)
     return jnp.minimum(index, scores.shape[-1] - 1).astype(jnp.int32)
 

@@ -17,7 +17,7 @@ the device, so choosing a token is a gather and a few selects inside the jitted 
     (placed in the prompt, `--control`), and a sample that could emit them would choose
     its own conditioning (`BoundGrammar.generation_allowed`).
 
-Sampling itself (temperature, top-k, top-p) lives in `metatrain.generate.sampling`.
+Sampling itself (temperature, top-k, top-p) lives in `metatrain.engine.sampling`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metatrain.engine.sampling import SamplingConfig, pick_tokens, scaled_scores
 from metatrain.errors import UserError
-from metatrain.generate.sampling import SamplingConfig, pick_tokens, scaled_scores
 from metatrain.tokenizer.encoder import Encoder
 from metatrain.tokenizer.mantra import block_gets_mantra
 

@@ -1,0 +1,348 @@
+"""The engine's device side: a fixed set of slots, rows admitted into free ones, steps of the live ones.
+
+The engine keeps one KV cache of `max_batch` rows (slots) x `S` positions for its whole
+life (`Slots`). Each row has its own cache position (`KVCache.index`), so a row admitted
+while its neighbours are half-way through their replies starts at position 0 next to
+them, and a row that ends frees its slot for the next step:
+
+  * `admit` prefills n new prompts into n slots in one call: each prompt's ids go into
+    its row from a start position (0, or the length of a prefix copied from another
+    slot whose cache already holds those ids), and its first logits are kept;
+  * `run_steps` runs a few decode steps of the first k slots (k a row-count bucket that
+    covers every live row, so a step costs what the live rows need, not `max_batch`).
+
+Each step turns every live row's logits into its next token (the token policy,
+`Chooser`: the tag-grammar mask, mantra forcing and lock, then sampling), feeds the
+tokens through the model and keeps the next logits; a row ends at EOS, the lock's exit,
+its budget, its context, or when the host cancels it. Shapes are fixed by the slot
+count, the prompt bucket (`PROMPT_BUCKET`), the admission and row-count buckets, so
+nothing compiles per request or per token, and the grammar lives in the step
+(`metatrain.engine.constraints`): no token makes a round trip to the host mid-call.
+
+Prompts are left-aligned in their rows (slot s holds the token at position s); a
+prompt bucket's padding lands on slots after the prompt with segment id 0 (never
+attended) and is overwritten by the row's own tokens as it decodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from metatrain.engine.constraints import RowState, TagConstraints
+from metatrain.engine.policy import RowSampling
+from metatrain.models import KVCache, ModelConfig, Transformer, init_cache, logits
+
+Params = Any
+#: Prompts are padded to a multiple of this, so prompts of similar length share a compile.
+PROMPT_BUCKET: int = 16
+
+
+class Chooser(Protocol):
+    """Picks each row's next token from the step's logits.
+
+    Either static for the whole engine (hashable, e.g. `GrammarChooser(sampling)`), or
+    the engine's `RowSampling`, whose per-row settings live in the slots."""
+
+    def __call__(
+        self, logits: jax.Array, rows: RowState, key: jax.Array, constraints: TagConstraints
+    ) -> tuple[jax.Array, RowState]:
+        """logits [B, V], keys [B] -> (tokens [B] int32, row states after them)."""
+        ...
+
+
+def padded_length(longest: int) -> int:
+    """P, the length a batch of prompts whose longest has `longest` tokens is padded to."""
+    return -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+
+
+def cache_length(context: int) -> int:
+    """S, slots of each row for rows of up to `context` tokens (prompt and reply): the
+    context plus one prompt bucket, so that a bucket's padding written after the
+    longest prompt never runs off the end."""
+    return context + PROMPT_BUCKET
+
+
+@flax.struct.dataclass
+class Slots:
+    """Every slot of the engine between two calls ([B] = max_batch rows).
+
+    Attributes:
+        cache: the KV cache [L, B, S, K, H], each row's own `index` (its next position).
+        logits: float32 [B, V], each row's logits for its next token.
+        rows: each row's grammar state (`done`: ended, or a free slot).
+        keys: [B] PRNG keys, one per row.
+        sampling: per-row settings of the `RowSampling` policy (unused under a static one).
+        budget: int32 [B], tokens each row may still emit in all.
+        emitted: int32 [B], tokens each row has emitted.
+    """
+
+    cache: KVCache
+    logits: jax.Array
+    rows: RowState
+    keys: jax.Array
+    sampling: RowSampling
+    budget: jax.Array
+    emitted: jax.Array
+
+    @property
+    def size(self) -> int:
+        return self.logits.shape[0]
+
+
+def empty_slots(model_config: ModelConfig, batch: int, context: int) -> Slots:
+    """`batch` free slots (every row done, at position 0) for rows of up to `context` tokens."""
+    rows = RowState(*(jnp.zeros((batch,), jnp.int32) for _ in range(3)), done=jnp.ones((batch,), bool))
+    return Slots(
+        cache=init_cache(model_config, batch, cache_length(context)),
+        logits=jnp.zeros((batch, model_config.vocab_size), jnp.float32),
+        rows=rows,
+        keys=jax.vmap(jax.random.key)(jnp.zeros((batch,), jnp.uint32)),
+        sampling=RowSampling(jnp.ones((batch,), jnp.float32), jnp.ones((batch,), jnp.float32)),
+        budget=jnp.zeros((batch,), jnp.int32),
+        emitted=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+@flax.struct.dataclass
+class Admission:
+    """n prompts to prefill into n slots (rows of padding have `slot` = B: dropped).
+
+    Attributes:
+        slot: int32 [n], the slot each prompt goes to.
+        source: int32 [n], a slot whose cache holds this prompt's first `start` ids (any
+            slot when `start` is 0).
+        start: int32 [n], ids of the prompt already cached in `source`: prefill begins
+            there.
+        ids: int32 [n, T], the rest of each prompt, left-aligned, padding after.
+        lengths: int32 [n], real ids in each row of `ids` (>= 1).
+        rows: each prompt's grammar state after it.
+        keys: [n] PRNG keys.
+        sampling: the rows' `RowSampling` settings.
+        budget: int32 [n], tokens each may emit.
+    """
+
+    slot: jax.Array
+    source: jax.Array
+    start: jax.Array
+    ids: jax.Array
+    lengths: jax.Array
+    rows: RowState
+    keys: jax.Array
+    sampling: RowSampling
+    budget: jax.Array
+
+
+def _take(tree: Any, index: jax.Array) -> Any:
+    """Rows `index` of every [B, ...] leaf (the cache's layers: axis 1)."""
+    return jax.tree.map(lambda a: jnp.take(a, index, axis=0, mode="clip"), tree)
+
+
+def _put(tree: Any, index: jax.Array, new: Any) -> Any:
+    """`tree` with rows `index` replaced by `new` (out-of-range indices dropped)."""
+    return jax.tree.map(lambda a, n: a.at[index].set(n, mode="drop"), tree, new)
+
+
+def _take_cache(cache: KVCache, index: jax.Array) -> KVCache:
+    return KVCache(
+        jax.tree.map(lambda a: jnp.take(a, index, axis=1, mode="clip"), cache.layers),
+        jnp.take(cache.segment_ids, index, axis=0, mode="clip"),
+        jnp.take(cache.index, index, axis=0, mode="clip"),
+    )
+
+
+def _put_cache(cache: KVCache, index: jax.Array, new: KVCache) -> KVCache:
+    return KVCache(
+        jax.tree.map(lambda a, n: a.at[:, index].set(n, mode="drop"), cache.layers, new.layers),
+        cache.segment_ids.at[index].set(new.segment_ids, mode="drop"),
+        cache.index.at[index].set(new.index, mode="drop"),
+    )
+
+
+def _model_logits(params: Params, model_config: ModelConfig, cache: KVCache, ids: jax.Array,
+                  positions: jax.Array, segments: jax.Array) -> tuple[jax.Array, KVCache]:
+    """ids [n, T] through the model after `cache` -> (hidden [n, T, D], the cache after)."""
+    return Transformer(model_config).apply(
+        {"params": params}, ids, positions, segments, cache, method=Transformer.decode
+    )
+
+
+def admit(params: Params, slots: Slots, new: Admission, *, model_config: ModelConfig) -> Slots:
+    """The prompts of `new` prefilled into their slots; the other slots are untouched.
+
+    Each admitted row first gets `source`'s cache (the prefix it shares), with every
+    slot from `start` on emptied, then the rest of its prompt goes in from `start`.
+
+    Returns:
+        The slots with the new rows live: cache, first logits, rows, keys, budgets.
+    """
+    cache = _take_cache(slots.cache, new.source)  # [n] rows holding each prompt's cached prefix
+    kept = jnp.arange(cache.segment_ids.shape[1])[None, :] < new.start[:, None]
+    cache = cache.replace(segment_ids=jnp.where(kept, cache.segment_ids, 0), index=new.start)
+    width = new.ids.shape[1]
+    real = jnp.arange(width)[None, :] < new.lengths[:, None]  # [n, T]
+    positions = new.start[:, None] + jnp.arange(width)[None, :]
+    hidden, cache = _model_logits(params, model_config, cache, new.ids, positions, real.astype(jnp.int32))
+    last = jnp.take_along_axis(hidden, (new.lengths - 1)[:, None, None], axis=1)  # [n, 1, D]
+    first_logits = logits(last, params, model_config)[:, 0]
+    cache = cache.replace(index=new.start + new.lengths)
+    return slots.replace(
+        cache=_put_cache(slots.cache, new.slot, cache),
+        logits=_put(slots.logits, new.slot, first_logits),
+        rows=_put(slots.rows, new.slot, new.rows),
+        keys=_put(slots.keys, new.slot, new.keys),
+        sampling=_put(slots.sampling, new.slot, new.sampling),
+        budget=_put(slots.budget, new.slot, new.budget),
+        emitted=_put(slots.emitted, new.slot, jnp.zeros_like(new.budget)),
+    )
+
+
+def _split(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(keys for later steps, keys for this one) of [B] keys."""
+    pairs = jax.vmap(jax.random.split)(keys)  # [B, 2]
+    return pairs[:, 0], pairs[:, 1]
+
+
+def decode_step(params: Params, slots: Slots, constraints: TagConstraints, chooser: Chooser | None, *,
+                model_config: ModelConfig) -> tuple[Slots, jax.Array]:
+    """One token for every live row of `slots`: the policy picks it, the model reads it.
+
+    A row is live until it has ended (`rows.done`: EOS, the lock's exit, its budget, a
+    cancel) and while its next position is inside the model's context. `chooser` (or,
+    when None, the rows' own `RowSampling`) turns the logits into tokens and row states;
+    the live rows' tokens go through the model at each row's own position (the others
+    as padding, their position unmoved), and the logits of the next token are kept.
+
+    Returns:
+        `(slots after the step, tokens [B] int32, -1 for rows that were not live)`.
+    """
+    keys, now = _split(slots.keys)
+    position = slots.cache.index
+    live = ~slots.rows.done & (position < model_config.max_seq_len)
+    policy = slots.sampling if chooser is None else chooser
+    tokens, rows = policy(slots.logits, slots.rows, now, constraints)
+    emitted = slots.emitted + live.astype(jnp.int32)
+    rows = rows.replace(done=rows.done | ~live | (emitted >= slots.budget))
+    fed = jnp.where(live, tokens, 0)
+    hidden, cache = _model_logits(params, model_config, slots.cache, fed[:, None], position[:, None],
+                                  live[:, None].astype(jnp.int32))
+    cache = cache.replace(index=position + live.astype(jnp.int32))
+    after = slots.replace(cache=cache, logits=logits(hidden, params, model_config)[:, 0], rows=rows, keys=keys,
+                          emitted=emitted)
+    return after, jnp.where(live, tokens, -1)
+
+
+_ROW_FIELDS = ("logits", "rows", "keys", "sampling", "budget", "emitted")
+
+
+def _first_rows(slots: Slots, rows: int) -> Slots:
+    """Slots `0 .. rows - 1` (static slices: no gather)."""
+    if rows == slots.size:
+        return slots
+    cache = slots.cache
+    cut = KVCache(jax.tree.map(lambda a: a[:, :rows], cache.layers), cache.segment_ids[:rows], cache.index[:rows])
+    return slots.replace(cache=cut, **{f: jax.tree.map(lambda a: a[:rows], getattr(slots, f)) for f in _ROW_FIELDS})
+
+
+def _put_first_rows(slots: Slots, part: Slots) -> Slots:
+    """`slots` with its first `part.size` rows replaced by `part`."""
+    rows = part.size
+    if rows == slots.size:
+        return part
+    cache, new = slots.cache, part.cache
+    cache = KVCache(
+        jax.tree.map(lambda a, n: a.at[:, :rows].set(n), cache.layers, new.layers),
+        cache.segment_ids.at[:rows].set(new.segment_ids),
+        cache.index.at[:rows].set(new.index),
+    )
+    return slots.replace(cache=cache, **{
+        f: jax.tree.map(lambda a, n: a.at[:rows].set(n), getattr(slots, f), getattr(part, f)) for f in _ROW_FIELDS
+    })
+
+
+def run_steps(params: Params, slots: Slots, cancel: jax.Array, constraints: TagConstraints, *,
+              model_config: ModelConfig, chooser: Chooser | None, rows: int, steps: int,
+              ) -> tuple[Slots, jax.Array]:
+    """`steps` decode steps of slots `0 .. rows - 1` (the rest untouched).
+
+    Args:
+        cancel: bool [B]: rows that end before the first step.
+        rows: k, a row-count bucket that covers every live slot.
+        steps: decode steps in this call.
+
+    Returns:
+        `(slots after, tokens [k, steps] int32, -1 where a row emitted none)`.
+    """
+    slots = slots.replace(rows=slots.rows.replace(done=slots.rows.done | cancel))
+    part = _first_rows(slots, rows)
+
+    def step(s: Slots, _):
+        return decode_step(params, s, constraints, chooser, model_config=model_config)
+
+    part, tokens = jax.lax.scan(step, part, None, length=steps)
+    return _put_first_rows(slots, part), tokens.T
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotLayout:
+    """Where the slots live on a mesh: rows over `data`, the cache's KV heads over `tensor`.
+
+    Hashable (a static argument of the jitted calls); `constrain` pins every array of
+    the slots to its layout, so the cache never moves between calls."""
+
+    mesh: Mesh
+
+    def _spec(self, path: tuple, leaf: jax.Array) -> NamedSharding:
+        names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
+        if "layers" in names:  # [L, B, S, K, H]
+            spec = PartitionSpec(None, "data", None, "tensor", None)
+        else:  # [B, ...]
+            spec = PartitionSpec("data", *([None] * (leaf.ndim - 1)))
+        return NamedSharding(self.mesh, spec)
+
+    def constrain(self, slots: Slots) -> Slots:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, a: jax.lax.with_sharding_constraint(a, self._spec(path, a)), slots
+        )
+
+    def place(self, slots: Slots) -> Slots:
+        """`slots` (made on one device) put onto the mesh in their layout."""
+        return jax.tree_util.tree_map_with_path(lambda path, a: jax.device_put(a, self._spec(path, a)), slots)
+
+    def replicated(self, value: Any) -> Any:
+        """A host value onto every device of the mesh (admission inputs, cancel flags)."""
+        return jax.device_put(value, NamedSharding(self.mesh, PartitionSpec()))
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "layout"), donate_argnames=("slots",))
+def admit_call(params: Params, slots: Slots, new: Admission, *, model_config: ModelConfig,
+               layout: SlotLayout | None) -> Slots:
+    """`admit`, jitted (slots donated: the cache is updated in place)."""
+    out = admit(params, slots, new, model_config=model_config)
+    return out if layout is None else layout.constrain(out)
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "chooser", "rows", "steps", "layout"),
+                   donate_argnames=("slots",))
+def steps_call(params: Params, slots: Slots, cancel: jax.Array, constraints: TagConstraints, *,
+               model_config: ModelConfig, chooser: Chooser | None, rows: int, steps: int,
+               layout: SlotLayout | None) -> tuple[Slots, jax.Array]:
+    """`run_steps`, jitted (slots donated)."""
+    out, tokens = run_steps(params, slots, cancel, constraints, model_config=model_config, chooser=chooser,
+                            rows=rows, steps=steps)
+    return (out if layout is None else layout.constrain(out)), tokens
+
+
+def prompt_rows(prompts: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-aligned ids [n, width] (zeros after each prompt) and lengths [n]."""
+    ids = np.zeros((len(prompts), width), np.int32)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = prompt
+    return ids, np.asarray([len(p) for p in prompts], np.int32)
