@@ -50,10 +50,26 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from metatrain.documents import DEFAULT_DOCUMENT_MODE, Segment, SkipCounter, parse_document
+from metatrain.documents import (
+    DEFAULT_DOCUMENT_MODE,
+    Segment,
+    SkipCounter,
+    parse_document,
+)
 from metatrain.errors import UserError
-from metatrain.io.compression import COMPRESSIONS, MAX_LINE_BYTES, LineTooLong, iter_lines
-from metatrain.io.formats import JSONL, RecordError, describe_line_too_long, format_of, read_records
+from metatrain.io.compression import (
+    COMPRESSIONS,
+    MAX_LINE_BYTES,
+    LineTooLong,
+    iter_lines,
+)
+from metatrain.io.formats import (
+    JSONL,
+    RecordError,
+    describe_line_too_long,
+    format_of,
+    read_records,
+)
 from metatrain.io.storage import StoragePath, absolute, as_path, glob_paths, os_reason
 
 #: Kinds of text input file, by the suffix before any compression suffix.

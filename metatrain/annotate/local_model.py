@@ -78,10 +78,18 @@ class MetatrainGenerator:
         too_many = self.engine.memory().shortfall(self.engine.max_batch)
         if too_many:
             raise UserError(f"--max-batch {max_batch}: {too_many}; give a smaller --max-batch")
+        import jax
+
+        # Under `launch local` (jax.distributed) every process runs this generator on its
+        # share of the mesh; process 0 writes the output (`metatrain.annotate.runner`).
+        self.process_index = jax.process_index()
+        if jax.process_count() > 1:
+            self.barrier = _barrier
 
     async def prepare(self, example: ThinkRequest | None) -> None:
-        """Start the engine's loop (the checkpoint loaded; each request is fitted to its context)."""
-        self.engine.start()
+        """Nothing to check: the checkpoint loaded, and each request is fitted to its
+        context. (The engine's loop starts with the first request: on several processes
+        its collectives must not run beside the runner's barriers.)"""
 
     async def think(self, request: ThinkRequest) -> ThinkReply:
         from metatrain.engine import RowRequest
@@ -129,6 +137,13 @@ class MetatrainGenerator:
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.engine.stop)
+
+
+def _barrier(name: str) -> None:
+    """Every process of the job waits here for the others."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def _last_chars(segments: tuple[Segment, ...], keep: int) -> tuple[Segment, ...]:

@@ -36,7 +36,12 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from metatrain.annotate.generators import GenerationError, ThinkReply, ThinkRequest, register_generator
+from metatrain.annotate.generators import (
+    GenerationError,
+    ThinkReply,
+    ThinkRequest,
+    register_generator,
+)
 from metatrain.errors import FaultError, UserError
 
 logger = logging.getLogger(__name__)
@@ -109,7 +114,9 @@ class OpenAIChatGenerator:
         retry_delay: float = INITIAL_RETRY_DELAY,
         api_key: str | None = None,
     ):
-        from openai import AsyncOpenAI  # here, not at the top: `import openai` takes ~0.4 s
+        from openai import (
+            AsyncOpenAI,  # here, not at the top: `import openai` takes ~0.4 s
+        )
 
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")

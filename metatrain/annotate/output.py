@@ -60,6 +60,20 @@ _FSYNC_SECONDS = 1.0
 _REMOTE_FLUSH_SECONDS = 5.0
 
 
+class DiscardSink:
+    """What a process other than 0 of a multi-host run writes: nothing (process 0 writes
+    the same records)."""
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        pass
+
+    def write_failure(self, raw: Any, error: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class OutputSink:
     """The output and failure files, appended in input order (see the module docstring);
     in a bucket, two `ObjectAppender`s, of which at most one holds lines not uploaded."""

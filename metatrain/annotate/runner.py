@@ -35,16 +35,26 @@ from pathlib import Path
 from typing import Any
 
 from metatrain.annotate.checks import BlockChecks
-from metatrain.annotate.generators import GenerationError, ThinkRequest, ThoughtGenerator
+from metatrain.annotate.generators import (
+    GenerationError,
+    ThinkRequest,
+    ThoughtGenerator,
+)
 from metatrain.annotate.inputs import RawDocument
 from metatrain.annotate.output import (
     ADDRESS_SETTINGS,
     FAILED_SUFFIX,
+    DiscardSink,
     OutputSink,
     check_out_order,
     prepare_out,
 )
-from metatrain.annotate.placement import PlacementConfig, assemble, context_at, plan_insertions
+from metatrain.annotate.placement import (
+    PlacementConfig,
+    assemble,
+    context_at,
+    plan_insertions,
+)
 from metatrain.annotate.prompts import PromptTemplate
 from metatrain.documents import Segment, parse_document
 from metatrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, FaultError, UserError
@@ -387,7 +397,17 @@ def run_annotation(
         nonlocal documents, bar
         try:
             await generator.prepare(annotator.example_request(first))
-            resumed = prepare_out(out, settings.identity(generator, inputs), inputs)
+            # A multi-host generator (`metatrain`, under `launch local`): every process
+            # annotates the same documents; process 0 prepares and writes `out`, the others
+            # read which documents it holds once it is ready, and write nothing.
+            barrier = getattr(generator, "barrier", None)
+            writes = getattr(generator, "process_index", 0) == 0
+            if writes:
+                resumed = prepare_out(out, settings.identity(generator, inputs), inputs)
+            if barrier is not None:
+                barrier("annotate: out prepared")
+            if not writes:
+                resumed = prepare_out(out, settings.identity(generator, inputs), inputs)
             finished: set[str] = set()
             if resumed:
                 if input_ids is None:
@@ -399,11 +419,13 @@ def run_annotation(
                 finished = set(check_out_order(out, ids))
             summary.resumed = len(finished)
             todo = (raw for raw in documents if raw.id not in finished)
-            if progress:
+            if barrier is not None:
+                barrier("annotate: resume read")  # before process 0 appends anything
+            if progress and writes:
                 from tqdm import tqdm
 
                 bar = tqdm(desc="annotating", unit="doc", file=sys.stderr, mininterval=0.5)
-            sink = OutputSink(out)
+            sink = OutputSink(out) if writes else DiscardSink()
             try:
                 await annotator.run(todo, sink, summary, bar)
             finally:

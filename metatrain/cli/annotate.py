@@ -72,6 +72,11 @@ def run_annotate(args: argparse.Namespace) -> int:
     from metatrain.annotate.pipeline import annotate_corpus
     from metatrain.annotate.runner import exit_status, raise_if_nothing_done
 
+    if args.generator == "metatrain":
+        from metatrain.engine.compilation_cache import enable_compilation_cache
+
+        enable_compilation_cache()
+
     summary = annotate_corpus(args)
     print(summary.render(args.out), file=sys.stderr)
     raise_if_nothing_done(summary, args.out)  # 2 (settings, key) or 74 (the endpoint), in one line

@@ -66,7 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from metatrain.engine.compilation_cache import enable_compilation_cache
     from metatrain.evaluation.evaluate import EvalOptions, evaluate_workdir
+
+    enable_compilation_cache()
     from metatrain.evaluation.report import EvalSettings, format_report
 
     settings = EvalSettings(

@@ -49,7 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from metatrain.engine.compilation_cache import enable_compilation_cache
     from metatrain.generate.sample import sample_checkpoint
+
+    enable_compilation_cache()
 
     for text in sample_checkpoint(
         args.workdir, args.checkpoint, args.prompt,

@@ -39,7 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the checkpoint (errors end the command before the server starts), then serve."""
+    from metatrain.engine.compilation_cache import enable_compilation_cache
     from metatrain.serve.server import serve_workdir
+
+    enable_compilation_cache()
 
     serve_workdir(args.workdir, host=args.host, port=args.port, max_batch=args.max_batch,
                   hide_thinking=args.hide_thinking, mesh_settings=args.mesh_settings)

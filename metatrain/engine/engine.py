@@ -24,13 +24,13 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import queue
 import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from metatrain.engine.capacity import DecodeMemory, device_of
@@ -44,7 +44,7 @@ from metatrain.engine.step import (
     Slots,
     admit_call,
     cache_length,
-    empty_slots,
+    new_slots,
     padded_length,
     prompt_rows,
     steps_call,
@@ -104,6 +104,8 @@ class Handle:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.tokens: list[int] = []  # every token so far (read after the end)
+        self.admitted_step: int | None = None  # the engine's step count when the row took its slot
+        self.ended_step: int | None = None  # ... and when it ended
 
     def cancel(self) -> None:
         """Stop this row at its next step (thread-safe; idempotent)."""
@@ -154,6 +156,15 @@ class _Slot:
         if self.emitted:
             return np.concatenate([self.cached, np.asarray(self.emitted, np.int32)])
         return self.cached
+
+
+def _row_hash(request: RowRequest) -> np.ndarray:
+    """int32 [2]: a digest of what a row computes (prompt, budget, sampling, seed): how the
+    processes of a multi-host server agree on which row is which."""
+    digest = hashlib.blake2b(np.asarray(request.prompt.ids, np.int32).tobytes(), digest_size=8)
+    digest.update(repr((request.max_new_tokens, request.temperature, request.top_p, request.seed,
+                        request.stream, int(request.prompt.state), int(request.prompt.blocks))).encode())
+    return np.frombuffer(digest.digest(), np.int32).copy()
 
 
 def _buckets(limit: int, unit: int) -> list[int]:
@@ -247,6 +258,8 @@ class Engine:
         self.batches = 0  # admission calls (for tests and metrics)
         self.reused_tokens = 0  # prompt tokens taken from another slot's cache instead of prefilled
         self.prefilled_tokens = 0
+        self.steps_run = 0  # decode steps so far
+        self.step_rows: collections.Counter[int] = collections.Counter()  # calls by row-count bucket
 
     # -- limits ------------------------------------------------------------------------------------
     @property
@@ -331,25 +344,90 @@ class Engine:
             self._serving = serving
 
     def _serve(self) -> None:
+        if jax.process_count() > 1:
+            return self._serve_together()
         stopping = False
         while not stopping or self._waiting or self.active_rows:
-            idle = not self._waiting and not self.active_rows
-            try:
-                item = self._inbox.get(block=idle and not stopping)
-                while True:
-                    if item is None:
-                        stopping = True
-                    else:
-                        self._waiting.append(item)
-                    item = self._inbox.get_nowait()
-            except queue.Empty:
-                pass
+            stopping = self._collect(stopping)
             if stopping and not self.active_rows:
                 return
             try:
                 self._tick()
             except BaseException as e:  # noqa: BLE001 - every caller in flight must hear of it
                 self._fail_all(e)
+
+    def _collect(self, stopping: bool) -> bool:
+        """Newly submitted rows into the waiting queue (waiting for one when idle); True
+        once `stop` has asked the loop to end."""
+        idle = not self._waiting and not self.active_rows
+        try:
+            item = self._inbox.get(block=idle and not stopping)
+            while True:
+                if item is None:
+                    stopping = True
+                else:
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        return stopping
+
+    # -- a server on several processes -------------------------------------------------------------
+    def _serve_together(self) -> None:
+        """The server loop of a multi-host job: every process must step the same batch, but
+        rows reach each process at its own moments. Process 0 decides each tick (which
+        waiting rows to admit, which rows to cancel, when to stop) and broadcasts it; the
+        others admit the same rows, found by content (prompt, budget, sampling, seed), so
+        they need the same rows submitted, in any order (every process of `annotate`
+        submits the same insertion points)."""
+        from jax.experimental import multihost_utils
+
+        leader = jax.process_index() == 0
+        stopping = False
+        while True:
+            plan = np.zeros((3 + 3 * self.max_batch,), np.int32)
+            if leader:
+                stopping = self._collect(stopping)
+                plan = self._plan(stopping and not self.active_rows and not self._waiting)
+            plan = np.asarray(multihost_utils.broadcast_one_to_all(plan))
+            if plan[0]:
+                return
+            count, cancel = int(plan[1]), plan[3 + 2 * self.max_batch:].astype(bool)
+            if not leader:
+                self._follow(plan[3:3 + 2 * count].reshape(count, 2))
+            try:
+                self._tick(admit=[self._waiting.popleft() for _ in range(count)], cancel=cancel)
+            except BaseException as e:  # noqa: BLE001 - every caller in flight must hear of it
+                self._fail_all(e)
+
+    def _plan(self, stop: bool) -> np.ndarray:
+        """Process 0's tick as int32s: [stop, n admitted, 0, n x 2 row hashes, cancel [B]]."""
+        plan = np.zeros((3 + 3 * self.max_batch,), np.int32)
+        plan[0] = stop
+        chosen = self._choose()
+        for item in reversed(chosen):
+            self._waiting.appendleft(item)
+        plan[1] = len(chosen)
+        for i, (request, _) in enumerate(chosen):
+            plan[3 + 2 * i:5 + 2 * i] = _row_hash(request)
+        plan[3 + 2 * self.max_batch:] = self._cancelled()
+        return plan
+
+    def _follow(self, hashes: np.ndarray) -> None:
+        """Put the rows process 0 admits this tick (by hash, in its order) first in the
+        waiting queue, waiting for any not yet submitted here."""
+        front = []
+        for wanted in hashes:
+            while True:
+                found = next((i for i, (r, _) in enumerate(self._waiting) if (_row_hash(r) == wanted).all()), None)
+                if found is not None:
+                    front.append(self._waiting[found])
+                    del self._waiting[found]
+                    break
+                item = self._inbox.get()
+                if item is not None:
+                    self._waiting.append(item)
+        self._waiting.extendleft(reversed(front))
 
     def _fail_all(self, error: BaseException) -> None:
         for slot in self._slots:
@@ -364,8 +442,8 @@ class Engine:
     def _state(self) -> Slots:
         if self._slots_state is None:
             with self._sharding():
-                slots = empty_slots(self.model_config, self.max_batch, self.context)
-                self._slots_state = slots if self.layout is None else self.layout.place(slots)
+                self._slots_state = new_slots(model_config=self.model_config, batch=self.max_batch,
+                                              context=self.context, layout=self.layout)
         return self._slots_state
 
     def _sharding(self) -> contextlib.AbstractContextManager:
@@ -376,12 +454,27 @@ class Engine:
 
         return sharding_context(self.mesh, inference_rules())
 
-    def _tick(self) -> None:
-        cancel = np.zeros((self.max_batch,), bool)
-        for i, slot in enumerate(self._slots):
-            if slot.handle is not None and slot.handle.cancelled.is_set():
-                cancel[i] = True
-        self._admit()
+    def _cancelled(self) -> np.ndarray:
+        """bool [B]: the slots whose callers cancelled their rows."""
+        return np.array([s.handle is not None and s.handle.cancelled.is_set() for s in self._slots])
+
+    def _choose(self) -> list[tuple[RowRequest, Handle]]:
+        """Waiting rows for the free slots, in order (a cancelled one ends here)."""
+        free = sum(s.handle is None for s in self._slots)
+        chosen: list[tuple[RowRequest, Handle]] = []
+        while self._waiting and len(chosen) < free:
+            request, handle = self._waiting.popleft()
+            if handle.cancelled.is_set():
+                handle._end("cancelled")
+                continue
+            chosen.append((request, handle))
+        return chosen
+
+    def _tick(self, admit: list[tuple[RowRequest, Handle]] | None = None, cancel: np.ndarray | None = None) -> None:
+        """Admit (`admit`, default: what `_choose` picks), then one call of decode steps
+        (rows in `cancel`, default: those cancelled here, end before it)."""
+        cancel = self._cancelled() if cancel is None else cancel
+        self._admit(self._choose() if admit is None else admit)
         live = [i for i, s in enumerate(self._slots) if s.handle is not None]
         if not live:
             return
@@ -390,11 +483,13 @@ class Engine:
         # nobody waiting runs longer calls (fewer round trips to the host).
         steps = self.steps_per_call if (self._serving or self._waiting) else STEPS_WHEN_ALONE
         with self._sharding():
-            state, tokens = steps_call(self.params, self._state(), self._put(cancel), self.constraints,
+            state, tokens, done = steps_call(self.params, self._state(), self._put(cancel), self.constraints,
                                        model_config=self.model_config, chooser=self.chooser, rows=rows,
                                        steps=steps, layout=self.layout)
         self._slots_state = state
-        tokens, done = jax.device_get((tokens, state.rows.done[:rows]))
+        self.steps_run += steps
+        self.step_rows[rows] += 1
+        tokens, done = jax.device_get((tokens, done))
         for i in live:
             slot = self._slots[i]
             new = [int(t) for t in tokens[i] if t >= 0]
@@ -404,23 +499,19 @@ class Engine:
                 slot.handle._tokens(new)
             if done[i]:  # the slot is free before its caller hears of the end
                 handle, slot.handle = slot.handle, None
+                handle.ended_step = self.steps_run
                 handle._end(self._reason(cancel[i], slot))
 
-    def _put(self, value: np.ndarray) -> jax.Array:
-        return jnp.asarray(value) if self.layout is None else self.layout.replicated(value)
+    def _put(self, value: Any) -> Any:
+        """Host values for a call: as they are on one device, global arrays on a mesh."""
+        return value if self.layout is None else self.layout.replicated(value)
 
-    def _admit(self) -> None:
-        """Waiting rows into free slots (lowest first), one prefill call for all of them."""
-        free = [i for i, s in enumerate(self._slots) if s.handle is None]
-        chosen: list[tuple[int, RowRequest, Handle]] = []
-        while self._waiting and len(chosen) < len(free):
-            request, handle = self._waiting.popleft()
-            if handle.cancelled.is_set():
-                handle._end("cancelled")
-                continue
-            chosen.append((free[len(chosen)], request, handle))
-        if not chosen:
+    def _admit(self, rows: list[tuple[RowRequest, Handle]]) -> None:
+        """`rows` into free slots (lowest first), one prefill call for all of them."""
+        if not rows:
             return
+        free = [i for i, s in enumerate(self._slots) if s.handle is None]
+        chosen = [(slot, request, handle) for slot, (request, handle) in zip(free, rows, strict=False)]
         holdings = [s.holds() for s in self._slots]
         sources, starts, rests = [], [], []
         for slot, request, _ in chosen:
@@ -444,26 +535,25 @@ class Engine:
         mantra = self.constraints.mantra_length
         rows = RowState.start(np.array([r.prompt.state for r in requests]), np.array([r.prompt.blocks for r in requests]),
                               mantra)
-        keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(
-            jnp.asarray([r.seed for r in requests], jnp.uint32), jnp.asarray([r.stream for r in requests], jnp.uint32))
         new = Admission(
-            slot=jnp.asarray([s for s, _, _ in chosen] + [self.max_batch] * pad, jnp.int32),
-            source=jnp.asarray(sources + [0] * pad, jnp.int32),
-            start=jnp.asarray(starts + [0] * pad, jnp.int32),
-            ids=jnp.asarray(ids), lengths=jnp.asarray(lengths), rows=rows, keys=keys,
-            sampling=RowSampling(jnp.asarray([r.temperature for r in requests], jnp.float32),
-                                 jnp.asarray([r.top_p for r in requests], jnp.float32)),
-            budget=jnp.asarray([r.max_new_tokens for r in requests], jnp.int32),
+            slot=np.asarray([s for s, _, _ in chosen] + [self.max_batch] * pad, np.int32),
+            source=np.asarray(sources + [0] * pad, np.int32),
+            start=np.asarray(starts + [0] * pad, np.int32),
+            ids=ids, lengths=lengths, rows=rows,
+            seeds=np.asarray([r.seed for r in requests], np.uint32),
+            streams=np.asarray([r.stream for r in requests], np.uint32),
+            sampling=RowSampling(np.asarray([r.temperature for r in requests], np.float32),
+                                 np.asarray([r.top_p for r in requests], np.float32)),
+            budget=np.asarray([r.max_new_tokens for r in requests], np.int32),
         )
-        if self.layout is not None:
-            new = self.layout.replicated(new)
         with self._sharding():
-            self._slots_state = admit_call(self.params, self._state(), new, model_config=self.model_config,
+            self._slots_state = admit_call(self.params, self._state(), self._put(new), model_config=self.model_config,
                                            layout=self.layout)
         self.batches += 1
         for slot, request, handle in chosen:
             record = self._slots[slot]
             record.handle, record.cached = handle, np.asarray(request.prompt.ids, np.int32)
+            handle.admitted_step = self.steps_run
             record.emitted, record.last, record.budget = [], None, request.max_new_tokens
 
     def _reason(self, cancelled: bool, slot: _Slot) -> str:

@@ -124,7 +124,8 @@ class Admission:
         ids: int32 [n, T], the rest of each prompt, left-aligned, padding after.
         lengths: int32 [n], real ids in each row of `ids` (>= 1).
         rows: each prompt's grammar state after it.
-        keys: [n] PRNG keys.
+        seeds: uint32 [n], each row's PRNG seed ...
+        streams: uint32 [n], ... and stream: its key is `fold_in(key(seed), stream)`.
         sampling: the rows' `RowSampling` settings.
         budget: int32 [n], tokens each may emit.
     """
@@ -135,7 +136,8 @@ class Admission:
     ids: jax.Array
     lengths: jax.Array
     rows: RowState
-    keys: jax.Array
+    seeds: jax.Array
+    streams: jax.Array
     sampling: RowSampling
     budget: jax.Array
 
@@ -197,7 +199,8 @@ def admit(params: Params, slots: Slots, new: Admission, *, model_config: ModelCo
         cache=_put_cache(slots.cache, new.slot, cache),
         logits=_put(slots.logits, new.slot, first_logits),
         rows=_put(slots.rows, new.slot, new.rows),
-        keys=_put(slots.keys, new.slot, new.keys),
+        keys=_put(slots.keys, new.slot, jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(
+            new.seeds, new.streams)),
         sampling=_put(slots.sampling, new.slot, new.sampling),
         budget=_put(slots.budget, new.slot, new.budget),
         emitted=_put(slots.emitted, new.slot, jnp.zeros_like(new.budget)),
@@ -312,13 +315,19 @@ class SlotLayout:
             lambda path, a: jax.lax.with_sharding_constraint(a, self._spec(path, a)), slots
         )
 
-    def place(self, slots: Slots) -> Slots:
-        """`slots` (made on one device) put onto the mesh in their layout."""
-        return jax.tree_util.tree_map_with_path(lambda path, a: jax.device_put(a, self._spec(path, a)), slots)
+    @property
+    def everywhere(self) -> NamedSharding:
+        """Replicated on every device of the mesh (what the host reads back)."""
+        return NamedSharding(self.mesh, PartitionSpec())
 
     def replicated(self, value: Any) -> Any:
-        """A host value onto every device of the mesh (admission inputs, cancel flags)."""
-        return jax.device_put(value, NamedSharding(self.mesh, PartitionSpec()))
+        """Host numpy values (the same on every process) onto every device of the mesh,
+        as global arrays: admission inputs, cancel flags."""
+        def put(a):
+            a = np.asarray(a)
+            return jax.make_array_from_callback(a.shape, self.everywhere, lambda index: a[index])
+
+        return jax.tree.map(put, value)
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "layout"), donate_argnames=("slots",))
@@ -333,11 +342,24 @@ def admit_call(params: Params, slots: Slots, new: Admission, *, model_config: Mo
                    donate_argnames=("slots",))
 def steps_call(params: Params, slots: Slots, cancel: jax.Array, constraints: TagConstraints, *,
                model_config: ModelConfig, chooser: Chooser | None, rows: int, steps: int,
-               layout: SlotLayout | None) -> tuple[Slots, jax.Array]:
-    """`run_steps`, jitted (slots donated)."""
+               layout: SlotLayout | None) -> tuple[Slots, jax.Array, jax.Array]:
+    """`run_steps`, jitted (slots donated) -> (slots, tokens [k, steps], done [k])."""
     out, tokens = run_steps(params, slots, cancel, constraints, model_config=model_config, chooser=chooser,
                             rows=rows, steps=steps)
-    return (out if layout is None else layout.constrain(out)), tokens
+    done = out.rows.done[:rows]
+    if layout is None:
+        return out, tokens, done
+    # What the host reads is on every device: each process of a multi-host job reads it whole.
+    tokens, done = (jax.lax.with_sharding_constraint(a, layout.everywhere) for a in (tokens, done))
+    return layout.constrain(out), tokens, done
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "batch", "context", "layout"))
+def new_slots(*, model_config: ModelConfig, batch: int, context: int, layout: SlotLayout | None) -> Slots:
+    """`empty_slots` made on the devices where they will live (on a mesh: each device
+    allocates only its shard)."""
+    slots = empty_slots(model_config, batch, context)
+    return slots if layout is None else layout.constrain(slots)
 
 
 def prompt_rows(prompts: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
