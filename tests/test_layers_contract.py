@@ -50,7 +50,7 @@ def test_the_tree_keeps_every_contract():
     [
         ("models/transformer.py", "import metatrain.train.loop",
          "metatrain.models.transformer -> metatrain.train.loop"),
-        ("generate/sampling.py", "from metatrain.train import resize",
+        ("engine/sampling.py", "from metatrain.train import resize",
          "metatrain.engine.sampling -> metatrain.train"),
         ("io/storage.py", "import metatrain.data.packing",
          "metatrain.io.storage -> metatrain.data.packing"),

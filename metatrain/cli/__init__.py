@@ -63,7 +63,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 #: Commands that, started by a launcher on every host, join the run before they start.
-DISTRIBUTED_COMMANDS: frozenset[str] = frozenset({"train"})
+DISTRIBUTED_COMMANDS: frozenset[str] = frozenset({"train", "eval", "annotate"})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -81,6 +81,8 @@ def run_eval(args: argparse.Namespace) -> int:
     options = EvalOptions(data=args.data, step=args.step, out=args.out, max_documents=args.max_documents,
                           strict=args.strict, settings=settings, mesh_settings=args.mesh_settings)
     result = evaluate_workdir(args.workdir, options)
+    if not result.wrote:  # a process other than 0 of a multi-process run: process 0 prints and writes
+        return 0
     if args.json:
         print(json.dumps(result.report))
     else:

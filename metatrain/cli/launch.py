@@ -57,7 +57,7 @@ def _register_local(targets: argparse._SubParsersAction) -> None:
         help="P processes on this machine (CPU devices, gloo collectives)",
         description=(
             "Start P processes on this machine, joined by jax.distributed over the loopback, each "
-            "with D CPU devices; stream their output with a [process N] prefix; stop them all if "
+            "with D CPU devices, running train, eval or annotate; stream their output with a [process N] prefix; stop them all if "
             "one dies. Exit status: 0, 75 when preempted (a checkpoint was saved; run again to "
             "resume), or the failing process's status (128+N for signal N)."
         ),
@@ -66,7 +66,9 @@ def _register_local(targets: argparse._SubParsersAction) -> None:
     p.add_argument("--devices-per-process", type=int, default=1, metavar="D", help="CPU devices per process (default 1)")
     p.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
     p.add_argument("--dry-run", action="store_true", help="print the processes' command lines, run nothing")
-    p.add_argument("train_command", nargs=argparse.REMAINDER, metavar="-- train ...", help=_COMMAND_HELP)
+    p.add_argument("train_command", nargs=argparse.REMAINDER, metavar="-- train|eval|annotate ...",
+                   help="the metatrain command every process runs, after --: train [train args], or eval or "
+                        "annotate [their args] (one model sharded over every process's devices, process 0 writes)")
     p.set_defaults(func=run_launch_local)
 
 
@@ -154,7 +156,11 @@ def run_launch_local(args: argparse.Namespace) -> int:
 
 
 def run_launch_tpu(args: argparse.Namespace) -> int:
-    from metatrain.launch.plan import carry_out, parse_env_assignments, parse_train_command
+    from metatrain.launch.plan import (
+        carry_out,
+        parse_env_assignments,
+        parse_train_command,
+    )
     from metatrain.launch.tpu import TpuOptions, tpu_plan
 
     options = TpuOptions(
@@ -169,7 +175,11 @@ def run_launch_tpu(args: argparse.Namespace) -> int:
 
 def run_launch_gke(args: argparse.Namespace) -> int:
     from metatrain.launch.gke import GkeOptions, gke_plan
-    from metatrain.launch.plan import carry_out, parse_env_assignments, parse_train_command
+    from metatrain.launch.plan import (
+        carry_out,
+        parse_env_assignments,
+        parse_train_command,
+    )
 
     options = GkeOptions(
         topology=args.topology, num_slices=args.num_slices, image=args.image, bucket=args.bucket,
@@ -182,7 +192,11 @@ def run_launch_gke(args: argparse.Namespace) -> int:
 
 
 def run_launch_slurm(args: argparse.Namespace) -> int:
-    from metatrain.launch.plan import carry_out, parse_env_assignments, parse_train_command
+    from metatrain.launch.plan import (
+        carry_out,
+        parse_env_assignments,
+        parse_train_command,
+    )
     from metatrain.launch.slurm import SlurmOptions, slurm_plan
 
     extra = {k: v for k, v in (("code_dir", args.code_dir), ("python", args.python)) if v is not None}
@@ -201,27 +215,71 @@ def run_launch_slurm(args: argparse.Namespace) -> int:
 def _register_compile(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compile",
-        help="compile the training step ahead of time for a TPU topology; report memory and FLOPs",
+        help="compile the training step (or, with --inference, the inference engine) ahead of time for a TPU "
+             "topology; report memory",
         description=(
             "Compile the run's real training step (its model, optimizer, mesh and shardings) for a "
             "TPU topology on this CPU, and print per-device memory (arguments, temporaries, total) "
             "against the chip's HBM and the model FLOPs per step. Exits 2 when the config does not "
             "fit, or (before compiling) when model.vocab_size is not the piece count of data.tokenizer "
-            "(checked when that file exists). Needs libtpu: pip install 'metatrain[tpu]'."
+            "(checked when that file exists). Needs libtpu: pip install 'metatrain[tpu]'. "
+            "With --inference: compile the inference engine's prefill and decode programs instead, for "
+            "--batch slots of --context tokens, on the inference mesh (--set mesh.data|fsdp|tensor=N; "
+            "default: fsdp as large as the model allows, the rest on data), and print per-chip memory "
+            "(parameters, KV cache, temporaries, total) against the chip's HBM; exits 2, in one line, when "
+            "the mesh does not divide the model or the engine does not fit."
         ),
     )
     p.add_argument("--config", type=Path, default=None, help="run config YAML (default configs/default.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable); with --inference, mesh.data, mesh.fsdp and "
+                        "mesh.tensor choose the inference mesh (-1: the chips left over)")
     p.add_argument("--topology", required=True, help="TPU topology, e.g. v5e:2x2, v5p:4x4x4, v6e:8x8")
     p.add_argument("--num-slices", type=int, default=1, help="slices of that topology (multi-slice; sets mesh.dcn_data)")
     p.add_argument("--max-batch", action="store_true",
                    help="find the largest global trainer.batch_size that fits, by compiling (doubling, then bisecting)")
+    engine = p.add_argument_group("the inference engine (--inference)")
+    engine.add_argument("--inference", action="store_true",
+                        help="compile the inference engine's prefill and decode programs, not the training step")
+    engine.add_argument("--batch", type=int, default=None, metavar="B",
+                        help="slots: rows decoded at once, as serve's --max-batch (default 32; rounded up to a "
+                             "multiple of mesh.data)")
+    engine.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                        help="tokens a row holds, prompt and reply (default model.max_seq_len)")
+    engine.add_argument("--prompt", type=int, default=None, metavar="TOKENS",
+                        help="prefill width: the longest prompt prefilled in one call (default min(512, context - 1); "
+                             "every slot's prompt at once, as a batch job's first call)")
     p.set_defaults(func=run_compile)
+
+
+#: The options that only the inference compile takes.
+_ENGINE_OPTIONS = (("batch", "--batch"), ("context", "--context"), ("prompt", "--prompt"))
 
 
 def run_compile(args: argparse.Namespace) -> int:
     from metatrain.config import load_config
-    from metatrain.launch.fits import check_fit
+    from metatrain.errors import UserError
 
-    return check_fit(load_config(args.config, args.overrides), args.topology, args.num_slices,
-                     max_batch=args.max_batch)
+    if not args.inference:
+        given = [flag for name, flag in _ENGINE_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: {'options' if len(given) > 1 else 'an option'} of the inference compile; add --inference (the training "
+                            "compile takes trainer.batch_size and trainer.seq_len through --set)")
+        from metatrain.launch.fits import check_fit
+
+        return check_fit(load_config(args.config, args.overrides), args.topology, args.num_slices,
+                         max_batch=args.max_batch)
+    if args.max_batch:
+        raise UserError("--max-batch searches the training batch; with --inference give --batch B and read the report")
+    from metatrain.launch.inference_compile import (
+        DEFAULT_BATCH,
+        check_inference_fit,
+        split_settings,
+    )
+
+    overrides, mesh_settings = split_settings(args.overrides)
+    return check_inference_fit(
+        load_config(args.config, overrides), args.topology,
+        batch=DEFAULT_BATCH if args.batch is None else args.batch, context=args.context, prompt=args.prompt,
+        mesh_settings=mesh_settings, num_slices=args.num_slices,
+    )

@@ -55,6 +55,11 @@ from metatrain.models import ModelConfig
 #: Decode steps per call while rows wait for a slot or a client streams: tokens reach
 #: callers, and newcomers their slot, in groups of this many.
 STEPS_PER_CALL: int = 4
+#: Prompts prefilled by one call at most (more are prefilled by several calls of one
+#: tick). Each call works on a copy of its rows' KV cache; past 4 rows XLA's TPU
+#: prefill program grows to several copies of the whole cache (the 7b preset, 32 slots of
+#: 4,096 tokens on v5e:2x4: 3.7 GiB of temporaries a chip at 4 rows, 17 at 8, 30 at 32).
+PREFILL_ROWS: int = 4
 #: Steps per call when nothing waits (a batch job's last rows): fewer host round trips.
 STEPS_WHEN_ALONE: int = 16
 
@@ -507,9 +512,11 @@ class Engine:
         return value if self.layout is None else self.layout.replicated(value)
 
     def _admit(self, rows: list[tuple[RowRequest, Handle]]) -> None:
-        """`rows` into free slots (lowest first), one prefill call for all of them."""
-        if not rows:
-            return
+        """`rows` into free slots (lowest first), `PREFILL_ROWS` a prefill call."""
+        for first in range(0, len(rows), PREFILL_ROWS):
+            self._admit_some(rows[first:first + PREFILL_ROWS])
+
+    def _admit_some(self, rows: list[tuple[RowRequest, Handle]]) -> None:
         free = [i for i, s in enumerate(self._slots) if s.handle is None]
         chosen = [(slot, request, handle) for slot, (request, handle) in zip(free, rows, strict=False)]
         holdings = [s.holds() for s in self._slots]
@@ -527,7 +534,7 @@ class Engine:
             rests.append(ids[start:])
             self.reused_tokens += start
             self.prefilled_tokens += len(ids) - start
-        count = next(b for b in _buckets(self.max_batch, 1) if b >= len(chosen))
+        count = next(b for b in _buckets(PREFILL_ROWS, 1) if b >= len(chosen))
         pad = count - len(chosen)
         width = padded_length(max(len(r) for r in rests))
         ids, lengths = prompt_rows([*rests, *[rests[0]] * pad], width)

@@ -10,5 +10,6 @@
     probes       linear probes for mode and role on every layer's hidden states
     report       the report `metatrain eval` writes and prints
     evaluate     a run's checkpoint evaluated, report.json and probes.png written
+    placement    host values onto the parameters' mesh and back (multi-process: process 0 writes)
     in_loop      the cheap part (bpb/text, removed - kept) at every trainer evaluation
 """

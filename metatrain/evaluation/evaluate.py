@@ -2,9 +2,12 @@
 
     metatrain eval --workdir W [--data DOCS.jsonl] [--step N] [--out DIR] [--json]
 
-Reads one checkpoint of a run (its newest, or `step`) onto one device and the run's
-held-out split (or `data`), computes the report (`report.evaluate_checkpoint`) and
-writes `DIR/report.json` (default `W/eval/<step>/`) and `DIR/probes.png`. `EvalOptions`
+Reads one checkpoint of a run (its newest, or `step`) onto a mesh of the visible
+devices and the run's held-out split (or `data`), computes the report
+(`report.evaluate_checkpoint`) and writes `DIR/report.json` (default `W/eval/<step>/`)
+and `DIR/probes.png`. In a multi-process run (`metatrain launch local -- eval ...`) the
+mesh spans every process's devices; every process reads the same documents and computes
+the same report, and process 0 alone writes it (`placement`). `EvalOptions`
 holds the command's options (checked with the flag names in messages); `check_eval_out`
 says whether a directory may receive a report. What each number means: docs/eval.md.
 """
@@ -76,11 +79,14 @@ class EvalOptions:
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
-    """What `evaluate_workdir` did: the report, where it was written, the records skipped."""
+    """What `evaluate_workdir` did: the report, where it was written, the records skipped,
+    and whether this process wrote it (process 0 of a multi-process run; the others
+    computed the same report and wrote nothing)."""
 
     report: dict[str, Any]
     path: Path
     skips: SkipCounter
+    wrote: bool = True
 
 
 def check_eval_out(out: Path) -> Path:
@@ -124,6 +130,7 @@ def evaluate_workdir(workdir: Path, options: EvalOptions) -> EvalResult:
     from metatrain.config import load_config_dict
     from metatrain.evaluation.documents import file_documents, split_documents
     from metatrain.evaluation.free_generation import check_generation_fits
+    from metatrain.evaluation.placement import writes_files
     from metatrain.evaluation.report import PROMPT_TOKENS, evaluate_checkpoint
     from metatrain.generate.generator import Generator
     from metatrain.io.outputs import write_atomically
@@ -157,9 +164,16 @@ def evaluate_workdir(workdir: Path, options: EvalOptions) -> EvalResult:
         data_label = f"held-out split of {', '.join(s.name for s in data.sources)} (eval_fraction {data.eval_fraction})"
     report = {"checkpoint": str(loaded.path), "step": loaded.step, "data": data_label,
               "skipped_records": skips.count, "max_documents": limit}
+    out = options.out or workdir / "eval" / str(loaded.step)
+    if options.out is None:
+        check_eval_out(out)  # refused before the evaluation, by every process alike
     report.update(evaluate_checkpoint(loaded.params, loaded.model_config, config.loss, loaded.encoder, docs, settings,
                                       mesh=loaded.mesh))
-    out = check_eval_out(options.out or workdir / "eval" / str(loaded.step))
+    if not writes_files():  # the same report; process 0 writes it
+        if "probes" in report:
+            report["probes"]["plot"] = str(out / PROBES_PLOT)
+        return EvalResult(report, out / REPORT_FILE, skips, wrote=False)
+    out = check_eval_out(out)  # again: a file may have appeared while evaluating
     out.mkdir(parents=True, exist_ok=True)
     if "probes" in report:
         from metatrain.evaluation.probes import plot_probes

@@ -85,7 +85,7 @@ class FreeChooser:
     """Samples each row's next token from the model alone: no tag mask, no mantra, no lock.
 
     Implements `metatrain.engine.step.Chooser`; frozen and hashable, so it is a
-    static argument of `generate_tokens`. The constraints are only read for the grammar
+    static token policy of the engine (`metatrain.engine.Engine`). The constraints are only read for the grammar
     arrays (state tracking); their `ends` (the lock) are ignored.
     """
 
@@ -283,7 +283,7 @@ def run_free_generation(
     """Samples every prompt free and masked, in human and AI mode, and counts both.
 
     "masked" is `Generator.generate` itself (grammar mask, mantra forcing, the AI lock);
-    "free" is the same batches and seed through `generate_tokens` with `FreeChooser`.
+    "free" is the same batches and seed through the engine with `FreeChooser`.
     AI mode appends `<AI>` to the prompt (the lock's prefix) in both settings.
 
     Args:

@@ -29,6 +29,7 @@ import optax
 from matplotlib.figure import Figure
 
 from metatrain.errors import UserError
+from metatrain.evaluation.placement import replicated, to_mesh
 from metatrain.evaluation.stats import paired_ratio_difference
 from metatrain.generate.prompts import grammar_states
 from metatrain.io.outputs import write_atomically
@@ -43,9 +44,10 @@ ROLE_CLASSES: tuple[str, ...] = LOSS_ROLE_LABELS
 TASKS: tuple[str, ...] = ("mode", "role")
 
 
-@functools.partial(jax.jit, static_argnames=("model_config",))
+@functools.partial(jax.jit, static_argnames=("model_config", "out_sharding"))
 def layer_hidden_states(
-    params: Params, model_config: ModelConfig, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array
+    params: Params, model_config: ModelConfig, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+    out_sharding: jax.sharding.NamedSharding | None = None,
 ) -> jax.Array:
     """The residual stream after every layer, from the model's parameters.
 
@@ -55,6 +57,9 @@ def layer_hidden_states(
         inputs: [B, T] int32 token ids.
         positions: [B, T] int32 position inside each packed document.
         segment_ids: [B, T] int32 document index (0 = padding).
+        out_sharding: where the result goes (`placement.replicated`: whole on every
+            device of the parameters' mesh, so every process can read it); None: where
+            XLA puts it.
 
     Returns:
         [L + 2, B, T, D] float32: index 0 the embeddings, 1..L the output of each
@@ -81,7 +86,8 @@ def layer_hidden_states(
             outs.append(out)
         blocks = jnp.stack(outs)
     final = RMSNorm(cfg.norm_eps, dtype, param_dtype).apply({"params": params["final_norm"]}, x_last)
-    return jnp.concatenate([x[None].astype(jnp.float32), blocks, final[None].astype(jnp.float32)])
+    out = jnp.concatenate([x[None].astype(jnp.float32), blocks, final[None].astype(jnp.float32)])
+    return out if out_sharding is None else jax.lax.with_sharding_constraint(out, out_sharding)
 
 
 def token_labels(encoder: Encoder, ids: np.ndarray, roles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -289,7 +295,9 @@ def _sample_tokens(lengths: list[int], is_test: np.ndarray, max_tokens: int, rng
 
 
 def _kept_hidden_states(params, model_config, encoder, rows, kept, seq_len, batch_rows) -> np.ndarray:
-    """[L + 2, tokens, D] float32 hidden states of the kept tokens, in document order."""
+    """[L + 2, tokens, D] float32 hidden states of the kept tokens, in document order
+    (the same on every process of a multi-process run: each reads the whole result)."""
+    everywhere = replicated(params)
     pad = max(encoder.pad_id, 0)  # segment 0 masks it anyway; any valid id will do
     n_kept = sum(len(k) for k in kept)
     out = np.empty((model_config.n_layers + 2, n_kept, model_config.d_model), np.float32)
@@ -301,14 +309,24 @@ def _kept_hidden_states(params, model_config, encoder, rows, kept, seq_len, batc
             inputs[b, :len(row)] = row
             segments[b, :len(row)] = 1
         positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), inputs.shape)
-        hidden = layer_hidden_states(params, model_config, inputs, positions, segments)  # [L+2, B, T, D]
+        hidden = layer_hidden_states(params, model_config, *to_mesh((inputs, positions, segments), everywhere),
+                                     out_sharding=everywhere)  # [L+2, B, T, D]
         batch_kept = kept[start:start + batch_rows]
         b_idx = np.concatenate([np.full(len(k), b) for b, k in enumerate(batch_kept)]).astype(np.int32)
         t_idx = np.concatenate(batch_kept).astype(np.int32)
         # Gathered on the device, so only the sampled tokens travel to the host.
-        out[:, offset:offset + len(t_idx)] = np.asarray(hidden[:, b_idx, t_idx])
+        out[:, offset:offset + len(t_idx)] = np.asarray(_take(hidden, *to_mesh((b_idx, t_idx), everywhere),
+                                                              out_sharding=everywhere))
         offset += len(t_idx)
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("out_sharding",))
+def _take(hidden: jax.Array, b_idx: jax.Array, t_idx: jax.Array,
+          out_sharding: jax.sharding.NamedSharding | None = None) -> jax.Array:
+    """hidden [L + 2, B, T, D] at (b_idx[i], t_idx[i]) -> [L + 2, n, D] (placed as `layer_hidden_states`)."""
+    out = hidden[:, b_idx, t_idx]
+    return out if out_sharding is None else jax.lax.with_sharding_constraint(out, out_sharding)
 
 
 def _probe_task(features: np.ndarray, y: np.ndarray, token_test: np.ndarray, token_doc: np.ndarray, classes,

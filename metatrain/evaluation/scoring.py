@@ -19,11 +19,11 @@ import numpy as np
 
 from metatrain.config import LossConfig
 from metatrain.evaluation.layout import Rows
+from metatrain.evaluation.placement import replicated, to_mesh
 from metatrain.evaluation.text_bytes import bits_per_byte
 from metatrain.kernels import fused_cross_entropy
 from metatrain.models import ModelConfig, Transformer, output_projection
 from metatrain.roles import LOSS_ROLE_LABELS, LOSS_ROLES, Role
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ class DocumentSums:
         return out
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "impl", "precision"))
+@functools.partial(jax.jit, static_argnames=("model_config", "impl", "precision", "out_sharding"))
 def token_losses(
     params: Any,
     batch: dict[str, jax.Array],
@@ -68,8 +68,13 @@ def token_losses(
     model_config: ModelConfig,
     impl: str = "auto",
     precision: str = "compute",
+    out_sharding: jax.sharding.NamedSharding | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """`(nll, correct)`, each f32 [B, T], of every target; 0 where `target_roles` is PAD."""
+    """`(nll, correct)`, each f32 [B, T], of every target; 0 where `target_roles` is PAD.
+
+    `out_sharding`: where both go (`placement.replicated`: whole on every device of the
+    parameters' mesh, so every process can read them); None: where XLA puts them.
+    """
     hidden = Transformer(model_config).apply(
         {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
     )  # [B, T, D]
@@ -83,7 +88,10 @@ def token_losses(
     nll, _, correct = fused_cross_entropy(
         hidden.reshape(b * t, d), projection, batch["targets"].reshape(-1), mask, impl=impl, return_correct=True
     )
-    return nll.reshape(b, t), correct.reshape(b, t)
+    nll, correct = nll.reshape(b, t), correct.reshape(b, t)
+    if out_sharding is not None:
+        nll, correct = (jax.lax.with_sharding_constraint(a, out_sharding) for a in (nll, correct))
+    return nll, correct
 
 
 def score_rows(
@@ -99,7 +107,9 @@ def score_rows(
     """Runs the model over `rows` and adds each scored target to its document's sums.
 
     Args:
-        params: the model's unboxed parameters.
+        params: the model's unboxed parameters, on one device or sharded over a mesh (in
+            a multi-process run every process calls this with the same rows, and gets
+            the same sums).
         model_config: its shape.
         loss_config: `impl` and `precision` of the cross entropy (weights are not used:
             every role is reported on its own).
@@ -111,9 +121,11 @@ def score_rows(
     nll_sum = np.zeros((num_documents, len(LOSS_ROLES)))
     count, correct = np.zeros_like(nll_sum), np.zeros_like(nll_sum)
     text_bytes = np.zeros((num_documents,))
+    everywhere = replicated(params)
     for start, batch in rows.batches(batch_rows):
         nll, ok = jax.device_get(token_losses(
-            params, batch, model_config=model_config, impl=loss_config.impl, precision=loss_config.precision,
+            params, to_mesh(batch, everywhere), model_config=model_config, impl=loss_config.impl,
+            precision=loss_config.precision, out_sharding=everywhere,
         ))
         n = min(batch_rows, len(rows) - start)
         doc = rows.doc_index[start:start + n].reshape(-1)

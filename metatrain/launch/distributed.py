@@ -1,7 +1,7 @@
 """Joining the processes of a multi-host run: `jax.distributed.initialize`, once, first.
 
 Every process of a run calls `initialize_from_env()` before anything touches a device
-(`metatrain` does it in its CLI, before `train` runs). What to join comes from the
+(`metatrain` does it in its CLI, before `train`, `eval` or `annotate` runs). What to join comes from the
 environment, which the launchers in this package set:
 
     METATRAIN_DISTRIBUTED           "auto": let JAX detect the cluster (Cloud TPU, GKE,
@@ -183,7 +183,7 @@ def initialize(config: DistributedConfig) -> None:
         raise UserError(
             "jax.distributed.initialize must run before anything touches a device, but JAX's "
             "backend is already initialised in this process; initialise first (metatrain's CLI "
-            "does it before `train`)"
+            "does it before `train`, `eval` and `annotate`)"
         )
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
         # Collectives between CPU processes (tests, `launch local`) go over loopback TCP.

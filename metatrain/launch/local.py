@@ -1,5 +1,9 @@
 """`metatrain launch local`: P processes on this machine, joined by `jax.distributed`.
 
+The command is `train` (each process makes its share of every batch), or `eval` or
+`annotate`: one model sharded over a mesh of every process's devices, every process
+stepping the same batches, process 0 writing the outputs.
+
 Each process runs `python -m metatrain.cli <command...>` with CPU devices
 (`--xla_force_host_platform_device_count=D`), the coordinator on the loopback and its
 id in the environment (see `metatrain.launch.distributed`); collectives go over gloo.
@@ -14,7 +18,9 @@ and supervises them:
   are reported, and the launcher exits with its status (128 + N for signal N).
 
 SIGTERM or Ctrl-C to the launcher is forwarded (as SIGTERM) to every process, which
-then finish their step, save a checkpoint together and exit 75; a second one kills them.
+then finish their step, save a checkpoint together and exit 75 (`train`), or stop and
+exit 143 leaving nothing half-written (`eval`, `annotate`; the launcher exits 143 too);
+a second one kills them.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Mapping, Sequence, TextIO
 
-from metatrain.errors import EXIT_PREEMPTED, UserError
+from metatrain.errors import EXIT_PREEMPTED, EXIT_TERMINATED, UserError
 from metatrain.launch import distributed as dist
 from metatrain.launch.validate import check_port
 
@@ -195,10 +201,11 @@ class _Watch:
 
     @property
     def expected_codes(self) -> tuple[int, ...]:
-        """Exit statuses that are not failures (dying of a forwarded SIGTERM is not)."""
+        """Exit statuses that are not failures (dying of, or exiting 143 on, a forwarded
+        SIGTERM is not)."""
         if self.forwarded_at is None:
             return (0, EXIT_PREEMPTED)
-        return (0, EXIT_PREEMPTED, -signal.SIGTERM)
+        return (0, EXIT_PREEMPTED, -signal.SIGTERM, EXIT_TERMINATED)
 
     def note_exits(self, running: Sequence["_Running"], codes: Sequence[int | None], now: float) -> None:
         for p, c in zip(running, codes):
@@ -340,6 +347,11 @@ class Supervisor:
             ended = [p.spec.index for p, c in zip(running, codes_t) if c == -signal.SIGTERM]
             self.say(f"processes {ended} ended on SIGTERM before saving a checkpoint (still starting?)")
             return LaunchResult(128 + signal.SIGTERM, codes_t)
+        if EXIT_TERMINATED in codes_t:  # only after a forwarded SIGTERM (else a failure)
+            ended = [p.spec.index for p, c in zip(running, codes_t) if c == EXIT_TERMINATED]
+            self.say(f"processes {ended} stopped on SIGTERM without a checkpoint (eval, annotate, or a "
+                     f"train still starting); nothing half-written is left (exit {EXIT_TERMINATED})")
+            return LaunchResult(EXIT_TERMINATED, codes_t)
         if exit_code == EXIT_PREEMPTED:
             self.say(f"preempted: a checkpoint was saved; run the same command again to resume (exit {exit_code})")
         else:
@@ -437,25 +449,40 @@ def launch_local(
     port: int | None = None,
     dry_run: bool = False,
 ) -> int:
-    """`metatrain launch local`: the train command checked here, then `run_local`.
+    """`metatrain launch local`: the command checked here, then `run_local`.
+
+    `train` has its config loaded and its mesh and batch checked against the processes;
+    `eval` and `annotate` (`plan.INFERENCE_COMMANDS`: one model sharded over a mesh of
+    every process's devices, the same batches on every process) have their words and
+    arguments checked, and each process checks its mesh as it loads the checkpoint.
 
     Args:
-        command: the words after the launcher's options (`-- train [train args]`).
-        parse: parses `train [train args]` as `metatrain train` does (`plan.TrainParser`).
+        command: the words after the launcher's options (`-- train [train args]`,
+            `-- eval [eval args]`, `-- annotate [annotate args]`).
+        parse: parses the command's words as metatrain's command line does (`plan.TrainParser`).
         processes, devices_per_process, port, dry_run: as `run_local`.
 
     Returns:
         The launcher's exit status (see the module docstring).
 
     Raises:
-        UserError: the train command cannot start (refused before P processes start).
+        UserError: the command cannot start (refused before P processes start).
     """
-    from metatrain.launch.plan import check_run_shape, parse_train_command, strip_separator
+    from metatrain.launch.plan import (
+        INFERENCE_COMMANDS,
+        check_run_shape,
+        launched_words,
+        parse_inference_command,
+        parse_train_command,
+    )
 
-    words = strip_separator(command)
-    train = parse_train_command(words, parse=parse)  # refuse a run that cannot start before starting P processes
-    if processes >= 1 and devices_per_process >= 1:
-        check_run_shape(train.config, processes * devices_per_process, processes)
+    words = launched_words(command, ("train", *INFERENCE_COMMANDS))
+    if words[0] == "train":
+        train = parse_train_command(words, parse=parse)  # refuse a run that cannot start before starting P processes
+        if processes >= 1 and devices_per_process >= 1:
+            check_run_shape(train.config, processes * devices_per_process, processes)
+    else:
+        parse_inference_command(words, parse=parse)
     return run_local(words, processes=processes, devices_per_process=devices_per_process, port=port, dry_run=dry_run)
 
 

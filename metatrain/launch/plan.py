@@ -13,6 +13,10 @@ refused on the laptop rather than on the pod. Its paths are first resolved for w
 job runs (`PathView`: this directory, a filesystem the nodes share, or a clone or image
 of this repository), so the config checked here is the one the job reads, and a word
 with a control character is refused (`metatrain.launch.validate`).
+
+`launch local` also starts `eval` and `annotate` (`INFERENCE_COMMANDS`) on every process:
+for them the words are checked and the arguments parsed (`parse_inference_command`);
+there is no train config to load.
 """
 
 from __future__ import annotations
@@ -171,6 +175,27 @@ def _under(read_from: Path, value) -> Any:
     return as_path(str(value)) if is_remote(str(value)) else read_from / value
 
 
+#: Commands `launch local` starts on every process besides `train`: inference on one model
+#: sharded over a mesh of every process's devices (no train config to check).
+INFERENCE_COMMANDS: tuple[str, ...] = ("eval", "annotate")
+
+
+def launched_words(command: Sequence[str], commands: Sequence[str] = ("train",)) -> list[str]:
+    """The words after `--`, when they start with one of `commands`.
+
+    Raises:
+        UserError: no command, or one that is not among `commands` (naming them).
+    """
+    words = strip_separator(command)
+    if not words:
+        raise UserError("no command to launch; add it after `--`, e.g. -- train --config configs/default.yaml")
+    if words[0] not in commands:
+        names = ", ".join(f"`{c}`" for c in commands[:-1]) + (" or " if len(commands) > 1 else "") + f"`{commands[-1]}`"
+        forms = " or ".join(f"-- {c} [{c} args]" for c in commands)
+        raise UserError(f"can only launch {names} on every process, got {words[0]!r}; write {forms}")
+    return words
+
+
 def parse_train_command(command: Sequence[str], *, parse: TrainParser, paths: PathView = "here") -> TrainCommand:
     """Parse `train [train args]` with `parse` (`metatrain train`'s parser), resolve its paths
     for where the job runs (`paths`, see `PathView`), and load its config.
@@ -179,11 +204,7 @@ def parse_train_command(command: Sequence[str], *, parse: TrainParser, paths: Pa
         UserError: no command, a command other than `train`, a control character in a
             word, a `--config` the job would not find, or bad train arguments or config.
     """
-    words = strip_separator(command)
-    if not words:
-        raise UserError("no command to launch; add it after `--`, e.g. -- train --config configs/default.yaml")
-    if words[0] != "train":
-        raise UserError(f"can only launch `train` on every process, got {words[0]!r}; write -- train [train args]")
+    words = launched_words(command)
     check_train_words(words)
     if paths == "shared":
         return _load(parse, _rewrite_paths(parse, words, _absolute), Path.cwd())
@@ -192,14 +213,41 @@ def parse_train_command(command: Sequence[str], *, parse: TrainParser, paths: Pa
     return _load(parse, words, Path.cwd())
 
 
-def check_train_words(words: Sequence[str]) -> None:
-    """Refuse a train word with a control character, naming its option (`--workdir`, `--set`).
+def parse_inference_command(command: Sequence[str], *, parse: TrainParser) -> list[str]:
+    """Check `eval [eval args]` or `annotate [annotate args]` (`INFERENCE_COMMANDS`) before
+    `launch local` starts it on every process: no word with a control character, and
+    arguments that `parse` (metatrain's own parser) takes. Its paths stay as typed (the
+    processes start in this directory) and nothing is loaded: the checkpoint's mesh is
+    checked by every process as it loads it.
+
+    Returns:
+        The words, starting with the command.
+
+    Raises:
+        UserError: no command or another one, a control character in a word, or
+            arguments the command does not take.
+    """
+    words = launched_words(command, INFERENCE_COMMANDS)
+    check_train_words(words, what=f"the {words[0]} command")
+    try:
+        parse(list(words))
+    except SystemExit as e:
+        if not e.code:  # `--help`: printed; nothing to launch
+            raise
+        raise UserError(f"the {words[0]} arguments are not valid: {shlex.join(words)} "
+                        f"(see metatrain {words[0]} --help)") from None
+    return words
+
+
+def check_train_words(words: Sequence[str], what: str = "the train command") -> None:
+    """Refuse a word with a control character, naming its option (`--workdir`, `--set`),
+    or `what` for a word that follows none.
 
     Raises:
         UserError: the first such word.
     """
     for i, word in enumerate(words):
-        option, value = "the train command", word
+        option, value = what, word
         if word.startswith("--"):
             name, eq, rest = word.partition("=")
             option, value = (name, rest) if eq else (word, word)

@@ -161,7 +161,7 @@ def build_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) 
     elif config.dcn_data > 1:
         device_array = np.asarray(devices, dtype=object).reshape(shape)
     else:
-        device_array = mesh_utils.create_device_mesh(shape, devices)
+        device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -425,7 +425,7 @@ def build_inference_mesh(config: MeshConfig, devices: Sequence[jax.Device] | Non
     subset = devices[:used]
     shape = tuple(config.axis_sizes(used)[name] for name in MESH_AXES)
     try:
-        device_array = mesh_utils.create_device_mesh(shape, subset)
+        device_array = mesh_utils.create_device_mesh(shape, subset, allow_split_physical_axes=True)
     except (ValueError, AssertionError, NotImplementedError):  # a subset that is no physical sub-box
         device_array = np.asarray(subset, dtype=object).reshape(shape)
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
