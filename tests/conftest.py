@@ -24,6 +24,12 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
+# The generating commands keep compiled programs on disk (`metatrain.engine.compilation_cache`):
+# the suite's go to one directory of its own, never to the user's ~/.cache.
+if "METATRAIN_COMPILATION_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["METATRAIN_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="metatrain-test-xla-")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -97,3 +97,33 @@ def test_a_cancelled_waiting_row_never_takes_a_slot(generator):
     first, second = engine.run(rows)
     assert first.finish_reason == "length" and second.finish_reason == "cancelled" and second.tokens == []
     assert second.admitted_step is None
+
+
+def test_a_short_row_sent_during_a_long_reply_finishes_first(generator):
+    """No head-of-line blocking on the server path: the short row joins the running batch."""
+    import asyncio
+
+    engine = _engine(generator, 4)
+    engine.start()
+    finished: list[str] = []
+
+    async def collect(handle, name):
+        while await handle.next() is not None:
+            pass
+        finished.append(name)
+
+    async def main():
+        long = engine.submit(_row(generator, "The economy of the island rests on fishing", 60))
+        first = await long.next()  # the long row is decoding
+        assert first
+        short = engine.submit(_row(generator, "Rain:", 4))
+        await asyncio.gather(collect(long, "long"), collect(short, "short"))
+        return long, short
+
+    try:
+        long, short = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert finished == ["short", "long"]
+    assert long.admitted_step < short.admitted_step < short.ended_step < long.ended_step
+    assert len(short.tokens) == 4 and len(long.tokens) == 60
