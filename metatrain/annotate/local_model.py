@@ -12,8 +12,8 @@ The insertion points in flight (one per document, `--concurrency` documents) dec
 together on the inference engine (`metatrain.engine.Engine`), at most `--max-batch`
 rows at once, on the mesh `--set mesh.KEY=VALUE` chooses; a row that ends frees its
 slot for the next point at once, and a document's next point starts from the KV cache
-of its previous one (the text before it is the same), so only the new text is
-prefilled. Each point samples from its own stream (its `seed`), so a thought does not
+of its previous one when the text before it is the same (not cut to fit the context),
+so only the new text is prefilled. Each point samples from its own stream (its `seed`), so a thought does not
 depend on which others shared its batch. The context is cut from the front to leave
 `max_new_tokens` under the model's `max_seq_len`. A block cut off by `max_new_tokens`
 keeps the text written so far.

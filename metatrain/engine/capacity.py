@@ -8,8 +8,10 @@ of `metatrain serve`) keeps, for every row:
   * the logits of its next token and the token policy's working room, a few
     vocabulary-sized float32 arrays (the masked scores, the sorted copy top-k and top-p
     need, its cumulative sum);
-  * while the prompt goes in (prefill): the attention scores of the prompt against the
-    cache and the MLP's activations.
+and, once for the engine, the prefill of `PREFILL_ROWS` prompts at a time: a copy of
+their cache rows, the attention scores of each prompt against its cache and the MLP's
+activations. On a mesh a device holds its share: rows split over `data`, KV heads over
+`tensor`.
 
 `DecodeMemory` measures that before anything is allocated, so that a batch too large is
 refused in one line that says how many rows fit, instead of failing in the allocator
@@ -79,46 +81,77 @@ def free_bytes(device: jax.Device) -> int | None:
     return None
 
 
-def row_bytes(model_config: ModelConfig, prompt_length: int, cache_length: int) -> int:
-    """Estimated bytes one row of a decode batch takes (see the module docstring)."""
+#: Prompts one prefill call of the engine takes at most (more are prefilled by several
+#: calls of one tick). Each call works on a copy of its rows' KV cache; past 4 rows XLA's
+#: TPU prefill program grows to several copies of the whole cache (the 7b preset, 32 slots
+#: of 4,096 tokens on v5e:2x4: 3.7 GiB of temporaries a chip at 4 rows, 17 at 8, 30 at 32).
+PREFILL_ROWS: int = 4
+
+
+def row_bytes(model_config: ModelConfig, cache_length: int) -> int:
+    """Estimated bytes one row of a batch keeps while it decodes: its KV cache and its
+    step arrays (see the module docstring)."""
     c = model_config
     item = np.dtype(c.dtype).itemsize
     cache = c.n_layers * 2 * cache_length * c.n_kv_heads * c.head_dim * item + cache_length * 4
     step = VOCAB_ARRAYS_PER_ROW * c.vocab_size * 4 + cache_length * 4  # + the row's emitted tokens
-    prefill = prompt_length * (c.n_heads * cache_length * 4 + 4 * max(c.d_ff, c.d_model) * item)
-    return cache + step + prefill
+    return cache + step
+
+
+def prefill_bytes(model_config: ModelConfig, prompt_length: int, cache_length: int) -> int:
+    """Estimated working bytes of one prompt while it is prefilled: a copy of its cache
+    row, the attention scores of the prompt against the cache, the MLP's activations."""
+    c = model_config
+    item = np.dtype(c.dtype).itemsize
+    copy = c.n_layers * 2 * cache_length * c.n_kv_heads * c.head_dim * item
+    return copy + prompt_length * (c.n_heads * cache_length * 4 + 4 * max(c.d_ff, c.d_model) * item)
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeMemory:
     """A decode batch's memory on one device.
 
+    A mesh splits the rows over `data` and each row's KV heads over `tensor`; one device
+    holds its share of every row, and of the prefill of `PREFILL_ROWS` prompts at once.
+
     Attributes:
-        row_bytes: bytes a row takes (`row_bytes`).
+        row_bytes: bytes a decoding row takes, whole (`row_bytes`).
         free_bytes: bytes the device has free (None: unknown, nothing is refused).
         device: the device, in words.
         cache_length: slots of each row's KV cache.
+        prefill_bytes: working bytes of the prefill calls, whole (`PREFILL_ROWS` prompts).
+        split: the devices one row's bytes are spread over (`data` x the `tensor` share of
+            its KV heads; 1 on one device).
     """
 
     row_bytes: int
     free_bytes: int | None
     device: str
     cache_length: int
+    prefill_bytes: int = 0
+    split: int = 1
 
     @classmethod
     def measure(cls, model_config: ModelConfig, prompt_length: int, cache_length: int,
-                device: jax.Device) -> DecodeMemory:
+                device: jax.Device, mesh_shape: dict[str, int] | None = None) -> DecodeMemory:
         """The memory of rows with prompts of `prompt_length` tokens (padded) and
-        `cache_length` cache slots, against what `device` has free now."""
-        return cls(row_bytes(model_config, prompt_length, cache_length), free_bytes(device),
-                   f"{device.platform.upper()} device {device.id}", cache_length)
+        `cache_length` cache slots, against what `device` has free now; `mesh_shape`: the
+        axis sizes of the mesh the rows are spread over (None: one device)."""
+        sizes = mesh_shape or {}
+        tensor = sizes.get("tensor", 1)
+        heads = tensor if tensor and model_config.n_kv_heads % tensor == 0 else 1
+        return cls(row_bytes(model_config, cache_length), free_bytes(device),
+                   f"{device.platform.upper()} device {device.id}", cache_length,
+                   prefill_bytes=PREFILL_ROWS * prefill_bytes(model_config, prompt_length, cache_length) // heads,
+                   split=sizes.get("data", 1) * heads)
 
     @property
     def rows_that_fit(self) -> int | None:
         """Rows one batch may hold (None: the device does not say how much is free)."""
         if self.free_bytes is None:
             return None
-        return int(self.free_bytes * USABLE_SHARE) // self.row_bytes
+        room = int(self.free_bytes * USABLE_SHARE) - self.prefill_bytes
+        return max(0, room * self.split // self.row_bytes)
 
     def shortfall(self, rows: int) -> str | None:
         """None when `rows` fit; else why not, in words: `R rows need about X ... and Y
@@ -126,8 +159,9 @@ class DecodeMemory:
         fits = self.rows_that_fit
         if fits is None or rows <= fits:
             return None
-        return (f"{rows} rows decoded at once need about {gib(rows * self.row_bytes)} "
-                f"(a KV cache of {self.cache_length} tokens and the logits of each row), and "
+        need = rows * self.row_bytes // self.split + self.prefill_bytes
+        return (f"{rows} rows decoded at once need about {gib(need)} a device "
+                f"(a KV cache of {self.cache_length} tokens and the logits of each row, and the prefill), and "
                 f"{gib(self.free_bytes or 0)} are free on the {self.device}")
 
 

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from metatrain.engine.capacity import DecodeMemory, device_of
+from metatrain.engine.capacity import PREFILL_ROWS, DecodeMemory, device_of
 from metatrain.engine.constraints import RowState, TagConstraints
 from metatrain.engine.policy import RowSampling
 from metatrain.engine.step import (
@@ -55,11 +55,6 @@ from metatrain.models import ModelConfig
 #: Decode steps per call while rows wait for a slot or a client streams: tokens reach
 #: callers, and newcomers their slot, in groups of this many.
 STEPS_PER_CALL: int = 4
-#: Prompts prefilled by one call at most (more are prefilled by several calls of one
-#: tick). Each call works on a copy of its rows' KV cache; past 4 rows XLA's TPU
-#: prefill program grows to several copies of the whole cache (the 7b preset, 32 slots of
-#: 4,096 tokens on v5e:2x4: 3.7 GiB of temporaries a chip at 4 rows, 17 at 8, 30 at 32).
-PREFILL_ROWS: int = 4
 #: Steps per call when nothing waits (a batch job's last rows): fewer host round trips.
 STEPS_WHEN_ALONE: int = 16
 
@@ -154,7 +149,6 @@ class _Slot:
     cached: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int32))
     emitted: list[int] = dataclasses.field(default_factory=list)
     last: int | None = None
-    budget: int = 0
 
     def holds(self) -> np.ndarray:
         """The ids whose keys and values the slot's cache holds (prompt, then emitted)."""
@@ -189,7 +183,8 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(differs[0]) if len(differs) else n
 
 
-def check_batch_fits(model_config: ModelConfig, max_batch: int, *, engines: int, device: jax.Device) -> None:
+def check_batch_fits(model_config: ModelConfig, max_batch: int, *, engines: int, device: jax.Device,
+                     mesh: jax.sharding.Mesh | None = None) -> None:
     """Refuses, before any engine allocates, a `max_batch` whose batches `engines` engines
     (each may hold one at once) cannot keep in `device`'s free memory, and a context too
     long for even one row. Each slot's cache holds the context plus one prompt bucket
@@ -199,7 +194,9 @@ def check_batch_fits(model_config: ModelConfig, max_batch: int, *, engines: int,
         UserError: the context or `--max-batch`, with how much fits.
     """
     context = model_config.max_seq_len
-    memory = DecodeMemory.measure(model_config, padded_length(context - 1), cache_length(context), device)
+    shape = dict(mesh.shape) if mesh is not None else None
+    unit = shape["data"] if shape else 1
+    memory = DecodeMemory.measure(model_config, padded_length(context - 1), cache_length(context), device, shape)
     fits = memory.rows_that_fit
     if fits is None:
         return
@@ -210,6 +207,7 @@ def check_batch_fits(model_config: ModelConfig, max_batch: int, *, engines: int,
             "serve it on a device with more memory, or fix the run's model.max_seq_len (for an imported "
             "model, max_position_embeddings in its config.json)"
         )
+    max_batch = -(-max_batch // unit) * unit  # as the engine rounds it: a multiple of mesh.data
     if max_batch > per_engine:
         raise UserError(
             f"--max-batch {max_batch} does not fit: {engines} engines (locked, unlocked) x {max_batch} rows = "
@@ -275,7 +273,7 @@ class Engine:
     def memory(self) -> DecodeMemory:
         """The memory `max_batch` rows of `context` tokens take, against the device's free memory."""
         return DecodeMemory.measure(self.model_config, padded_length(self.context - 1), cache_length(self.context),
-                                    device_of(self.params))
+                                    device_of(self.params), dict(self.mesh.shape) if self.mesh is not None else None)
 
     def check(self, request: RowRequest) -> None:
         """Raises UserError when `request` cannot run: a prompt longer than the context, or a
@@ -294,9 +292,10 @@ class Engine:
     def run(self, requests: Sequence[RowRequest]) -> list[Handle]:
         """Decodes every row (up to `max_batch` at a time, the rest taking slots as they
         free) and returns their handles, ended, with `tokens` and `finish_reason`."""
+        for request in requests:  # all of them before any is queued
+            self.check(request)
         handles = []
         for request in requests:
-            self.check(request)
             handle = Handle(None)
             self._waiting.append((request, handle))
             handles.append(handle)
@@ -328,16 +327,14 @@ class Engine:
             self._inbox.put(None)
             self._thread.join(timeout=60)
             self._thread = None
-        failure = UserError("the server shut down before this request was decoded")
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
             if item is not None:
-                item[1]._fail(failure)
-        while self._waiting:
-            self._waiting.popleft()[1]._fail(failure)
+                self._waiting.append(item)
+        self._fail_waiting()
 
     def warm_up(self, prompt: PromptLike) -> None:
         """Compile the calls a served row of `prompt`'s bucket needs (blocking), by decoding
@@ -352,14 +349,21 @@ class Engine:
         if jax.process_count() > 1:
             return self._serve_together()
         stopping = False
-        while not stopping or self._waiting or self.active_rows:
+        while True:
             stopping = self._collect(stopping)
-            if stopping and not self.active_rows:
-                return
+            if stopping:  # the rows decoding finish; none that waits starts
+                self._fail_waiting()
+                if not self.active_rows:
+                    return
             try:
-                self._tick()
+                self._tick(admit=[] if stopping else None)
             except BaseException as e:  # noqa: BLE001 - every caller in flight must hear of it
                 self._fail_all(e)
+
+    def _fail_waiting(self) -> None:
+        failure = UserError("the server shut down before this request was decoded")
+        while self._waiting:
+            self._waiting.popleft()[1]._fail(failure)
 
     def _collect(self, stopping: bool) -> bool:
         """Newly submitted rows into the waiting queue (waiting for one when idle); True
@@ -393,7 +397,9 @@ class Engine:
             plan = np.zeros((3 + 3 * self.max_batch,), np.int32)
             if leader:
                 stopping = self._collect(stopping)
-                plan = self._plan(stopping and not self.active_rows and not self._waiting)
+                if stopping:  # as on one process: the rows decoding finish, none that waits starts
+                    self._fail_waiting()
+                plan = self._plan(stopping and not self.active_rows)
             plan = np.asarray(multihost_utils.broadcast_one_to_all(plan))
             if plan[0]:
                 return
@@ -502,10 +508,10 @@ class Engine:
                 slot.emitted.extend(new)
                 slot.last = new[-1]
                 slot.handle._tokens(new)
-            if done[i]:  # the slot is free before its caller hears of the end
+            if done[i, 0]:  # the slot is free before its caller hears of the end
                 handle, slot.handle = slot.handle, None
                 handle.ended_step = self.steps_run
-                handle._end(self._reason(cancel[i], slot))
+                handle._end(self._reason(cancel[i], bool(done[i, 1]), slot))
 
     def _put(self, value: Any) -> Any:
         """Host values for a call: as they are on one device, global arrays on a mesh."""
@@ -517,26 +523,40 @@ class Engine:
             self._admit_some(rows[first:first + PREFILL_ROWS])
 
     def _admit_some(self, rows: list[tuple[RowRequest, Handle]]) -> None:
-        free = [i for i, s in enumerate(self._slots) if s.handle is None]
-        chosen = [(slot, request, handle) for slot, (request, handle) in zip(free, rows, strict=False)]
         holdings = [s.holds() for s in self._slots]
-        sources, starts, rests = [], [], []
-        for slot, request, _ in chosen:
+        free = [i for i, s in enumerate(self._slots) if s.handle is None]
+        chosen, sources, starts = [], [], []
+        for request, handle in rows:
             ids = np.asarray(request.prompt.ids, np.int32)
-            source, start = slot, 0
+            source, start = None, 0
             if self.prefix_reuse:
                 for i, held in enumerate(holdings):
                     common = min(_common_prefix(held, ids), len(ids) - 1)
-                    if common >= PROMPT_BUCKET and common > start:
+                    if common >= PROMPT_BUCKET and (common > start or (common == start and i in free)):
                         source, start = i, common
-            sources.append(source)
+            # The slot holding the prompt's own prefix when it is free (nothing to copy, and
+            # other slots keep theirs for their documents), else the lowest free one.
+            slot = source if source in free else free[0]
+            free.remove(slot)
+            chosen.append((slot, request, handle))
+            sources.append(slot if source is None else source)
             starts.append(start)
-            rests.append(ids[start:])
-            self.reused_tokens += start
-            self.prefilled_tokens += len(ids) - start
+        # One call pads every prompt's rest to the longest; a row reusing a long prefix
+        # would then write past the end of its cache (and the write would be moved back
+        # over its prefix): such rows prefill from the start instead.
+        limit = cache_length(self.context)
+        while True:
+            width = padded_length(max(len(r.prompt.ids) - s for (_, r, _), s in zip(chosen, starts, strict=True)))
+            over = [j for j, s in enumerate(starts) if s and s + width > limit]
+            if not over:
+                break
+            for j in over:
+                sources[j], starts[j] = chosen[j][0], 0
+        rests = [np.asarray(r.prompt.ids, np.int32)[s:] for (_, r, _), s in zip(chosen, starts, strict=True)]
+        self.reused_tokens += sum(starts)
+        self.prefilled_tokens += sum(len(r) for r in rests)
         count = next(b for b in _buckets(PREFILL_ROWS, 1) if b >= len(chosen))
         pad = count - len(chosen)
-        width = padded_length(max(len(r) for r in rests))
         ids, lengths = prompt_rows([*rests, *[rests[0]] * pad], width)
         requests = [r for _, r, _ in chosen] + [chosen[0][1]] * pad
         mantra = self.constraints.mantra_length
@@ -561,15 +581,13 @@ class Engine:
             record = self._slots[slot]
             record.handle, record.cached = handle, np.asarray(request.prompt.ids, np.int32)
             handle.admitted_step = self.steps_run
-            record.emitted, record.last, record.budget = [], None, request.max_new_tokens
+            record.emitted, record.last = [], None
 
-    def _reason(self, cancelled: bool, slot: _Slot) -> str:
-        """Why a row ended: cancelled, EOS, its budget or the context (`length`), else
-        the grammar's end (the lock's exit)."""
+    def _reason(self, cancelled: bool, by_grammar: bool, slot: _Slot) -> str:
+        """Why a row ended: cancelled, EOS, the grammar's end (the lock's exit), else its
+        budget or the context (`length`)."""
         if cancelled:
             return "cancelled"
         if slot.last == self.eos_id:
             return "eos"
-        if len(slot.emitted) >= slot.budget or len(slot.cached) + len(slot.emitted) >= self.context:
-            return "length"
-        return "end_of_mode"
+        return "end_of_mode" if by_grammar else "length"

@@ -83,6 +83,8 @@ class Slots:
         sampling: per-row settings of the `RowSampling` policy (unused under a static one).
         budget: int32 [B], tokens each row may still emit in all.
         emitted: int32 [B], tokens each row has emitted.
+        grammar_end: bool [B], the row ended by the grammar (EOS, the lock's exit), whatever
+            else ended it at the same step (its budget): its finish reason.
     """
 
     cache: KVCache
@@ -92,6 +94,7 @@ class Slots:
     sampling: RowSampling
     budget: jax.Array
     emitted: jax.Array
+    grammar_end: jax.Array
 
     @property
     def size(self) -> int:
@@ -106,9 +109,11 @@ def empty_slots(model_config: ModelConfig, batch: int, context: int) -> Slots:
         logits=jnp.zeros((batch, model_config.vocab_size), jnp.float32),
         rows=rows,
         keys=jax.vmap(jax.random.key)(jnp.zeros((batch,), jnp.uint32)),
-        sampling=RowSampling(jnp.ones((batch,), jnp.float32), jnp.ones((batch,), jnp.float32)),
+        # Free slots greedy: a lone greedy row never pays for a sampling draw.
+        sampling=RowSampling(jnp.zeros((batch,), jnp.float32), jnp.ones((batch,), jnp.float32)),
         budget=jnp.zeros((batch,), jnp.int32),
         emitted=jnp.zeros((batch,), jnp.int32),
+        grammar_end=jnp.zeros((batch,), bool),
     )
 
 
@@ -248,6 +253,7 @@ def admit(params: Params, slots: Slots, new: Admission, *, model_config: ModelCo
         sampling=_put(slots.sampling, new.slot, new.sampling),
         budget=_put(slots.budget, new.slot, new.budget),
         emitted=_put(slots.emitted, new.slot, jnp.zeros_like(new.budget)),
+        grammar_end=_put(slots.grammar_end, new.slot, jnp.zeros(new.budget.shape, bool)),
     )
 
 
@@ -275,6 +281,7 @@ def decode_step(params: Params, slots: Slots, constraints: TagConstraints, choos
     live = ~slots.rows.done & (position < model_config.max_seq_len)
     policy = slots.sampling if chooser is None else chooser
     tokens, rows = policy(slots.logits, slots.rows, now, constraints)
+    grammar_end = slots.grammar_end | (live & rows.done)
     emitted = slots.emitted + live.astype(jnp.int32)
     rows = rows.replace(done=rows.done | ~live | (emitted >= slots.budget))
     fed = jnp.where(live, tokens, 0)
@@ -284,11 +291,11 @@ def decode_step(params: Params, slots: Slots, constraints: TagConstraints, choos
     )
     cache = cache.replace(index=position + live.astype(jnp.int32))
     after = slots.replace(cache=cache, logits=logits(hidden, params, model_config)[:, 0], rows=rows, keys=keys,
-                          emitted=emitted)
+                          emitted=emitted, grammar_end=grammar_end)
     return after, jnp.where(live, tokens, -1)
 
 
-_ROW_FIELDS = ("logits", "rows", "keys", "sampling", "budget", "emitted")
+_ROW_FIELDS = ("logits", "rows", "keys", "sampling", "budget", "emitted", "grammar_end")
 
 
 def _first_rows(slots: Slots, rows: int) -> Slots:
@@ -399,10 +406,11 @@ def admit_call(params: Params, slots: Slots, new: Admission, *, model_config: Mo
 def steps_call(params: Params, slots: Slots, cancel: jax.Array, constraints: TagConstraints, *,
                model_config: ModelConfig, chooser: Chooser | None, rows: int, steps: int,
                layout: SlotLayout | None) -> tuple[Slots, jax.Array, jax.Array]:
-    """`run_steps`, jitted (slots donated) -> (slots, tokens [k, steps], done [k])."""
+    """`run_steps`, jitted (slots donated) -> (slots, tokens [k, steps], ended [k, 2]: each
+    row's (done, ended by the grammar))."""
     out, tokens = run_steps(params, slots, cancel, constraints, model_config=model_config, chooser=chooser,
                             rows=rows, steps=steps)
-    done = out.rows.done[:rows]
+    done = jnp.stack([out.rows.done[:rows], out.grammar_end[:rows]], axis=1)  # [k, 2]
     if layout is None:
         return out, tokens, done
     # What the host reads is on every device: each process of a multi-host job reads it whole.

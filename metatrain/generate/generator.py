@@ -20,7 +20,7 @@ from metatrain.engine.capacity import DecodeMemory, device_of
 from metatrain.engine.constraints import GrammarChooser, TagConstraints
 from metatrain.engine.engine import Engine, RowRequest
 from metatrain.engine.sampling import SamplingConfig
-from metatrain.engine.step import Chooser, padded_length
+from metatrain.engine.step import Chooser, cache_length, padded_length
 from metatrain.errors import UserError
 from metatrain.generate.prompts import (
     EncodedPrompt,
@@ -213,8 +213,8 @@ class Generator:
         """The memory of one decode batch of prompts up to `longest_prompt` tokens, each
         continued by up to `max_new_tokens`, on the parameters' device (`capacity.py`)."""
         prompt_length = padded_length(longest_prompt)
-        return DecodeMemory.measure(self.model_config, prompt_length, prompt_length + max_new_tokens,
-                                    device_of(self.params))
+        return DecodeMemory.measure(self.model_config, prompt_length, cache_length(prompt_length + max_new_tokens),
+                                    device_of(self.params), dict(self.mesh.shape) if self.mesh is not None else None)
 
     def decode_rows(
         self, rows: Sequence[EncodedPrompt], constraints: TagConstraints, *, max_new_tokens: int,

@@ -413,7 +413,8 @@ def compile_inference(
     import flax.linen as nn
     import jax
 
-    from metatrain.engine.engine import PREFILL_ROWS, STEPS_WHEN_ALONE
+    from metatrain.engine.capacity import PREFILL_ROWS
+    from metatrain.engine.engine import STEPS_WHEN_ALONE
     from metatrain.engine.step import (
         SlotLayout,
         admit_call,

@@ -55,7 +55,8 @@ def serve_workdir(workdir: Path, *, host: str = "127.0.0.1", port: int = 8000, m
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {port}")
     generator = Generator.load(workdir, mesh_settings=list(mesh_settings))
-    check_batch_fits(generator.model_config, max_batch, engines=ENGINES, device=device_of(generator.params))
+    check_batch_fits(generator.model_config, max_batch, engines=ENGINES, device=device_of(generator.params),
+                     mesh=generator.mesh)
     app = create_app(generator, model_id=workdir.name, max_batch=max_batch, hide_thinking=hide_thinking)
     _warm_up(app.state.service, max_batch)
     try:

@@ -127,3 +127,62 @@ def test_a_short_row_sent_during_a_long_reply_finishes_first(generator):
     assert finished == ["short", "long"]
     assert long.admitted_step < short.admitted_step < short.ended_step < long.ended_step
     assert len(short.tokens) == 4 and len(long.tokens) == 60
+
+
+def test_a_long_reused_prefix_beside_a_long_prompt_in_one_call_gives_the_ids_without_reuse(generator):
+    """One prefill call pads every prompt's rest to the longest; a row reusing a prefix that
+    long would write past its cache's end: it must prefill from the start instead."""
+    limit = generator.model_config.max_seq_len
+    text = "The island's economy rests on fishing, farming and a little tourism in the summer months. " * 40
+    other = "Deserts cover a fifth of the land and rain rarely falls there at all. " * 40
+    base = encode_prompt(generator.encoder, text)
+    base = dataclasses.replace(base, ids=base.ids[: limit - 8])
+    near = dataclasses.replace(base, ids=base.ids[: limit - 10])  # a prefix of what slot 0 will hold
+    far = encode_prompt(generator.encoder, other)
+    far = dataclasses.replace(far, ids=far.ids[: limit - 28])  # a long rest: the call's width
+    reusing = _engine(generator, 4)
+    reusing.run([RowRequest(base, 4)])
+    a, b = reusing.run([RowRequest(near, 8), RowRequest(far, 8)])
+    fresh = _engine(generator, 4, prefix_reuse=False)
+    fa, fb = fresh.run([RowRequest(near, 8), RowRequest(far, 8)])
+    assert (a.tokens, b.tokens) == (fa.tokens, fb.tokens)
+
+
+def test_stop_finishes_the_rows_decoding_and_ends_the_waiting_ones(generator):
+    import asyncio
+
+    from metatrain.errors import UserError
+
+    engine = _engine(generator, 1)
+    engine.start()
+
+    async def main():
+        first = engine.submit(_row(generator, "Rain:", 12))
+        rest = [engine.submit(_row(generator, f"Snow {i}:", 12)) for i in range(4)]
+        assert await first.next()
+        await asyncio.to_thread(engine.stop)
+        while await first.next() is not None:
+            pass
+        for handle in rest:
+            with pytest.raises(UserError, match="shut down before this request was decoded"):
+                while await handle.next() is not None:
+                    pass
+        return first
+
+    first = asyncio.run(main())
+    assert first.finish_reason == "length" and len(first.tokens) == 12
+
+
+def test_the_lock_exit_on_the_last_budgeted_token_is_the_end_of_mode(generator):
+    @dataclasses.dataclass(frozen=True)
+    class Exits:
+        token: int
+        inner: GrammarChooser = GrammarChooser(GREEDY)
+
+        def __call__(self, logits, rows, keys, constraints):
+            return self.inner(logits.at[:, self.token].set(1e9), rows, keys, constraints)
+
+    close = generator.encoder.tag_ids["</AI>"]
+    for budget in (1, 2, 3):
+        sample = generator.generate(["Rain falls."], lock_mode="ai", max_new_tokens=budget, chooser=Exits(close))[0]
+        assert sample.ids[-1] == close and sample.finish_reason == "end_of_mode", (budget, sample)
