@@ -46,6 +46,7 @@ from metatrain.engine.step import (
     cache_length,
     new_slots,
     padded_length,
+    prefill_width,
     prompt_rows,
     steps_call,
 )
@@ -56,7 +57,7 @@ from metatrain.models import ModelConfig
 #: callers, and newcomers their slot, in groups of this many.
 STEPS_PER_CALL: int = 4
 #: Steps per call when nothing waits (a batch job's last rows): fewer host round trips.
-STEPS_WHEN_ALONE: int = 16
+STEPS_WHEN_ALONE: int = 128
 
 
 class PromptLike(Protocol):
@@ -149,6 +150,7 @@ class _Slot:
     cached: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int32))
     emitted: list[int] = dataclasses.field(default_factory=list)
     last: int | None = None
+    budget: int = 0
 
     def holds(self) -> np.ndarray:
         """The ids whose keys and values the slot's cache holds (prompt, then emitted)."""
@@ -337,11 +339,18 @@ class Engine:
         self._fail_waiting()
 
     def warm_up(self, prompt: PromptLike) -> None:
-        """Compile the calls a served row of `prompt`'s bucket needs (blocking), by decoding
-        one token of it (before `start`: the caller's thread runs it)."""
+        """Compile the calls a server needs (blocking; before `start`: the caller's thread
+        runs it): the prefill of `prompt`'s width, by decoding one token of it, and the
+        decode call of every row-count bucket."""
         serving, self._serving = self._serving, True
         try:
             self.run([RowRequest(prompt, 1, temperature=0.0)])
+            idle = self._put(np.zeros((self.max_batch,), bool))
+            for rows in self.row_buckets[1:]:  # every row-count bucket, on free slots (a no-op)
+                with self._sharding():
+                    self._slots_state, _, _ = steps_call(
+                        self.params, self._state(), idle, self.constraints, model_config=self.model_config,
+                        chooser=self.chooser, rows=rows, steps=self.steps_per_call, layout=self.layout)
         finally:
             self._serving = serving
 
@@ -492,7 +501,11 @@ class Engine:
         rows = next(b for b in self.row_buckets if b > max(live))
         # A server streams tokens and takes newcomers every few steps; a batch job with
         # nobody waiting runs longer calls (fewer round trips to the host).
-        steps = self.steps_per_call if (self._serving or self._waiting) else STEPS_WHEN_ALONE
+        if self._serving or self._waiting:
+            steps = self.steps_per_call
+        else:  # a batch job's last rows: as many steps as the longest remaining budget (a power of two)
+            left = max(self._slots[i].budget - len(self._slots[i].emitted) for i in live)
+            steps = min(STEPS_WHEN_ALONE, 1 << (max(left, 1).bit_length() - 1))
         with self._sharding():
             state, tokens, done = steps_call(self.params, self._state(), self._put(cancel), self.constraints,
                                        model_config=self.model_config, chooser=self.chooser, rows=rows,
@@ -546,7 +559,8 @@ class Engine:
         # over its prefix): such rows prefill from the start instead.
         limit = cache_length(self.context)
         while True:
-            width = padded_length(max(len(r.prompt.ids) - s for (_, r, _), s in zip(chosen, starts, strict=True)))
+            width = prefill_width(max(len(r.prompt.ids) - s for (_, r, _), s in zip(chosen, starts, strict=True)),
+                                  self.context)
             over = [j for j, s in enumerate(starts) if s and s + width > limit]
             if not over:
                 break
@@ -555,7 +569,7 @@ class Engine:
         rests = [np.asarray(r.prompt.ids, np.int32)[s:] for (_, r, _), s in zip(chosen, starts, strict=True)]
         self.reused_tokens += sum(starts)
         self.prefilled_tokens += sum(len(r) for r in rests)
-        count = next(b for b in _buckets(PREFILL_ROWS, 1) if b >= len(chosen))
+        count = min(PREFILL_ROWS, self.max_batch)  # one shape: fewer programs to compile
         pad = count - len(chosen)
         ids, lengths = prompt_rows([*rests, *[rests[0]] * pad], width)
         requests = [r for _, r, _ in chosen] + [chosen[0][1]] * pad
@@ -581,7 +595,7 @@ class Engine:
             record = self._slots[slot]
             record.handle, record.cached = handle, np.asarray(request.prompt.ids, np.int32)
             handle.admitted_step = self.steps_run
-            record.emitted, record.last = [], None
+            record.emitted, record.last, record.budget = [], None, request.max_new_tokens
 
     def _reason(self, cancelled: bool, by_grammar: bool, slot: _Slot) -> str:
         """Why a row ended: cancelled, EOS, the grammar's end (the lock's exit), else its

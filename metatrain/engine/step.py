@@ -64,10 +64,20 @@ def padded_length(longest: int) -> int:
     return -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
 
 
+def prefill_width(longest: int, context: int) -> int:
+    """T, the width a prefill call pads its prompts to when the longest has `longest`
+    (< `context`) tokens: a power of two from `PROMPT_BUCKET` on, so that few widths (few
+    programs) cover every prompt length, and never more than the context's bucket (so a
+    prompt prefilled from position 0 always fits its cache row)."""
+    return min(max(PROMPT_BUCKET, 1 << (max(longest, 1) - 1).bit_length()), padded_length(context))
+
+
 def cache_length(context: int) -> int:
     """S, slots of each row for rows of up to `context` tokens (prompt and reply): the
-    context plus one prompt bucket, so that a bucket's padding written after the
-    longest prompt never runs off the end."""
+    context plus one prompt bucket. A prefill call pads its prompts to `prefill_width`
+    (at most the context's bucket, so a row prefilled from position 0 always fits); the
+    engine checks that a row reusing a prefix has room for its padding after it, else
+    that row prefills from 0."""
     return context + PROMPT_BUCKET
 
 

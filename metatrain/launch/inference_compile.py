@@ -419,7 +419,7 @@ def compile_inference(
         SlotLayout,
         admit_call,
         cache_length,
-        padded_length,
+        prefill_width,
         slot_spec,
         steps_call,
     )
@@ -463,7 +463,7 @@ def compile_inference(
     kind = devices[0].device_kind
     chip = chip_for_device_kind(kind)
     current = _placement(model_config, boxed, rules, sizes, rows, context)
-    width = padded_length(prompt)
+    width = prefill_width(prompt, context)
     admitted = min(rows, PREFILL_ROWS)
     shape = EngineShape(rows, context, cache_length(context), width, admitted, STEPS_WHEN_ALONE)
     common: dict[str, Any] = {
