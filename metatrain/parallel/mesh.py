@@ -241,16 +241,7 @@ def check_fits(
         batch_size, batch_key = batch_size // grad_accum, "trainer.batch_size / trainer.grad_accum"
     else:
         batch_key = "trainer.batch_size"
-    dims = {
-        "batch": (batch_key, batch_size),
-        "vocab": ("model.vocab_size", model_config.vocab_size),
-        "embed": ("model.d_model", model_config.d_model),
-        "heads": ("model.n_heads", model_config.n_heads),
-        "kv_heads": ("model.n_kv_heads", model_config.n_kv_heads),
-        "head_dim": ("model.head_dim", model_config.head_dim),
-        "mlp": ("model.d_ff", model_config.d_ff),
-        "layers": ("model.n_layers", model_config.n_layers),
-    }
+    dims = {"batch": (batch_key, batch_size), **_model_dims(model_config)}
     for logical, (key, size) in dims.items():
         spec_entry = mesh_axes_of((logical,), rules)[0]
         factor = _split_factor(spec_entry, sizes)
