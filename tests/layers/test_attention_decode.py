@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metatrain.layers import Attention, LayerCache, attention_mask, cache_attention_mask
+from metatrain.layers import Attention, LayerCache, attention_mask, cache_attention_mask, write_slots
 
 B, T, D, N, K, H = 2, 11, 13, 6, 2, 10
 S = 17  # cache slots: more than the tokens written
@@ -22,12 +22,12 @@ def _empty_cache() -> LayerCache:
 def test_cache_mask_is_the_training_mask_on_slots():
     seg = jnp.asarray(np.array([[1] * 7 + [2] * 4, [0] * 3 + [1] * 8], np.int32))
     slots = jnp.zeros((B, S), jnp.int32).at[:, :T].set(seg)
-    full = np.asarray(cache_attention_mask(seg, slots, jnp.int32(0)))
+    full = np.asarray(cache_attention_mask(seg, slots, jnp.zeros((B,), jnp.int32)))
     assert full.shape == (B, 1, T, S)
     np.testing.assert_array_equal(full[..., :T], np.asarray(attention_mask(seg)))
     assert not full[..., T:].any(), "slots after the last query are never visible"
     # A query written later (start 4) sees exactly the earlier slots of its document.
-    late = np.asarray(cache_attention_mask(seg[:, 4:6], slots, jnp.int32(4)))
+    late = np.asarray(cache_attention_mask(seg[:, 4:6], slots, jnp.full((B,), 4, jnp.int32)))
     np.testing.assert_array_equal(late, full[:, :, 4:6])
 
 
@@ -44,17 +44,17 @@ def test_prefill_then_one_token_at_a_time_equals_full_attention():
     @jax.jit
     def decode(x_new, pos_new, cache, slots, index):
         t = x_new.shape[1]
-        slots = jax.lax.dynamic_update_slice_in_dim(slots, jnp.ones((B, t), jnp.int32), index, axis=1)
+        slots = write_slots(slots, jnp.ones((B, t), jnp.int32), index)
         mask = cache_attention_mask(jnp.ones((B, t), jnp.int32), slots, index)
         y, cache = model.apply(params, x_new, pos_new, mask, index, cache, method=Attention.decode)
         return y, cache, slots
 
     prefill = 5
     slots = jnp.zeros((B, S), jnp.int32)
-    y, cache, slots = decode(x[:, :prefill], pos[:, :prefill], _empty_cache(), slots, jnp.int32(0))
+    y, cache, slots = decode(x[:, :prefill], pos[:, :prefill], _empty_cache(), slots, jnp.zeros((B,), jnp.int32))
     outputs = [np.asarray(y)]
     for t in range(prefill, T):
-        y, cache, slots = decode(x[:, t : t + 1], pos[:, t : t + 1], cache, slots, jnp.int32(t))
+        y, cache, slots = decode(x[:, t : t + 1], pos[:, t : t + 1], cache, slots, jnp.full((B,), t, jnp.int32))
         outputs.append(np.asarray(y))
     np.testing.assert_allclose(np.concatenate(outputs, axis=1), expected, atol=2e-5)
     # The cache holds the rotated keys of every written token, zeros after them.
