@@ -17,6 +17,10 @@ so only the new text is prefilled. Each point samples from its own stream (its `
 depend on which others shared its batch. The context is cut from the front to leave
 `max_new_tokens` under the model's `max_seq_len`. A block cut off by `max_new_tokens`
 keeps the text written so far.
+
+With `--samples K` a point's K candidates are K rows (one seed each) that decode
+together; the default `--max-batch` is then `--concurrency` x K. The same checkpoint
+scores the candidates (`scoring_model`: its parameters and mesh, not loaded twice).
 """
 
 from __future__ import annotations
@@ -85,6 +89,12 @@ class MetatrainGenerator:
         self.process_index = jax.process_index()
         if jax.process_count() > 1:
             self.barrier = _barrier
+
+    def scoring_model(self) -> tuple[Any, Any, Any, Any]:
+        """`(params, model_config, mesh, encoder)` of the checkpoint, for scoring
+        candidate thoughts (`metatrain.annotate.gain`) with the weights already loaded."""
+        g = self.generator
+        return g.params, g.model_config, g.mesh, g.encoder
 
     async def prepare(self, example: ThinkRequest | None) -> None:
         """Nothing to check: the checkpoint loaded, and each request is fitted to its
@@ -171,6 +181,7 @@ def build_metatrain_generator(args: Any) -> MetatrainGenerator:
     return MetatrainGenerator(
         args.workdir, checkpoint=getattr(args, "checkpoint", None),
         temperature=args.temperature, top_p=args.top_p, top_k=getattr(args, "top_k", 0),
-        max_new_tokens=args.max_tokens, max_batch=getattr(args, "max_batch", None) or getattr(args, "concurrency", 8),
+        max_new_tokens=args.max_tokens,
+        max_batch=getattr(args, "max_batch", None) or getattr(args, "concurrency", 8) * (getattr(args, "samples", None) or 1),
         mesh_settings=getattr(args, "mesh_settings", None),
     )

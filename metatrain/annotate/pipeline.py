@@ -2,7 +2,9 @@
 
 The command's options become the run's parts: the placement, the prompt template, the
 block checks (with a user filter), the token counter for `--split tokens:N`, the
-generator (`generators.build_generator`) and the raw documents; `runner.run_annotation`
+generator (`generators.build_generator`), the candidates and their selection
+(`--samples`, `--select`, `--gain-tokens`, `--scorer`: `selection.SelectionConfig`, the
+scoring model `gain.build_gain_scorer`) and the raw documents; `runner.run_annotation`
 then does the resumable run.
 """
 
@@ -16,8 +18,10 @@ from metatrain.annotate.inputs import expand_inputs, read_raw_documents
 from metatrain.annotate.placement import PlacementConfig
 from metatrain.annotate.prompts import load_template
 from metatrain.annotate.runner import RunSettings, RunSummary, run_annotation
+from metatrain.annotate.selection import DEFAULT_GAIN_TOKENS, SelectionConfig
 from metatrain.documents import SkipCounter
 from metatrain.errors import UserError
+from metatrain.io.storage import absolute
 
 
 def annotate_corpus(options: argparse.Namespace) -> RunSummary:
@@ -43,14 +47,28 @@ def annotate_corpus(options: argparse.Namespace) -> RunSummary:
     user_filter = load_filter(options.filter) if options.filter else None
     checks = BlockChecks(min_chars=options.min_chars, max_chars=options.max_chars, user_filter=user_filter,
                          filter_name=options.filter)
+    selection = selection_config(options)
     settings = RunSettings(placement, template, checks, retries=options.retries, seed=options.seed,
-                           concurrency=options.concurrency)
+                           concurrency=options.concurrency, selection=selection)
     tokenizer = None
     if options.split.startswith("tokens:"):
         from metatrain.tokenizer.spm import SpmTokenizer
 
         tokenizer = SpmTokenizer.load(options.tokenizer)
+    gain_scorer = None
+    if selection is not None and selection.scorer is not None:  # a bad --scorer fails before the generator loads
+        from metatrain.annotate.gain import build_gain_scorer
+
+        gain_scorer = build_gain_scorer(selection, None, mesh_settings=getattr(options, "mesh_settings", None))
     generator = build_generator(options.generator, options)
+    if selection is not None and gain_scorer is None:
+        from metatrain.annotate.gain import build_gain_scorer
+
+        try:
+            gain_scorer = build_gain_scorer(selection, generator)
+        except BaseException:
+            _close(generator)
+            raise
     skips = SkipCounter()
     documents = read_raw_documents(files, strict=options.strict, skips=skips)
 
@@ -58,6 +76,40 @@ def annotate_corpus(options: argparse.Namespace) -> RunSummary:
         return (raw.id for raw in read_raw_documents(files, strict=options.strict, skips=SkipCounter(max_messages=0)))
 
     summary = run_annotation(documents, generator, settings, options.out, inputs=files, input_ids=input_ids,
-                             tokenizer=tokenizer, progress=not options.no_progress)
+                             tokenizer=tokenizer, progress=not options.no_progress, gain_scorer=gain_scorer)
     summary.skipped_records = skips.count
     return summary
+
+
+def selection_config(options: argparse.Namespace) -> SelectionConfig | None:
+    """`--samples`, `--select`, `--gain-tokens`, `--scorer` (None: none given, today's run:
+    one thought per point, no gains). `--select gain` with neither `--scorer` nor a
+    generator that scores (`metatrain`) is refused here, before anything loads.
+
+    Raises:
+        UserError: a value out of range, or `--select gain` without a scoring model.
+    """
+    given = {name: getattr(options, name, None) for name in ("samples", "select", "gain_tokens", "scorer")}
+    if all(v is None for v in given.values()):
+        return None
+    config = SelectionConfig(
+        samples=1 if given["samples"] is None else given["samples"],
+        select=given["select"] or "first",
+        gain_tokens=DEFAULT_GAIN_TOKENS if given["gain_tokens"] is None else given["gain_tokens"],
+        scorer=str(absolute(given["scorer"])) if given["scorer"] else None,
+    )
+    if config.select == "gain" and config.scorer is None and options.generator != "metatrain":
+        from metatrain.annotate.gain import no_scorer_message
+
+        raise UserError(no_scorer_message(options.generator))
+    return config
+
+
+def _close(generator) -> None:
+    """Release a generator that will not run (its devices, its connections)."""
+    import asyncio
+
+    try:
+        asyncio.run(generator.aclose())
+    except Exception:  # noqa: BLE001 - the error being raised matters more
+        pass

@@ -16,6 +16,10 @@ endpoint failed.
 
 Within a document the points are requested one after another (the context of a point
 includes the thoughts accepted before it); `concurrency` documents are in flight at once.
+With `--samples K` (`metatrain.annotate.selection`) each point asks for K candidates at
+once (so a local model decodes them in one batch), checks each, scores the survivors by
+their gain (`metatrain.annotate.gain`, in a thread: other documents keep decoding) and
+keeps one by `--select`.
 """
 
 from __future__ import annotations
@@ -56,6 +60,14 @@ from metatrain.annotate.placement import (
     plan_insertions,
 )
 from metatrain.annotate.prompts import PromptTemplate
+from metatrain.annotate.selection import (
+    GainTotals,
+    SelectionConfig,
+    candidate_seed,
+    choose,
+    point_entry,
+    selection_provenance,
+)
 from metatrain.documents import Segment, parse_document
 from metatrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, FaultError, UserError
 from metatrain.io.storage import absolute, as_path
@@ -71,6 +83,7 @@ class RunSettings:
     retries: int = 2
     seed: int = 0
     concurrency: int = 8  # not compared: it changes speed, not the output
+    selection: SelectionConfig | None = None  # None: one thought per point, no gains (no selection flag given)
 
     def __post_init__(self) -> None:
         if self.retries < 0:
@@ -91,7 +104,11 @@ class RunSettings:
             "min_chars": self.checks.min_chars, "max_chars": self.checks.max_chars,
             "filter": self.checks.filter_name, "retries": self.retries,
             "generator": generator.kind, "model": generator.model, "settings": sampling,
-        }
+        } | ({"selection": self.selection.identity()} if self.selection is not None else {})
+
+    @property
+    def samples(self) -> int:
+        return self.selection.samples if self.selection is not None else 1
 
 
 @dataclasses.dataclass
@@ -105,12 +122,14 @@ class BlockCounts:
     tokens_in: int = 0
     tokens_out: int = 0
     rejections: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    gains: GainTotals = dataclasses.field(default_factory=GainTotals)
 
     def add(self, other: "BlockCounts") -> None:
         for field in dataclasses.fields(BlockCounts):
-            if field.name != "rejections":
+            if field.name not in ("rejections", "gains"):
                 setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
         self.rejections.update(other.rejections)
+        self.gains.add(other.gains)
 
 
 @dataclasses.dataclass
@@ -134,6 +153,12 @@ class RunSummary(BlockCounts):
             f"blocks: {self.accepted} accepted, {self.rejected} rejected, {self.empty} empty replies, "
             f"at {self.points} points; tokens in {self.tokens_in:,}, out {self.tokens_out:,}",
         ]
+        g = self.gains.statistics()
+        if g["candidate_gain_mean"] is not None:
+            chosen = f"{g['chosen_gain_mean']:+.4f}" if g["chosen_gain_mean"] is not None else "n/a"
+            lines.append(f"gains (nats over the next text): chosen mean {chosen} ({self.gains.chosen} blocks), "
+                         f"candidate mean {g['candidate_gain_mean']:+.4f} ({self.gains.candidates} candidates), "
+                         f"{100 * g['positive_gain_share']:.1f}% positive")
         if self.rejections:
             lines.append("rejected: " + ", ".join(f"{why} ({n})" for why, n in self.rejections.most_common(5)))
         if self.failed:
@@ -153,6 +178,7 @@ class _Done(BlockCounts):
     record: dict[str, Any] | None = None
     error: GenerationError | None = None
     replies: int = 0
+    selection: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per point (with --samples)
 
 
 def derive_seed(seed: int, doc_id: str, point: int, attempt: int) -> int:
@@ -181,9 +207,11 @@ class Annotator:
     """Annotates documents with one generator under one set of settings."""
 
     def __init__(self, generator: ThoughtGenerator, settings: RunSettings, tokenizer: Any = None,
-                 thinking_modes: tuple[str, ...] | None = None, mantra: str | None = None):
+                 thinking_modes: tuple[str, ...] | None = None, mantra: str | None = None,
+                 gain_scorer: Any = None):
         self.generator = generator
         self.settings = settings
+        self.gain_scorer = gain_scorer  # `metatrain.annotate.gain.GainScorer`, or None: no gains
         self.tokenizer = tokenizer
         if thinking_modes is None:  # where the shipped grammar lets a thinking block open
             from metatrain.tokenizer.registry import load_registry
@@ -232,36 +260,94 @@ class Annotator:
                                         point=k, points=len(points))
             check_context = {"id": raw.id, "point": k, "passage": point.passage,
                              "document_so_far": so_far, "metadata": raw.metadata}
-            thought = None
+            kept: list[str | None] = [None] * s.samples
             for attempt in range(s.retries + 1):
-                request = ThinkRequest(raw.id, k, ({"role": "user", "content": message},), context,
-                                       attempt, derive_seed(s.seed, raw.id, k, attempt), raw.mode)
-                assert self._semaphore is not None
+                requests = [ThinkRequest(raw.id, k, ({"role": "user", "content": message},), context, attempt,
+                                         candidate_seed(s.seed, raw.id, k, attempt, c), raw.mode)
+                            for c in range(s.samples)]
                 try:
-                    async with self._semaphore:
-                        reply = await self.generator.think(request)
+                    replies = await self._ask_all(requests)
                 except GenerationError as e:
                     e.reason = f"point {k + 1} of {len(points)}: {e.reason}"
                     done.error = e
                     return done
-                done.replies += 1
-                done.tokens_in += reply.tokens_in
-                done.tokens_out += reply.tokens_out
-                text = without_mantra(reply.text.strip(), self._mantra)
-                if not text:
-                    done.empty += 1
-                    break
-                why = s.checks.rejection(text, check_context, whole)
-                if why is None:
-                    thought = text
-                    done.accepted += 1
-                    break
-                done.rejected += 1
-                done.rejections[why] += 1
+                kept = [None] * s.samples
+                rejected = False
+                for c, reply in enumerate(replies):
+                    done.replies += 1
+                    done.tokens_in += reply.tokens_in
+                    done.tokens_out += reply.tokens_out
+                    text = without_mantra(reply.text.strip(), self._mantra)
+                    if not text:
+                        done.empty += 1
+                        continue
+                    why = s.checks.rejection(text, check_context, whole)
+                    if why is None:
+                        kept[c] = text
+                    else:
+                        rejected = True
+                        done.rejected += 1
+                        done.rejections[why] += 1
+                if any(t is not None for t in kept) or not rejected:
+                    break  # a candidate passed, or the generator said "no thinking here"
+            thought = await self._select(raw, points, k, context, thoughts, kept, done)
+            if thought is not None:
+                done.accepted += 1
             thoughts.append(thought)
         segments = assemble(raw, points, thoughts, s.placement)
         done.record = self._record(raw, segments, done)
         return done
+
+    async def _ask_all(self, requests: list[ThinkRequest]) -> list[Any]:
+        """The replies to `requests`, asked at once (one failure cancels the others)."""
+        assert self._semaphore is not None
+
+        async def ask(request: ThinkRequest) -> Any:
+            async with self._semaphore:
+                return await self.generator.think(request)
+
+        if len(requests) == 1:
+            return [await ask(requests[0])]
+        tasks = [asyncio.ensure_future(ask(r)) for r in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def _select(self, raw: RawDocument, points: list, k: int, context: tuple[Segment, ...],
+                      thoughts: list[str | None], kept: list[str | None], done: _Done) -> str | None:
+        """The candidate kept at point k (None: none passed), its gains scored and recorded
+        when the run selects (`--samples`, `--select`, `--scorer`)."""
+        s = self.settings
+        survivors = [c for c, t in enumerate(kept) if t is not None]
+        if s.selection is None:
+            return kept[survivors[0]] if survivors else None
+        gains: list[float | None] = [None] * len(kept)
+        if survivors and self.gain_scorer is not None:
+            following = self._following(raw, points, k, thoughts, len(context))
+            gains = await asyncio.to_thread(self.gain_scorer.gains, raw.id, raw.mode, context, kept, following)
+        chosen = choose(s.selection.select, survivors, gains, seed=s.seed, doc_id=raw.id, point=k)
+        entry = point_entry(k, gains, chosen)
+        done.selection.append(entry)
+        done.gains.add_point(entry)
+        return kept[chosen] if chosen is not None else None
+
+    def _following(self, raw: RawDocument, points: list, k: int, thoughts: list[str | None],
+                   before: int) -> tuple[Segment, ...]:
+        """The document after point k up to the next point (or the end), as segments."""
+        mark = "\0candidate\0"
+        with_mark = [*thoughts[:k], mark]
+        if k + 1 < len(points):
+            segments = context_at(raw, points, k + 1, with_mark, self.settings.placement)
+        else:
+            segments = assemble(raw, points, with_mark, self.settings.placement)
+        if segments[before:before + 1] != (Segment("thinking", mark),):
+            raise AssertionError(f"document {raw.id!r}: point {k} is not where its context ends; "
+                                 "this is a bug in metatrain")
+        return segments[before + 1:]
 
     def _record(self, raw: RawDocument, segments: tuple[Segment, ...], done: _Done) -> dict[str, Any]:
         s, g = self.settings, self.generator
@@ -273,6 +359,9 @@ class Annotator:
             "points": done.points, "accepted": done.accepted, "rejected": done.rejected,
             "empty": done.empty, "tokens_in": done.tokens_in, "tokens_out": done.tokens_out,
         }
+        if s.selection is not None:
+            scorer = self.gain_scorer.source if self.gain_scorer is not None else None
+            provenance["selection"] = selection_provenance(s.selection, scorer, done.selection)
         metadata = dict(raw.metadata)
         if isinstance(metadata.get("annotation"), dict):
             provenance["previous"] = metadata.pop("annotation")  # the generation before this one
@@ -289,7 +378,8 @@ class Annotator:
     async def run(self, documents: Iterator[RawDocument], sink: OutputSink, summary: RunSummary,
                   progress: Any = None) -> None:
         """Annotate `documents` (the finished ones already removed) into `sink`, in order."""
-        self._semaphore = asyncio.Semaphore(self.settings.concurrency)
+        # Each document in flight asks for its K candidates at once.
+        self._semaphore = asyncio.Semaphore(self.settings.concurrency * self.settings.samples)
         window = 2 * self.settings.concurrency + 4
         pending: collections.deque[asyncio.Task] = collections.deque()
         stop = asyncio.Event()
@@ -368,6 +458,7 @@ def run_annotation(
     input_ids: Callable[[], Iterable[str]] | None = None,
     tokenizer: Any = None,
     progress: bool = False,
+    gain_scorer: Any = None,
 ) -> RunSummary:
     """Annotate `documents` into `out` (a local path or `gs://BUCKET/NAME`), resuming an
     earlier run of the same settings.
@@ -375,6 +466,8 @@ def run_annotation(
     Args:
         input_ids: reads the inputs' ids again, in order (to check `out` on resume before
             any request); None: `documents` is read into memory when resuming.
+        gain_scorer: scores candidate thoughts (`metatrain.annotate.gain.GainScorer`;
+            with `settings.selection`), or None.
 
     Returns the summary; `summary.stopped` is set when SIGTERM or Ctrl-C ended it early.
 
@@ -385,7 +478,7 @@ def run_annotation(
     """
     out = as_path(out)
     inputs = list(inputs)
-    annotator = Annotator(generator, settings, tokenizer)
+    annotator = Annotator(generator, settings, tokenizer, gain_scorer=gain_scorer)
     documents = iter(documents)
     first = next(documents, None)
     documents = itertools.chain([first] if first is not None else [], documents)

@@ -51,6 +51,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="your check: FUNCTION(thought, context) -> True to keep, False or a reason to reject")
     prompt.add_argument("--retries", type=int, default=2, metavar="N",
                         help="new requests after a rejected block, then the point goes without (default 2)")
+    pick = p.add_argument_group("candidates and selection (see docs/annotate.md)")
+    pick.add_argument("--samples", type=int, default=None, metavar="K",
+                      help="candidate thoughts asked for at each point (default 1)")
+    pick.add_argument("--select", choices=("gain", "random", "first"), default=None,
+                      help="which candidate is kept: the largest gain, a seeded uniform choice, or the first "
+                           "that passes the checks (default first)")
+    pick.add_argument("--gain-tokens", type=int, default=None, metavar="N",
+                      help="text tokens after the point a gain scores (default 32)")
+    pick.add_argument("--scorer", default=None, metavar="WORKDIR",
+                      help="a trained metatrain run that scores the candidates (default: the checkpoint of "
+                           "--generator metatrain; other generators record no gains without it)")
     run = p.add_argument_group("run")
     run.add_argument("--concurrency", type=int, default=8, metavar="K", help="documents in flight (default 8)")
     run.add_argument("--seed", type=int, default=0, help="placement and sampling seed (default 0)")
@@ -72,7 +83,7 @@ def run_annotate(args: argparse.Namespace) -> int:
     from metatrain.annotate.pipeline import annotate_corpus
     from metatrain.annotate.runner import exit_status, raise_if_nothing_done
 
-    if args.generator == "metatrain":
+    if args.generator == "metatrain" or getattr(args, "scorer", None):
         from metatrain.engine.compilation_cache import enable_compilation_cache
 
         enable_compilation_cache()

@@ -8,6 +8,7 @@
     engine.py       `Engine`: continuous batching of rows over the slots, as a batch job
                     (`run`) or a server (`submit`)
     capacity.py     how many rows fit the device's memory
+    scoring.py      `Scorer`: log-likelihoods of chosen tokens of whole rows (annotate's gains)
 
 The KV cache itself is the model's (`metatrain.models.Transformer.decode`, one cache
 position per row); which tags are legal is the tokenizer's grammar
@@ -18,6 +19,7 @@ from metatrain.engine.constraints import GrammarChooser, RowState, TagConstraint
 from metatrain.engine.engine import Engine, Handle, RowRequest
 from metatrain.engine.policy import RowSampling
 from metatrain.engine.sampling import SamplingConfig
+from metatrain.engine.scoring import Scorer
 
 __all__ = ["Engine", "GrammarChooser", "Handle", "RowRequest", "RowSampling", "RowState", "SamplingConfig",
-           "TagConstraints"]
+           "Scorer", "TagConstraints"]
