@@ -176,13 +176,15 @@ def build_gain_scorer(config: SelectionConfig, generator: Any, *, mesh_settings:
             raise UserError(no_scorer_message(getattr(generator, "kind", "?")))
         return None
     refuse_multiprocess()
+    max_rows = max(max_rows, config.samples + 1)  # a point's candidates and its bare row in one call
     if config.scorer is not None:
         from metatrain.run.reader import load_checkpoint
 
         loaded = (load_checkpoint(config.scorer) if mesh_settings is None
                   else load_checkpoint(config.scorer, mesh_settings=mesh_settings))
+        # Provenance names the checkpoint step that scored, not only its run.
         return GainScorer(Scorer(loaded.params, loaded.model_config, getattr(loaded, "mesh", None), max_rows=max_rows),
-                          loaded.encoder, config.gain_tokens, config.scorer)
+                          loaded.encoder, config.gain_tokens, str(loaded.path))
     params, model_config, mesh, encoder = own()
     return GainScorer(Scorer(params, model_config, mesh, max_rows=max_rows), encoder, config.gain_tokens,
                       str(generator.model))

@@ -37,6 +37,7 @@ from metatrain.engine.capacity import PREFILL_ROWS, DecodeMemory, device_of
 from metatrain.engine.constraints import RowState, TagConstraints
 from metatrain.engine.policy import RowSampling
 from metatrain.engine.step import (
+    DISPATCH_LOCK,
     PROMPT_BUCKET,
     Admission,
     Chooser,
@@ -347,7 +348,7 @@ class Engine:
             self.run([RowRequest(prompt, 1, temperature=0.0)])
             idle = self._put(np.zeros((self.max_batch,), bool))
             for rows in self.row_buckets[1:]:  # every row-count bucket, on free slots (a no-op)
-                with self._sharding():
+                with DISPATCH_LOCK, self._sharding():
                     self._slots_state, _, _ = steps_call(
                         self.params, self._state(), idle, self.constraints, model_config=self.model_config,
                         chooser=self.chooser, rows=rows, steps=self.steps_per_call, layout=self.layout)
@@ -461,7 +462,7 @@ class Engine:
     # -- one tick --------------------------------------------------------------------------------
     def _state(self) -> Slots:
         if self._slots_state is None:
-            with self._sharding():
+            with DISPATCH_LOCK, self._sharding():
                 self._slots_state = new_slots(model_config=self.model_config, batch=self.max_batch,
                                               context=self.context, layout=self.layout)
         return self._slots_state
@@ -506,7 +507,7 @@ class Engine:
         else:  # a batch job's last rows: as many steps as the longest remaining budget (a power of two)
             left = max(self._slots[i].budget - len(self._slots[i].emitted) for i in live)
             steps = min(STEPS_WHEN_ALONE, 1 << (max(left, 1).bit_length() - 1))
-        with self._sharding():
+        with DISPATCH_LOCK, self._sharding():
             state, tokens, done = steps_call(self.params, self._state(), self._put(cancel), self.constraints,
                                        model_config=self.model_config, chooser=self.chooser, rows=rows,
                                        steps=steps, layout=self.layout)
@@ -587,7 +588,7 @@ class Engine:
                                  np.asarray([r.top_p for r in requests], np.float32)),
             budget=np.asarray([r.max_new_tokens for r in requests], np.int32),
         )
-        with self._sharding():
+        with DISPATCH_LOCK, self._sharding():
             self._slots_state = admit_call(self.params, self._state(), self._put(new), model_config=self.model_config,
                                            layout=self.layout)
         self.batches += 1

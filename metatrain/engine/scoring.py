@@ -12,14 +12,14 @@ reads) is a power of two (at least `MIN_WIDTH`, at most the model's `max_seq_len
 number of rows a power of two up to `max_rows` (more rows go in several calls), and the
 number of scored positions a power of two. On a mesh the rows go in whole on every
 device and the sums come back whole on every device (the parameters stay where they
-are: the engine's own, shared). Calls are serialised by a lock, so several threads may
-share one scorer.
+are: the engine's own, shared). Calls are dispatched under the engine's
+`DISPATCH_LOCK`, so a scorer may run in another thread beside a decoding engine on the
+same devices (and several threads may share one scorer).
 """
 
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from metatrain.engine.step import DISPATCH_LOCK
 from metatrain.models import ModelConfig, Transformer, output_projection
 
 #: The narrowest row a call reads (shorter rows are padded to it).
@@ -91,7 +92,6 @@ class Scorer:
         self.params, self.model_config, self.mesh = params, model_config, mesh
         self.max_rows = _power_of_two(max_rows, 1)
         self._everywhere = NamedSharding(mesh, PartitionSpec()) if mesh is not None and mesh.size > 1 else None
-        self._lock = threading.Lock()
         self.calls = 0  # forward calls so far (for tests and metrics)
 
     @property
@@ -161,11 +161,11 @@ class Scorer:
         batch = (inputs, segment_ids, at, targets, weights)
         if self._everywhere is not None:
             batch = tuple(self._to_mesh(a) for a in batch)
-        with self._lock:
+        with DISPATCH_LOCK:  # dispatched in order with the engine's programs; waited for outside
             sums = target_log_probs(self.params, *batch, model_config=self.model_config,
                                     out_sharding=self._everywhere)
             self.calls += 1
-            sums = np.asarray(jax.device_get(sums), np.float64)
+        sums = np.asarray(jax.device_get(sums), np.float64)
         return [float(s) for s in sums[: len(part)]]
 
     def _to_mesh(self, value: np.ndarray) -> jax.Array:

@@ -26,6 +26,7 @@ attended) and is overwritten by the row's own tokens as it decodes.
 
 from __future__ import annotations
 
+import threading
 import dataclasses
 import functools
 from typing import Any, Protocol
@@ -44,6 +45,13 @@ from metatrain.parallel.mesh import kv_cache_spec
 Params = Any
 #: Prompts are padded to a multiple of this, so prompts of similar length share a compile.
 PROMPT_BUCKET: int = 16
+
+#: Held while a program that runs on the engine's devices is dispatched (the engine's
+#: admissions and steps, `Scorer` calls). Two threads that dispatch sharded programs at
+#: once could enqueue them in different orders on different devices, and their
+#: collectives would then wait on each other for ever; one lock gives every device the
+#: same order.
+DISPATCH_LOCK = threading.RLock()
 
 
 class Chooser(Protocol):
