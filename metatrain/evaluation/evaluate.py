@@ -4,8 +4,10 @@
 
 Reads one checkpoint of a run (its newest, or `step`) onto a mesh of the visible
 devices and the run's held-out split (or `data`), computes the report
-(`report.evaluate_checkpoint`) and writes `DIR/report.json` (default `W/eval/<step>/`)
-and `DIR/probes.png`. In a multi-process run (`metatrain launch local -- eval ...`) the
+(`report.evaluate_checkpoint`, and with `--self-think` the self-thinking pass,
+`self_think.run_self_think`, which reads the documents' segments too) and writes
+`DIR/report.json` (default `W/eval/<step>/`), `DIR/probes.png` and, with
+`--self-think`, `DIR/self_think.jsonl` (the documents with the self-written thoughts). In a multi-process run (`metatrain launch local -- eval ...`) the
 mesh spans every process's devices; every process reads the same documents and computes
 the same report, and process 0 alone writes it (`placement`). `EvalOptions`
 holds the command's options (checked with the flag names in messages); `check_eval_out`
@@ -28,6 +30,7 @@ from metatrain.io.storage import is_remote
 
 #: The files `metatrain eval` writes into its output directory (nothing else is touched).
 REPORT_FILE, PROBES_PLOT = "report.json", "probes.png"
+SELF_THINK_FILE = "self_think.jsonl"  # with `--self-think`: the documents with self-written thoughts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +63,11 @@ class EvalOptions:
             UserError: the first value out of range.
         """
         settings = self.settings
-        for name in ("batch_rows", "prompts", "samples", "max_new_tokens", "probe_tokens", "min_documents"):
-            if getattr(settings, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(settings, name)}")
+        for name in ("batch_rows", "prompts", "samples", "max_new_tokens", "probe_tokens", "min_documents",
+                     "self_think_tokens"):
+            value = getattr(settings, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         bounds = (("max_documents", self.max_documents, 0), ("seq_len", settings.seq_len, 1),
                   ("stride", settings.stride, 1), ("step", self.step, 0))
         for name, value, low in bounds:
@@ -74,6 +79,9 @@ class EvalOptions:
             raise UserError(f"--level must be in (0, 1), got {settings.level}")
         if settings.temperature < 0:
             raise UserError(f"--temperature must be >= 0, got {settings.temperature}")
+        if settings.self_think and settings.samples is not None and settings.temperature == 0:
+            raise UserError(f"--self-think --samples {settings.samples} with --temperature 0 writes the same greedy "
+                            "thoughts every time; leave out --samples for greedy, or give --temperature above 0")
         check_seed(settings.seed)
 
 
@@ -101,6 +109,7 @@ def check_eval_out(out: Path) -> Path:
     if (links and out.is_symlink()) or (out.exists() and not out.is_dir()):
         raise UserError(f"--out {out} exists and is not a directory; choose another --out")
     report = out / REPORT_FILE
+    ours = False
     if report.exists() or (links and report.is_symlink()):
         try:
             ours = report.is_file() and not (links and report.is_symlink()) and "ablation" in json.loads(report.read_text())
@@ -108,6 +117,12 @@ def check_eval_out(out: Path) -> Path:
             ours = False
         if not ours:
             raise UserError(f"--out {out} holds a {REPORT_FILE} that is not a `metatrain eval` report; "
+                            "it is left as it is: choose another --out")
+    thoughts = out / SELF_THINK_FILE
+    if thoughts.exists() or (links and thoughts.is_symlink()):
+        # Written after report.json: one without a report beside it is not ours.
+        if not ours or (links and thoughts.is_symlink()) or not thoughts.is_file():
+            raise UserError(f"--out {out} holds a {SELF_THINK_FILE} that `metatrain eval` did not write; "
                             "it is left as it is: choose another --out")
     return out
 
@@ -125,7 +140,8 @@ def evaluate_workdir(workdir: Path, options: EvalOptions) -> EvalResult:
     Raises:
         UserError: a bad option (a seed the PRNG cannot take, more free-generation samples
             than memory holds: both before any work), no such checkpoint, no document to
-            evaluate, or an output directory that may not receive the report.
+            evaluate, an output directory that may not receive the report, or
+            `--self-think` on a source without segments (a token cache).
     """
     from metatrain.config import load_config_dict
     from metatrain.evaluation.documents import file_documents, split_documents
@@ -133,7 +149,7 @@ def evaluate_workdir(workdir: Path, options: EvalOptions) -> EvalResult:
     from metatrain.evaluation.placement import writes_files
     from metatrain.evaluation.report import PROMPT_TOKENS, evaluate_checkpoint
     from metatrain.generate.generator import Generator
-    from metatrain.io.outputs import write_atomically
+    from metatrain.io.outputs import check_output_file, write_atomically
     from metatrain.run.reader import load_checkpoint
 
     options.check()
@@ -151,7 +167,7 @@ def evaluate_workdir(workdir: Path, options: EvalOptions) -> EvalResult:
         raise UserError(f"--stride {settings.stride} must be at most --seq-len {seq_len}")
     if settings.generation:
         check_generation_fits(Generator(loaded.params, loaded.model_config, loaded.encoder, loaded.mesh), prompts=settings.prompts,
-                              samples=settings.samples, prompt_tokens=PROMPT_TOKENS,
+                              samples=settings.generation_samples, prompt_tokens=PROMPT_TOKENS,
                               max_new_tokens=settings.max_new_tokens)
     skips = SkipCounter()
     limit = options.max_documents or None
@@ -167,8 +183,30 @@ def evaluate_workdir(workdir: Path, options: EvalOptions) -> EvalResult:
     out = options.out or workdir / "eval" / str(loaded.step)
     if options.out is None:
         check_eval_out(out)  # refused before the evaluation, by every process alike
+    if settings.self_think:
+        check_output_file(out / SELF_THINK_FILE, inputs=options.data or (), option="--out")
+    sources = None
+    if settings.self_think:  # the documents again, with their segments (refused before any work)
+        from metatrain.evaluation.self_think import (
+            file_source_documents,
+            split_source_documents,
+        )
+
+        if options.data:
+            sources = file_source_documents(options.data, loaded.encoder, strict=options.strict, limit=limit)
+        else:
+            sources = split_source_documents(data, loaded.encoder, limit=limit)
+        if [s.document.id for s in sources] != [d.doc_id for d in docs]:
+            raise AssertionError("--self-think read other documents than the evaluation")
     report.update(evaluate_checkpoint(loaded.params, loaded.model_config, config.loss, loaded.encoder, docs, settings,
                                       mesh=loaded.mesh))
+    self_think = None
+    if sources is not None:
+        from metatrain.evaluation.self_think import run_self_think
+
+        generator = Generator(loaded.params, loaded.model_config, loaded.encoder, loaded.mesh)
+        self_think = run_self_think(generator, config.loss, sources, settings, docs)
+        report["self_think"] = self_think.report
     if not writes_files():  # the same report; process 0 writes it
         if "probes" in report:
             report["probes"]["plot"] = str(out / PROBES_PLOT)
@@ -180,4 +218,6 @@ def evaluate_workdir(workdir: Path, options: EvalOptions) -> EvalResult:
 
         report["probes"]["plot"] = str(plot_probes(report["probes"], out / PROBES_PLOT))
     path = write_atomically(out / REPORT_FILE, json.dumps(report, indent=1) + "\n", option="--out")
+    if self_think is not None:
+        write_atomically(out / SELF_THINK_FILE, self_think.jsonl(), inputs=options.data or (), option="--out")
     return EvalResult(report, path, skips)

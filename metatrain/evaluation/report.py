@@ -10,6 +10,9 @@
                 same counts with them on (`free_generation.py`)
     probes      held-out accuracy of linear probes for each token's mode and role at
                 every layer, next to the majority-class baseline (`probes.py`)
+    self_think  (with `--self-think`) text bits per byte after thoughts the model writes
+                itself at each insertion point, against none, with an interval
+                (`self_think.py`; run by `evaluate.py`, which has the documents' segments)
 
 The report is a JSON-ready dict (its keys are a contract: docs/eval.md); `format_report`
 prints it as tables.
@@ -40,6 +43,8 @@ from metatrain.tokenizer.encoder import EncodedDocument, Encoder
 
 #: Text tokens of a free-generation prompt, at most (the opening of a document).
 PROMPT_TOKENS: int = 24
+#: Free generation's samples per prompt and mode when `--samples` is not given.
+FREE_SAMPLES: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +58,14 @@ class EvalSettings:
         batch_rows: rows per forward pass.
         resamples, level, seed, min_documents: the bootstrap (`stats.py`).
         prompts: free-generation prompts (the opening text of the first documents).
-        samples: samples per prompt and mode.
+        samples: free generation: samples per prompt and mode (None: `FREE_SAMPLES`);
+            self-thinking: sampled trajectories per document (None: one, greedy).
         max_new_tokens: free-generation budget per sample.
-        temperature: free-generation sampling temperature.
+        temperature: sampling temperature (free generation; self-thinking with `samples`).
         probe_tokens: tokens the probes are fitted and tested on, at most.
         generation, probes: run those parts at all.
+        self_think: run the self-thinking pass (a decode per insertion point).
+        self_think_tokens: budget of a self-written thought.
     """
 
     seq_len: int | None = None
@@ -68,12 +76,19 @@ class EvalSettings:
     seed: int = 0
     min_documents: int = MIN_DOCUMENTS
     prompts: int = 8
-    samples: int = 4
+    samples: int | None = None
     max_new_tokens: int = 64
     temperature: float = 1.0
     probe_tokens: int = 50_000
     generation: bool = True
     probes: bool = True
+    self_think: bool = False
+    self_think_tokens: int = 64
+
+    @property
+    def generation_samples(self) -> int:
+        """Free generation's samples per prompt and mode."""
+        return FREE_SAMPLES if self.samples is None else self.samples
 
     @property
     def window_stride(self) -> int:
@@ -178,7 +193,7 @@ def evaluate_checkpoint(
         prompts = _prompts(encoder, docs, settings.prompts)
         if prompts:
             report["free_generation"] = run_free_generation(
-                params, model_config, encoder, prompts, num_samples=settings.samples,
+                params, model_config, encoder, prompts, num_samples=settings.generation_samples,
                 max_new_tokens=settings.max_new_tokens, sampling=SamplingConfig(settings.temperature),
                 seed=settings.seed, mesh=mesh,
             )
@@ -242,6 +257,9 @@ def format_report(report: dict[str, Any]) -> str:
             s = fg[key]
             lines.append(f"{key:<8}{_num(s['illegal_per_1000_tokens'], '.2f'):>15}{_num(s['mantra_exact'], '.3f'):>14}"
                          f"{_num(s['ai_left_fraction'], '.3f'):>9}{s['tokens']:>9,}")
+    st = report.get("self_think")
+    if st:
+        lines += [""] + format_self_think(st, level)
     probes = report.get("probes")
     if probes:
         lines.append("")
@@ -261,3 +279,23 @@ def format_report(report: dict[str, Any]) -> str:
                 if probes[task].get(key):
                     lines.append(f"note: {task} probe: {probes[task][key]}")
     return "\n".join(lines)
+
+
+def format_self_think(st: dict[str, Any], level: int) -> list[str]:
+    """The `self_think` entry as a table."""
+    how = "greedy" if st["samples"] is None else f"{st['samples']} samples a document, temperature {st['temperature']}"
+    th = st["thoughts"]
+    lines = [f"self-thinking: {st['points']} points in {st['documents_with_points']} documents, {how}, "
+             f"up to {st['max_new_tokens']} tokens a thought ({th['empty']} of {th['written']} thoughts empty)",
+             f"{'thoughts':<13}{'loss/text':>10}{'bpb/text':>10}{'- none (bpb)':>14}  {level}% interval"]
+    diff = st["self_minus_none"]
+    ci = f"[{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]" if diff["ci"] else "none (see note)"
+    lines.append(f"{'self':<13}{_num(st['self']['loss/text']):>10}{_num(st['self']['bpb/text']):>10}"
+                 f"{_num(diff['bpb/text'], '+.4f'):>14}  {ci}")
+    lines.append(f"{'none':<13}{_num(st['none']['loss/text']):>10}{_num(st['none']['bpb/text']):>10}")
+    if st.get("points_skipped"):
+        lines.append(f"note: {st['points_skipped']} points skipped: the text before them is in a mode where "
+                     "no thinking may open")
+    if diff.get("note"):
+        lines.append(f"note: {diff['note']}")
+    return lines
