@@ -57,6 +57,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "metatrain.cli.serve",
     "metatrain.cli.launch",
     "metatrain.cli.sweep",
+    "metatrain.cli.generations",
     "metatrain.cli.annotate",
     "metatrain.cli.hf",
     "metatrain.cli.evaluation",
