@@ -8,8 +8,9 @@ as in training (the run's own mantra and policy), the model writes the block's t
 and the block ends at `</thinking>`. The chat template is not used: the model was
 trained on documents, not on instructions.
 
-The insertion points in flight (one per document, `--concurrency` documents) decode
-together on the inference engine (`metatrain.engine.Engine`), at most `--max-batch`
+The thought is written by `metatrain.generate.thoughts.ThoughtWriter` (shared with
+`metatrain eval --self-think`): the insertion points in flight (one per document,
+`--concurrency` documents) decode together on the inference engine (`metatrain.engine.Engine`), at most `--max-batch`
 rows at once, on the mesh `--set mesh.KEY=VALUE` chooses; a row that ends frees its
 slot for the next point at once, and a document's next point starts from the KV cache
 of its previous one when the text before it is the same (not cut to fit the context),
@@ -25,8 +26,6 @@ scores the candidates (`scoring_model`: its parameters and mesh, not loaded twic
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,12 +36,8 @@ from metatrain.annotate.generators import (
     ThinkRequest,
     register_generator,
 )
-from metatrain.documents import Document, Segment
 from metatrain.errors import UserError
 from metatrain.io.storage import absolute, as_path
-
-#: Characters of document text the model sees before the point (then cut to fit).
-DEFAULT_CONTEXT_CHARS = 4000
 
 
 class MetatrainGenerator:
@@ -52,36 +47,23 @@ class MetatrainGenerator:
 
     def __init__(self, workdir: str | Path | None = None, *, checkpoint: str | Path | None = None,
                  temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0, max_new_tokens: int = 96,
-                 context_chars: int = DEFAULT_CONTEXT_CHARS, max_batch: int = 8,
+                 context_chars: int | None = None, max_batch: int = 8,
                  mesh_settings: Sequence[str] | None = None):
-        from metatrain.engine import (
-            Engine,
-            GrammarChooser,
-            SamplingConfig,
-            TagConstraints,
-        )
-        from metatrain.engine.constraints import THINKING_LOCK
+        from metatrain.engine import SamplingConfig
         from metatrain.generate.generator import Generator
+        from metatrain.generate.thoughts import DEFAULT_CONTEXT_CHARS, ThoughtWriter
 
         if max_new_tokens < 1:
             raise UserError(f"--max-tokens must be >= 1, got {max_new_tokens}")
-        self.sampling = SamplingConfig(temperature, top_k, top_p)
         self.generator = Generator.load(as_path(workdir) if workdir else None, as_path(checkpoint) if checkpoint else None,
                                         mesh_settings=mesh_settings)
-        config = self.generator.model_config
-        self.max_new_tokens = min(max_new_tokens, config.max_seq_len - 8)
-        self.context_chars = context_chars
+        self.writer = ThoughtWriter(self.generator, sampling=SamplingConfig(temperature, top_k, top_p),
+                                    max_new_tokens=max_new_tokens, max_batch=max_batch,
+                                    context_chars=DEFAULT_CONTEXT_CHARS if context_chars is None else context_chars)
         self.model = str(absolute(workdir or checkpoint))
         self.settings: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
-                                         "max_new_tokens": self.max_new_tokens}
-        encoder = self.generator.encoder
-        self.mantra = encoder.mantra or ""  # what the Annotator removes from a reply
-        self.engine = Engine(self.generator.params, config, TagConstraints.from_encoder(encoder, lock_mode=THINKING_LOCK),
-                             max_batch=max_batch, eos_id=encoder.eos_id, chooser=GrammarChooser(self.sampling),
-                             mesh=self.generator.mesh)
-        too_many = self.engine.memory().shortfall(self.engine.max_batch)
-        if too_many:
-            raise UserError(f"--max-batch {max_batch}: {too_many}; give a smaller --max-batch")
+                                         "max_new_tokens": self.writer.max_new_tokens}
+        self.mantra = self.writer.mantra  # what the Annotator removes from a reply
         import jax
 
         # Under `launch local` (jax.distributed) every process runs this generator on its
@@ -102,51 +84,16 @@ class MetatrainGenerator:
         its collectives must not run beside the runner's barriers.)"""
 
     async def think(self, request: ThinkRequest) -> ThinkReply:
-        from metatrain.engine import RowRequest
-        from metatrain.generate.generator import recover_segments
+        from metatrain.generate.thoughts import ThoughtPrefix
 
-        encoder = self.generator.encoder
-        encoded = self._encode(request)
-        self.engine.start()
         try:
-            handle = self.engine.submit(RowRequest(encoded, self.max_new_tokens, seed=request.seed))
+            thought = await self.writer.think(ThoughtPrefix(request.doc_id, request.context, request.mode, request.seed))
         except UserError as e:
             raise GenerationError(str(e)) from None
-        try:
-            while await handle.next() is not None:
-                pass
-        except asyncio.CancelledError:
-            handle.cancel()
-            raise
-        ids = [*encoded.prefix, *handle.tokens]
-        segments = recover_segments(encoder, ids, encoded.prompt_state)
-        thinking = next((s.text for s in segments if s.kind == "thinking"), "")
-        if encoder.mantra and thinking.startswith(encoder.mantra):
-            thinking = thinking[len(encoder.mantra):]
-        # `ids` starts with the forced prefix, already counted in `tokens_in`.
-        return ThinkReply(thinking.strip(), tokens_in=len(encoded.ids), tokens_out=len(handle.tokens))
-
-    def _encode(self, request: ThinkRequest) -> Any:
-        """The point's prompt under the thinking lock, its context cut from the front to fit."""
-        from metatrain.engine.constraints import THINKING_LOCK
-        from metatrain.generate.prompts import encode_prompt
-
-        encoder = self.generator.encoder
-        room = self.generator.model_config.max_seq_len - self.max_new_tokens
-        keep = self.context_chars
-        while True:
-            prompt = Document(request.doc_id, _last_chars(request.context, keep), mode=request.mode)
-            encoded = encode_prompt(encoder, prompt, THINKING_LOCK)
-            length = len(encoded.ids)  # the forced <thinking> and mantra included
-            if length <= room:
-                return encoded
-            if keep <= 1:
-                raise GenerationError(f"the mantra alone leaves no room in max_seq_len "
-                                      f"{self.generator.model_config.max_seq_len}")
-            keep = max(1, keep * room // (2 * length))
+        return ThinkReply(thought.text, tokens_in=thought.tokens_in, tokens_out=thought.tokens_out)
 
     async def aclose(self) -> None:
-        await asyncio.to_thread(self.engine.stop)
+        await self.writer.aclose()
 
 
 def _barrier(name: str) -> None:
@@ -154,24 +101,6 @@ def _barrier(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
-
-
-def _last_chars(segments: tuple[Segment, ...], keep: int) -> tuple[Segment, ...]:
-    """The end of `segments` holding at most `keep` characters of text (a cut segment
-    loses its front; at least one text segment remains)."""
-    out: list[Segment] = []
-    left = keep
-    for seg in reversed(segments):
-        if left <= 0:
-            break
-        if len(seg.text) > left:
-            seg = dataclasses.replace(seg, text=seg.text[-left:])
-        out.append(seg)
-        left -= len(seg.text)
-    out.reverse()
-    while out and out[0].kind != "text":
-        out.pop(0)  # a context starts with text, never with a cut-off thought
-    return tuple(out) or (Segment("text", " "),)
 
 
 @register_generator("metatrain")

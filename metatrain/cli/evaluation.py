@@ -56,8 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle, the bootstrap, sampling and probes")
     p.add_argument("--prompts", type=int, default=8, metavar="N", help="free-generation prompts (default 8)")
     p.add_argument("--samples", type=int, default=None, metavar="N",
-                   help="free generation: samples per prompt and mode (default 4); --self-think: sampled "
-                        "trajectories per document (default: none, one greedy trajectory)")
+                   help="with --self-think: sampled trajectories per document (default: one greedy "
+                        "trajectory; free generation then keeps 4); without it: free generation's samples "
+                        "per prompt and mode (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="free-generation budget (default 64)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature of free generation and of --self-think --samples (default 1.0)")

@@ -58,8 +58,9 @@ class EvalSettings:
         batch_rows: rows per forward pass.
         resamples, level, seed, min_documents: the bootstrap (`stats.py`).
         prompts: free-generation prompts (the opening text of the first documents).
-        samples: free generation: samples per prompt and mode (None: `FREE_SAMPLES`);
-            self-thinking: sampled trajectories per document (None: one, greedy).
+        samples: with `self_think`, sampled trajectories per document (None: one, greedy),
+            and free generation keeps `FREE_SAMPLES`; without it, free generation's
+            samples per prompt and mode (None: `FREE_SAMPLES`).
         max_new_tokens: free-generation budget per sample.
         temperature: sampling temperature (free generation; self-thinking with `samples`).
         probe_tokens: tokens the probes are fitted and tested on, at most.
@@ -88,7 +89,7 @@ class EvalSettings:
     @property
     def generation_samples(self) -> int:
         """Free generation's samples per prompt and mode."""
-        return FREE_SAMPLES if self.samples is None else self.samples
+        return FREE_SAMPLES if self.samples is None or self.self_think else self.samples
 
     @property
     def window_stride(self) -> int:

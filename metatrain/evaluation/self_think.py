@@ -272,24 +272,35 @@ def run_self_think(generator: Generator, loss_config: LossConfig, sources: Seque
     trajectories = write_trajectories(writer, docs, samples=samples or 1, seed=settings.seed)
     originals = list(encoded) if encoded is not None else [encoder.encode(d) for d in docs]
     written = [[encoder.encode(t.document()) for t in row] for row in trajectories]
-    none = [remove_thinking(encoder, d) for d in written[0]]
-    for k, row in enumerate(written):
+    # Each trajectory's `none` is its own documents with every block removed. They are
+    # the same ids for every trajectory unless an empty thought dropped a block that
+    # stood in another mode (its mode tags then go with it, where `remove_thinking`
+    # keeps them): each trajectory is paired with its own, scored once per distinct set.
+    nones = [[remove_thinking(encoder, d) for d in row] for row in written]
+    for k, (row, none) in enumerate(zip(written, nones)):
         check_same_text(originals, row, f"self_think sample {k}")
-        for a, b in zip(none, row):
-            if not np.array_equal(a.ids, remove_thinking(encoder, b).ids):
-                raise AssertionError(f"self_think sample {k}: document {a.doc_id!r} differs outside its thinking")
-    check_same_text(originals, none, "self_think none")
+        check_same_text(originals, none, f"self_think none of sample {k}")
 
     token_bytes = token_byte_lengths(encoder.tokenizer)
     params, config = generator.params, generator.model_config
-    none_sums = score_documents(params, config, loss_config, none, token_bytes, settings)
+    scored: list[tuple[list[EncodedDocument], Any]] = []
+
+    def none_score(none: list[EncodedDocument]) -> Any:
+        for docs_seen, sums in scored:
+            if all(np.array_equal(a.ids, b.ids) for a, b in zip(docs_seen, none)):
+                return sums
+        scored.append((none, score_documents(params, config, loss_config, none, token_bytes, settings)))
+        return scored[-1][1]
+
+    none_sums_all = [none_score(none) for none in nones]
+    none_sums = none_sums_all[0]
     self_sums = [score_documents(params, config, loss_config, row, token_bytes, settings) for row in written]
     tokens = int(none_sums.count[:, 0].sum())
-    for s in self_sums:
+    for s in [*self_sums, *none_sums_all]:
         if int(s.count[:, 0].sum()) != tokens:
             raise AssertionError(f"self_think scored {int(s.count[:, 0].sum())} text tokens, none {tokens}")
     self_nll = np.mean([s.nll[:, 0] for s in self_sums], axis=0)  # [docs]: the mean over trajectories
-    none_nll = none_sums.nll[:, 0]
+    none_nll = np.mean([s.nll[:, 0] for s in none_sums_all], axis=0)
     text_bytes = none_sums.text_bytes
     interval = paired_ratio_difference(self_nll, none_nll, text_bytes, scale=1 / LN2, resamples=settings.resamples,
                                        level=settings.level, seed=settings.seed,

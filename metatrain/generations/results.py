@@ -2,8 +2,7 @@
 
 - corpus (`gen-<n>/corpus.jsonl`): documents and thinking blocks; the candidate gains of
   the annotation (`metatrain.annotate.selection.gain_statistics`: blocks, mean chosen and
-  candidate gain, share of positive gains; None without candidates or without that
-  module); and, for documents with `known` metadata (synthetic known-answer corpora),
+  candidate gain, share of positive gains; None without candidates); and, for documents with `known` metadata (synthetic known-answer corpora),
   how many known points have a thought carrying the answer
   (`metatrain.data.synthetic.thought_answers`).
 - train (`gen-<n>/work/metrics.jsonl`): the step and values of the last evaluation.
@@ -13,29 +12,19 @@
   (`eval/self_think.jsonl`).
 
 Everything here is a pure function of those files, so a stage redone after a kill gives
-the same results. The two optional modules are imported when used; a missing one gives
-None.
+the same results.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from metatrain.errors import UserError
 
 #: Evaluation values recorded from the trainer's last evaluation (`eval/KEY`).
 TRAIN_KEYS: tuple[str, ...] = ("loss", "loss/text", "loss/thinking", "bpb/text")
-
-
-def _optional(module: str, name: str) -> Callable | None:
-    """`module.name`, or None when the module (or the name) does not exist in this metatrain."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -53,11 +42,11 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def answer_share(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """`{carried, total, share}` over the records with `known` metadata (None: none has any,
-    or `metatrain.data.synthetic.thought_answers` does not exist)."""
-    count = _optional("metatrain.data.synthetic", "thought_answers")
+    """`{carried, total, share}` over the records with `known` metadata (None: none has any)."""
+    from metatrain.data.synthetic import thought_answers as count
+
     known = [r for r in records if r.get("known")]
-    if count is None or not known:
+    if not known:
         return None
     carried = total = 0
     for record in known:
@@ -74,8 +63,9 @@ def corpus_results(path: Path) -> dict[str, Any]:
     records = list(read_records(path))
     blocks = sum(1 for r in records for s in r.get("segments") or () if isinstance(s, dict)
                  and s.get("kind") == "thinking")
-    gain_statistics = _optional("metatrain.annotate.selection", "gain_statistics")
-    gains = gain_statistics(records) if gain_statistics is not None else None
+    from metatrain.annotate.selection import gain_statistics
+
+    gains = gain_statistics(records)
     return {"documents": len(records), "blocks": blocks, "gain": gains, "answers": answer_share(records)}
 
 

@@ -229,9 +229,10 @@ class _Loop:
         start = time.perf_counter()
         try:
             result = getattr(self, f"_{stage}")(n)
-        except (UserError, FaultError) as e:
-            state.update(status="failed", error=str(e))
-            self.manifest.update(status="failed", error=str(e), current=None)
+        except Exception as e:  # a bug too: the manifest says which stage, never "running" for ever
+            error = str(e) if isinstance(e, (UserError, FaultError)) else f"{type(e).__name__}: {e}"
+            state.update(status="failed", error=error)
+            self.manifest.update(status="failed", error=error, current=None)
             timing["seconds"] = round(timing["seconds"] + time.perf_counter() - start, 3)
             self.write()
             raise

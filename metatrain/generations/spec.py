@@ -60,6 +60,21 @@ from metatrain.io.yaml_files import read_yaml_text
 
 #: Override keys the loop sets itself, refused in `train.set`.
 LOOP_KEYS: tuple[str, ...] = ("data.sources",)
+#: Flags the loop passes itself, refused in `annotate.args` and `eval.args` (argparse
+#: keeps a repeated flag's last value: one there would point a stage elsewhere).
+LOOP_FLAGS: dict[str, tuple[str, ...]] = {
+    "annotate": ("--input", "--out", "--generator", "--workdir", "--checkpoint", "--scorer", "--base-url",
+                 "--model", "--api-key-env"),
+    "eval": ("--workdir", "--data", "--out", "--step", "--json"),
+}
+
+
+def check_args(section: str, args: tuple[str, ...]) -> None:
+    """Refuses, in one line, an argument of `section.args` that the loop sets itself."""
+    for arg in args:
+        flag = str(arg).split("=", 1)[0]
+        if flag in LOOP_FLAGS[section]:
+            raise UserError(f"{section}.args: {flag} is set by the loop for every generation; remove it")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,6 +98,7 @@ class AnnotateSpec:
     args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check_args("annotate", self.args)
         for name in ("max_blocks", "samples", "gain_tokens", "max_tokens", "concurrency", "max_batch"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -178,6 +194,7 @@ class EvalSpec:
     args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check_args("eval", self.args)
         for name in ("samples", "self_think_tokens", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -274,7 +291,10 @@ def _check_files(spec: GenerationsSpec, where: Path) -> None:
     if g0.corpus is not None and not g0.corpus.endswith(".jsonl"):
         raise UserError(f"{where}: generation0.corpus: {g0.corpus} is not a .jsonl file; give one annotated "
                         "JSON Lines file (uncompressed: it is copied into gen-0 as corpus.jsonl)")
-    if g0.corpus is not None and not is_remote(g0.corpus):
+    if g0.corpus is not None and is_remote(g0.corpus):
+        raise UserError(f"{where}: generation0.corpus: {g0.corpus} is in a bucket; copy it here first (the loop "
+                        "copies it into gen-0 as corpus.jsonl, from a local file)")
+    if g0.corpus is not None:
         if glob.has_magic(g0.corpus) or not Path(g0.corpus).is_file():
             raise UserError(f"{where}: generation0.corpus: {g0.corpus} is not a file; give one annotated "
                             "JSON Lines file")

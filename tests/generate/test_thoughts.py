@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 
 from metatrain.documents import Segment
@@ -113,7 +112,8 @@ def test_bad_settings_are_one_line(generator):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_it_writes_what_the_annotate_generator_writes(workdir, generator, temperature):
-    """The same prefix, seed and settings: the thought of `annotate --generator metatrain`."""
+    """The same prefix, seed and settings: the thought of `annotate --generator metatrain`
+    (its engine thread, one request at a time) equals the batch job's."""
     from metatrain.annotate.generators import ThinkRequest
     from metatrain.annotate.local_model import MetatrainGenerator
 
@@ -131,5 +131,4 @@ def test_it_writes_what_the_annotate_generator_writes(workdir, generator, temper
     thoughts = writer.write(PREFIXES)
     assert [(r.text, r.tokens_in, r.tokens_out) for r in replies] == \
         [(t.text, t.tokens_in, t.tokens_out) for t in thoughts]
-    assert np.array_equal(writer.encode(PREFIXES[1]).ids, local._encode(
-        ThinkRequest("b", 0, (), PREFIXES[1].context, seed=2)).ids)
+

@@ -33,6 +33,9 @@ def test_a_spec_loads_with_paths_relative_to_its_file(tmp_path, corpus):
     ({"generation0": {}}, ["exactly one of corpus, endpoint and checkpoint; got none"]),
     ({"train": {"config": "missing.yaml"}}, ["train.config", "missing.yaml does not exist"]),
     ({"eval": {"samples": 2}}, ["eval.self_think: true"]),
+    ({"eval": {"args": ["--out", "/tmp/elsewhere"]}}, ["eval.args: --out is set by the loop"]),
+    ({"annotate": {"args": ["--input=x.jsonl"]}}, ["annotate.args: --input is set by the loop"]),
+    ({"generation0": {"corpus": "gs://bucket/corpus.jsonl"}}, ["generation0.corpus", "is in a bucket"]),
 ])
 def test_a_bad_spec_is_one_line_naming_the_file_and_the_key(tmp_path, corpus, change, words):
     path = write_spec(tmp_path / "spec.yaml", make_spec(corpus, **change))
