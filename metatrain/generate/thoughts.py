@@ -159,13 +159,13 @@ class ThoughtWriter:
         if target not in allowed:
             raise UserError(f"document {prefix.doc_id!r}: the block would open in mode {target}, where no thinking "
                             f"may open (it may open in: {', '.join(allowed)})")
+        # The mantra policy counts the blocks of the whole document, as training does, not
+        # only those left in a cut context (`first`: a later block gets none).
+        blocks_before = sum(1 for seg in prefix.context if seg.kind == "thinking")
         keep = self.context_chars
         while True:
             prompt = Document(prefix.doc_id, last_chars(context, keep), mode=prefix.mode)
-            if target == end:
-                encoded = encode_prompt(encoder, prompt, THINKING_LOCK)
-            else:
-                encoded = _into_block(encoder, encode_prompt(encoder, prompt), target)
+            encoded = _into_block(encoder, encode_prompt(encoder, prompt), target, blocks_before)
             length = len(encoded.ids)  # the forced <thinking> and mantra included
             if length <= room:
                 return encoded
@@ -233,13 +233,16 @@ class ThoughtWriter:
         return {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "max_new_tokens": self.max_new_tokens}
 
 
-def _into_block(encoder: Encoder, plain: EncodedPrompt, mode: str) -> EncodedPrompt:
+def _into_block(encoder: Encoder, plain: EncodedPrompt, mode: str, blocks_before: int) -> EncodedPrompt:
     """`plain` (a prompt without a lock) with the mode tags into `mode`, `<thinking>` and,
-    where the policy gives the block one, the mantra forced after it."""
+    where the policy gives the document's block number `blocks_before` one, the mantra
+    forced after it (what the thinking lock of `encode_prompt` forces, with the block
+    counted in the whole document rather than in the prompt)."""
     grammar = encoder.grammar
     tags = [encoder.tag_ids[t] for t in grammar.mode_path(grammar.states[plain.state].mode, mode)]
     opening = encoder.tag_ids[grammar.registry.thinking_open]
-    mantra = encoder.mantra_ids.tolist() if encoder.mantra and block_gets_mantra(encoder.mantra_policy, plain.blocks) else []
+    gets_mantra = encoder.mantra and block_gets_mantra(encoder.mantra_policy, blocks_before)
+    mantra = encoder.mantra_ids.tolist() if gets_mantra else []
     forced = np.asarray([*tags, opening, *mantra], np.int32)
     state = int(grammar_states(encoder, forced, start=plain.state)[-1])
     return EncodedPrompt(np.concatenate([plain.ids, forced]).astype(np.int32), tuple(forced.tolist()),

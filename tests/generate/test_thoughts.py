@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from metatrain.documents import Segment
@@ -132,3 +133,22 @@ def test_it_writes_what_the_annotate_generator_writes(workdir, generator, temper
     assert [(r.text, r.tokens_in, r.tokens_out) for r in replies] == \
         [(t.text, t.tokens_in, t.tokens_out) for t in thoughts]
 
+
+
+def test_the_mantra_policy_counts_the_blocks_of_the_whole_document(generator):
+    """Under `first`, a point after a block gets no mantra even when the context is cut so
+    short that the earlier block is gone from the prompt (training counts the document's blocks)."""
+    from metatrain.tokenizer.encoder import Encoder
+
+    e = generator.encoder
+    first = Encoder(e.tokenizer, e.grammar.registry, mantra=e.mantra, mantra_policy="first")
+    writer = ThoughtWriter(Generator(generator.params, generator.model_config, first), max_new_tokens=4,
+                           context_chars=12)
+    mantra = tuple(first.mantra_ids.tolist())
+    opening = first.tag_ids[first.grammar.registry.thinking_open]
+    lone = writer.encode(ThoughtPrefix("a", (Segment("text", "x" * 40 + " Paris is large."),)))
+    assert lone.prefix == (opening, *mantra)  # the document's first block: the mantra
+    later = writer.encode(ThoughtPrefix("b", (Segment("text", "Rivers: "), Segment("thinking", "the Danube"),
+                                              Segment("text", "x" * 40 + " The Rhine flows north.")),))
+    assert not np.isin(first.tag_ids[first.grammar.registry.thinking_close], later.ids)  # the block was cut off
+    assert later.prefix == (opening,)  # ... and still counts: no mantra
