@@ -204,11 +204,17 @@ class CheckpointConfig:
         every: steps between saves (the last step is always saved).
         keep: how many recent checkpoints to keep.
         async_save: write in the background while training continues.
+        init_from: start a new run from another run's parameters: its work directory
+            (the newest checkpoint) or one step directory (`W/checkpoints/<step>`). The
+            optimizer, the step count and the data start afresh; the model's shape must be
+            this run's. Read only when the work directory has no checkpoint yet (a resume
+            restores its own).
     """
 
     every: int = 100
     keep: int = 3
     async_save: bool = True
+    init_from: Path | None = None
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, f"every={self.every} must be >= 1")

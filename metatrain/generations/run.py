@@ -132,9 +132,12 @@ def _check_train_config(spec: GenerationsSpec) -> None:
     load_config(spec.train.config, _train_overrides(spec, Path("corpus.jsonl").absolute()))
 
 
-def _train_overrides(spec: GenerationsSpec, corpus: Path) -> list[str]:
+def _train_overrides(spec: GenerationsSpec, corpus: Path, previous: Path | None) -> list[str]:
+    """The spec's overrides, the generation's corpus and, when it continues, the previous
+    generation's work directory to start from."""
     sources = json.dumps([{"path": str(corpus), "weight": 1.0}])
-    return [f"data.sources={sources}", *spec.train.set]
+    start = [f"checkpoint.init_from={json.dumps(str(previous))}"] if previous is not None else []
+    return [f"data.sources={sources}", *start, *spec.train.set]
 
 
 def _check_same_spec(manifest: Manifest, data: dict[str, Any], out: Path) -> None:
@@ -291,7 +294,9 @@ class _Loop:
 
         config_path = self.gen_dir(n) / CONFIG_FILE
         workdir = self.gen_dir(n) / WORK_DIR
-        config = load_config(self.spec.train.config, _train_overrides(self.spec, self.gen_dir(n) / CORPUS_FILE))
+        previous = self.gen_dir(n - 1) / WORK_DIR if self.spec.train.continue_training and n > 0 else None
+        config = load_config(self.spec.train.config,
+                             _train_overrides(self.spec, self.gen_dir(n) / CORPUS_FILE, previous))
         save_config(config, config_path)
         self.child(n, "train", ["train", "--config", str(config_path), "--workdir", str(workdir)])
         return {"workdir": os.path.relpath(workdir, self.out), **results.train_results(workdir)}

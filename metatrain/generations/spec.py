@@ -22,7 +22,7 @@
     train:
       config: ../default.yaml       # run config; data.sources is replaced by each generation's corpus
       set: [trainer.steps=200]      # overrides, like `metatrain train --set`
-      continue: false               # every generation trains from scratch (true is refused: see docs)
+      continue: false               # every generation from scratch (true: from the previous one's parameters)
     eval:
       self_think: true              # `metatrain eval --self-think`
       samples: null                 # --samples K (null: greedy)
@@ -59,7 +59,7 @@ from metatrain.io.strict_parsing import (
 from metatrain.io.yaml_files import read_yaml_text
 
 #: Override keys the loop sets itself, refused in `train.set`.
-LOOP_KEYS: tuple[str, ...] = ("data.sources",)
+LOOP_KEYS: tuple[str, ...] = ("data.sources", "checkpoint.init_from")
 #: Flags the loop passes itself, refused in `annotate.args` and `eval.args` (argparse
 #: keeps a repeated flag's last value: one there would point a stage elsewhere).
 LOOP_FLAGS: dict[str, tuple[str, ...]] = {
@@ -160,9 +160,9 @@ class TrainSpec:
     Attributes:
         config: the run config every generation starts from.
         set: `KEY=VALUE` overrides after it (`data.sources` is the loop's).
-        continue_training: the YAML key `continue`; only false (from scratch) is
-            implemented, since initialising from the previous generation's parameters
-            needs an option of the trainer that it does not have yet.
+        continue_training: the YAML key `continue`: false, every generation from
+            scratch; true, generation n >= 1 starts from generation n-1's final
+            parameters (`checkpoint.init_from`; a fresh optimizer and schedule).
     """
 
     config: str
@@ -177,9 +177,6 @@ class TrainSpec:
             if key in LOOP_KEYS or any(key.startswith(k + ".") or key.startswith(k + "[") for k in LOOP_KEYS):
                 raise UserError(f"train.set: {key} is set by the loop (each generation trains on its own corpus); "
                                 "remove it")
-        if self.continue_training:
-            raise UserError("train.continue: true is not supported yet (the trainer has no option to start from "
-                            "another run's parameters); use false: every generation trains from scratch")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -155,9 +155,10 @@ class Trainer:
         self.flops_per_token = config.model.flops_per_token(tc.seq_len)
 
     # -- state ----------------------------------------------------------------
-    def initial_state(self):
+    def initial_state(self, source_params: Any = None):
         """`(state, step)`: the newest intact checkpoint, validated against the config, or a
-        fresh initialisation at step 0.
+        fresh initialisation at step 0 (with `checkpoint.init_from`'s parameters:
+        `source_params` when the caller read them already, see `run`).
 
         Raises:
             ResumeRefused: the checkpoint was trained with a config that differs in a key
@@ -170,9 +171,50 @@ class Trainer:
 
         restored = self.checkpointer.restore_latest(self.program.abstract_state(), validate)
         if restored is None:
-            return init_state(self.model, self.optimizer, self.shardings, self.config.trainer.seed), 0
+            state = init_state(self.model, self.optimizer, self.shardings, self.config.trainer.seed)
+            if self.config.checkpoint.init_from is not None:
+                state = self._initialised_from(state, source_params)
+            return state, 0
         self.train_iter.set_state(restored.data_state)
         return restored.state, restored.step
+
+    def source_checkpoint(self) -> Any:
+        """`checkpoint.init_from`'s checkpoint, restored onto this run's mesh (read outside
+        the sharding context: its restore places arrays on the concrete mesh).
+
+        Raises:
+            UserError: no checkpoint there.
+        """
+        from metatrain.run.layout import CONFIG_FILE
+        from metatrain.run.reader import load_checkpoint
+
+        path = as_path(self.config.checkpoint.init_from)
+        where = {"workdir": path} if (path / CONFIG_FILE).exists() else {"checkpoint": path}
+        return load_checkpoint(**where, mesh=self.mesh, rules=self.rules)
+
+    def _initialised_from(self, state, loaded: Any = None) -> Any:
+        """`state` with the parameters of another run's checkpoint (`checkpoint.init_from`),
+        placed as this run's parameters are; the optimizer's moments start at zero.
+
+        Raises:
+            UserError: no checkpoint there, or a model of another shape.
+        """
+        loaded = loaded if loaded is not None else self.source_checkpoint()
+        path = as_path(self.config.checkpoint.init_from)
+        ours = jax.tree.map(lambda a: tuple(a.shape), state.params)
+        theirs = jax.tree.map(lambda a: tuple(a.shape), loaded.params)
+        if jax.tree.structure(ours) != jax.tree.structure(theirs) or jax.tree.leaves(ours) != jax.tree.leaves(theirs):
+            def shape(c) -> str:
+                return f"d_model {c.d_model}, {c.n_layers} layers, d_ff {c.d_ff}, vocabulary {c.vocab_size}"
+
+            raise UserError(f"checkpoint.init_from {path}: its model ({shape(loaded.model_config)}) has other "
+                            f"parameters than this run's ({shape(self.config.model)}); start from a run of the same "
+                            "shape, or remove checkpoint.init_from")
+        params = jax.tree.map(lambda new, old: new.astype(old.dtype),
+                              jax.device_put(loaded.params, self.shardings.params), state.params)
+        print(f"metatrain train: parameters from {loaded.path} (step {loaded.step}); the optimizer starts afresh",
+              file=sys.stderr, flush=True)
+        return state.replace(params=params)
 
     def next_batch(self) -> dict[str, jax.Array]:
         return global_batch(next(self.train_iter), self.batch_sharding)
@@ -252,8 +294,11 @@ class Trainer:
             self.lock = held.inner
             if self.is_main:
                 check_origin(self.workdir, self.config_file, self.allow_other_config)
+            source = None
+            if self.config.checkpoint.init_from is not None and self.checkpointer.latest_step() is None:
+                source = self.source_checkpoint()
             with sharding_context(self.mesh, self.rules):
-                state, start = self.initial_state()
+                state, start = self.initial_state(source)
                 if self.is_main:
                     prepare_workdir(self.config, self.workdir, self.config_file)
                 self.writer.open()

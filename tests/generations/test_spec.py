@@ -57,10 +57,18 @@ def test_two_sources_for_generation0_and_loop_keys_are_refused(tmp_path, corpus)
         load_spec(write_spec(tmp_path / "b.yaml", make_spec(corpus, train=train)))
 
 
-def test_continuing_from_the_previous_generation_is_refused_until_the_trainer_can(tmp_path, corpus):
+def test_a_continuing_generation_starts_from_the_previous_work_directory(tmp_path, corpus):
+    from metatrain.generations.run import _train_overrides
+
     train = {**make_spec(corpus)["train"], "continue": True}
-    with pytest.raises(UserError, match="train.continue: true is not supported"):
-        load_spec(write_spec(tmp_path / "spec.yaml", make_spec(corpus, train=train)))
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", make_spec(corpus, train=train)))
+    assert spec.train.continue_training is True
+    overrides = _train_overrides(spec, tmp_path / "gen-1" / "corpus.jsonl", tmp_path / "gen-0" / "work")
+    assert f'checkpoint.init_from="{tmp_path / "gen-0" / "work"}"' in overrides
+    assert not any("init_from" in o for o in _train_overrides(spec, tmp_path / "c.jsonl", None))
+    bad = {**make_spec(corpus)["train"], "set": ["checkpoint.init_from=/elsewhere"]}
+    with pytest.raises(UserError, match="checkpoint.init_from is set by the loop"):
+        load_spec(write_spec(tmp_path / "b.yaml", make_spec(corpus, train=bad)))
 
 
 def test_spec_changes_name_each_changed_key():
