@@ -89,7 +89,7 @@ def selection_config(options: argparse.Namespace) -> SelectionConfig | None:
     Raises:
         UserError: a value out of range, or `--select gain` without a scoring model.
     """
-    given = {name: getattr(options, name, None) for name in ("samples", "select", "gain_tokens", "scorer")}
+    given = {name: getattr(options, name, None) for name in ("samples", "select", "gain_tokens", "scorer", "min_gain")}
     if all(v is None for v in given.values()):
         return None
     config = SelectionConfig(
@@ -97,11 +97,16 @@ def selection_config(options: argparse.Namespace) -> SelectionConfig | None:
         select=given["select"] or "first",
         gain_tokens=DEFAULT_GAIN_TOKENS if given["gain_tokens"] is None else given["gain_tokens"],
         scorer=str(absolute(given["scorer"])) if given["scorer"] else None,
+        min_gain=given["min_gain"],
     )
-    if config.select == "gain" and config.scorer is None and options.generator != "metatrain":
+    if (config.select == "gain" or config.min_gain is not None) and config.scorer is None \
+            and options.generator != "metatrain":
         from metatrain.annotate.gain import no_scorer_message
 
-        raise UserError(no_scorer_message(options.generator))
+        if config.select == "gain":
+            raise UserError(no_scorer_message(options.generator))
+        raise UserError(f"--min-gain needs a scoring model, and --generator {options.generator} has none: give "
+                        "--scorer WORKDIR (a trained metatrain run), or leave out --min-gain")
     return config
 
 

@@ -329,7 +329,8 @@ class Annotator:
         if survivors and self.gain_scorer is not None:
             following = self._following(raw, points, k, thoughts, len(context))
             gains = await asyncio.to_thread(self.gain_scorer.gains, raw.id, raw.mode, context, kept, following)
-        chosen = choose(s.selection.select, survivors, gains, seed=s.seed, doc_id=raw.id, point=k)
+        chosen = choose(s.selection.select, survivors, gains, seed=s.seed, doc_id=raw.id, point=k,
+                        min_gain=s.selection.min_gain)
         entry = point_entry(k, gains, chosen)
         done.selection.append(entry)
         done.gains.add_point(entry)

@@ -11,6 +11,10 @@ without (nats). Then
     random  a uniform choice, from a stream seeded by (seed, document, point): the control
     first   the first candidate that passed (today's behaviour)
 
+`--min-gain G` then keeps the chosen candidate only if its gain is at least G (a thought
+that does not help the text after it, or whose gain cannot be known, puts no block):
+"keep the thoughts that help", not only the best of those asked for.
+
 `random` and `first` still record the gains when a scoring model is available. Each
 document's provenance then carries `annotation.selection` (`selection_provenance`), and
 `gain_statistics` reads the same numbers back from written documents.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import random
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -42,24 +47,31 @@ class SelectionConfig:
         gain_tokens: text tokens after the point that a gain scores (N >= 1).
         scorer: the `--scorer` work directory (absolute), or None: the generator's own
             checkpoint when it has one, else no gains.
+        min_gain: the least gain (nats) a kept thought has (None: no floor).
     """
 
     samples: int = 1
     select: str = "first"
     gain_tokens: int = DEFAULT_GAIN_TOKENS
     scorer: str | None = None
+    min_gain: float | None = None
 
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise UserError(f"--samples must be >= 1 (candidate thoughts per point), got {self.samples}")
         if self.gain_tokens < 1:
             raise UserError(f"--gain-tokens must be >= 1 (text tokens a gain scores), got {self.gain_tokens}")
+        if self.min_gain is not None and not math.isfinite(self.min_gain):
+            raise UserError(f"--min-gain must be a finite number of nats, got {self.min_gain}")
         if self.select not in SELECTS:
             raise UserError(f"--select must be one of {', '.join(SELECTS)}, got {self.select!r}")
 
     def identity(self) -> dict[str, Any]:
-        return {"samples": self.samples, "select": self.select, "gain_tokens": self.gain_tokens,
-                "scorer": self.scorer}
+        identity = {"samples": self.samples, "select": self.select, "gain_tokens": self.gain_tokens,
+                    "scorer": self.scorer}
+        if self.min_gain is not None:  # absent otherwise: runs from before the option resume
+            identity["min_gain"] = self.min_gain
+        return identity
 
 
 def candidate_seed(seed: int, doc_id: str, point: int, attempt: int, candidate: int) -> int:
@@ -78,15 +90,25 @@ def _random_stream(seed: int, doc_id: str, point: int) -> random.Random:
 
 
 def choose(select: str, survivors: Sequence[int], gains: Sequence[float | None], *, seed: int, doc_id: str,
-           point: int) -> int | None:
-    """The index (into the K candidates) of the one kept, or None when none survived.
+           point: int, min_gain: float | None = None) -> int | None:
+    """The index (into the K candidates) of the one kept, or None when none survived or
+    the chosen one's gain is below `min_gain` (or unknown, with a floor).
 
     Args:
         select: one of `SELECTS`.
         survivors: indices of the candidates that passed the checks, in order.
         gains: per candidate, its gain or None (dropped, or nothing to score).
         seed, doc_id, point: seed `random`'s choice (the same every run).
+        min_gain: the floor of `--min-gain` (None: none).
     """
+    chosen = _choose(select, survivors, gains, seed=seed, doc_id=doc_id, point=point)
+    if chosen is not None and min_gain is not None and (gains[chosen] is None or gains[chosen] < min_gain):
+        return None
+    return chosen
+
+
+def _choose(select: str, survivors: Sequence[int], gains: Sequence[float | None], *, seed: int, doc_id: str,
+            point: int) -> int | None:
     if not survivors:
         return None
     if select == "random":
@@ -106,8 +128,11 @@ def point_entry(point: int, gains: Sequence[float | None], chosen: int | None) -
 def selection_provenance(config: SelectionConfig, scorer: str | None, points: list[dict[str, Any]]) -> dict[str, Any]:
     """`record["annotation"]["selection"]`: the settings, the scoring model (None: no
     gains) and, per insertion point, every candidate's gain and the chosen one."""
-    return {"samples": config.samples, "select": config.select, "gain_tokens": config.gain_tokens,
-            "scorer": scorer, "points": points}
+    out = {"samples": config.samples, "select": config.select, "gain_tokens": config.gain_tokens,
+           "scorer": scorer, "points": points}
+    if config.min_gain is not None:
+        out["min_gain"] = config.min_gain
+    return out
 
 
 @dataclasses.dataclass

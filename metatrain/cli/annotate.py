@@ -59,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "that passes the checks (default first)")
     pick.add_argument("--gain-tokens", type=int, default=None, metavar="N",
                       help="text tokens after the point a gain scores (default 32)")
+    pick.add_argument("--min-gain", type=float, default=None, metavar="G",
+                      help="keep the chosen thought only if its gain is at least G nats (e.g. 0: only thoughts "
+                           "that help the next text; one whose gain cannot be scored is dropped too)")
     pick.add_argument("--scorer", default=None, metavar="WORKDIR",
                       help="a trained metatrain run that scores the candidates (default: the checkpoint of "
                            "--generator metatrain; other generators record no gains without it)")

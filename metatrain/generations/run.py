@@ -284,7 +284,8 @@ class _Loop:
     def _annotate_options(self) -> list[str]:
         a = self.spec.annotate
         flags = {"--where": a.where, "--split": a.split, "--max-blocks": a.max_blocks, "--samples": a.samples,
-                 "--select": a.select, "--gain-tokens": a.gain_tokens, "--temperature": a.temperature,
+                 "--select": a.select, "--gain-tokens": a.gain_tokens, "--min-gain": a.min_gain,
+                 "--temperature": a.temperature,
                  "--top-p": a.top_p, "--top-k": a.top_k, "--max-tokens": a.max_tokens, "--seed": a.seed,
                  "--concurrency": a.concurrency, "--max-batch": a.max_batch}
         return [*(x for flag, v in flags.items() if v is not None for x in (flag, str(v))), *a.args]

@@ -88,6 +88,7 @@ class AnnotateSpec:
     samples: int | None = None
     select: Literal["gain", "random", "first"] | None = None
     gain_tokens: int | None = None
+    min_gain: float | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None

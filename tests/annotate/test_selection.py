@@ -53,6 +53,14 @@ def runs(workdir, tmp_path_factory):
         path = root / f"{name}.jsonl"
         assert annotate(workdir, raw, path, *extra) == 0, name
         out[name] = records(path)
+    # A floor between the gains `gain` kept, so that some points keep a thought and some lose it.
+    best = sorted(e["gains"][e["chosen"]] for r in out["gain"] for e in r["annotation"]["selection"]["points"]
+                  if e["chosen"] is not None and e["gains"][e["chosen"]] is not None)
+    out["floor_value"] = best[len(best) // 2]
+    path = root / "floor.jsonl"
+    assert annotate(workdir, raw, path, "--samples", "3", "--select", "gain", "--gain-tokens", str(GAIN_TOKENS),
+                    "--min-gain", repr(out["floor_value"])) == 0
+    out["floor"] = records(path)
     out["raw"] = raw
     out["root"] = root
     return out
@@ -127,6 +135,27 @@ def test_select_gain_keeps_the_largest_gain(runs):
     assert any(e["chosen"] != 0 for e in scored) or all(len(set(e["gains"])) == 1 for e in scored)
 
 
+def test_min_gain_keeps_only_thoughts_that_help(runs):
+    """`--min-gain G`: a point keeps its best candidate only when that gain is >= G; a point
+    whose best gain is lower or unknown gets no block."""
+    floor = runs["floor_value"]
+    kept = dropped = 0
+    for record in runs["floor"]:
+        selection = record["annotation"]["selection"]
+        assert selection["min_gain"] == floor
+        for e in selection["points"]:
+            known = [(g, -i) for i, g in enumerate(e["gains"]) if g is not None]
+            if e["chosen"] is not None:
+                kept += 1
+                assert e["gains"][e["chosen"]] >= floor and e["chosen"] == -max(known)[1]
+            elif known:
+                dropped += 1
+                assert max(known)[0] < floor
+        blocks = [s for s in record["segments"] if s["kind"] == "thinking"]
+        assert len(blocks) == sum(e["chosen"] is not None for e in selection["points"])
+    assert kept and dropped  # both happen on this corpus (else the test shows nothing)
+
+
 def test_every_candidate_has_its_gain_in_the_provenance_and_the_summary_agrees(runs, workdir):
     for record in runs["gain"]:
         selection = record["annotation"]["selection"]
@@ -184,6 +213,8 @@ def test_a_resume_with_other_selection_settings_is_refused(runs, workdir, capsys
     (("--gain-tokens", "0"), "--gain-tokens must be >= 1"),
     (("--select", "gain"), "--select gain needs a scoring model"),
     (("--scorer", "/nonexistent/run"), "/nonexistent/run"),
+    (("--min-gain", "0"), "--min-gain needs a scoring model"),
+    (("--min-gain", "nan", "--scorer", "/nonexistent/run"), "--min-gain must be a finite number"),
 ])
 def test_bad_selection_flags_are_one_line(tmp_path, capsys, extra, message):
     raw = write_raw(tmp_path / "raw.jsonl", DOCS[:1])
