@@ -129,7 +129,8 @@ def _check_train_config(spec: GenerationsSpec) -> None:
     """The spec's run config and overrides load (before any stage starts)."""
     from metatrain.config import load_config
 
-    load_config(spec.train.config, _train_overrides(spec, Path("corpus.jsonl").absolute()))
+    previous = Path("previous").absolute() if spec.train.continue_training else None
+    load_config(spec.train.config, _train_overrides(spec, Path("corpus.jsonl").absolute(), previous))
 
 
 def _train_overrides(spec: GenerationsSpec, corpus: Path, previous: Path | None) -> list[str]:
