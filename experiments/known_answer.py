@@ -128,6 +128,41 @@ def answer_share(path: Path) -> dict[str, Any]:
     return {"carried": carried, "total": total, "share": carried / total if total else None}
 
 
+def document_sums(workdir: Path, documents: Path, *, remove_thinking: bool = False) -> tuple[Any, Any]:
+    """Per-document text nll (nats) and text bytes of `documents` (JSON Lines, e.g. an
+    evaluation's `self_think.jsonl`) under `workdir`'s newest checkpoint; with
+    `remove_thinking` every block is cut out at token level first (the text tokens stay)."""
+    from metatrain.config import load_config_dict
+    from metatrain.documents import parse_document
+    from metatrain.evaluation import ablation
+    from metatrain.evaluation.report import EvalSettings, score_documents
+    from metatrain.evaluation.text_bytes import token_byte_lengths
+    from metatrain.run.reader import load_checkpoint
+
+    loaded = load_checkpoint(workdir)
+    config = load_config_dict(loaded.config, where=str(workdir))
+    encoded = [loaded.encoder.encode(parse_document(json.loads(line), path=str(documents), line=i + 1))
+               for i, line in enumerate(documents.read_text().splitlines())]
+    if remove_thinking:
+        encoded = [ablation.remove_thinking(loaded.encoder, d) for d in encoded]
+    sums = score_documents(loaded.params, loaded.model_config, config.loss, encoded,
+                           token_byte_lengths(loaded.encoder.tokenizer), EvalSettings(seq_len=config.trainer.seq_len))
+    return sums.nll[:, 0], sums.text_bytes
+
+
+def paired(a: tuple[Any, Any], b: tuple[Any, Any]) -> dict[str, Any]:
+    """bpb/text of `a` minus `b` on the same documents' text, with a bootstrap interval over documents."""
+    import numpy as np
+
+    from metatrain.evaluation.stats import paired_ratio_difference
+    from metatrain.evaluation.text_bytes import LN2
+
+    if not np.array_equal(a[1], b[1]):
+        raise SystemExit("the two scorings did not read the same text")
+    result = paired_ratio_difference(a[0], b[0], a[1], scale=1 / LN2)
+    return {"bpb/text": result.estimate, "ci": result.ci, "documents": result.documents}
+
+
 def interval(entry: dict[str, Any] | None) -> dict[str, Any] | None:
     if not entry:
         return None
@@ -241,6 +276,24 @@ def summarize(out: Path, runs: dict[str, Path], control: dict[str, Any],
     joint = loops["gain"][0]
     control_self = control.get("self_think") or {}
     efficiency = data_efficiency([(t["text_tokens"], t["bpb/text"]) for t in text_only], joint["self_think_bpb"])
+    # Paired comparisons between models, on the same held-out text (each model reading it
+    # after its own greedy thoughts; a text-only model without any).
+    def self_think(arm: str, generation: int) -> tuple[Any, Any]:
+        offset = 1 if arm == "floor" else 0
+        directory = runs[arm] / f"gen-{generation - offset}"
+        return document_sums(directory / "work", directory / "eval" / "self_think.jsonl")
+
+    generations = max(r["generation"] for r in loops["gain"])
+    comparisons: dict[str, Any] = {}
+    for g in range(1, generations + 1):
+        gain = self_think("gain", g)
+        comparisons[f"gen-{g}: gain - random"] = paired(gain, self_think("random", g))
+        comparisons[f"gen-{g}: floor - gain"] = paired(self_think("floor", g), gain)
+    joint_docs = runs["gain"] / "gen-0" / "eval" / "self_think.jsonl"
+    nearest = min(text_only, key=lambda t: abs(t["text_tokens"] - joint["text_tokens"]))
+    text_only_sums = document_sums(out / f"text-only-{nearest['steps']}", joint_docs, remove_thinking=True)
+    comparisons[f"joint (self-thinking) - text-only {nearest['steps']} steps"] = paired(self_think("gain", 0),
+                                                                                   text_only_sums)
     return {
         "uses_thoughts": {
             "informative": joint["removed_minus_kept"],
@@ -254,9 +307,11 @@ def summarize(out: Path, runs: dict[str, Path], control: dict[str, Any],
             "control_self_minus_none": interval(control_self.get("self_minus_none")),
             "text_only": text_only,
             "text_tokens_to_match_joint": efficiency,
+            "text_only_nearest_steps": nearest["steps"],
             "data_efficiency": efficiency / joint["text_tokens"] if efficiency else None,
         },
         "generations": loops,
+        "comparisons": comparisons,
     }
 
 
