@@ -289,6 +289,11 @@ def summarize(out: Path, runs: dict[str, Path], control: dict[str, Any],
         gain = self_think("gain", g)
         comparisons[f"gen-{g}: gain - random"] = paired(gain, self_think("random", g))
         comparisons[f"gen-{g}: floor - gain"] = paired(self_think("floor", g), gain)
+    # The same text read after the teacher's thoughts: informative ones against uninformative ones.
+    data = out / "data"
+    comparisons["joint informative - joint control, teacher thoughts kept"] = paired(
+        document_sums(runs["gain"] / "gen-0" / "work", data / "chain.heldout.jsonl"),
+        document_sums(out / "control", data / "control.heldout.jsonl"))
     joint_docs = runs["gain"] / "gen-0" / "eval" / "self_think.jsonl"
     nearest = min(text_only, key=lambda t: abs(t["text_tokens"] - joint["text_tokens"]))
     text_only_sums = document_sums(out / f"text-only-{nearest['steps']}", joint_docs, remove_thinking=True)
@@ -323,14 +328,16 @@ def plot(out: Path, results: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = {"gain": "select gain", "random": "select random", "floor": "select gain, min-gain 0"}
     for select, rows in results["generations"].items():
         gens = [r["generation"] for r in rows]
-        left.plot(gens, [r["self_think_bpb"] for r in rows], marker="o", label=f"select {select}: self-thinking")
+        select = names.get(select, select)
+        left.plot(gens, [r["self_think_bpb"] for r in rows], marker="o", label=f"{select}: self-thinking")
         left.plot(gens, [r["no_thought_bpb"] for r in rows], marker="x", linestyle=":",
-                  label=f"select {select}: no thought")
-        right.plot(gens, [r["self_think_answers"] for r in rows], marker="o", label=f"select {select}: self-written")
+                  label=f"{select}: no thought")
+        right.plot(gens, [r["self_think_answers"] for r in rows], marker="o", label=f"{select}: self-written")
         right.plot(gens, [r["corpus_answers"] for r in rows], marker="s", linestyle="--",
-                   label=f"select {select}: training corpus")
+                   label=f"{select}: training corpus")
     left.set(xlabel="generation", ylabel="held-out bpb/text", title="text bits per byte")
     right.set(xlabel="generation", ylabel="share of known points", title="thoughts that carry the answer")
     for ax in (left, right):
