@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         args.documents, args.heldout, args.generations, args.samples, args.steps = 120, 40, 2, 2, 30
         args.text_only_steps = "15,30"
         args.sets = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
-                     "model.d_ff=64", "trainer.batch_size=4", "trainer.eval_every=30", "checkpoint.every=30",
+                     "model.d_ff=64", "trainer.batch_size=8", "trainer.eval_every=30", "checkpoint.every=30",
                      "optimizer.warmup_steps=5", *args.sets]
     # One thinking block in four gets the mantra in training otherwise: with `every`, a
     # model-annotated document (a thought at each of its four paragraphs) outgrows a row.
