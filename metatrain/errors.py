@@ -20,6 +20,7 @@ import contextlib
 import errno
 import os
 import re
+import signal
 from collections.abc import Iterator
 
 #: Exit statuses of every `metatrain` command (documented in the README).
@@ -213,3 +214,15 @@ def find_metatrain_error(error: BaseException) -> MetatrainError | None:
     """`error` itself or the first `MetatrainError` among its causes and contexts (a worker
     process's error arrives wrapped in the data loader's own exception)."""
     return next((e for e in _related(error) if isinstance(e, MetatrainError)), None)
+
+
+def exit_description(returncode: int) -> str:
+    """How a child process ended, from its `returncode` (negative: the signal that killed
+    it): "exited with status 2", "killed by SIGKILL"."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    return f"exited with status {returncode}"

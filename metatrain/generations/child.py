@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from metatrain.errors import Terminated
+from metatrain.errors import Terminated, exit_description
 
 #: Seconds a child may take to stop after a forwarded signal before it is killed.
 STOP_GRACE_SECONDS: float = 120.0
@@ -50,13 +50,8 @@ class ChildResult:
 
     @property
     def how(self) -> str:
-        if self.returncode < 0:
-            try:
-                name = signal.Signals(-self.returncode).name
-            except ValueError:
-                name = f"signal {-self.returncode}"
-            return f"was killed by {name}"
-        return f"exited with status {self.returncode}"
+        how = exit_description(self.returncode)
+        return f"was {how}" if self.returncode < 0 else how
 
     @property
     def message(self) -> str:

@@ -46,17 +46,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from metatrain.errors import UserError
 from metatrain.io.dataclass_yaml import build_typed, to_plain_data
 from metatrain.io.storage import is_remote
-from metatrain.io.strict_parsing import (
-    DuplicateKeyError,
-    describe_yaml_error,
-    load_yaml,
-)
-from metatrain.io.yaml_files import read_yaml_text
+from metatrain.io.yaml_files import parse_yaml, read_yaml_text
 
 #: Override keys the loop sets itself, refused in `train.set`.
 LOOP_KEYS: tuple[str, ...] = ("data.sources", "checkpoint.init_from")
@@ -235,12 +228,7 @@ def load_spec(path: str | Path) -> GenerationsSpec:
     """
     path = Path(path).resolve()
     text = read_yaml_text(path, "generations spec")
-    try:
-        raw = load_yaml(text)
-    except DuplicateKeyError as e:
-        raise UserError(f"{path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {describe_yaml_error(e)}") from None
+    raw = parse_yaml(path, text)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a generations spec is a mapping (corpus:, heldout:, generations:, ...), got {raw!r}")
     base = path.parent

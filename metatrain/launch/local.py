@@ -36,7 +36,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Mapping, Sequence, TextIO
 
-from metatrain.errors import EXIT_PREEMPTED, EXIT_TERMINATED, UserError
+from metatrain.errors import (
+    EXIT_PREEMPTED,
+    EXIT_TERMINATED,
+    UserError,
+    exit_description,
+)
 from metatrain.launch import distributed as dist
 from metatrain.launch.validate import check_port
 
@@ -66,13 +71,7 @@ class Failure:
 
     @property
     def how(self) -> str:
-        if self.returncode < 0:
-            try:
-                name = signal.Signals(-self.returncode).name
-            except ValueError:
-                name = f"signal {-self.returncode}"
-            return f"killed by {name}"
-        return f"exited with status {self.returncode}"
+        return exit_description(self.returncode)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,18 +28,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from metatrain.errors import UserError
 from metatrain.io.dataclass_yaml import (  # the run config's loader too: one set of messages
     build_typed,
 )
-from metatrain.io.strict_parsing import (
-    DuplicateKeyError,
-    describe_yaml_error,
-    load_yaml,
-)
-from metatrain.io.yaml_files import read_yaml_text
+from metatrain.io.yaml_files import parse_yaml, read_yaml_text
 from metatrain.sweep.family import get_family
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -190,12 +183,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     """
     path = Path(path).resolve()
     text = read_yaml_text(path, "sweep spec")
-    try:
-        raw = load_yaml(text)
-    except DuplicateKeyError as e:
-        raise UserError(f"{path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {describe_yaml_error(e)}") from None
+    raw = parse_yaml(path, text)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a sweep spec is a mapping (base:, grid: or isoflop:, ...), got {raw!r}")
     if isinstance(raw.get("base"), str):
