@@ -112,7 +112,18 @@ class OptimizerConfig:
         learning_rate: peak learning rate, reached after `warmup_steps`.
         warmup_steps: linear warmup from 0.
         decay: shape of the decay from the peak to `min_lr_ratio * learning_rate` at
-            the last step ("constant" keeps the peak).
+            the last step ("constant" keeps the peak). "wsd" (warmup-stable-decay) holds
+            the peak and cools down over the last `decay_fraction` of the run only, so
+            the learning rate of a step before the cooldown does not depend on
+            `trainer.steps`: a run resumed with a longer `trainer.steps` keeps its stable
+            phase, and one stable run can be branched into cooldowns of several lengths
+            (`checkpoint.branch_from`).
+        decay_fraction: with "wsd", the share of `trainer.steps` spent cooling down
+            (rounded to whole steps; 0: no cooldown, the run stays at the peak).
+        cooldown_shape: with "wsd", the cooldown from the peak to `min_lr_ratio` of it:
+            "linear", or "1-sqrt" (Hägele et al. 2024, arXiv 2405.18392): at the share t
+            of the cooldown done, lr = floor + (peak - floor) * (1 - t) or
+            (1 - sqrt(t)), with floor = `min_lr_ratio * learning_rate`.
         min_lr_ratio: final learning rate as a fraction of the peak.
         b1, b2, eps: Adam moments.
         weight_decay: decoupled weight decay (not applied to norm scales).
@@ -121,7 +132,9 @@ class OptimizerConfig:
 
     learning_rate: float = 3e-3
     warmup_steps: int = 50
-    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    decay: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    decay_fraction: float = 0.2
+    cooldown_shape: Literal["linear", "1-sqrt"] = "linear"
     min_lr_ratio: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
@@ -132,12 +145,39 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
         _require(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
+        _require(0 <= self.decay_fraction <= 1, f"decay_fraction={self.decay_fraction} must be in [0, 1]")
         _require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _require(0 <= self.b1 < 1, f"b1={self.b1} must be in [0, 1)")
         _require(0 <= self.b2 < 1, f"b2={self.b2} must be in [0, 1)")
         _require(self.eps > 0, f"eps={self.eps} must be > 0")
         _require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         _require(self.clip_norm > 0, f"clip_norm={self.clip_norm} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WandbConfig:
+    """Where a run logs in Weights & Biases (the optional `wandb` extra).
+
+    The API key is read by `wandb` from the environment (`WANDB_API_KEY`) or its own
+    login, never from this config, the work directory or the logs.
+
+    Attributes:
+        project: the W&B project.
+        entity: the team or user owning the project (null: the key's default).
+        name: the run's display name (null: the work directory's name).
+        mode: "online", "offline" (written under `WORKDIR/wandb/`, uploaded later with
+            `wandb sync`) or "disabled".
+        tags: labels shown on the run.
+    """
+
+    project: str
+    entity: str | None = None
+    name: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(bool(self.project.strip()), "trainer.wandb.project is empty; name the W&B project")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -159,6 +199,7 @@ class TrainerConfig:
         seed: parameter initialisation (the data order has its own seed in `data`), in
             [0, 2**32): what `jax.random.key` and numpy's generators take everywhere.
         progress: show progress: a live bar on a terminal, else a line every `log_every` steps on stderr.
+        wandb: log every metric to Weights & Biases too (`WandbConfig`; null: not at all).
         profile: `[start, steps]`: a `jax.profiler` trace of steps `start .. start+steps-1`
             (1-based) in `WORKDIR/tensorboard/plugins/profile/`, for TensorBoard's profile
             plugin or xprof; null: no trace.
@@ -175,6 +216,7 @@ class TrainerConfig:
     seed: int = 0
     progress: bool = True
     profile: tuple[int, int] | None = None
+    wandb: WandbConfig | None = None
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"steps={self.steps} must be >= 1")
@@ -209,16 +251,28 @@ class CheckpointConfig:
             optimizer, the step count and the data start afresh; the model's shape must be
             this run's. Read only when the work directory has no checkpoint yet (a resume
             restores its own).
+        branch_from: continue another run's checkpoint in this work directory: one step
+            directory (`W/checkpoints/<step>`) whose whole state (parameters, optimizer
+            moments, step count and data position) this run starts from, checked like
+            a resume (only keys that may change on resume may differ). A cooldown branch
+            of a "wsd" run. Read only when the work directory has no checkpoint yet.
+        keep_steps: steps whose checkpoints are saved even off the `every` cadence and
+            never deleted by `keep` (where cooldown branches start).
     """
 
     every: int = 100
     keep: int = 3
     async_save: bool = True
     init_from: Path | None = None
+    branch_from: Path | None = None
+    keep_steps: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, f"every={self.every} must be >= 1")
         _require(self.keep >= 1, f"keep={self.keep} must be >= 1")
+        _require(all(s >= 1 for s in self.keep_steps), f"keep_steps={list(self.keep_steps)}: steps must be >= 1")
+        _require(self.init_from is None or self.branch_from is None,
+                 "checkpoint.init_from and checkpoint.branch_from are both set; a run starts from one of them")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

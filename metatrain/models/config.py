@@ -17,6 +17,7 @@ ComputeDtype = Literal["bfloat16", "float32", "float16"]
 ParamDtype = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots", "offload"]
 AttentionImpl = Literal["auto", "xla", "cudnn", "splash"]
+Parametrization = Literal["standard", "mup"]
 
 #: The largest size of one dimension (XLA indexes some axes with 32-bit integers).
 MAX_DIMENSION: int = 2**31 - 1
@@ -28,6 +29,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "param_dtype": ("float32", "bfloat16"),
     "remat": ("none", "full", "dots", "offload"),
     "attention": ("auto", "xla", "cudnn", "splash"),
+    "parametrization": ("standard", "mup"),
 }
 
 
@@ -59,6 +61,12 @@ class ModelConfig:
             "xla" (einsum attention, any backend; materialises [B, N, T, T] f32 scores),
             "cudnn" (fused cuDNN flash attention via `jax.nn.dot_product_attention`, NVIDIA
             GPUs only) or "splash" (JAX's TPU splash attention kernel; interpret mode off TPU).
+        parametrization: "standard", or "mup" (Yang et al. 2022, arXiv 2203.03466):
+            initialisation, per-layer Adam learning rates and the output logits scaled
+            by d_model / `mup_base_width`, so the best learning rate found at the base
+            width holds at every width.
+        mup_base_width: with "mup", the width the learning rate is tuned at (a size
+            family's `mup_base_width`); at this width "mup" is the standard model.
     """
 
     vocab_size: int
@@ -77,6 +85,8 @@ class ModelConfig:
     remat: Remat = "none"
     scan_layers: bool = True
     attention: AttentionImpl = "auto"
+    parametrization: Parametrization = "standard"
+    mup_base_width: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -113,6 +123,11 @@ class ModelConfig:
                 raise UserError(
                     f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}"
                 )
+        if self.parametrization == "mup":
+            if self.mup_base_width is None:
+                raise UserError("model.parametrization is mup but model.mup_base_width is not set; set it to the "
+                                "width the learning rate was tuned at (a size family's mup_base_width)")
+            _check_positive_int("mup_base_width", self.mup_base_width)
         if self.num_params > MAX_PARAMS:
             raise UserError(
                 f"this model has {self.num_params:.3g} parameters, past the {MAX_PARAMS:.0e} any machine can "

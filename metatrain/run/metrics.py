@@ -19,6 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
+from metatrain.config import WandbConfig
 from metatrain.errors import fault_from_os_error
 from metatrain.io.storage import ObjectAppender, as_path, is_remote
 from metatrain.roles import LOSS_ROLE_LABELS
@@ -92,8 +93,11 @@ class MetricsWriter:
     a validated state). A failed write is a `FaultError` naming the file.
     """
 
-    def __init__(self, workdir: Path, enabled: bool = True):
+    def __init__(self, workdir: Path, enabled: bool = True, *, wandb: WandbConfig | None = None,
+                 run_config: Mapping[str, object] | None = None):
         self.enabled = enabled
+        self.wandb_config = wandb
+        self.run_config = run_config
         self.path = as_path(workdir) / METRICS_FILE
         self._file = None
         self._tb = None

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import optax
 
 from metatrain.config import OptimizerConfig
 from metatrain.models import weight_decay_mask
 
 
+def cooldown_start(config: OptimizerConfig, total_steps: int) -> int:
+    """The first update of a "wsd" run's cooldown (`total_steps` when it has none): the
+    last `decay_fraction` of the run, rounded to whole steps, never inside the warmup.
+
+    A cooldown branch of `total_steps` steps starts from the stable run's checkpoint at
+    this step.
+    """
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    return max(total_steps - round(config.decay_fraction * total_steps), warmup)
+
+
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup to `learning_rate`, then cosine/linear decay to `min_lr_ratio` of it."""
+    """Linear warmup to `learning_rate`, then its decay (`optimizer.decay`) to `min_lr_ratio` of it.
+
+    The schedule is a function of the update count (0 for the first update). Under "wsd"
+    its value before `cooldown_start` does not depend on `total_steps`.
+    """
     peak = config.learning_rate
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    if config.decay == "wsd":
+        return _wsd_schedule(config, total_steps, warmup)
     decay_steps = max(total_steps - warmup, 1)
     end = peak * config.min_lr_ratio
     if config.decay == "cosine":
@@ -25,6 +43,28 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
     return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, warmup), decay], boundaries=[warmup]
     )
+
+
+def _wsd_schedule(config: OptimizerConfig, total_steps: int, warmup: int) -> optax.Schedule:
+    peak = config.learning_rate
+    floor = peak * config.min_lr_ratio
+    start = cooldown_start(config, total_steps)
+    length = total_steps - start
+
+    def cooldown(count):
+        done = jnp.clip((count + 1) / max(length, 1), 0.0, 1.0)  # the last update is at the floor
+        left = 1.0 - (jnp.sqrt(done) if config.cooldown_shape == "1-sqrt" else done)
+        return floor + (peak - floor) * left
+
+    parts: list[optax.Schedule] = [optax.constant_schedule(peak)]
+    boundaries: list[int] = []
+    if warmup > 0:
+        parts.insert(0, optax.linear_schedule(0.0, peak, warmup))
+        boundaries.append(warmup)
+    if length > 0:
+        parts.append(cooldown)
+        boundaries.append(start)
+    return optax.join_schedules(parts, boundaries) if boundaries else parts[0]
 
 
 def build_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:

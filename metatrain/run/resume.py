@@ -32,6 +32,7 @@ RESUMABLE_KEYS: dict[str, str] = {
     "trainer.eval_ablation": "whether evaluations also score held-out text without its thinking",
     "trainer.progress": "the progress bar",
     "trainer.profile": "a profiler trace of some steps",
+    "trainer.wandb.": "where metrics are mirrored (Weights & Biases)",
     "trainer.grad_accum": "micro-batching: the same gradient, less memory",
     "checkpoint.": "checkpoint cadence, retention and async saving",
     "mesh.": "the device layout: checkpoints restore onto any mesh",
@@ -49,7 +50,14 @@ CHANGEABLE_ON_REQUEST: tuple[str, ...] = ("optimizer.", "loss.")
 
 #: Keys added to the config after checkpoints were written without them, and the value
 #: such a checkpoint's config means by their absence (so its resume is not refused).
-ADDED_KEYS: dict[str, Any] = {"data.schedule": []}
+ADDED_KEYS: dict[str, Any] = {
+    "data.schedule": [],
+    "optimizer.decay_fraction": 0.2,
+    "optimizer.cooldown_shape": "linear",
+    "model.parametrization": "standard",
+    "model.mup_base_width": None,
+    "trainer.wandb": None,
+}
 
 #: Keys compared by the content of the file they name, not by the path.
 CONTENT_KEYS: dict[str, str] = {"data.tokenizer": TOKENIZER_FILE, "data.tags": TAGS_FILE}
@@ -75,7 +83,8 @@ def _normal(value: Any) -> Any:
 
 
 def is_resumable(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+    # A prefix `a.b.` also covers `a.b` itself: a section that is null in one config.
+    return any(key == k or (k.endswith(".") and (key.startswith(k) or key == k[:-1])) for k in RESUMABLE_KEYS)
 
 
 def _same_file(workdir: Path | None, name: str, new: Any) -> bool:

@@ -146,7 +146,8 @@ class Trainer:
         self.shardings, self.batch_sharding = program.shardings, program.batch_sharding
         self.train_step, self.eval_step = program.train_step, program.eval_step
         self.checkpointer = Checkpointer(self.workdir, config.checkpoint)
-        self.writer = MetricsWriter(self.workdir, enabled=self.is_main)
+        self.writer = MetricsWriter(self.workdir, enabled=self.is_main, wandb=tc.wandb,
+                                    run_config=config_to_dict(config))
         self.progress = None
         self.lock = None  # the work directory's lock while `run()` holds it
         self._ablation = None  # built at the first evaluation (reads the held-out documents)
