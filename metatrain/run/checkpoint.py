@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 from metatrain.config import CheckpointConfig
 from metatrain.errors import FaultError, UserError, describe_cause, is_out_of_memory
@@ -90,10 +91,14 @@ class Checkpointer:
         config = config or CheckpointConfig()
         self.directory = absolute(join(workdir, CHECKPOINTS_DIR))
         self.read_only = read_only
+        keep: dict[str, Any] = {"max_to_keep": None if read_only else config.keep}
+        if config.keep_steps and not read_only:  # the newest `keep`, and `keep_steps` whatever their age
+            keep = {"preservation_policy": preservation.AnyPreservationPolicy([
+                preservation.LatestN(n=config.keep), preservation.CustomSteps(steps=list(config.keep_steps))])}
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=None if read_only else config.keep,
+                **keep,
                 enable_async_checkpointing=config.async_save and not read_only,
                 create=False,
                 read_only=read_only,
@@ -200,22 +205,48 @@ class Checkpointer:
             FaultError: there are checkpoints, but none restores.
         """
 
-        def read(step: int) -> Restored:
-            config = self.read_config(step)
-            if validate is not None:
-                validate(step, config)
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(**{
-                    STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-                    DATA_ITEM: ocp.args.JsonRestore(),
-                }),
-            )
-            if not isinstance(restored[DATA_ITEM], dict):
-                raise ValueError("its data item holds no data state")
-            return Restored(step, restored[STATE_ITEM], restored[DATA_ITEM], config)
+        return self._first_intact(lambda step: self._read_whole(step, abstract_state, validate))
 
-        return self._first_intact(read)
+    def _read_whole(self, step: int, abstract_state: TrainState,
+                    validate: Callable[[int, dict], None] | None) -> Restored:
+        config = self.read_config(step)
+        if validate is not None:
+            validate(step, config)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                DATA_ITEM: ocp.args.JsonRestore(),
+            }),
+        )
+        if not isinstance(restored[DATA_ITEM], dict):
+            raise ValueError("its data item holds no data state")
+        return Restored(step, restored[STATE_ITEM], restored[DATA_ITEM], config)
+
+    def restore_step(
+        self,
+        step: int,
+        abstract_state: TrainState,
+        validate: Callable[[int, dict], None] | None = None,
+    ) -> Restored:
+        """Checkpoint `step` whole (train state, data state, config), into `abstract_state`'s
+        shapes and shardings: where a cooldown branch starts (`checkpoint.branch_from`).
+
+        Raises:
+            UserError: no checkpoint at `step`, or `validate` refuses it.
+            FaultError: it is there but does not restore.
+        """
+        steps = self.all_steps()
+        if step not in steps:
+            have = ", ".join(map(str, steps)) or "none"
+            raise UserError(f"{self.directory} has no checkpoint at step {step} (checkpoints: {have}); branch from "
+                            "one it keeps (a stable run keeps the steps in its checkpoint.keep_steps)")
+        try:
+            return self._read_whole(step, abstract_state, validate)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "does not restore"
+            raise FaultError(f"checkpoint {self.step_dir(step)} cannot be restored: {describe_cause(e)}") from None
 
     def restore_params(
         self, abstract_params: Callable[[dict, Path], Any], step: int | None = None

@@ -143,7 +143,8 @@ class Hooks:
     def run(self, info: StepInfo) -> None:
         """Call each hook whose cadence (or `at_end`, on the last step) falls on `info`."""
         for hook in self._hooks:
-            if hook.every and info.step % hook.every == 0 or (info.final and hook.at_end):
+            if (hook.every and info.step % hook.every == 0 or (info.final and hook.at_end)
+                    or info.step in getattr(hook, "also_at", ())):
                 hook(info)
 
     def close(self) -> None:
@@ -255,7 +256,7 @@ class MetricsWindow(HookBase):
 
 
 class CheckpointHook(HookBase):
-    """Saves (state, data state, config) every `every` steps and at the end.
+    """Saves (state, data state, config) every `every` steps, at the `also_at` steps and at the end.
 
     Args:
         window: the metrics window, flushed before each save.
@@ -264,6 +265,7 @@ class CheckpointHook(HookBase):
         data: the training batch stream, whose state is saved.
         config_dict: the run's config, saved with the state (`config_to_dict`).
         every: steps between saves (`checkpoint.every`).
+        also_at: steps saved off that cadence (`checkpoint.keep_steps`).
         workdir: the work directory, for the messages.
         lock: the work directory's lock; once it is `lost`, nothing more is saved.
     """
@@ -271,10 +273,12 @@ class CheckpointHook(HookBase):
     at_end = True
 
     def __init__(self, *, window: MetricsWindow, checkpointer: Checkpointer, writer: MetricsWriter,
-                 data: BatchIterator, config_dict: dict[str, Any], every: int, workdir: Path, lock: Any):
+                 data: BatchIterator, config_dict: dict[str, Any], every: int, workdir: Path, lock: Any,
+                 also_at: Sequence[int] = ()):
         self.window, self.checkpointer, self.writer, self.data = window, checkpointer, writer, data
         self.config_dict = config_dict
         self.every = every
+        self.also_at = frozenset(also_at)
         self.workdir, self.lock = workdir, lock
         self.last_saved: int | None = None
 

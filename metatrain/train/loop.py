@@ -40,11 +40,11 @@ from metatrain.io.storage import as_path
 from metatrain.parallel.mesh import sharding_context
 from metatrain.roles import LOSS_ROLE_LABELS
 from metatrain.run.checkpoint import Checkpointer
+from metatrain.run.lock import NoLock, workdir_lock
 from metatrain.run.metrics import MetricsWriter, add_sums, role_metrics
 from metatrain.run.program import build_train_program
 from metatrain.run.resume import check_allowed_changes, check_resume
 from metatrain.run.state import init_state
-from metatrain.run.lock import NoLock, workdir_lock
 from metatrain.run.workdir import check_origin, check_trainable, prepare_workdir
 from metatrain.tokenizer.spm import check_vocab_size
 from metatrain.train.hooks import (
@@ -157,9 +157,10 @@ class Trainer:
 
     # -- state ----------------------------------------------------------------
     def initial_state(self, source_params: Any = None):
-        """`(state, step)`: the newest intact checkpoint, validated against the config, or a
-        fresh initialisation at step 0 (with `checkpoint.init_from`'s parameters:
-        `source_params` when the caller read them already, see `run`).
+        """`(state, step)`: the newest intact checkpoint, validated against the config; else
+        `checkpoint.branch_from`'s checkpoint whole; else a fresh initialisation at step 0
+        (with `checkpoint.init_from`'s parameters: `source_params` when the caller read
+        them already, see `run`).
 
         Raises:
             ResumeRefused: the checkpoint was trained with a config that differs in a key
@@ -171,6 +172,8 @@ class Trainer:
             check_resume(stored, config_to_dict(self.config), step=step, workdir=self.workdir, allowed=self.allow_changes)
 
         restored = self.checkpointer.restore_latest(self.program.abstract_state(), validate)
+        if restored is None and self.config.checkpoint.branch_from is not None:
+            restored = self._branch_point()
         if restored is None:
             state = init_state(self.model, self.optimizer, self.shardings, self.config.trainer.seed)
             if self.config.checkpoint.init_from is not None:
@@ -178,6 +181,31 @@ class Trainer:
             return state, 0
         self.train_iter.set_state(restored.data_state)
         return restored.state, restored.step
+
+    def _branch_point(self):
+        """`checkpoint.branch_from`'s whole state (parameters, optimizer moments, step count,
+        data position), checked against this config like a resume of that run.
+
+        Raises:
+            UserError: not a step directory, or a config that differs in a key a resume
+                may not change.
+        """
+        from metatrain.run.checkpoint import split_step_dir
+
+        path = self.config.checkpoint.branch_from
+        found = split_step_dir(path)
+        if found is None:
+            raise UserError(f"checkpoint.branch_from {path} is not a checkpoint step directory "
+                            "(WORKDIR/checkpoints/<step>); name the step the branch starts from")
+        source, step = found
+
+        def validate(at: int, stored: dict) -> None:
+            check_resume(stored, config_to_dict(self.config), step=at, workdir=source, allowed=self.allow_changes)
+
+        restored = Checkpointer(source, read_only=True).restore_step(step, self.program.abstract_state(), validate)
+        print(f"metatrain train: branching from {path} (step {step}: parameters, optimizer and data position)",
+              file=sys.stderr, flush=True)
+        return restored
 
     def source_checkpoint(self) -> Any:
         """`checkpoint.init_from`'s checkpoint, restored onto this run's mesh (read outside
@@ -317,7 +345,8 @@ class Trainer:
                                total_steps=tc.steps)
         checkpoint = CheckpointHook(window=window, checkpointer=self.checkpointer, writer=self.writer,
                                     data=self.train_iter, config_dict=config_to_dict(self.config),
-                                    every=self.config.checkpoint.every, workdir=self.workdir, lock=self.lock)
+                                    every=self.config.checkpoint.every, workdir=self.workdir, lock=self.lock,
+                                    also_at=self.config.checkpoint.keep_steps)
         evaluation = EvalHook(evaluate=self.evaluate, writer=self.writer, every=tc.eval_every)
         profile = ProfileHook(self.workdir, *tc.profile, first_step=start) if tc.profile else None
         with PreemptionHook(self.checkpointer, checkpoint) as preemption:

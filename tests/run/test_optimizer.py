@@ -3,7 +3,11 @@ import numpy as np
 import pytest
 
 from metatrain.config import OptimizerConfig
-from metatrain.run.optimizer import build_optimizer, learning_rate_schedule
+from metatrain.run.optimizer import (
+    build_optimizer,
+    cooldown_start,
+    learning_rate_schedule,
+)
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
@@ -65,3 +69,38 @@ def test_global_norm_clipping_happens_before_adam():
     grads = {"w": jnp.full((2, 2), 100.0)}  # global norm 200 -> clipped to 1: 0.5 per entry
     updates, _ = opt.update(grads, state, params)
     np.testing.assert_allclose(np.asarray(updates["w"]), -0.5 / 1.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
+def test_wsd_holds_the_peak_then_cools_down_over_its_fraction_to_the_floor(shape):
+    cfg = OptimizerConfig(learning_rate=1.0, warmup_steps=4, decay="wsd", decay_fraction=0.25,
+                          cooldown_shape=shape, min_lr_ratio=0.1)
+    assert cooldown_start(cfg, 100) == 75
+    lrs = np.array([float(learning_rate_schedule(cfg, 100)(s)) for s in range(100)])
+    np.testing.assert_allclose(lrs[:5], [0.0, 0.25, 0.5, 0.75, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(lrs[4:75], 1.0, rtol=1e-6)
+    assert np.all(np.diff(lrs[75:]) < 0)
+    np.testing.assert_allclose(lrs[99], 0.1, rtol=1e-5)  # the last update is at the floor
+    t = 13 / 25  # share of the cooldown done at update 87
+    expected = 1 - (np.sqrt(t) if shape == "1-sqrt" else t)
+    np.testing.assert_allclose(lrs[87], 0.1 + 0.9 * expected, rtol=1e-5)
+
+
+def test_wsd_stable_phase_does_not_depend_on_the_run_length():
+    """A resume with a longer trainer.steps, or a branch, sees the same learning rates up
+    to the shorter run's cooldown."""
+    cfg = OptimizerConfig(learning_rate=3e-3, warmup_steps=10, decay="wsd", decay_fraction=0.2)
+    short, long = learning_rate_schedule(cfg, 200), learning_rate_schedule(cfg, 1000)
+    start = cooldown_start(cfg, 200)
+    np.testing.assert_array_equal([float(short(s)) for s in range(start)], [float(long(s)) for s in range(start)])
+    assert float(short(start)) < float(long(start))
+    cosine = learning_rate_schedule(OptimizerConfig(learning_rate=3e-3, warmup_steps=10), 200)
+    assert float(cosine(100)) != float(learning_rate_schedule(OptimizerConfig(learning_rate=3e-3, warmup_steps=10),
+                                                              1000)(100))
+
+
+def test_wsd_without_cooldown_stays_at_the_peak_and_short_runs_never_cool_inside_the_warmup():
+    flat = OptimizerConfig(learning_rate=1.0, warmup_steps=2, decay="wsd", decay_fraction=0.0)
+    assert [float(learning_rate_schedule(flat, 10)(s)) for s in range(10)] == [0.0, 0.5] + [1.0] * 8
+    short = OptimizerConfig(learning_rate=1.0, warmup_steps=8, decay="wsd", decay_fraction=0.5)
+    assert cooldown_start(short, 10) == 8

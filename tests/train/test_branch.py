@@ -1,0 +1,89 @@
+"""Cooldown branches: `checkpoint.keep_steps` keeps a stable run's branch points and
+`checkpoint.branch_from` continues one of them whole, so a branch of a "wsd" run is the
+run of its length."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from metatrain.errors import UserError
+from metatrain.run.checkpoint import Checkpointer
+from metatrain.run.optimizer import cooldown_start
+from metatrain.run.resume import ResumeRefused
+from metatrain.train.loop import Trainer, train
+
+from ..conftest import read_records, tiny_config
+
+LONG, SHORT = 12, 8
+WSD = ("optimizer.decay=wsd", "optimizer.decay_fraction=0.25", "optimizer.warmup_steps=2")
+
+
+def _params(workdir) -> list[np.ndarray]:
+    state, _ = Trainer(tiny_config(*WSD, f"trainer.steps={LONG}"), workdir).initial_state()
+    return [np.asarray(jax.device_get(a)) for a in jax.tree.leaves(state.params)]
+
+
+@pytest.fixture(scope="module")
+def stable_run(tmp_path_factory):
+    """A "wsd" run of LONG steps that keeps the checkpoint where SHORT's cooldown starts."""
+    config = tiny_config(*WSD, f"trainer.steps={LONG}", "checkpoint.every=5", "checkpoint.keep=1")
+    branch_at = cooldown_start(config.optimizer, SHORT)
+    workdir = tmp_path_factory.mktemp("stable")
+    train(tiny_config(*WSD, f"trainer.steps={LONG}", "checkpoint.every=5", "checkpoint.keep=1",
+                      f"checkpoint.keep_steps=[{branch_at}]"), workdir)
+    return workdir, branch_at
+
+
+def test_kept_steps_are_saved_off_the_cadence_and_outlive_retention(stable_run):
+    workdir, branch_at = stable_run
+    assert branch_at == 6
+    assert Checkpointer(workdir, read_only=True).all_steps() == [branch_at, LONG]
+
+
+def test_a_branch_is_the_separate_run_of_its_length(stable_run, tmp_path):
+    workdir, branch_at = stable_run
+    branch, separate = tmp_path / "branch", tmp_path / "separate"
+    summary = train(tiny_config(*WSD, f"trainer.steps={SHORT}",
+                                f"checkpoint.branch_from={workdir / 'checkpoints' / str(branch_at)}"), branch)
+    assert summary.start_step == branch_at and summary.final_step == SHORT
+    train(tiny_config(*WSD, f"trainer.steps={SHORT}"), separate)
+    for ours, theirs in zip(_params(branch), _params(separate), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    ours = {r["step"]: r for r in read_records(branch) if "eval/loss" in r}
+    theirs = {r["step"]: r for r in read_records(separate) if "eval/loss" in r}
+    assert ours[SHORT]["eval/loss"] == pytest.approx(theirs[SHORT]["eval/loss"], abs=1e-4)
+    lr = {r["step"]: r["learning_rate"] for r in read_records(branch) if "learning_rate" in r}
+    assert min(lr) == branch_at + 1, "the branch logs only its own steps"
+
+
+def test_a_branch_resumes_its_own_checkpoint(stable_run, tmp_path):
+    workdir, branch_at = stable_run
+    branch = tmp_path / "branch"
+    config = tiny_config(*WSD, f"trainer.steps={SHORT}",
+                         f"checkpoint.branch_from={workdir / 'checkpoints' / str(branch_at)}")
+    train(config, branch)
+    _, step = Trainer(config, branch).initial_state()
+    assert step == SHORT
+
+
+def test_bad_branch_points_are_refused_in_one_line(stable_run, tmp_path):
+    workdir, branch_at = stable_run
+    with pytest.raises(UserError, match="is not a checkpoint step directory"):
+        Trainer(tiny_config(*WSD, f"checkpoint.branch_from={workdir}"), tmp_path / "a").initial_state()
+    with pytest.raises(UserError, match="is not a checkpoint step directory"):
+        Trainer(tiny_config(*WSD, f"checkpoint.branch_from={workdir / 'checkpoints' / '7'}"),
+                tmp_path / "b").initial_state()
+    with pytest.raises(ResumeRefused, match="optimizer.learning_rate"):
+        Trainer(tiny_config(*WSD, "optimizer.learning_rate=0.5",
+                            f"checkpoint.branch_from={workdir / 'checkpoints' / str(branch_at)}"),
+                tmp_path / "c").initial_state()
+    assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+def test_init_from_and_branch_from_are_exclusive(stable_run):
+    workdir, branch_at = stable_run
+    with pytest.raises(UserError, match="both set"):
+        tiny_config(f"checkpoint.init_from={workdir}",
+                    f"checkpoint.branch_from={workdir / 'checkpoints' / str(branch_at)}")
