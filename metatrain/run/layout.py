@@ -10,6 +10,8 @@ A work directory (`metatrain train --workdir W`, local or `gs://`) holds:
     W/checkpoints/STEP/  orbax checkpoints, one folder per step (`metatrain.run.checkpoint`)
     W/metrics.jsonl      one JSON object per logged step and evaluation
     W/tensorboard/       TensorBoard event files
+    W/wandb.json         the id of the run's Weights & Biases run (`trainer.wandb`)
+    W/wandb/             W&B's own local files (offline runs, its logs; local work directories)
 
 Everything that reads or writes a run names these through this module.
 """
@@ -26,6 +28,8 @@ LOCK_FILE = "train.lock"
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_RUN_FILE = "wandb.json"
+WANDB_DIR = "wandb"
 
 
 

@@ -1,4 +1,4 @@
-"""Turning step sums into reported metrics, and writing them (JSON Lines + TensorBoard).
+"""Turning step sums into reported metrics, and writing them (JSON Lines, TensorBoard, W&B).
 
 Only process 0 writes. Metric keys are a contract read by scripts and by
 `metatrain sweep`: `loss`, `loss/<role>`, `accuracy/<role>`, `tokens/<role>`,
@@ -8,12 +8,16 @@ In a work directory in a bucket, `metrics.jsonl` is appended by GCS compose
 (`metatrain.io.storage.ObjectAppender`): lines reach the bucket every 30 s, before each
 checkpoint is saved and at the end, so every step up to a checkpoint is logged there.
 TensorBoard's event files are written there by tensorboardX itself.
+
+With `trainer.wandb`, every record also goes to Weights & Biases with the same keys and
+step (`metatrain.run.wandb_log`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -24,6 +28,7 @@ from metatrain.errors import fault_from_os_error
 from metatrain.io.storage import ObjectAppender, as_path, is_remote
 from metatrain.roles import LOSS_ROLE_LABELS
 from metatrain.run.layout import METRICS_FILE, TENSORBOARD_DIR
+from metatrain.run.wandb_log import WandbRun
 
 
 def role_metrics(sums: Mapping[str, float], prefix: str = "") -> dict[str, float | None]:
@@ -87,10 +92,18 @@ def _register_gcs_event_writer() -> None:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to `metrics.jsonl` and mirrors scalars to TensorBoard.
+    """Appends one JSON object per line to `metrics.jsonl` and mirrors scalars to TensorBoard,
+    and every record to Weights & Biases when `wandb` is given.
 
     Nothing is opened until `open()` (the trainer calls it once the run has started from
-    a validated state). A failed write is a `FaultError` naming the file.
+    a validated state, so a refused resume starts no W&B run). A failed write is a
+    `FaultError` naming the file.
+
+    Args:
+        workdir: the run's work directory.
+        enabled: whether this process writes (process 0 only).
+        wandb: where the W&B run lives (`trainer.wandb`; None: no W&B).
+        run_config: the run's resolved config (`config_to_dict`), the W&B run's config.
     """
 
     def __init__(self, workdir: Path, enabled: bool = True, *, wandb: WandbConfig | None = None,
@@ -101,8 +114,15 @@ class MetricsWriter:
         self.path = as_path(workdir) / METRICS_FILE
         self._file = None
         self._tb = None
+        self._wandb: WandbRun | None = None
 
     def open(self) -> None:
+        """Open `metrics.jsonl`, TensorBoard's writer and the W&B run (once).
+
+        Raises:
+            FaultError: `metrics.jsonl` cannot be opened.
+            UserError: W&B is asked for but not installed, or did not start.
+        """
         if not self.enabled or self._file is not None:
             return
         try:
@@ -118,12 +138,15 @@ class MetricsWriter:
             self._tb = SummaryWriter(str(self.path.parent / TENSORBOARD_DIR))
         except ImportError:  # TensorBoard output is optional; metrics.jsonl is not.
             self._tb = None
+        if self.wandb_config is not None:
+            self._wandb = WandbRun.start(self.wandb_config, self.path.parent, self.run_config)
 
     def write(self, step: int, metrics: Mapping[str, object]) -> None:
         if not self.enabled:
             return
         self.open()
-        record = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
+        cleaned = {k: _clean(v) for k, v in metrics.items()}
+        record = {"step": int(step), **cleaned}
         try:
             self._file.write(json.dumps(record) + "\n")
             if not isinstance(self._file, ObjectAppender):  # a bucket is written in batches
@@ -134,6 +157,8 @@ class MetricsWriter:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, cleaned)
 
     def flush(self) -> None:
         """Make every line written so far durable (before a checkpoint is saved)."""
@@ -147,17 +172,25 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            file, self._file = self._file, None
-            try:
-                file.close()
-            except OSError as e:
-                if isinstance(file, ObjectAppender):  # the last lines never reached the bucket
-                    raise fault_from_os_error(e, f"writing metrics to {self.path} failed") from None
-                # a local write that failed has already been reported
-        if self._tb is not None:
-            try:
-                self._tb.close()
-            except OSError:
-                pass
-            self._tb = None
+        """Close the files and finish the W&B run: marked failed when `close` runs while an
+        exception is being handled (the trainer closes there when training failed)."""
+        failed = sys.exc_info()[0] is not None
+        try:
+            if self._file is not None:
+                file, self._file = self._file, None
+                try:
+                    file.close()
+                except OSError as e:
+                    if isinstance(file, ObjectAppender):  # the last lines never reached the bucket
+                        raise fault_from_os_error(e, f"writing metrics to {self.path} failed") from None
+                    # a local write that failed has already been reported
+            if self._tb is not None:
+                try:
+                    self._tb.close()
+                except OSError:
+                    pass
+                self._tb = None
+        finally:
+            if self._wandb is not None:
+                run, self._wandb = self._wandb, None
+                run.finish(failed=failed)
