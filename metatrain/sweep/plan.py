@@ -12,6 +12,16 @@ Every point's `model.vocab_size` is checked against its tokenizer's piece count 
 per distinct pair) before anything is written, so a mismatch is refused at plan time,
 naming the point, instead of failing each run at its first step.
 
+**Cooldown branches** (`branches:` in the spec, for "wsd" runs): per size and variant,
+the largest budget's run is the stable trunk, which keeps its checkpoint where each
+smaller budget's cooldown starts (`checkpoint.keep_steps`); each smaller budget is a run
+of its own length that continues that checkpoint whole (`checkpoint.branch_from`, an
+absolute path into the trunk's work directory). Under "wsd" the learning rate before a
+run's cooldown does not depend on the run's length, so a branch is the separate run of
+its length, bar rounding. Its manifest record is a point like any other (tokens and
+flops of that whole run) plus `branch_of` (the trunk), `branch_step` (where it starts)
+and `spent_flops` (the compute it adds: its cooldown only; the trunk's is its flops).
+
 DIR may be a bucket (`gs://bucket/sweep`): the configs and the manifest are objects
 there (a run directory is a prefix, which exists once something is written under it),
 and each run trains with `--workdir gs://bucket/sweep/runs/<name>`. The spec is a local
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -32,10 +43,16 @@ import numpy as np
 
 from metatrain.config import RunConfig, config_to_dict, load_config, save_config
 from metatrain.errors import UserError
-from metatrain.io.storage import StoragePath, as_path, is_remote
+from metatrain.io.storage import StoragePath, absolute, as_path, is_remote
 from metatrain.models.config import ModelConfig
+from metatrain.run.layout import CHECKPOINTS_DIR
 from metatrain.sweep.family import ModelSize, SizeFamily, get_family
-from metatrain.sweep.manifest import Record, manifest_path, read_manifest, write_manifest
+from metatrain.sweep.manifest import (
+    Record,
+    manifest_path,
+    read_manifest,
+    write_manifest,
+)
 from metatrain.sweep.spec import SweepSpec, load_spec
 
 RUNS_DIR = "runs"
@@ -70,13 +87,16 @@ def plan_sweep(spec_path: str | Path, out: str | os.PathLike, overrides: Sequenc
             for one step, or `out` holding a different sweep.
     """
     spec_path = Path(spec_path).resolve()
-    runs = plan_runs(load_spec(spec_path), spec_path.parent, overrides)
+    runs = plan_runs(load_spec(spec_path), spec_path.parent, absolute(out), overrides)
     write_plan(runs, as_path(out))
     return runs
 
 
-def plan_runs(spec: SweepSpec, spec_dir: Path, overrides: Sequence[str] = ()) -> list[PlannedRun]:
-    """The runs of `spec`; relative paths in its overrides are relative to `spec_dir`."""
+def plan_runs(spec: SweepSpec, spec_dir: Path, out: StoragePath, overrides: Sequence[str] = ()) -> list[PlannedRun]:
+    """The runs of `spec`; relative paths in its overrides are relative to `spec_dir`.
+
+    `out` is the (absolute) sweep directory: cooldown branches name their trunk's
+    checkpoints in it."""
     family = get_family(spec.family)
     runs: list[PlannedRun] = []
     checked: set[tuple[int, str]] = set()
@@ -87,18 +107,24 @@ def plan_runs(spec: SweepSpec, spec_dir: Path, overrides: Sequence[str] = ()) ->
         needed = [family.find(n) for n in spec.grid.sizes] if spec.grid is not None else family.sizes()
         configs = {s.name: _load_point_config(spec.base, spec_dir, [*settings, *s.overrides()], where) for s in needed}
         if spec.grid is not None:
+            budgets, key = spec.token_budgets
             for size_name in spec.grid.sizes:  # before reading any data for count_tokens: text
-                name = _run_name(variant, family.find(size_name), spec.grid.tokens[0], None)
+                name = _run_name(variant, family.find(size_name), budgets[0], None)
                 check_point_vocab(configs[size_name], name, checked)
+                if spec.branches:
+                    _check_branchable(configs[size_name], where)
             fraction = None
             if spec.count_tokens == "text":
                 fraction = text_token_fraction(configs[spec.grid.sizes[0]], spec.text_fraction_batches)
             for size_name in spec.grid.sizes:
                 size = family.find(size_name)
-                for tokens in spec.grid.tokens:
+                points = []
+                for tokens in budgets:
                     train_tokens = tokens / fraction if fraction else tokens
-                    run = _planned(configs[size_name], size, variant, train_tokens, tokens=tokens, text_fraction=fraction)
-                    runs.append(_claim_name(named, run, "grid.tokens", tokens, "6 significant digits of the tokens"))
+                    run = _planned(configs[size_name], size, variant, train_tokens, tokens=tokens,
+                                   text_fraction=fraction, key=key)
+                    points.append(_claim_name(named, run, key, tokens, "6 significant digits of the tokens"))
+                runs += branched(points, budgets, out) if spec.branches else points
         else:
             iso = spec.isoflop
             for budget in iso.budgets:
@@ -110,6 +136,106 @@ def plan_runs(spec: SweepSpec, spec_dir: Path, overrides: Sequence[str] = ()) ->
                     run = _planned(config, size, variant, tokens, budget=budget)
                     runs.append(_claim_name(named, run, "isoflop.budgets", budget, "3 significant digits of the budget"))
     return runs
+
+
+def _check_branchable(config: RunConfig, where: str) -> None:
+    """Refuse cooldown branches of runs whose schedule is not "wsd"."""
+    if config.optimizer.decay != "wsd":
+        raise UserError(
+            f"{where}: branches need optimizer.decay: wsd (this config has {config.optimizer.decay!r}, whose "
+            "learning rate depends on the run's length from the start); add `optimizer.decay: wsd` to the "
+            "spec's overrides"
+        )
+
+
+def branched(points: list[PlannedRun], budgets: Sequence[float], out: StoragePath) -> list[PlannedRun]:
+    """One size and variant's points as cooldown branches of the longest (see the module docstring).
+
+    Args:
+        points: the separate runs of each budget, in the order of `budgets`.
+        budgets: the spec's `branches` values (named in messages).
+        out: the absolute sweep directory, where the trunk's checkpoints will be.
+
+    Returns:
+        The trunk (keeping each branch's start), then the branches from the shortest.
+
+    Raises:
+        UserError: two budgets of the same number of steps, or a budget that cannot be
+            a branch: within the warmup, a cooldown of no step, or one that starts at step 0.
+    """
+    from metatrain.run.optimizer import cooldown_start
+
+    steps = [p.config.trainer.steps for p in points]
+    for i, j in itertools.combinations(range(len(points)), 2):
+        if steps[i] == steps[j]:
+            tps = points[i].config.tokens_per_step
+            raise UserError(f"branches: {budgets[i]:g} and {budgets[j]:g} tokens are both {steps[i]} steps of {tps} "
+                            f"tokens ({points[i].record['name']}, {points[j].record['name']}); drop one")
+    order = sorted(range(len(points)), key=steps.__getitem__)
+    trunk, rest = points[order[-1]], [(points[i], budgets[i]) for i in order[:-1]]
+    trunk_dir = out / trunk.record["workdir"] / CHECKPOINTS_DIR
+    branches, starts = [], []
+    for point, budget in rest:
+        start = _branch_start(point, budget, cooldown_start)
+        starts.append(start)
+        tc, ck = point.config.trainer, point.config.checkpoint
+        config = dataclasses.replace(point.config, checkpoint=dataclasses.replace(ck, branch_from=trunk_dir / str(start)))
+        spent = point.record["flops_per_token"] * point.config.tokens_per_step * (tc.steps - start)
+        record = _with_keys(point.record, branch_of=trunk.record["name"], branch_step=start, spent_flops=spent)
+        branches.append(PlannedRun(record=record, config=config))
+    ck = trunk.config.checkpoint
+    keep = tuple(sorted({*ck.keep_steps, *starts}))
+    config = dataclasses.replace(trunk.config, checkpoint=dataclasses.replace(ck, keep_steps=keep))
+    record = _with_keys(trunk.record, branches=[b.record["name"] for b in branches], spent_flops=trunk.record["flops"])
+    return [PlannedRun(record=record, config=config), *branches]
+
+
+def _branch_start(point: PlannedRun, budget: float, cooldown_start) -> int:
+    """The step `point`'s cooldown starts at: where it branches from the trunk.
+
+    Raises:
+        UserError: the budget is within the warmup (its own warmup would be shorter than the
+            trunk's), its cooldown rounds to no step, or it starts at step 0.
+    """
+    opt, steps = point.config.optimizer, point.config.trainer.steps
+    tps = point.config.tokens_per_step
+    what = f"branches: {budget:g} tokens ({point.record['name']}) is {steps} steps of {tps} tokens"
+    if steps <= opt.warmup_steps:
+        raise UserError(f"{what}, not past optimizer.warmup_steps={opt.warmup_steps}: its warmup would be shorter "
+                        f"than the stable run's; give more than {opt.warmup_steps * tps} tokens or fewer warmup steps")
+    start = cooldown_start(opt, steps)
+    if start >= steps:
+        raise UserError(f"{what}, whose cooldown (optimizer.decay_fraction {opt.decay_fraction:g}) rounds to no "
+                        "step, so a branch would train nothing; give it more tokens or raise decay_fraction")
+    if start < 1:
+        raise UserError(f"{what}, whose cooldown (optimizer.decay_fraction {opt.decay_fraction:g}) is the whole "
+                        "run: it shares nothing with the stable run; lower decay_fraction or use grid.tokens")
+    return start
+
+
+def _with_keys(record: Record, **keys) -> Record:
+    """`record` with `keys` added before its `config` (the plan's keys stay together)."""
+    out: Record = {}
+    for key, value in record.items():
+        if key == "config":
+            out.update(keys)
+        out[key] = value
+    return out
+
+
+def compute_summary(records: Sequence[Record]) -> dict[str, float] | None:
+    """The compute of a branched sweep against separate runs, or None for a sweep without branches.
+
+    Returns:
+        `branched`: FLOPs the sweep trains (each record's `spent_flops`, else its
+        `flops`); `separate`: as separate runs (the sum of `flops`); `saving`: the share
+        of `separate` that branching saves.
+    """
+    if not any("branch_of" in r for r in records):
+        return None
+    separate = float(sum(r["flops"] for r in records))
+    spent = float(sum(r.get("spent_flops", r["flops"]) for r in records))
+    return {"branched": spent, "separate": separate, "saving": 1.0 - spent / separate}
 
 
 def _claim_name(named: dict[str, float], run: PlannedRun, key: str, value: float, precision: str) -> PlannedRun:
@@ -241,11 +367,12 @@ def _planned(
     tokens: float | None = None,
     budget: float | None = None,
     text_fraction: float | None = None,
+    key: str = "grid.tokens",
 ) -> PlannedRun:
     tc = config.trainer
     exact_steps = train_tokens / config.tokens_per_step
     if exact_steps > MAX_STEPS:
-        what = f"isoflop.budgets: {budget:g} FLOPs is" if budget is not None else f"grid.tokens: {tokens:g} tokens is"
+        what = f"isoflop.budgets: {budget:g} FLOPs is" if budget is not None else f"{key}: {tokens:g} tokens is"
         raise UserError(
             f"{size.name}: {what} {exact_steps:.3g} steps of {config.tokens_per_step} tokens, beyond the "
             f"{MAX_STEPS:,} steps a run can count; give at most {MAX_STEPS * config.tokens_per_step:.3g} tokens "

@@ -13,6 +13,13 @@ evaluations). A value absent from the metrics (`eval/bpb/text` in runs older tha
 metric) or null in them (no text in the evaluation split) is null in the manifest.
 `--collect` does only that, for points trained elsewhere from the emitted commands.
 
+Cooldown branches (points with `branch_of`, see `metatrain.sweep.plan`) start from a
+checkpoint of their trunk, so each is trained after its trunk is done, whatever the
+manifest's order; a branch whose trunk is not done (it failed, or `--only` left it out)
+waits: it is left as it is, with a line saying which trunk to train. `--emit` prints
+the trunks first, and before the branches of a trunk that is not done a comment line
+saying that they start once it has finished.
+
 In a sweep directory in a bucket (`gs://...`), each point trains with its work
 directory there (`gs://.../runs/<name>`), its `metrics.jsonl` is read from the bucket,
 and each manifest update replaces the manifest object whole.
@@ -112,7 +119,9 @@ def run_sweep(
     runner = runner or _train
     records = read_manifest(directory)
     selected = _select(records, only)
-    for index, record in enumerate(records):
+    by_name = {r["name"]: r for r in records}
+    for index in training_order(records):
+        record = records[index]
         name = record["name"]
         if name not in selected:
             continue
@@ -121,6 +130,11 @@ def run_sweep(
             continue
         workdir, steps = _point_paths(directory, record)
         result = collect_results(workdir, steps)
+        trunk = by_name.get(record.get("branch_of"))
+        if result is None and trunk is not None and not _trunk_done(directory, records, trunk):
+            log(f"[{index + 1}/{len(records)}] {name}: waits for its stable trunk {trunk['name']} "
+                f"({trunk.get('status', 'planned')}); train it first (sweep run DIR --only {trunk['name']})")
+            continue
         if result is None:
             log(f"[{index + 1}/{len(records)}] {name}: training {steps} steps in {workdir}")
             record.update(status="running", error=None)
@@ -144,6 +158,51 @@ def run_sweep(
         write_manifest(directory, records)
         log(f"[{index + 1}/{len(records)}] {name}: done, {_losses(record)}")
     return records
+
+
+def training_order(records: list[Record]) -> list[int]:
+    """Indices of `records` in manifest order, except that each cooldown branch comes right
+    after its trunk when the manifest lists it before.
+
+    Raises:
+        UserError: a `branch_of` that names no run of the manifest, or names a branch.
+    """
+    names = {r["name"]: r for r in records}
+    for r in records:
+        trunk = r.get("branch_of")
+        if trunk is None:
+            continue
+        if trunk not in names:
+            raise UserError(f"run {r['name']!r}: branch_of {trunk!r} names no run in the manifest; plan the sweep "
+                            "again with `sweep plan`")
+        if names[trunk].get("branch_of") is not None:
+            raise UserError(f"run {r['name']!r}: branch_of {trunk!r} names a branch; a branch starts from a "
+                            "stable run (a point without branch_of)")
+    order: list[int] = []
+    placed: set[str] = set()
+    waiting: dict[str, list[int]] = {}
+    for index, r in enumerate(records):
+        trunk = r.get("branch_of")
+        if trunk is not None and trunk not in placed:
+            waiting.setdefault(trunk, []).append(index)
+            continue
+        order.append(index)
+        placed.add(r["name"])
+        order += waiting.pop(r["name"], [])
+    return order
+
+
+def _trunk_done(directory: StoragePath, records: list[Record], trunk: Record) -> bool:
+    """Whether `trunk` is done; one whose work directory shows its final evaluation is
+    collected (marked done in the manifest) on the way."""
+    if trunk.get("status") == "done":
+        return True
+    result = collect_results(*_point_paths(directory, trunk))
+    if result is None:
+        return False
+    trunk.update(result, status="done", error=None)
+    write_manifest(directory, records)
+    return True
 
 
 def collect_sweep(directory: str | os.PathLike, log: Callable[[str], None] = print) -> list[Record]:
@@ -170,7 +229,9 @@ def launch_commands(
     dry_run: bool = False,
     only: Iterable[str] = (),
 ) -> list[str]:
-    """Shell commands that train the unfinished points, one per line.
+    """Shell commands that train the unfinished points, one per line: stable trunks
+    first, then cooldown branches, each group of branches of a trunk that is not done
+    after a comment line (`# after TRUNK has finished: ...`).
 
     `local` gives `metatrain train --config C --workdir W`; a launcher target gives
     `metatrain launch TARGET [ARGS] [--dry-run] -- train --config C --workdir W` (the
@@ -190,14 +251,24 @@ def launch_commands(
     directory = as_path(directory)
     records = read_manifest(directory)
     selected = _select(records, only)
-    pending = [r for r in records if r["name"] in selected and r.get("status") != "done"]
+    by_name = {r["name"]: r for r in records}
+    order = training_order(records)
+    pending = [records[i] for i in order if records[i]["name"] in selected and records[i].get("status") != "done"]
+    position = {r["name"]: i for i, r in enumerate(records)}
+    # Every trunk first, then the branches grouped by trunk (a stable sort: otherwise manifest order).
+    pending.sort(key=lambda r: (r.get("branch_of") is not None, position.get(r.get("branch_of"), 0)))
     checked: set[tuple[int, str]] = set()
     for record in pending:
         if "config" not in record or "workdir" not in record:
             raise UserError(f"run {record['name']!r} has no `config`/`workdir` in the manifest; it was not planned here")
         check_point_vocab(load_config(directory / record["config"]), record["name"], checked)
     commands = []
+    stated: set[str] = set()
     for record in pending:
+        trunk = by_name.get(record.get("branch_of"))
+        if trunk is not None and trunk.get("status") != "done" and trunk["name"] not in stated:
+            stated.add(trunk["name"])
+            commands.append(f"# after {trunk['name']} has finished: its cooldown branches start from its checkpoints")
         train = ["train", "--config", str(directory / record["config"]), "--workdir", str(directory / record["workdir"])]
         if target == "local":
             argv = ["metatrain", *train]

@@ -10,6 +10,8 @@
     # isoflop:                      # ... or IsoFLOP budgets (one of the two)
     #   budgets: [3.0e10, 1.0e11]
     #   sizes_per_budget: 5
+    # branches: [4096, 8192]        # ... or, with a grid of sizes alone, cooldown branches:
+                                    # one "wsd" run per size, cooled down at each budget
     variants:                       # optional: cross the points with named config overrides
       joint: {}
       no_thinking_loss: {loss.weights.thinking: 0.0}
@@ -44,27 +46,31 @@ class GridSpec:
 
     Attributes:
         sizes: preset names of the spec's family (`tiny-2`).
-        tokens: training tokens per run (rounded to whole optimizer steps when planned).
+        tokens: training tokens per run (rounded to whole optimizer steps when planned);
+            empty when the spec gives them as `branches`.
     """
 
     sizes: tuple[str, ...]
-    tokens: tuple[float, ...]
+    tokens: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.sizes:
             raise UserError("grid.sizes is empty; list the model sizes to train, e.g. [tiny-1, tiny-2, tiny-3]")
         if len(set(self.sizes)) != len(self.sizes):
             raise UserError(f"grid.sizes lists a size twice: {list(self.sizes)}")
-        if not self.tokens:
-            raise UserError("grid.tokens is empty; list the training-token budgets, e.g. [4096, 8192]")
-        for t in self.tokens:
-            if not (math.isfinite(t) and t > 0):
-                raise UserError(f"grid.tokens: {t} is not a positive number of tokens")
-            if t != int(t):
-                raise UserError(f"grid.tokens: {t:g} is not a whole number of tokens; give a count such as "
-                                f"{math.floor(t)} or {math.ceil(t)}")
-        if len(set(self.tokens)) != len(self.tokens):
-            raise UserError(f"grid.tokens lists a budget twice: {list(self.tokens)}")
+        _check_token_budgets("grid.tokens", self.tokens)
+
+
+def _check_token_budgets(key: str, tokens: tuple[float, ...]) -> None:
+    """Whole, positive, distinct token counts (`grid.tokens`, `branches`)."""
+    for t in tokens:
+        if not (math.isfinite(t) and t > 0):
+            raise UserError(f"{key}: {t} is not a positive number of tokens")
+        if t != int(t):
+            raise UserError(f"{key}: {t:g} is not a whole number of tokens; give a count such as "
+                            f"{math.floor(t)} or {math.ceil(t)}")
+    if len(set(tokens)) != len(tokens):
+        raise UserError(f"{key} lists a budget twice: {list(tokens)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,6 +115,11 @@ class SweepSpec:
         overrides: dotted config keys -> values, applied to every point.
         grid: size x tokens grid (exclusive with `isoflop`).
         isoflop: IsoFLOP budgets (exclusive with `grid`).
+        branches: token budgets trained as cooldown branches, instead of `grid.tokens`:
+            per size and variant one "wsd" run of the largest budget (the stable trunk),
+            and for each smaller budget a run that continues the trunk's checkpoint where
+            that budget's cooldown starts (`metatrain.sweep.plan`). Needs
+            `optimizer.decay: wsd`, checked when planning.
         variants: name -> overrides; every point is planned once per variant.
         count_tokens: "all": grid tokens are training tokens; "text": they are *text*
             tokens, and each variant trains on as many total tokens as its corpus needs
@@ -122,6 +133,7 @@ class SweepSpec:
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     grid: GridSpec | None = None
     isoflop: IsoFlopSpec | None = None
+    branches: tuple[float, ...] = ()
     variants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     count_tokens: Literal["all", "text"] = "all"
     text_fraction_batches: int = 8
@@ -130,6 +142,7 @@ class SweepSpec:
         if (self.grid is None) == (self.isoflop is None):
             got = "both" if self.grid is not None else "neither"
             raise UserError(f"a sweep spec has exactly one of `grid:` and `isoflop:`; this one has {got}")
+        self._check_budgets()
         family = get_family(self.family)
         if self.grid is not None:
             for name in self.grid.sizes:
@@ -155,6 +168,34 @@ class SweepSpec:
         if self.text_fraction_batches < 1:
             raise UserError(f"text_fraction_batches={self.text_fraction_batches} must be >= 1")
 
+    def _check_budgets(self) -> None:
+        """A grid's budgets come from exactly one of `grid.tokens` and `branches`."""
+        if self.isoflop is not None and self.branches:
+            raise UserError(
+                "branches: gives the token budgets of a `grid:` sweep (grid.sizes with branches: [...]); an "
+                "IsoFLOP sweep sets each run's tokens from its compute budget: remove branches or use a grid"
+            )
+        if self.grid is None:
+            return
+        if self.grid.tokens and self.branches:
+            raise UserError(
+                "grid.tokens and branches: both give the token budgets; keep one (branches trains one stable "
+                "run per size and a cooldown branch per smaller budget, grid.tokens a separate run per budget)"
+            )
+        if not self.grid.tokens and not self.branches:
+            raise UserError(
+                "grid.tokens is empty; list the training-token budgets, e.g. [4096, 8192] (or give them as "
+                "branches: [4096, 8192] to train cooldown branches of one stable run per size)"
+            )
+        _check_token_budgets("branches", self.branches)
+
+    @property
+    def token_budgets(self) -> tuple[tuple[float, ...], str]:
+        """A grid's token budgets and the key that gives them (`grid.tokens` or `branches`)."""
+        if self.branches:
+            return self.branches, "branches"
+        return (self.grid.tokens if self.grid is not None else ()), "grid.tokens"
+
     @property
     def variant_names(self) -> tuple[str | None, ...]:
         """The variants, or `(None,)` for a sweep without variants."""
@@ -170,7 +211,7 @@ def _check_override_keys(where: str, overrides: dict[str, Any]) -> None:
         if key.split(".")[0] == "trainer" and key.split(".")[-1] == "steps":
             raise UserError(
                 f"{where}: {key} is set by the sweep from each point's token budget; give tokens "
-                "(grid.tokens) or budgets (isoflop.budgets) instead"
+                "(grid.tokens or branches) or budgets (isoflop.budgets) instead"
             )
 
 

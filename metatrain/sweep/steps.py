@@ -58,11 +58,23 @@ def sizes_report(family: str, config: RunConfig, *, as_json: bool = False) -> st
 
 
 def print_plan(records: list[dict], out: StoragePath) -> None:
-    """The planned points as a table; a note on stderr for points that train a single step."""
+    """The planned points as a table; a note on stderr for points that train a single step.
+
+    A sweep of cooldown branches gets two more columns (the step a branch starts from,
+    `from`, and the compute it spends, `spent`) and its total compute against separate runs."""
+    from metatrain.sweep.plan import compute_summary
+
+    compute = compute_summary(records)
     print(f"planned {len(records)} runs in {out}/manifest.jsonl")
-    print(f"{'name':<34}{'N':>12}{'D':>12}{'steps':>7}{'C (FLOPs)':>12}")
+    extra = f"{'from':>7}{'spent':>12}" if compute else ""
+    print(f"{'name':<34}{'N':>12}{'D':>12}{'steps':>7}{'C (FLOPs)':>12}{extra}")
     for r in records:
-        print(f"{r['name']:<34}{r['params']:>12,}{r['tokens']:>12,}{r['steps']:>7}{r['flops']:>12.3g}")
+        if compute:
+            extra = f"{r.get('branch_step', '-'):>7}{r.get('spent_flops', r['flops']):>12.3g}"
+        print(f"{r['name']:<34}{r['params']:>12,}{r['tokens']:>12,}{r['steps']:>7}{r['flops']:>12.3g}{extra}")
+    if compute:
+        print(f"compute: {compute['branched']:.4g} FLOPs with cooldown branches, {compute['separate']:.4g} as "
+              f"separate runs: {compute['saving']:.1%} saved")
     warm = [r["name"] for r in records if r["steps"] <= 1]
     if warm:
         print(f"note: {len(warm)} run(s) train a single step: {', '.join(warm[:3])}", file=sys.stderr)
@@ -113,7 +125,8 @@ def run_and_print(
     every point is done.
 
     Returns:
-        The exit status: 1 when a selected point failed, else 0.
+        The exit status: 1 when a selected point failed or (a cooldown branch) waits for
+        a trunk that is not done, else 0.
 
     Raises:
         UserError: options that do not go together, or as planning, running and fitting.
@@ -137,13 +150,16 @@ def run_and_print(
     selected = [r for r in records if not only or r["name"] in only]
     done = sum(r.get("status") == "done" for r in selected)
     failed = [r["name"] for r in selected if r.get("status") == "failed"]
-    print(f"{done}/{len(selected)} runs done" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    waiting = [] if collect else [r["name"] for r in selected
+                                  if r.get("branch_of") and r.get("status") not in ("done", "failed")]
+    print(f"{done}/{len(selected)} runs done" + (f"; failed: {', '.join(failed)}" if failed else "")
+          + (f"; waiting for their trunk: {', '.join(waiting)}" if waiting else ""))
     if fit and done == len(records):
         fit_and_print(directory, role="all", loss_key=None, as_json=False, tokens_key="tokens",
                       resamples=resamples, seed=seed, plots=True)
     elif fit:
         print("not fitting yet: some runs are not done (metatrain sweep fit DIR fits the finished ones)")
-    return 1 if failed else 0
+    return 1 if failed or waiting else 0
 
 
 def fit_and_print(directory: StoragePath, *, role: str = "all", loss_key: str | None = None, as_json: bool = False,
