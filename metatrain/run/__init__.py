@@ -5,7 +5,8 @@
     checkpoint.py  `Checkpointer`: orbax saves, retention, restore, damaged steps aside
     reader.py      `load_checkpoint`: one checkpoint's parameters, config and encoder, read-only
     resume.py      which config keys may change on resume
-    metrics.py     metrics.jsonl and TensorBoard events
+    metrics.py     metrics.jsonl and TensorBoard events (and W&B: wandb_log.py)
+    goodput.py     where a run's wall time went, across restarts
     state.py       `TrainState` and its sharded initialisation
     optimizer.py   the optax optimizer and learning-rate schedule
     step.py        the pure train and eval steps

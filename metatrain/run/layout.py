@@ -12,6 +12,7 @@ A work directory (`metatrain train --workdir W`, local or `gs://`) holds:
     W/tensorboard/       TensorBoard event files
     W/wandb.json         the id of the run's Weights & Biases run (`trainer.wandb`)
     W/wandb/             W&B's own local files (offline runs, its logs; local work directories)
+    W/goodput.json       where the run's time went, to count restarts (`metatrain.run.goodput`)
 
 Everything that reads or writes a run names these through this module.
 """
@@ -30,6 +31,7 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_RUN_FILE = "wandb.json"
 WANDB_DIR = "wandb"
+GOODPUT_FILE = "goodput.json"
 
 
 

@@ -2,7 +2,8 @@
 
 Only process 0 writes. Metric keys are a contract read by scripts and by
 `metatrain sweep`: `loss`, `loss/<role>`, `accuracy/<role>`, `tokens/<role>`,
-`learning_rate`, `grad_norm`, `tokens_per_sec`, `step_time`, `mfu`.
+`learning_rate`, `grad_norm`, `tokens_per_sec`, `step_time`, `mfu`, and where the
+wall time went, `goodput/*` (`metatrain.run.goodput`).
 
 In a work directory in a bucket, `metrics.jsonl` is appended by GCS compose
 (`metatrain.io.storage.ObjectAppender`): lines reach the bucket every 30 s, before each

@@ -7,6 +7,7 @@
     WORKDIR/tags.yaml
     WORKDIR/checkpoints/     `metatrain.run.checkpoint`
     WORKDIR/metrics.jsonl, WORKDIR/tensorboard/
+    WORKDIR/goodput.json, WORKDIR/wandb.json    `metatrain.run.goodput`, `metatrain.run.wandb_log`
 
 The lock (`train.lock`, one trainer at a time) lives in `metatrain.run.lock`.
 """

@@ -11,8 +11,9 @@ The trainer's hooks, each with its own cadence:
 - `MetricsWindow` (every step): keeps the device metrics of the current window and
   fetches them once per `trainer.log_every` steps (the host never waits on the device
   in between), checks that the loss is finite (`check_finite`: a NaN stops the run
-  naming the step), writes `metrics.jsonl` and TensorBoard, and shows the window on
-  the progress bar or, when stderr is not a terminal, as one line there.
+  naming the step), writes `metrics.jsonl` and TensorBoard with the window's goodput
+  (`metatrain.run.goodput`), and shows the window on the progress bar or, when stderr
+  is not a terminal, as one line there.
 - `PreemptionHook` (every step): after a SIGTERM, saves at the step every process
   agreed on and stops the loop; `metatrain train` then exits 75 and the same command
   resumes. A SIGTERM while the loop waits for a batch that does not come within
@@ -25,7 +26,8 @@ The trainer's hooks, each with its own cadence:
 - `ProfileHook` (every step, with `trainer.profile`): a `jax.profiler` trace of a range
   of steps; `close()` ends a trace the run stopped inside.
 
-Each hook is given what it reads and writes (the checkpointer, the metrics writer, ...)
+Each hook is given what it reads and writes (the checkpointer, the metrics writer, the
+run's `Goodput` clock, which the fetch, the save and the evaluation report their time to)
 and knows nothing of the `Trainer` (`metatrain.train.loop`), which builds them, runs
 them after each step and closes them when the loop ends, however it ends.
 """
@@ -50,6 +52,7 @@ from metatrain.documents import SkipCounter
 from metatrain.errors import DivergedError, FaultError, Terminated, raised_here_is_lost
 from metatrain.io.storage import as_path
 from metatrain.run.checkpoint import Checkpointer
+from metatrain.run.goodput import Goodput
 from metatrain.run.layout import TENSORBOARD_DIR
 from metatrain.run.metrics import MetricsWriter, add_sums, mfu, role_metrics
 
@@ -159,6 +162,11 @@ class Hooks:
             raise error
 
 
+def _timed(goodput: Goodput | None, category: str) -> contextlib.AbstractContextManager:
+    """`goodput.timing(category)`, or nothing where the hook has no clock."""
+    return goodput.timing(category) if goodput is not None else contextlib.nullcontext()
+
+
 def check_finite(records: Sequence[tuple[int, dict]], checkpointer: Checkpointer) -> None:
     """Stop at the first non-finite loss of a fetched window, naming it and the checkpoint kept.
 
@@ -190,6 +198,8 @@ class MetricsWindow(HookBase):
         progress_lines: where to print one progress line per window (stderr when it is
             not a terminal, so a log under nohup or a scheduler shows the run moving), or None.
         total_steps: the run's `trainer.steps`, named in the progress lines.
+        goodput: the run's time accounting: the fetch counts as step time, and each window
+            closes its goodput window (`goodput/*` keys), or None.
     """
 
     every = 1
@@ -197,8 +207,9 @@ class MetricsWindow(HookBase):
 
     def __init__(self, *, writer: MetricsWriter, checkpointer: Checkpointer, skips: SkipCounter, log_every: int,
                  tokens_per_step: int, flops_per_token: int, peak_flops: float | None, progress: Any = None,
-                 progress_lines: TextIO | None = None, total_steps: int = 0):
+                 progress_lines: TextIO | None = None, total_steps: int = 0, goodput: Goodput | None = None):
         self.writer, self.checkpointer, self.skips = writer, checkpointer, skips
+        self.goodput = goodput
         self.log_every = log_every
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.progress = progress
@@ -218,7 +229,9 @@ class MetricsWindow(HookBase):
         """Fetch, check and write the window's metrics (nothing when it is empty)."""
         if not self.pending:
             return
-        host = [(s, jax.device_get(m)) for s, m in self.pending]
+        # Where the host waits for the device: the window's steps finish here.
+        with _timed(self.goodput, "step"):
+            host = [(s, jax.device_get(m)) for s, m in self.pending]
         elapsed = time.perf_counter() - self._window_start
         check_finite(host, self.checkpointer)
         sums = None
@@ -238,6 +251,8 @@ class MetricsWindow(HookBase):
             "mfu": mfu(self.flops_per_token, tps, self.peak_flops, jax.device_count()),
             "skipped_records": self.skips.count,
         }
+        if self.goodput is not None:
+            metrics.update(self.goodput.window(host[-1][0]))
         self.writer.write(host[-1][0], metrics)
         self.last = metrics
         self.pending.clear()
@@ -268,14 +283,17 @@ class CheckpointHook(HookBase):
         also_at: steps saved off that cadence (`checkpoint.keep_steps`).
         workdir: the work directory, for the messages.
         lock: the work directory's lock; once it is `lost`, nothing more is saved.
+        goodput: the run's time accounting (the save call counts as checkpoint time, and
+            each save is recorded for the next restart), or None.
     """
 
     at_end = True
 
     def __init__(self, *, window: MetricsWindow, checkpointer: Checkpointer, writer: MetricsWriter,
                  data: BatchIterator, config_dict: dict[str, Any], every: int, workdir: Path, lock: Any,
-                 also_at: Sequence[int] = ()):
+                 also_at: Sequence[int] = (), goodput: Goodput | None = None):
         self.window, self.checkpointer, self.writer, self.data = window, checkpointer, writer, data
+        self.goodput = goodput
         self.config_dict = config_dict
         self.every = every
         self.also_at = frozenset(also_at)
@@ -301,7 +319,10 @@ class CheckpointHook(HookBase):
                 f"late); stopping without saving step {info.step}, so two runs never write one directory"
             )
         self.writer.flush()  # every step up to this checkpoint is in metrics.jsonl
-        self.checkpointer.save(info.step, info.state, self.data.get_state(), self.config_dict)
+        with _timed(self.goodput, "checkpoint"):  # waits for the previous async save too
+            self.checkpointer.save(info.step, info.state, self.data.get_state(), self.config_dict)
+        if self.goodput is not None:
+            self.goodput.checkpoint_saved(info.step)
         self.last_saved = info.step
 
 
@@ -312,10 +333,14 @@ class EvalHook(HookBase):
         evaluate: `evaluate(params) -> metrics` (`Trainer.evaluate`).
         writer: where the metrics go.
         every: steps between evaluations (`trainer.eval_every`; 0: never).
+        goodput: the run's time accounting (the wait for the steps before the evaluation
+            counts as step time, the evaluation as eval time), or None.
     """
 
-    def __init__(self, *, evaluate: Callable[[Any], dict[str, Any]], writer: MetricsWriter, every: int):
+    def __init__(self, *, evaluate: Callable[[Any], dict[str, Any]], writer: MetricsWriter, every: int,
+                 goodput: Goodput | None = None):
         self.evaluate, self.writer = evaluate, writer
+        self.goodput = goodput
         self.every = every
         self.at_end = bool(self.every)
         self.last: dict[str, Any] = {}
@@ -323,7 +348,10 @@ class EvalHook(HookBase):
     def __call__(self, info: StepInfo) -> None:
         if info.preempted:
             return
-        metrics = self.evaluate(info.state.params)
+        with _timed(self.goodput, "step"):  # the steps dispatched before it finish first
+            jax.block_until_ready(info.metrics)
+        with _timed(self.goodput, "eval"):
+            metrics = self.evaluate(info.state.params)
         if metrics:
             self.writer.write(info.step, metrics)
             self.last = metrics

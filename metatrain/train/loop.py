@@ -16,6 +16,11 @@ as training (z-loss included), bits per byte of text (`eval/bpb/text`) and, with
 
 Your own hooks: `Trainer(..., hooks=(FunctionHook(every=N, fn=f),))`, `f(info)`, or
 any `Hook`.
+
+Goodput (`metatrain.run.goodput`): the loop gives the host's time to the step (dispatch,
+and the waits where it fetches), the data, checkpoints, evaluation and compilation, writes
+each window's seconds with its metrics (`goodput/*`), counts restarts from
+`WORKDIR/goodput.json`, and ends with one line on stderr saying where the time went.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from metatrain.io.storage import as_path
 from metatrain.parallel.mesh import sharding_context
 from metatrain.roles import LOSS_ROLE_LABELS
 from metatrain.run.checkpoint import Checkpointer
+from metatrain.run.goodput import Goodput, format_goodput
 from metatrain.run.lock import NoLock, workdir_lock
 from metatrain.run.metrics import MetricsWriter, add_sums, role_metrics
 from metatrain.run.program import build_train_program
@@ -73,6 +79,7 @@ class TrainSummary:
     checkpoint_dir: Path
     skipped_records: int
     preempted: bool = False
+    goodput: dict[str, Any] = dataclasses.field(default_factory=dict)  # `Goodput.summary()`
 
 
 class Trainer:
@@ -113,6 +120,9 @@ class Trainer:
         check_vocab_size(config.model.vocab_size, config.data.tokenizer)
         self.config = config
         self.workdir = as_path(workdir)
+        # The session's clock starts here: building the program and the data streams is
+        # part of what a restart costs.
+        self.goodput = Goodput(self.workdir, enabled=jax.process_index() == 0)
         self.config_file = config_file
         self.allow_other_config = allow_other_config
         self.allow_changes = check_allowed_changes(allow_changes)
@@ -296,7 +306,8 @@ class Trainer:
         step = start
         while step < total:
             try:
-                with preemption.waiting_for_data() if preemption is not None else contextlib.nullcontext():
+                with (self.goodput.timing("data"),
+                      preemption.waiting_for_data() if preemption is not None else contextlib.nullcontext()):
                     batch = self.next_batch()
             except StoppedWaitingForData:
                 kept = self.checkpointer.latest_step()
@@ -306,7 +317,8 @@ class Trainer:
                       + (f"the last one (step {kept}) is kept" if kept is not None else "there is none yet"),
                       file=sys.stderr, flush=True)
                 raise
-            state, metrics = self.train_step(state, batch)
+            with self.goodput.timing("step"):  # the dispatch; the device is waited for at the fetch
+                state, metrics = self.train_step(state, batch)
             step += 1
             preempted = preemption is not None and preemption.reached(step) and step < total
             yield StepInfo(step, state, metrics, final=step == total or preempted, preempted=preempted)
@@ -319,7 +331,7 @@ class Trainer:
         Steps are traced inside the mesh's sharding context, so the model's logical
         activation constraints take effect.
         """
-        with _lock(self.workdir) as held:
+        with _lock(self.workdir) as held, self.goodput.listening():
             self.lock = held.inner
             if self.is_main:
                 check_origin(self.workdir, self.config_file, self.allow_other_config)
@@ -331,6 +343,9 @@ class Trainer:
                 if self.is_main:
                     prepare_workdir(self.config, self.workdir, self.config_file)
                 self.writer.open()
+                restarted = self.goodput.begin(start)
+                if restarted is not None and self.is_main:
+                    print(f"metatrain train: {restarted}", file=sys.stderr, flush=True)
                 return self._run(state, start)
 
     def _run(self, state, start: int) -> TrainSummary:
@@ -342,12 +357,12 @@ class Trainer:
                                log_every=tc.log_every, tokens_per_step=self.config.tokens_per_step,
                                flops_per_token=self.flops_per_token, peak_flops=self.peak_flops,
                                progress=self.progress, progress_lines=sys.stderr if show and not terminal else None,
-                               total_steps=tc.steps)
+                               total_steps=tc.steps, goodput=self.goodput)
         checkpoint = CheckpointHook(window=window, checkpointer=self.checkpointer, writer=self.writer,
                                     data=self.train_iter, config_dict=config_to_dict(self.config),
                                     every=self.config.checkpoint.every, workdir=self.workdir, lock=self.lock,
-                                    also_at=self.config.checkpoint.keep_steps)
-        evaluation = EvalHook(evaluate=self.evaluate, writer=self.writer, every=tc.eval_every)
+                                    also_at=self.config.checkpoint.keep_steps, goodput=self.goodput)
+        evaluation = EvalHook(evaluate=self.evaluate, writer=self.writer, every=tc.eval_every, goodput=self.goodput)
         profile = ProfileHook(self.workdir, *tc.profile, first_step=start) if tc.profile else None
         with PreemptionHook(self.checkpointer, checkpoint) as preemption:
             self.hooks = Hooks([window, preemption, checkpoint, evaluation, *self.user_hooks])
@@ -360,27 +375,43 @@ class Trainer:
                         self.progress.update(1)
                     self.hooks.run(info)
                     state = info.state
-            except FaultError:
-                # A write that fails while an asynchronous save runs is most often that save
-                # filling the disk: its fault names the cause and the checkpoint that is kept.
-                self.checkpointer.wait()
+            except BaseException as error:
+                self.goodput.stopped(info.step if info is not None else start)  # for the restart's count
+                if isinstance(error, FaultError):
+                    # A write that fails while an asynchronous save runs is most often that save
+                    # filling the disk: its fault names the cause and the checkpoint that is kept.
+                    self.checkpointer.wait()
                 raise
             finally:
                 self.hooks.close()  # ends a profile the loop stopped inside
         if self.progress is not None:
             self.progress.close()
-        self.checkpointer.wait()
+        final_step = info.step if info is not None else start
+        with self.goodput.timing("checkpoint"):
+            try:
+                self.checkpointer.wait()
+            except BaseException:
+                self.goodput.stopped(final_step)
+                raise
         self.state = state
+        preempted = info is not None and info.preempted
+        # The time after the last window (final evaluation, checkpoint, the wait for its save).
+        self.writer.write(final_step, self.goodput.window(final_step, stepped=False))
+        self.goodput.end(final_step, preempted=preempted)
+        goodput = self.goodput.summary()
+        if self.is_main:
+            print(f"metatrain train: {format_goodput(goodput)}", file=sys.stderr, flush=True)
         return TrainSummary(
             workdir=self.workdir,
             start_step=start,
-            final_step=info.step if info is not None else start,
+            final_step=final_step,
             last_metrics=window.last,
             eval_metrics=evaluation.last,
             tokens_per_sec=window.tokens_per_sec(),
             checkpoint_dir=self.checkpointer.directory,
             skipped_records=self.skips.count,
-            preempted=info is not None and info.preempted,
+            preempted=preempted,
+            goodput=goodput,
         )
 
     def close(self) -> None:
@@ -484,6 +515,8 @@ def format_summary(summary: TrainSummary) -> str:
         )
         lines.append(f"eval loss {e['eval/loss']:.4f}  per role: {roles}")
     lines.append(f"throughput {summary.tokens_per_sec:,.0f} tokens/s")
+    if summary.goodput:
+        lines.append(format_goodput(summary.goodput))
     if summary.skipped_records:
         lines.append(f"skipped {summary.skipped_records} invalid records (see log)")
     lines.append(f"checkpoints: {summary.checkpoint_dir}")
