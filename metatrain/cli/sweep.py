@@ -1,4 +1,4 @@
-"""`metatrain sweep sizes|plan|run|fit`: scaling-law sweeps from the command line.
+"""`metatrain sweep sizes|plan|run|fit|coord-check`: scaling-law sweeps from the command line.
 
     metatrain sweep sizes [--family tiny] [--config BASE.yaml] [--json]
     metatrain sweep plan --spec SWEEP.yaml --out DIR [--set KEY=VALUE ...]
@@ -6,12 +6,14 @@
     metatrain sweep run DIR --emit local|tpu|gke|slurm [--launch-arg ARG ...] [--dry-run]
     metatrain sweep run DIR --collect
     metatrain sweep fit DIR [--role text|thinking|joint|all | --loss-key KEY] [--json] [--no-plots]
+    metatrain sweep coord-check --out DIR [--widths 64 128 ...] [--steps N] [--lr LR] [--layers L]
 
 `sweep run DIR --spec SWEEP.yaml --fit` is the whole sweep in one command: plan (if DIR
 has no manifest yet), train every point here, fit and plot. See docs/sweeps.md.
 
 DIR (and `plan --out`) may be a bucket URL, `gs://bucket/sweep`; the spec is a local file.
-Parsing only; the work is `metatrain.sweep.steps` (imported when a command runs).
+Parsing only; the work is `metatrain.sweep.steps` (`metatrain.sweep.coord_check` for
+coord-check), imported when a command runs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from metatrain.cli.options import output_path
+from metatrain.cli.options import output_path, positive_int
 from metatrain.io.storage import as_path
 
 
@@ -76,6 +78,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_fit_options(fit)
     fit.set_defaults(func=run_fit)
 
+    coord = sub.add_parser(
+        "coord-check",
+        help="μP's coordinate check: activation sizes against width after a few steps, both parametrizations",
+        description="Train models of several widths (fixed depth and head size) for a few Adam steps on one "
+                    "synthetic batch under standard parametrization and μP, and record the mean |coordinate| "
+                    "of the embedding, each block's output and the logits, and how far training moved them. "
+                    "Writes DIR/coord_check.json and DIR/coord_check.png. See docs/sweeps.md, \"μP\".",
+    )
+    coord.add_argument("--out", required=True, type=output_path("--out"), help="directory for the JSON and the plot")
+    coord.add_argument("--widths", type=positive_int, nargs="+", default=[64, 128, 256, 512, 1024], metavar="D",
+                       help="d_model of each model, increasing (default: 64 128 256 512 1024)")
+    coord.add_argument("--base-width", type=positive_int, default=None,
+                       help="μP's mup_base_width (default: the smallest width)")
+    coord.add_argument("--layers", type=positive_int, default=2, help="depth of every model (default 2)")
+    coord.add_argument("--head-dim", type=positive_int, default=16, help="width of every head (default 16)")
+    coord.add_argument("--steps", type=positive_int, default=10, help="Adam updates per model (default 10)")
+    coord.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 0.01)")
+    coord.add_argument("--vocab", type=positive_int, default=256, help="synthetic vocabulary size (default 256)")
+    coord.add_argument("--seq-len", type=positive_int, default=64, help="tokens per row (default 64)")
+    coord.add_argument("--batch-size", type=positive_int, default=8, help="rows in the batch (default 8)")
+    coord.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
+    coord.set_defaults(func=run_coord_check)
+
 
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -118,4 +143,16 @@ def run_fit(args: argparse.Namespace) -> int:
 
     fit_and_print(as_path(args.directory), role=args.role, loss_key=args.loss_key, as_json=args.json,
                   tokens_key=args.tokens_key, resamples=args.bootstrap, seed=args.seed, plots=not args.no_plots)
+    return 0
+
+
+def run_coord_check(args: argparse.Namespace) -> int:
+    from metatrain.sweep.coord_check import CoordCheckSpec, coord_check_and_write
+
+    spec = CoordCheckSpec(
+        widths=tuple(args.widths), base_width=args.base_width, n_layers=args.layers, head_dim=args.head_dim,
+        steps=args.steps, learning_rate=args.lr, vocab_size=args.vocab, seq_len=args.seq_len,
+        batch_size=args.batch_size, seed=args.seed,
+    )
+    coord_check_and_write(spec, as_path(args.out))
     return 0

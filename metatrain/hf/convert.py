@@ -82,9 +82,16 @@ def check_exportable(config: ModelConfig) -> None:
             value (a newer metatrain feature Llama may lack), or d_model is not
             n_heads * k (Hugging Face's `LlamaConfig` refuses that).
     """
+    if config.parametrization == "mup":
+        raise UserError(
+            f"model.parametrization=mup multiplies the logits by mup_base_width/d_model = "
+            f"{1 / config.mup_width_multiplier:g}, which LlamaForCausalLM has no setting for (and with tied "
+            "embeddings no weight can absorb it: the table is also the input embedding); this run cannot be "
+            "exported as LlamaForCausalLM"
+        )
     for field in dataclasses.fields(config):
-        if field.name in ARCHITECTURE_FIELDS or field.name in COMPUTE_FIELDS:
-            continue
+        if field.name in ARCHITECTURE_FIELDS or field.name in COMPUTE_FIELDS or field.name == "mup_base_width":
+            continue  # mup_base_width is unused under "standard" (and "mup" is refused above)
         value = getattr(config, field.name)
         if value != field.default:
             raise UserError(

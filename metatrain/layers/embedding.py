@@ -1,4 +1,4 @@
-"""Token embedding table, optionally reused (tied) as the output projection."""
+"""Token embedding table (a tied model also reads it, transposed, as the output projection)."""
 
 from __future__ import annotations
 
@@ -8,28 +8,33 @@ import jax.numpy as jnp
 
 
 class Embedding(nn.Module):
-    """A [V, D] table; rows initialised with standard deviation 1/sqrt(D).
+    """A [V, D] table; rows initialised with standard deviation `init_std`.
 
-    With that scale a row has unit norm in expectation, so a tied output projection
-    applied to the (unit-RMS) final normalised hidden state gives logits of order 1.
+    The default 1/sqrt(D) gives a row unit norm in expectation, so a tied output
+    projection applied to the (unit-RMS) final normalised hidden state gives logits of
+    order 1. μP keeps the base width's value at every width (`ModelConfig.embedding_init_std`).
+    The output projection itself is `metatrain.models.output_projection`, the one path
+    from hidden states to logits.
 
     Attributes:
         vocab_size: V.
         d_model: D.
         dtype: compute dtype of the looked-up vectors.
         param_dtype: dtype of the table.
+        init_std: standard deviation of the initial table (None: 1/sqrt(D)).
     """
 
     vocab_size: int
     d_model: int
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
+    init_std: float | None = None
 
     def setup(self) -> None:
-        init = nn.initializers.normal(stddev=self.d_model**-0.5)
+        std = self.d_model**-0.5 if self.init_std is None else self.init_std
         self.table = self.param(
             "table",
-            nn.with_logical_partitioning(init, ("vocab", "embed")),
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=std), ("vocab", "embed")),
             (self.vocab_size, self.d_model),
             self.param_dtype,
         )
@@ -40,7 +45,11 @@ class Embedding(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "seq", "embed"))
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """Tied output projection: [B, T, D] -> [B, T, V] float32 logits."""
+        """`x @ table.T`: [B, T, D] -> [B, T, V] float32, the unscaled tied product.
+
+        A model's logits come from `metatrain.models.output_projection`, which also
+        applies μP's output multiplier; this is the layer's own product, for tests.
+        """
         return jnp.einsum(
             "BTD,VD->BTV", x, self.table.astype(x.dtype), preferred_element_type=jnp.float32
         )

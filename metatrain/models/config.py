@@ -62,11 +62,13 @@ class ModelConfig:
             "cudnn" (fused cuDNN flash attention via `jax.nn.dot_product_attention`, NVIDIA
             GPUs only) or "splash" (JAX's TPU splash attention kernel; interpret mode off TPU).
         parametrization: "standard", or "mup" (Yang et al. 2022, arXiv 2203.03466):
-            initialisation, per-layer Adam learning rates and the output logits scaled
-            by d_model / `mup_base_width`, so the best learning rate found at the base
-            width holds at every width.
+            with m = d_model / `mup_base_width`, the embedding keeps its base-width
+            initialisation, hidden matrices (attention, MLP) get Adam learning rate
+            lr / m and the output logits are multiplied by 1 / m, so the best learning
+            rate found at the base width holds at other widths (docs/sweeps.md, "μP").
         mup_base_width: with "mup", the width the learning rate is tuned at (a size
             family's `mup_base_width`); at this width "mup" is the standard model.
+            Unused under "standard".
     """
 
     vocab_size: int
@@ -133,6 +135,28 @@ class ModelConfig:
                 f"this model has {self.num_params:.3g} parameters, past the {MAX_PARAMS:.0e} any machine can "
                 f"hold; check vocab_size, d_model, d_ff and n_layers"
             )
+
+    # -- μP (Yang et al. 2022) -----------------------------------------------------------
+    @property
+    def mup_width_multiplier(self) -> float:
+        """m = d_model / mup_base_width under "mup", 1.0 under "standard".
+
+        μP divides the Adam learning rate of hidden matrices and the output logits by m;
+        at m = 1 the model is the standard one.
+        """
+        if self.parametrization == "standard":
+            return 1.0
+        return self.d_model / self.mup_base_width
+
+    @property
+    def embedding_init_std(self) -> float:
+        """Standard deviation of the embedding table (and of an untied output projection).
+
+        Standard: 1/sqrt(d_model). μP: 1/sqrt(mup_base_width) at every width (the standard
+        value at the base width), so embedding coordinates do not shrink as width grows.
+        """
+        width = self.mup_base_width if self.parametrization == "mup" else self.d_model
+        return width**-0.5
 
     # -- parameter counts (closed form) ------------------------------------------------
     @property

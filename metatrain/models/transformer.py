@@ -3,7 +3,9 @@
 `Transformer.__call__` stops at the final normalised hidden state; the output
 projection is applied by the fused loss (`metatrain.loss`), which never materialises
 the full [tokens, vocab] logits. `output_projection` hands it the [D, V] matrix and
-`logits` applies it for generation. `Transformer.decode` is the generation path: new
+`logits` applies it for generation: every consumer of logits (training and evaluation
+losses, the engine, scoring) goes through `output_projection`, which is where μP's
+output multiplier lives. `Transformer.decode` is the generation path: new
 tokens against a `KVCache` (`init_cache`) of the keys and values of earlier ones.
 
 Parameter tree (scan_layers=True; unrolled blocks are `layers_0`, `layers_1`, ...):
@@ -18,6 +20,15 @@ Parameter tree (scan_layers=True; unrolled blocks are `layers_0`, `layers_1`, ..
     layers/mlp/down                 [L, F, D]    (layers, mlp, embed)
     final_norm/scale                [D]          (norm)
     output_projection               [D, V]       (embed, vocab)   untied only
+
+μP (`parametrization: mup`, Yang et al. 2022, arXiv 2203.03466, Table 3 for Adam), with
+m = d_model / mup_base_width: hidden matrices (attention and MLP, `hidden_matrix_mask`)
+keep their fan-in initialisation and get Adam learning rate lr / m (in
+`metatrain.run.optimizer`); the embedding table and an untied output projection are
+initialised with the base width's standard deviation at every width and keep lr; norm
+scales are unchanged; the logits are multiplied by 1 / m (`output_projection`).
+Attention keeps its 1/sqrt(head_dim) scale: a size family fixes head_dim, so the
+scale does not change with width (μP's 1/head_dim is for head_dim that grows).
 """
 
 from __future__ import annotations
@@ -176,7 +187,9 @@ class Transformer(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        self.embedding = Embedding(cfg.vocab_size, cfg.d_model, dtype, param_dtype)
+        self.embedding = Embedding(
+            cfg.vocab_size, cfg.d_model, dtype, param_dtype, init_std=cfg.embedding_init_std
+        )
         block = _block_class(cfg)
         if cfg.scan_layers:
             self.layers = _scanned(block, cfg.n_layers)(cfg)
@@ -188,7 +201,7 @@ class Transformer(nn.Module):
             self.param(
                 "output_projection",
                 nn.with_logical_partitioning(
-                    nn.initializers.normal(stddev=cfg.d_model**-0.5), ("embed", "vocab")
+                    nn.initializers.normal(stddev=cfg.embedding_init_std), ("embed", "vocab")
                 ),
                 (cfg.d_model, cfg.vocab_size),
                 param_dtype,
@@ -258,11 +271,18 @@ class Transformer(nn.Module):
 def output_projection(params: Params, config: ModelConfig) -> jax.Array:
     """The [D, V] matrix that turns hidden states into logits, in the parameter dtype.
 
-    Tied: the embedding table transposed. Works on boxed or unboxed parameters.
+    Tied: the embedding table transposed. Under μP it is multiplied by
+    mup_base_width / d_model (the 1 / m output multiplier; gradients flow through the
+    product, so the table's gradient from the logits is scaled too); at m = 1 it is the
+    standard matrix exactly. Works on boxed or unboxed parameters.
     """
     if config.tie_embeddings:
-        return nn.unbox(params["embedding"]["table"]).T
-    return nn.unbox(params["output_projection"])
+        w = nn.unbox(params["embedding"]["table"]).T
+    else:
+        w = nn.unbox(params["output_projection"])
+    if config.parametrization == "mup":
+        w = w * (config.mup_base_width / config.d_model)
+    return w
 
 
 def logits(hidden: jax.Array, params: Params, config: ModelConfig) -> jax.Array:
@@ -293,4 +313,20 @@ def weight_decay_mask(params: Params) -> Params:
 
     return jax.tree_util.tree_map_with_path(
         decays, params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+    )
+
+
+def hidden_matrix_mask(params: Params) -> Params:
+    """True for the hidden matrices (attention query/key/value/out, MLP gate/up/down).
+
+    These are μP's matrix-like weights, both dimensions growing with width: their Adam
+    learning rate is divided by the width multiplier. The embedding table, an untied
+    output projection and norm scales (one width dimension each) are False. Decided by
+    the module a parameter lives in; works on boxed or unboxed parameters.
+    """
+    def is_hidden(path, _leaf) -> bool:
+        return any(getattr(k, "key", None) in ("attention", "mlp") for k in path)
+
+    return jax.tree_util.tree_map_with_path(
+        is_hidden, params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
     )

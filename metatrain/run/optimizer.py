@@ -1,23 +1,31 @@
-"""AdamW with warmup + decay, global-norm clipping and no weight decay on norm scales."""
+"""AdamW with warmup + decay, global-norm clipping, no weight decay on norm scales, and
+μP's per-layer learning rates for a `parametrization: mup` model."""
 
 from __future__ import annotations
+
+import math
 
 import jax.numpy as jnp
 import optax
 
 from metatrain.config import OptimizerConfig
-from metatrain.models import weight_decay_mask
+from metatrain.models import ModelConfig, weight_decay_mask
+from metatrain.models.transformer import hidden_matrix_mask
 
 
 def cooldown_start(config: OptimizerConfig, total_steps: int) -> int:
     """The first update of a "wsd" run's cooldown (`total_steps` when it has none): the
-    last `decay_fraction` of the run, rounded to whole steps, never inside the warmup.
+    last `decay_fraction` of the run, rounded half up to whole steps (at least one when
+    `decay_fraction` > 0), never inside the warmup.
 
     A cooldown branch of `total_steps` steps starts from the stable run's checkpoint at
     this step.
     """
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
-    return max(total_steps - round(config.decay_fraction * total_steps), warmup)
+    length = math.floor(config.decay_fraction * total_steps + 0.5)
+    if config.decay_fraction > 0:
+        length = max(length, 1)
+    return max(total_steps - length, warmup)
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -67,16 +75,43 @@ def _wsd_schedule(config: OptimizerConfig, total_steps: int, warmup: int) -> opt
     return optax.join_schedules(parts, boundaries) if boundaries else parts[0]
 
 
-def build_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """The optax chain used for training: clip -> AdamW(schedule, decay mask)."""
+def build_optimizer(
+    config: OptimizerConfig, total_steps: int, model: ModelConfig | None = None
+) -> optax.GradientTransformation:
+    """The optax chain used for training: clip -> AdamW(schedule, decay mask).
+
+    Under `model.parametrization: mup` (μP for Adam, Yang et al. 2022, Table 3) the Adam
+    direction of every hidden matrix (`hidden_matrix_mask`: attention and MLP weights) is
+    multiplied by 1 / m, m = `model.mup_width_multiplier`, before weight decay and the
+    learning rate: their learning rate is lr / m, while the embedding, an untied output
+    projection and norm scales keep lr. Weight decay keeps its per-step rate
+    lr * weight_decay on every matrix, as `mup.MuAdamW` does (it multiplies those
+    groups' weight_decay by m). At m = 1 the updates are AdamW's exactly.
+
+    A standard model (or `model` None) gets `optax.adamw` as before, so its optimizer
+    state, and every checkpoint's, keeps its structure; a μP model's state has one more
+    (empty) entry, after the Adam moments, which stay at `opt_state[1][0]`.
+    """
+    schedule = learning_rate_schedule(config, total_steps)
+    clip = optax.clip_by_global_norm(config.clip_norm)
+    if model is None or model.parametrization == "standard":
+        return optax.chain(
+            clip,
+            optax.adamw(
+                schedule,
+                b1=config.b1,
+                b2=config.b2,
+                eps=config.eps,
+                weight_decay=config.weight_decay,
+                mask=weight_decay_mask,  # by name: scanned norm scales are [L, D], not matrices
+            ),
+        )
     return optax.chain(
-        optax.clip_by_global_norm(config.clip_norm),
-        optax.adamw(
-            learning_rate_schedule(config, total_steps),
-            b1=config.b1,
-            b2=config.b2,
-            eps=config.eps,
-            weight_decay=config.weight_decay,
-            mask=weight_decay_mask,  # by name: scanned norm scales are [L, D], not matrices
+        clip,
+        optax.chain(  # optax.adamw's own chain, with the μP scale after the Adam direction
+            optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+            optax.masked(optax.scale(1.0 / model.mup_width_multiplier), hidden_matrix_mask),
+            optax.add_decayed_weights(config.weight_decay, weight_decay_mask),
+            optax.scale_by_learning_rate(schedule),
         ),
     )

@@ -106,7 +106,7 @@ def build_train_program(
     check_fits(config.model, mesh, tc.batch_size, rules, grad_accum=tc.grad_accum)
     model = Transformer(config.model)
     schedule = learning_rate_schedule(config.optimizer, tc.steps)
-    optimizer = build_optimizer(config.optimizer, tc.steps)
+    optimizer = build_optimizer(config.optimizer, tc.steps, config.model)
     shardings = state_shardings(model, optimizer, mesh, rules)
     rows = batch_sharding(mesh, rules)
     loss_sharding = loss_sharding_for(mesh, rules)

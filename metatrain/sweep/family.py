@@ -9,9 +9,11 @@ head, MLP expansion) so that one number, the depth L, names a model:
     d_ff       = ffn_ratio * d_model, rounded up to a multiple of ffn_multiple
 
 `tiny-2` is `configs/tiny.yaml`'s model. Vocabulary and sequence length are not part of
-a size: they come from the sweep's base run config. Parameter counts and FLOPs are not
-computed here but by `ModelConfig` (their one home): `ModelSize.model_config(base)`
-gives the `ModelConfig` to ask.
+a size: they come from the sweep's base run config. A family also names the base width
+of μP (`mup_base_width`): the width whose learning rate a `parametrization: mup` sweep
+reuses at every size. Parameter counts and FLOPs are not computed here but by
+`ModelConfig` (their one home): `ModelSize.model_config(base)` gives the `ModelConfig`
+to ask.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ import math
 from metatrain.errors import UserError
 from metatrain.models.config import ModelConfig
 
-
 #: The `ModelConfig` fields a size preset sets; everything else comes from the base config.
 SHAPE_FIELDS: tuple[str, ...] = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSize:
-    """One preset of a family: the shape fields of a `ModelConfig`."""
+    """One preset of a family: the shape fields of a `ModelConfig`, and the family's μP
+    base width."""
 
     name: str
     n_layers: int
@@ -39,14 +41,21 @@ class ModelSize:
     n_kv_heads: int
     head_dim: int
     d_ff: int
+    mup_base_width: int
 
     def overrides(self) -> list[str]:
-        """`--set` strings that give a run config this model shape."""
-        return [f"model.{f}={getattr(self, f)}" for f in SHAPE_FIELDS]
+        """`--set` strings that give a run config this model shape and the family's μP
+        base width (which a `parametrization: standard` run carries unused: a `--set`
+        list cannot depend on the parametrization a variant chooses)."""
+        return [f"model.{f}={getattr(self, f)}" for f in (*SHAPE_FIELDS, "mup_base_width")]
 
     def model_config(self, base: ModelConfig) -> ModelConfig:
-        """`base` (vocabulary, sequence length, dtypes, ...) with this shape."""
-        return dataclasses.replace(base, **{f: getattr(self, f) for f in SHAPE_FIELDS})
+        """`base` (vocabulary, sequence length, dtypes, ...) with this shape; a μP `base`
+        also gets the family's `mup_base_width`."""
+        fields = {f: getattr(self, f) for f in SHAPE_FIELDS}
+        if base.parametrization == "mup":
+            fields["mup_base_width"] = self.mup_base_width
+        return dataclasses.replace(base, **fields)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,6 +70,8 @@ class SizeFamily:
         q_per_kv: query heads sharing one key/value head (1: plain multi-head attention).
         ffn_ratio: d_ff / d_model before rounding (8/3 keeps SwiGLU at a 4x MLP's cost).
         ffn_multiple: d_ff is rounded up to a multiple of this.
+        mup_base_width: the d_model μP's learning rate is tuned at (`ModelConfig.mup_base_width`
+            of every size; None: the smallest size's width).
     """
 
     name: str
@@ -70,6 +81,7 @@ class SizeFamily:
     q_per_kv: int = 1
     ffn_ratio: float = 8 / 3
     ffn_multiple: int = 16
+    mup_base_width: int | None = None
 
     def __post_init__(self) -> None:
         if not self.depths or any(d < 1 for d in self.depths) or list(self.depths) != sorted(set(self.depths)):
@@ -86,6 +98,10 @@ class SizeFamily:
                     f"family {self.name}: depth {depth} has {heads} query heads, not divisible by "
                     f"q_per_kv={self.q_per_kv}"
                 )
+        if self.mup_base_width is None:
+            object.__setattr__(self, "mup_base_width", self.width_per_layer * self.depths[0])
+        if isinstance(self.mup_base_width, bool) or not isinstance(self.mup_base_width, int) or self.mup_base_width < 1:
+            raise UserError(f"family {self.name}: mup_base_width must be a positive integer, got {self.mup_base_width!r}")
 
     def size(self, depth: int) -> ModelSize:
         """The preset of depth `depth` (which need not be among `depths`)."""
@@ -100,6 +116,7 @@ class SizeFamily:
             n_kv_heads=n_heads // self.q_per_kv,
             head_dim=self.head_dim,
             d_ff=d_ff,
+            mup_base_width=self.mup_base_width,
         )
 
     def sizes(self) -> tuple[ModelSize, ...]:
@@ -120,14 +137,19 @@ class SizeFamily:
 
 
 #: The shipped families. `tiny` trains on a 2-core CPU in seconds per run; `base` is
-#: the accelerator family (GPT-2 small is `base-12`: 12 layers of width 768).
+#: the accelerator family (GPT-2 small is `base-12`: 12 layers of width 768). Their μP
+#: base widths are the widths of the presets whose learning rates are the tuned ones:
+#: `tiny-2` (`configs/tiny.yaml`, 64) and `base-12` (`configs/125m.yaml`, 768).
 FAMILIES: dict[str, SizeFamily] = {
-    "tiny": SizeFamily(name="tiny", depths=(1, 2, 3, 4, 5, 6, 8), width_per_layer=32, head_dim=16, q_per_kv=2),
+    "tiny": SizeFamily(
+        name="tiny", depths=(1, 2, 3, 4, 5, 6, 8), width_per_layer=32, head_dim=16, q_per_kv=2, mup_base_width=64
+    ),
     "base": SizeFamily(
         name="base",
         depths=(4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 40, 48),
         width_per_layer=64,
         head_dim=64,
+        mup_base_width=768,
     ),
 }
 

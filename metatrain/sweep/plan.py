@@ -195,7 +195,7 @@ def _branch_start(point: PlannedRun, budget: float, cooldown_start) -> int:
 
     Raises:
         UserError: the budget is within the warmup (its own warmup would be shorter than the
-            trunk's), its cooldown rounds to no step, or it starts at step 0.
+            trunk's), it has no cooldown, or its cooldown starts at step 0.
     """
     opt, steps = point.config.optimizer, point.config.trainer.steps
     tps = point.config.tokens_per_step
@@ -205,8 +205,8 @@ def _branch_start(point: PlannedRun, budget: float, cooldown_start) -> int:
                         f"than the stable run's; give more than {opt.warmup_steps * tps} tokens or fewer warmup steps")
     start = cooldown_start(opt, steps)
     if start >= steps:
-        raise UserError(f"{what}, whose cooldown (optimizer.decay_fraction {opt.decay_fraction:g}) rounds to no "
-                        "step, so a branch would train nothing; give it more tokens or raise decay_fraction")
+        raise UserError(f"{what}, with no cooldown (optimizer.decay_fraction {opt.decay_fraction:g}), so a branch "
+                        "would train nothing; raise decay_fraction")
     if start < 1:
         raise UserError(f"{what}, whose cooldown (optimizer.decay_fraction {opt.decay_fraction:g}) is the whole "
                         "run: it shares nothing with the stable run; lower decay_fraction or use grid.tokens")

@@ -104,3 +104,8 @@ def test_wsd_without_cooldown_stays_at_the_peak_and_short_runs_never_cool_inside
     assert [float(learning_rate_schedule(flat, 10)(s)) for s in range(10)] == [0.0, 0.5] + [1.0] * 8
     short = OptimizerConfig(learning_rate=1.0, warmup_steps=8, decay="wsd", decay_fraction=0.5)
     assert cooldown_start(short, 10) == 8
+
+
+def test_the_cooldown_rounds_half_up_and_is_never_lost_to_rounding():
+    cfg = OptimizerConfig(learning_rate=1.0, warmup_steps=0, decay="wsd", decay_fraction=0.1)
+    assert [t - cooldown_start(cfg, t) for t in (5, 15, 25, 100)] == [1, 2, 3, 10]

@@ -136,9 +136,10 @@ def test_branch_points_that_coincide_are_kept_once(tmp_path):
     (f"overrides: {{{WSD}}}\ngrid: {{sizes: [tiny-1]}}\nbranches: [2048, 16384]\n",
      "branches: 2048 tokens (tiny-1.D2048) is 2 steps of 1024 tokens, not past optimizer.warmup_steps=2: "
      "its warmup would be shorter than the stable run's; give more than 2048 tokens"),
-    ("overrides: {optimizer.decay: wsd, optimizer.warmup_steps: 0}\ngrid: {sizes: [tiny-1]}\nbranches: [2048, 16384]\n",
-     "branches: 2048 tokens (tiny-1.D2048) is 2 steps of 1024 tokens, whose cooldown (optimizer.decay_fraction "
-     "0.2) rounds to no step"),
+    ("overrides: {optimizer.decay: wsd, optimizer.decay_fraction: 0, optimizer.warmup_steps: 0}\n"
+     "grid: {sizes: [tiny-1]}\nbranches: [2048, 16384]\n",
+     "branches: 2048 tokens (tiny-1.D2048) is 2 steps of 1024 tokens, with no cooldown (optimizer.decay_fraction "
+     "0), so a branch would train nothing"),
     ("overrides: {optimizer.decay: wsd, optimizer.decay_fraction: 1.0, optimizer.warmup_steps: 0}\n"
      "grid: {sizes: [tiny-1]}\nbranches: [4096, 16384]\n",
      "whose cooldown (optimizer.decay_fraction 1) is the whole run: it shares nothing with the stable run"),
