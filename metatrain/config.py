@@ -288,6 +288,10 @@ class RunConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
 
     def __post_init__(self) -> None:
+        late = [s for s in self.checkpoint.keep_steps if s > self.trainer.steps]
+        if late:
+            raise UserError(f"checkpoint.keep_steps {late} are past trainer.steps={self.trainer.steps} and would never "
+                            "be saved; keep steps of this run, or train longer")
         if self.trainer.seq_len > self.model.max_seq_len:
             raise UserError(
                 f"trainer.seq_len={self.trainer.seq_len} is longer than model.max_seq_len="

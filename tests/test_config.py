@@ -197,3 +197,16 @@ def test_a_huge_value_of_the_wrong_type_is_shown_cut(tmp_path):
     with pytest.raises(UserError, match=r"'trainer.steps' must be an integer, got \['lol', 'lol', .*\.\.\.\] \(list of 100000\)") as info:
         load_config(config)
     assert len(str(info.value)) < 600
+
+
+@pytest.mark.parametrize("override", ["trainer.wandb={project: p, api_key: s3cr3t-value}",
+                                      "trainer.wandb.api_key=s3cr3t-value"])
+def test_a_credential_in_a_config_is_refused_without_being_echoed(override):
+    with pytest.raises(UserError, match="credentials are never read from a config") as error:
+        load_config(CONFIGS_DIR / "tiny.yaml", [override])
+    assert "s3cr3t-value" not in str(error.value) and "WANDB_API_KEY" in str(error.value)
+
+
+def test_kept_steps_past_the_run_are_refused():
+    with pytest.raises(UserError, match=r"checkpoint.keep_steps \[900\] are past trainer.steps=10"):
+        load_config(CONFIGS_DIR / "tiny.yaml", ["trainer.steps=10", "checkpoint.keep_steps=[5, 900]"])

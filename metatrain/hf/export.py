@@ -44,6 +44,7 @@ from metatrain.io.outputs import built_dir
 from metatrain.io.storage import StoragePath, absolute, as_path, is_remote
 from metatrain.models.config import ModelConfig
 from metatrain.roles import LOSS_ROLE_LABELS
+from metatrain.run.checkpoint import split_step_dir
 from metatrain.run.layout import METRICS_FILE, refuse_inside_checkpoints
 from metatrain.run.reader import LoadedCheckpoint, load_checkpoint
 from metatrain.tokenizer.encoder import Encoder
@@ -154,7 +155,7 @@ def export_workdir(
         (staging / "tags.yaml").write_bytes(as_path(encoder.grammar.registry.source).read_bytes())
         (staging / "mantra.txt").write_text(encoder.mantra, encoding="utf-8")
         (staging / "metatrain.json").write_text(json.dumps(_metatrain_info(encoder, pad_id), indent=1) + "\n")
-        card = model_card(loaded, loaded.config, read_metrics(workdir / METRICS_FILE, loaded.step), dtype)
+        card = model_card(loaded, loaded.config, run_metrics(workdir, loaded.step, loaded.config), dtype)
         (staging / "README.md").write_text(card, encoding="utf-8")
         (staging / "config.json").write_text(model_files["config.json"], encoding="utf-8")  # last: complete
     return ExportReport(absolute(out), loaded.step, dtype, config.num_params, files)
@@ -324,6 +325,20 @@ class RunMetrics:
     tokens: dict[str, int]
     train: dict[str, Any]
     eval: dict[str, Any]
+
+
+def run_metrics(workdir: str | os.PathLike, step: int, config: dict) -> RunMetrics | None:
+    """`read_metrics` of the run in `workdir` up to `step`, with the tokens of the run it
+    branched from (`checkpoint.branch_from`) up to the branch point: a cooldown branch was
+    trained on the stable run's tokens too (one level: the stable run's own origin is not
+    followed)."""
+    metrics = read_metrics(as_path(workdir) / METRICS_FILE, step)
+    source = (config.get("checkpoint") or {}).get("branch_from")
+    found = split_step_dir(as_path(source), must_exist=False) if source and metrics is not None else None
+    before = read_metrics(found[0] / METRICS_FILE, found[1]) if found is not None else None
+    if before is not None:
+        metrics = dataclasses.replace(metrics, tokens={r: metrics.tokens[r] + before.tokens[r] for r in metrics.tokens})
+    return metrics
 
 
 def read_metrics(path: str | os.PathLike, step: int) -> RunMetrics | None:

@@ -229,6 +229,9 @@ def _dataclass_fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
 
 def _unknown_key(key: str, valid: Sequence[str], prefix: str, where: str) -> UserError:
     full = f"{prefix}{key}"
+    if _is_secret(key):
+        return UserError(f"{where}: '{full}' is not a config key: credentials are never read from a config (it is "
+                         "saved with every checkpoint); set them in the environment, e.g. WANDB_API_KEY for W&B")
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
     hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
     section = f"'{prefix[:-1]}'" if prefix else "the top level"
@@ -354,9 +357,22 @@ def _kind(value: Any) -> str:
     return name
 
 
+#: Words of a key that holds a credential. No config has one (a credential is read from
+#: the environment); an override naming one is never echoed back in a message.
+SECRET_WORDS: tuple[str, ...] = ("api_key", "apikey", "secret", "password")
+
+
+def _is_secret(text: str) -> bool:
+    return any(word in text.lower() for word in SECRET_WORDS)
+
+
 def _with_overrides(overrides: Sequence[str]) -> str:
-    """` with --set a=1 b=2` for a message's `where`, each override cut to a readable length."""
-    return " with --set " + " ".join(shown(o)[1:-1] for o in overrides) if overrides else ""
+    """` with --set a=1 b=2` for a message's `where`, each override cut to a readable length
+    (the value of one that names a credential left out)."""
+    def show(o: str) -> str:
+        return f"{o.partition('=')[0]}=<not shown>" if _is_secret(o) else shown(o)[1:-1]
+
+    return " with --set " + " ".join(show(o) for o in overrides) if overrides else ""
 
 
 def _wrong_type(tp: Any, value: Any, key: str, where: str) -> UserError:

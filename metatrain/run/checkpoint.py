@@ -45,10 +45,11 @@ RELISTS: int = 20
 _RELIST = object()  # `_newest_that_reads`: the listing changed, list again
 
 
-def split_step_dir(path: Path) -> tuple[Path, int] | None:
-    """`(workdir, step)` of a step directory `WORKDIR/checkpoints/<step>`, else None."""
+def split_step_dir(path: Path, *, must_exist: bool = True) -> tuple[Path, int] | None:
+    """`(workdir, step)` of a step directory `WORKDIR/checkpoints/<step>` (one that exists,
+    unless not `must_exist`), else None."""
     path = absolute(path)
-    if path.name.isdigit() and path.parent.name == CHECKPOINTS_DIR and path.is_dir():
+    if path.name.isdigit() and path.parent.name == CHECKPOINTS_DIR and (path.is_dir() or not must_exist):
         return path.parent.parent, int(path.name)
     return None
 

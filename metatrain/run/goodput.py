@@ -27,14 +27,17 @@ after a logged step count in the next window; one more record at the run's last 
 (goodput keys only) covers the final evaluation, checkpoint and the wait for its save.
 
 Restarts: `WORKDIR/GOODPUT_FILE` (process 0, written atomically at the session's start,
-every window, every checkpoint and at the end) keeps the run's totals, the session's last
+every checkpoint, at the end and between them as said below) keeps the run's totals, the session's last
 step and when each checkpoint was taken. The next session to start in the directory
 (after a preemption, a crash, a `kill -9`, or to train further) counts a restart: the
 stopped session's wall time from the checkpoint it resumes from to the last step it
 recorded is lost (those steps are trained again), and the time from its last record to
 the new start is downtime (a session killed without warning loses its last window there).
-In a bucket the file is rewritten at most every `REMOTE_WRITE_EVERY_S` seconds between
-checkpoints.
+Between checkpoints the file is rewritten at most every `WRITE_EVERY_S` seconds (each write
+is an atomic replace with fsync: not once per step), so a session killed without warning
+may leave up to that much of its end counted as downtime rather than lost. A session
+started after one that had finished (to train further) is not a restart: the idle time
+between them is left out of the run's wall time.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from metatrain.io.outputs import write_atomically
-from metatrain.io.storage import as_path, is_remote
+from metatrain.io.storage import as_path
 from metatrain.run.layout import GOODPUT_FILE
 
 GOODPUT_PREFIX = "goodput/"
@@ -68,7 +71,7 @@ GOODPUT_KEYS = tuple(
 )
 COMPILE_EVENT_PREFIX = "/jax/core/compile/"
 #: Seconds between rewrites of the state file in a bucket (checkpoints and the end always write).
-REMOTE_WRITE_EVERY_S = 30.0
+WRITE_EVERY_S = 30.0
 #: Checkpoint times kept in the state file (the newest).
 KEPT_CHECKPOINT_TIMES = 64
 _VERSION = 1
@@ -148,7 +151,6 @@ class Goodput:
     def __init__(self, workdir: Path, *, enabled: bool = True):
         self.path = as_path(workdir) / GOODPUT_FILE
         self.enabled = enabled
-        self._remote = is_remote(str(self.path))
         self._started_at = time.time()
         self._started = self._mark = self._window_start = time.perf_counter()
         self._stack = ["other"]  # the innermost category gets the time
@@ -237,7 +239,17 @@ class Goodput:
         self._start_step = self._step = start_step
         previous = self._read() if self.enabled else None
         message = None
-        if previous is not None:
+        if previous is not None and previous["session"].get("ended") == "finished":
+            # Trained further after a run that had finished: not a restart. The time between
+            # is neither the run's nor lost; the run's clock skips it.
+            idle = max(0.0, self._started_at - float(previous["session"]["last_seen_at"]))
+            self._run_started_at = float(previous["run_started_at"]) + idle
+            self._restarts = int(previous["restarts"])
+            self._lost_s, self._redone_step_s = float(previous["lost_s"]), float(previous["redone_step_s"])
+            self._downtime_s = float(previous["downtime_s"])
+            self._before = {c: float(previous["seconds"][c]) for c in CATEGORIES}
+            self._checkpoints = list(previous["checkpoints"])
+        elif previous is not None:
             self.restart = account_restart(previous, start_step, self._started_at)
             self._run_started_at = float(previous["run_started_at"])
             self._restarts = int(previous["restarts"]) + 1
@@ -294,14 +306,17 @@ class Goodput:
         self._step = step
         self._write(force=True, ended="preempted" if preempted else "finished")
 
-    def stopped(self, step: int) -> None:
-        """The session stops at `step` with an error: record how far it got. Quiet: a write
-        that fails here would hide the error that matters."""
+    def step_done(self, step: int) -> None:
+        """The step `step` was dispatched now (how far a session that stops got, and when)."""
+        self._step, self._last_step_at = step, time.time()
+
+    def stopped(self, step: int, *, preempted: bool = False) -> None:
+        """The session stops at `step` with an error, or a SIGTERM (`preempted`): record how
+        far it got. Quiet: a write that fails here would hide the error that matters."""
         if not self._begun:
             return
         self._step = max(self._step, step)
-        self._last_step_at = time.time()
-        self._write(force=True, window=self._open_window(), ended="stopped", quiet=True)
+        self._write(force=True, window=self._open_window(), ended="preempted" if preempted else "stopped", quiet=True)
 
     def summary(self) -> dict[str, Any]:
         """The session's seconds per category, its wall time, and the run's shares and restarts."""
@@ -322,7 +337,7 @@ class Goodput:
             if not self.path.is_file():
                 return None
             state = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - bookkeeping never stops training (a store's errors too)
             self._warn(f"cannot read {self.path} ({e}); goodput counts from this session")
             return None
         if not _valid(state):
@@ -334,7 +349,7 @@ class Goodput:
                quiet: bool = False) -> None:
         if not self.enabled or not self._begun:
             return
-        if not force and self._remote and time.monotonic() - self._last_write < REMOTE_WRITE_EVERY_S:
+        if not force and time.monotonic() - self._last_write < WRITE_EVERY_S:
             return
         state = {
             "version": _VERSION,

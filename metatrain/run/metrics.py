@@ -3,7 +3,9 @@
 Only process 0 writes. Metric keys are a contract read by scripts and by
 `metatrain sweep`: `loss`, `loss/<role>`, `accuracy/<role>`, `tokens/<role>`,
 `learning_rate`, `grad_norm`, `tokens_per_sec`, `step_time`, `mfu`, and where the
-wall time went, `goodput/*` (`metatrain.run.goodput`).
+wall time went, `goodput/*` (`metatrain.run.goodput`). A run's last record may hold only
+`goodput/*` keys (the time after its last window: final evaluation and checkpoint), at
+the same step as the window before it.
 
 In a work directory in a bucket, `metrics.jsonl` is appended by GCS compose
 (`metatrain.io.storage.ObjectAppender`): lines reach the bucket every 30 s, before each
@@ -172,10 +174,11 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.flush()
 
-    def close(self) -> None:
-        """Close the files and finish the W&B run: marked failed when `close` runs while an
-        exception is being handled (the trainer closes there when training failed)."""
-        failed = sys.exc_info()[0] is not None
+    def close(self, failed: bool | None = None) -> None:
+        """Close the files and finish the W&B run, marked failed when `failed` (None: when
+        `close` runs while an exception is being handled)."""
+        if failed is None:
+            failed = sys.exc_info()[0] is not None
         try:
             if self._file is not None:
                 file, self._file = self._file, None

@@ -112,6 +112,20 @@ def _require_credentials(wandb) -> None:
                         "`wandb login`, or set trainer.wandb.mode=offline (and `wandb sync` later)")
 
 
+def preflight(config: WandbConfig) -> None:
+    """What can be checked before a run reads or writes anything: the package is there and
+    an online run has an API key.
+
+    Raises:
+        UserError: either is missing.
+    """
+    if config.mode == "disabled":
+        return
+    wandb = import_wandb()
+    if config.mode == "online":
+        _require_credentials(wandb)
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return one_line(text[0] if text else type(error).__name__)

@@ -35,10 +35,10 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
-from metatrain.config import RunConfig, config_to_dict
+from metatrain.config import OptimizerConfig, RunConfig, config_to_dict
 from metatrain.data import global_batch, make_batch_iterator
 from metatrain.documents import SkipCounter
-from metatrain.errors import FaultError, MetatrainError, UserError
+from metatrain.errors import FaultError, MetatrainError, Terminated, UserError
 from metatrain.evaluation.text_bytes import bits_per_byte, token_byte_lengths
 from metatrain.hardware import local_chip
 from metatrain.io.storage import as_path
@@ -48,6 +48,7 @@ from metatrain.run.checkpoint import Checkpointer
 from metatrain.run.goodput import Goodput, format_goodput
 from metatrain.run.lock import NoLock, workdir_lock
 from metatrain.run.metrics import MetricsWriter, add_sums, role_metrics
+from metatrain.run.optimizer import cooldown_start
 from metatrain.run.program import build_train_program
 from metatrain.run.resume import check_allowed_changes, check_resume
 from metatrain.run.state import init_state
@@ -118,6 +119,10 @@ class Trainer:
         """
         check_trainable(workdir)
         check_vocab_size(config.model.vocab_size, config.data.tokenizer)
+        if config.trainer.wandb is not None and jax.process_index() == 0:
+            from metatrain.run.wandb_log import preflight
+
+            preflight(config.trainer.wandb)  # before a checkpoint is read or a file written
         self.config = config
         self.workdir = as_path(workdir)
         # The session's clock starts here: building the program and the data streams is
@@ -203,14 +208,28 @@ class Trainer:
         from metatrain.run.checkpoint import split_step_dir
 
         path = self.config.checkpoint.branch_from
-        found = split_step_dir(path)
+        found = split_step_dir(path, must_exist=False)
         if found is None:
             raise UserError(f"checkpoint.branch_from {path} is not a checkpoint step directory "
                             "(WORKDIR/checkpoints/<step>); name the step the branch starts from")
         source, step = found
+        steps, optimizer = self.config.trainer.steps, self.config.optimizer
+        if step >= steps:
+            raise UserError(f"checkpoint.branch_from {path}: step {step} is not before this run's trainer.steps="
+                            f"{steps}, so the branch would train nothing; branch from an earlier step")
+        if optimizer.decay == "wsd" and step > cooldown_start(optimizer, steps):
+            raise UserError(f"checkpoint.branch_from {path}: step {step} is past this run's cooldown start "
+                            f"({cooldown_start(optimizer, steps)} of trainer.steps={steps}), so it would not be "
+                            "the separate run of its length; branch from that step")
 
         def validate(at: int, stored: dict) -> None:
             check_resume(stored, config_to_dict(self.config), step=at, workdir=source, allowed=self.allow_changes)
+            theirs = stored.get("optimizer", {})
+            if theirs.get("decay") == "wsd":
+                start = cooldown_start(OptimizerConfig(**theirs), int(stored["trainer"]["steps"]))
+                if at > start:
+                    raise UserError(f"checkpoint.branch_from {path}: its run was already cooling down at step {at} "
+                                    f"(from step {start}); branch from a step of its stable phase")
 
         restored = Checkpointer(source, read_only=True).restore_step(step, self.program.abstract_state(), validate)
         print(f"metatrain train: branching from {path} (step {step}: parameters, optimizer and data position)",
@@ -320,6 +339,7 @@ class Trainer:
             with self.goodput.timing("step"):  # the dispatch; the device is waited for at the fetch
                 state, metrics = self.train_step(state, batch)
             step += 1
+            self.goodput.step_done(step)
             preempted = preemption is not None and preemption.reached(step) and step < total
             yield StepInfo(step, state, metrics, final=step == total or preempted, preempted=preempted)
             if preempted:
@@ -376,7 +396,8 @@ class Trainer:
                     self.hooks.run(info)
                     state = info.state
             except BaseException as error:
-                self.goodput.stopped(info.step if info is not None else start)  # for the restart's count
+                self.goodput.stopped(info.step if info is not None else start,  # for the restart's count
+                                     preempted=isinstance(error, Terminated))
                 if isinstance(error, FaultError):
                     # A write that fails while an asynchronous save runs is most often that save
                     # filling the disk: its fault names the cause and the checkpoint that is kept.
@@ -396,7 +417,9 @@ class Trainer:
         self.state = state
         preempted = info is not None and info.preempted
         # The time after the last window (final evaluation, checkpoint, the wait for its save).
-        self.writer.write(final_step, self.goodput.window(final_step, stepped=False))
+        tail = self.goodput.window(final_step, stepped=False)
+        if info is not None:  # a session that trained no step (already at trainer.steps) adds no row
+            self.writer.write(final_step, tail)
         self.goodput.end(final_step, preempted=preempted)
         goodput = self.goodput.summary()
         if self.is_main:
@@ -414,12 +437,13 @@ class Trainer:
             goodput=goodput,
         )
 
-    def close(self) -> None:
-        """Wait for the last save and release files; a failure here does not hide an earlier one."""
+    def close(self, failed: bool = False) -> None:
+        """Wait for the last save and release files (a W&B run is marked failed when
+        `failed`); a failure here does not hide an earlier one."""
         try:
             self.checkpointer.close()
         finally:
-            self.writer.close()
+            self.writer.close(failed=failed)
             self.train_iter.close()
 
 
@@ -486,7 +510,7 @@ def train(
         summary = trainer.run()
     except BaseException:
         try:
-            trainer.close()
+            trainer.close(failed=True)
         except Exception:  # noqa: BLE001 - the first error is the one to report
             pass
         raise

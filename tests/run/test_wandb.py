@@ -209,6 +209,16 @@ def test_online_without_an_api_key_is_refused_before_wandb_starts(tmp_path, wand
     assert not (tmp_path / WANDB_DIR).exists()
 
 
+def test_a_trainer_checks_wandb_before_it_reads_or_writes_anything(tmp_path, monkeypatch):
+    from metatrain.train.loop import Trainer
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    workdir = tmp_path / "w"
+    with pytest.raises(UserError, match="wandb package is not installed"):
+        Trainer(tiny_config("trainer.wandb={project: p, mode: offline}"), workdir)
+    assert not workdir.exists()
+
+
 def test_wandb_refusing_to_start_is_one_line(tmp_path, wandb_home):
     writer = MetricsWriter(tmp_path, wandb=WandbConfig(project="bad/name", mode="offline"), run_config={})
     with pytest.raises(UserError) as caught:

@@ -72,11 +72,22 @@ def test_bad_branch_points_are_refused_in_one_line(stable_run, tmp_path):
     workdir, branch_at = stable_run
     with pytest.raises(UserError, match="is not a checkpoint step directory"):
         Trainer(tiny_config(*WSD, f"checkpoint.branch_from={workdir}"), tmp_path / "a").initial_state()
-    with pytest.raises(UserError, match="is not a checkpoint step directory"):
-        Trainer(tiny_config(*WSD, f"checkpoint.branch_from={workdir / 'checkpoints' / '7'}"),
+    at = workdir / "checkpoints"
+    with pytest.raises(UserError, match=r"has no checkpoint at step 7 \(checkpoints: 6, 12\)"):
+        Trainer(tiny_config(*WSD, f"trainer.steps={LONG}", f"checkpoint.branch_from={at / '7'}"),
                 tmp_path / "b").initial_state()
+    with pytest.raises(UserError, match="step 6 is not before this run's trainer.steps=6"):
+        Trainer(tiny_config(*WSD, "trainer.steps=6", f"checkpoint.branch_from={at / '6'}"), tmp_path / "b")\
+            .initial_state()
+    with pytest.raises(UserError, match=r"step 6 is past this run's cooldown start \(5 of trainer.steps=7\)"):
+        Trainer(tiny_config(*WSD, "trainer.steps=7", f"checkpoint.branch_from={at / '6'}"), tmp_path / "b")\
+            .initial_state()
+    with pytest.raises(UserError, match=r"its run was already cooling down at step 12 \(from step 9\)"):
+        Trainer(tiny_config(*WSD, "trainer.steps=20", f"checkpoint.branch_from={at / '12'}"), tmp_path / "b")\
+            .initial_state()
+    assert not (tmp_path / "b").exists()
     with pytest.raises(ResumeRefused, match="optimizer.learning_rate"):
-        Trainer(tiny_config(*WSD, "optimizer.learning_rate=0.5",
+        Trainer(tiny_config(*WSD, f"trainer.steps={SHORT}", "optimizer.learning_rate=0.5",
                             f"checkpoint.branch_from={workdir / 'checkpoints' / str(branch_at)}"),
                 tmp_path / "c").initial_state()
     assert not (tmp_path / "c" / "checkpoints").exists()
@@ -87,3 +98,18 @@ def test_init_from_and_branch_from_are_exclusive(stable_run):
     with pytest.raises(UserError, match="both set"):
         tiny_config(f"checkpoint.init_from={workdir}",
                     f"checkpoint.branch_from={workdir / 'checkpoints' / str(branch_at)}")
+
+
+def test_a_branch_counts_the_stable_runs_tokens_before_it(stable_run, tmp_path):
+    """The model card of an exported branch: its tokens are a separate run's of its length."""
+    from metatrain.hf.export import run_metrics
+    from metatrain.run.reader import load_checkpoint
+
+    workdir, branch_at = stable_run
+    branch, separate = tmp_path / "branch", tmp_path / "separate"
+    train(tiny_config(*WSD, f"trainer.steps={SHORT}",
+                      f"checkpoint.branch_from={workdir / 'checkpoints' / str(branch_at)}"), branch)
+    train(tiny_config(*WSD, f"trainer.steps={SHORT}"), separate)
+    ours = run_metrics(branch, SHORT, load_checkpoint(branch).config).tokens
+    theirs = run_metrics(separate, SHORT, load_checkpoint(separate).config).tokens
+    assert ours == theirs and sum(ours.values()) > 0

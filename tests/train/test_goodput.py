@@ -117,6 +117,25 @@ def test_the_end_of_a_run_is_one_line_on_stderr(tmp_path, capsys):
 # -- restarts -------------------------------------------------------------------------------
 
 
+def test_training_a_finished_run_further_is_not_a_restart_and_a_rerun_adds_no_row(tmp_path, capsys):
+    config = tiny_config("trainer.steps=2", "trainer.eval_every=0", "checkpoint.every=2")
+    train(config, tmp_path)
+    rows = len(read_records(tmp_path))
+    first = state(tmp_path)
+    time.sleep(0.5)  # idle between the sessions: neither the run's time nor downtime
+    train(config, tmp_path)  # already at trainer.steps: trains nothing
+    assert len(read_records(tmp_path)) == rows
+    capsys.readouterr()
+    summary = train(tiny_config("trainer.steps=4", "trainer.eval_every=0", "checkpoint.every=2"), tmp_path)
+    assert "restart" not in capsys.readouterr().err
+    g = summary.goodput
+    assert g["restarts"] == 0 and g["lost_s"] == 0 and g["downtime_s"] == 0
+    later = state(tmp_path)
+    assert later["run_started_at"] - first["run_started_at"] >= 0.5
+    assert later["seconds"]["step"] > first["seconds"]["step"]
+
+
+
 def test_a_run_stopped_by_an_error_is_a_restart_with_its_steps_after_the_checkpoint_lost(tmp_path, capsys):
     config = tiny_config("trainer.eval_every=0")
 
