@@ -54,7 +54,7 @@ def collect(out: Path) -> dict[str, Any]:
         rows.append({
             "name": record["name"], "size": record["size"], "d_model": record["d_model"],
             "n_layers": record["n_layers"], "parametrization": config.model.parametrization,
-            "width_multiplier": config.model.d_model / config.model.mup_base_width,
+            "width_multiplier": config.model.mup_width_multiplier,
             "learning_rate": config.optimizer.learning_rate, "status": record["status"],
             "steps": record["steps"], "tokens": record["tokens"], "train_seconds": record.get("train_seconds"),
             **{key: record.get(key) for key in LOSS_KEYS},

@@ -43,13 +43,3 @@ class Embedding(nn.Module):
         """[B, T] int32 token ids -> [B, T, D] (compute dtype)."""
         x = jnp.take(self.table.astype(self.dtype), ids, axis=0)
         return nn.with_logical_constraint(x, ("batch", "seq", "embed"))
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        """`x @ table.T`: [B, T, D] -> [B, T, V] float32, the unscaled tied product.
-
-        A model's logits come from `metatrain.models.output_projection`, which also
-        applies μP's output multiplier; this is the layer's own product, for tests.
-        """
-        return jnp.einsum(
-            "BTD,VD->BTV", x, self.table.astype(x.dtype), preferred_element_type=jnp.float32
-        )

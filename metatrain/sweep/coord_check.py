@@ -142,7 +142,7 @@ class CoordCheck:
 
     Attributes:
         spec: the check's settings.
-        activations: names, in model order: "embedding", "block_0" .. "block_{L-1}", "logits".
+        activations: `activation_names(n_layers)`.
         scale: parametrization -> activation -> [len(widths), steps + 1] mean |x_t|
             (column t: after t updates).
         change: the same shape, mean |x_t - x_0| (column 0 is 0).
@@ -169,11 +169,13 @@ class CoordCheck:
 
 
 def activation_names(n_layers: int) -> tuple[str, ...]:
-    """The measured activations in model order: "embedding", "block_0" .. "block_{n_layers-1}", "logits"."""
-    return ("embedding", *(f"block_{i}" for i in range(n_layers)), "logits")
+    """The measured activations in model order: "embedding", "block_0" .. "block_{n_layers-1}",
+    "logits", and "readout" (what the output projection's own update adds to the logits)."""
+    return ("embedding", *(f"block_{i}" for i in range(n_layers)), "logits", "readout")
 
 
-def activations(model: Transformer, params: Any, config: ModelConfig, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def activations(model: Transformer, params: Any, config: ModelConfig, batch: dict[str, jax.Array],
+                initial: Any = None) -> dict[str, jax.Array]:
     """The activations of `model` on `batch` that the check measures.
 
     Args:
@@ -181,11 +183,17 @@ def activations(model: Transformer, params: Any, config: ModelConfig, batch: dic
         params: its unboxed parameters.
         config: its config.
         batch: `inputs`, `positions`, `segment_ids`, each [B, T] int32.
+        initial: the parameters at initialisation (None: `params`).
 
     Returns:
         `activation_names(config.n_layers)` -> float32 array: the embedding output and
         each block's output [B, T, D] (captured with flax's `capture_intermediates`), and
-        the logits [B, T, V] (through `output_projection`, so with μP's multiplier).
+        the logits [B, T, V] (through `output_projection`, so with μP's multiplier), and
+        the readout term [B, T, V]: the logits of today's hidden state through today's
+        output projection less through the initial one. The logits' change mixes it with
+        the initial projection's view of the moved hidden state (which μP lets vanish as
+        1/sqrt(m)); this term alone is Θ(1) under μP at every width, and would shrink as
+        1/m if the table's learning rate were scaled like a hidden matrix's.
     """
     def captured(module: nn.Module, method: str) -> bool:
         return method == "__call__" and isinstance(module, (Embedding, DecoderBlock))
@@ -199,6 +207,7 @@ def activations(model: Transformer, params: Any, config: ModelConfig, batch: dic
     for i in range(config.n_layers):
         outputs[f"block_{i}"] = found[f"layers_{i}"]["__call__"][0][0]  # a block returns (x, None)
     outputs["logits"] = logits(hidden, params, config)
+    outputs["readout"] = outputs["logits"] - logits(hidden, params if initial is None else initial, config)
     return {name: x.astype(jnp.float32) for name, x in outputs.items()}
 
 
@@ -237,7 +246,7 @@ def _train_and_measure(
     opt_config = spec.optimizer_config()
     optimizer = build_optimizer(opt_config, spec.steps, config)
     step = jax.jit(make_train_step(model, config, LossConfig(), optimizer, learning_rate_schedule(opt_config, spec.steps)))
-    forward = jax.jit(lambda p: activations(model, p, config, batch))
+    forward = jax.jit(lambda p: activations(model, p, config, batch, initial=params))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
     initial = jax.device_get(forward(state.params))
     rows = []
@@ -301,7 +310,7 @@ def coord_check_figure(check: CoordCheck) -> Figure:
             ax = axes[r, c]
             for i, name in enumerate(check.activations):
                 ax.plot(widths, by_act[name][:, step], marker="o", markersize=3, color=colours[i], label=name,
-                        linestyle="--" if name == "logits" else "-")
+                        linestyle={"logits": "--", "readout": ":"}.get(name, "-"))
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
             ax.set_title(f"{'μP' if parametrization == 'mup' else parametrization}: {labels[stat]}", fontsize=9)

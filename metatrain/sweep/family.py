@@ -44,16 +44,15 @@ class ModelSize:
     mup_base_width: int
 
     def overrides(self) -> list[str]:
-        """`--set` strings that give a run config this model shape and the family's μP
-        base width (which a `parametrization: standard` run carries unused: a `--set`
-        list cannot depend on the parametrization a variant chooses)."""
-        return [f"model.{f}={getattr(self, f)}" for f in (*SHAPE_FIELDS, "mup_base_width")]
+        """`--set` strings that give a run config this model shape (the family's μP base
+        width is the planner's: only where a point is μP and sets none of its own)."""
+        return [f"model.{f}={getattr(self, f)}" for f in SHAPE_FIELDS]
 
     def model_config(self, base: ModelConfig) -> ModelConfig:
         """`base` (vocabulary, sequence length, dtypes, ...) with this shape; a μP `base`
-        also gets the family's `mup_base_width`."""
+        without a `mup_base_width` of its own gets the family's."""
         fields = {f: getattr(self, f) for f in SHAPE_FIELDS}
-        if base.parametrization == "mup":
+        if base.parametrization == "mup" and base.mup_base_width is None:
             fields["mup_base_width"] = self.mup_base_width
         return dataclasses.replace(base, **fields)
 

@@ -105,7 +105,8 @@ def plan_runs(spec: SweepSpec, spec_dir: Path, out: StoragePath, overrides: Sequ
         settings = [*_as_sets(spec.overrides), *_as_sets(spec.variants.get(variant, {})), *overrides]
         where = f"variant {variant!r}" if variant else "the spec's overrides"
         needed = [family.find(n) for n in spec.grid.sizes] if spec.grid is not None else family.sizes()
-        configs = {s.name: _load_point_config(spec.base, spec_dir, [*settings, *s.overrides()], where) for s in needed}
+        configs = {s.name: _load_sized_config(spec.base, spec_dir, settings, s, family.mup_base_width, where)
+                   for s in needed}
         if spec.grid is not None:
             budgets, key = spec.token_budgets
             for size_name in spec.grid.sizes:  # before reading any data for count_tokens: text
@@ -292,6 +293,23 @@ def check_point_vocab(config: RunConfig, point: str, checked: set[tuple[int, str
 def _as_sets(overrides: dict) -> list[str]:
     # JSON is YAML flow syntax, so every value reads back exactly as written in the spec.
     return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+def _load_sized_config(base: Path, spec_dir: Path, settings: list[str], size: ModelSize, base_width: int,
+                       where: str) -> RunConfig:
+    """The point's config at `size`. A μP point without a `model.mup_base_width` of its own
+    (in the base config or the settings, which win) gets the family's `base_width`; a
+    standard point is left without one (the config of the same run planned by hand)."""
+    with contextlib.chdir(spec_dir):
+        try:
+            own = load_config(base).model.mup_base_width
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+    given = [] if own is not None else [f"model.mup_base_width={base_width}"]
+    config = _load_point_config(base, spec_dir, [*given, *settings, *size.overrides()], where)
+    if given and config.model.parametrization == "standard":
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, mup_base_width=None))
+    return config
 
 
 def _load_point_config(base: Path, spec_dir: Path, settings: list[str], where: str) -> RunConfig:

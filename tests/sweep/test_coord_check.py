@@ -4,9 +4,10 @@ width within a few Adam steps, under μP they do not.
 The check runs at widths 32 and 128 (m = 4), one layer, 5 steps: seconds of compute,
 mostly compilation. Measured at these settings (width 128 over width 32): block output
 scale 2.14 standard vs 1.04 μP; logits 1.27 vs 0.64 (under μP the logits' random
-initial part shrinks as 1/sqrt(m), μP's design). Without μP's learning-rate scaling
-the μP block ratio is 2.66; without its output multiplier the μP logit ratio is 2.07:
-either breaks these assertions.
+initial part shrinks as 1/sqrt(m), μP's design); the readout term's change 1.48 vs
+0.61. Without μP's learning-rate scaling the μP block ratio is 2.66; without its output
+multiplier the μP logit ratio is 2.07: either breaks these assertions, and a tied table
+learning at lr / m would shrink the μP readout ratio below 0.4.
 """
 
 import json
@@ -49,11 +50,17 @@ def test_standard_grows_with_width_and_mup_stays_flat(written):
     assert ratio["scale"]["mup"]["logits"] < 1.0
     assert ratio["scale"]["standard"]["logits"] > 1.6 * ratio["scale"]["mup"]["logits"]
     assert ratio["change"]["standard"]["logits"] > 1.6 * ratio["change"]["mup"]["logits"]
+    # The readout's own update (the tied table's learning rate): about lr x base width
+    # under μP at every width (0.61 at m = 4 after 5 steps; a table learning at lr / m, like
+    # a hidden matrix, gives about a quarter of that), growing under standard.
+    assert ratio["change"]["mup"]["readout"] > 0.4
+    assert ratio["change"]["standard"]["readout"] > 2 * ratio["change"]["mup"]["readout"]
+    assert 0.85 < ratio["change"]["mup"]["embedding"] < 1.2
 
 
 def test_the_json_holds_every_step_and_the_plot_is_written(written):
     out, report = written
-    assert report["activations"] == ["embedding", "block_0", "logits"]
+    assert report["activations"] == ["embedding", "block_0", "logits", "readout"]
     for stat in ("scale", "change"):
         for parametrization in ("standard", "mup"):
             for name in report["activations"]:

@@ -27,13 +27,13 @@ def test_a_family_without_one_uses_its_smallest_width_and_refuses_a_bad_one():
         SizeFamily(name="x", depths=(3, 5), width_per_layer=32, head_dim=16, mup_base_width=0)
 
 
-def test_overrides_and_model_config_carry_the_base_width():
+def test_model_config_gives_a_mup_model_the_family_base_width_unless_it_has_one():
     size = get_family("tiny").find("tiny-8")
-    assert "model.mup_base_width=64" in size.overrides()
-    mup_base = dataclasses.replace(TINY_RUN.model, parametrization="mup", mup_base_width=999)
-    model = size.model_config(mup_base)
-    assert (model.d_model, model.mup_base_width, model.mup_width_multiplier) == (256, 64, 4.0)
-    assert size.model_config(TINY_RUN.model).mup_base_width is None  # standard: left as it was
+    assert not any("mup_base_width" in o for o in size.overrides())
+    own = dataclasses.replace(TINY_RUN.model, parametrization="mup", mup_base_width=128)
+    assert size.model_config(own).mup_base_width == 128
+    standard = size.model_config(TINY_RUN.model)
+    assert standard.mup_base_width is None and standard.d_model == 256
 
 
 def test_a_mup_variant_plans_with_the_family_base_width(tmp_path):
@@ -47,3 +47,14 @@ def test_a_mup_variant_plans_with_the_family_base_width(tmp_path):
     assert (mup.parametrization, mup.mup_base_width, mup.mup_width_multiplier) == ("mup", 64, 2.0)
     assert runs["mup.tiny-2.D2048"].mup_width_multiplier == 1.0
     assert runs["standard.tiny-4.D2048"].parametrization == "standard"
+    assert runs["standard.tiny-4.D2048"].mup_base_width is None  # the config of the same run planned by hand
+
+
+def test_a_base_width_the_spec_gives_is_kept(tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(
+        f"base: {CONFIGS_DIR / 'tiny.yaml'}\nfamily: tiny\ngrid: {{sizes: [tiny-4], tokens: [2048]}}\n"
+        "variants:\n  mup: {model.parametrization: mup, model.mup_base_width: 128}\n"
+    )
+    [run] = plan_sweep(spec, tmp_path / "sweep")
+    assert (run.config.model.mup_base_width, run.config.model.mup_width_multiplier) == (128, 1.0)
