@@ -350,7 +350,7 @@ def test_a_branch_ends_at_the_loss_of_the_separate_run_of_its_length(tmp_path, c
     assert main(["sweep", "run", str(tmp_path / "s"), "--spec", str(separate)]) == 0
     ours = {r["name"]: r for r in read_manifest(tmp_path / "b")}
     theirs = {r["name"]: r for r in read_manifest(tmp_path / "s")}
-    assert [r["branch_step"] for r in ours.values() if "branch_of" in r] == [4, 8, 4, 8]
+    assert [r["branch_step"] for r in ours.values() if "branch_of" in r] == [4, 7, 4, 7]
     for name, separate_run in theirs.items():
         branch = ours[name]
         assert branch["tokens"] == separate_run["tokens"] and branch["flops"] == separate_run["flops"]

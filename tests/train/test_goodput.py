@@ -197,8 +197,10 @@ import os, signal, sys, time
 from pathlib import Path
 from metatrain.config import load_config
 from metatrain.train.hooks import FunctionHook
+from metatrain.run import goodput
 from metatrain.train.loop import train
 
+goodput.WRITE_EVERY_S = 0.0  # every window on disk (by default at most every 30 s: see the next test)
 workdir = Path(sys.argv[1])
 def kill_at_5(info):
     if info.step == 5:  # once the checkpoint of step 3 is complete: steps 4 and 5 are lost
@@ -233,6 +235,24 @@ def test_a_run_killed_without_warning_leaves_enough_to_count_its_restart(tmp_pat
     assert cost["ended"] is None and cost["redone_steps"] == 2 and cost["lost_s"] > 0
     g = summary.goodput
     assert g["restarts"] == 1 and g["lost_s"] == pytest.approx(cost["lost_s"]) and g["downtime_s"] > 0
+
+
+def test_the_record_is_rewritten_at_checkpoints_and_at_most_every_write_interval_between(tmp_path, monkeypatch):
+    """Each write is an atomic replace with fsync: not once per step."""
+    from metatrain.run import goodput
+
+    clock = [1000.0]
+    monkeypatch.setattr(goodput.time, "monotonic", lambda: clock[0])
+    g = Goodput(tmp_path)
+    g.begin(0)
+    g.window(1)
+    assert state(tmp_path)["session"]["step"] == 0  # within WRITE_EVERY_S of the start's write
+    clock[0] += goodput.WRITE_EVERY_S
+    g.window(2)
+    assert state(tmp_path)["session"]["step"] == 2
+    g.window(3)
+    g.checkpoint_saved(3)
+    assert [c["step"] for c in state(tmp_path)["checkpoints"]] == [0, 3]
 
 
 # -- the accounting, by hand --------------------------------------------------------------
