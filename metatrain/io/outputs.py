@@ -31,6 +31,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
@@ -315,9 +316,28 @@ class built_dir:  # noqa: N801 - used like `open`
             raise FaultError(f"writing {self.what} {self.path} failed: {describe_cause(exc)}") from None
 
 
+#: How long `discard_dir` keeps removing a staging directory that writes still land in.
+DISCARD_GRACE_S: float = 5.0
+#: How long a discarded staging directory must stay gone before `discard_dir` returns.
+DISCARD_SETTLE_S: float = 0.2
+
+
 def discard_dir(staging: PathLike) -> None:
-    """Remove a directory `staging_dir` gave, after its build failed."""
+    """Remove a directory `staging_dir` gave, after its build failed. An interrupt can
+    land while a library's own threads still write into it (tensorstore finishes a
+    write whose `.result()` was interrupted, creating its folders again), so the tree is
+    removed again until it has stayed gone for `DISCARD_SETTLE_S` (at most
+    `DISCARD_GRACE_S` in all)."""
     remove_tree(staging)
+    if is_remote(str(staging)):
+        return
+    deadline = gone_since = time.monotonic()
+    deadline += DISCARD_GRACE_S
+    while time.monotonic() < deadline and time.monotonic() - gone_since < DISCARD_SETTLE_S:
+        time.sleep(0.02)
+        if os.path.lexists(staging):
+            remove_tree(staging)
+            gone_since = time.monotonic()
 
 
 def _umask() -> int:
