@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
-from metatrain.errors import FaultError, UserError, describe_cause
+from metatrain.errors import FaultError, UserError, critical_section, describe_cause
 from metatrain.io.storage import StoragePath, as_path, is_remote, remove_tree
 
 PathLike = str | os.PathLike[str]
@@ -304,7 +304,16 @@ class built_dir:  # noqa: N801 - used like `open`
         self.path, self.what, self.option = path, what, option
 
     def __enter__(self) -> Path:
-        self.staging = staging_dir(self.path, option=self.option)
+        # An interrupt waits until `self.staging` names the directory just made; raised
+        # here (where `__exit__` is not called), it removes the directory itself.
+        self.staging = None
+        try:
+            with critical_section():
+                self.staging = staging_dir(self.path, option=self.option)
+        except BaseException:
+            if self.staging is not None:
+                discard_dir(self.staging)
+            raise
         return self.staging
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -96,16 +96,22 @@ class Checkpointer:
         if config.keep_steps and not read_only:  # the newest `keep`, and `keep_steps` whatever their age
             keep = {"preservation_policy": preservation.AnyPreservationPolicy([
                 preservation.LatestN(n=config.keep), preservation.CustomSteps(steps=list(config.keep_steps))])}
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                **keep,
-                enable_async_checkpointing=config.async_save and not read_only,
-                create=False,
-                read_only=read_only,
-                cleanup_tmp_directories=not read_only,
-            ),
+        options = ocp.CheckpointManagerOptions(
+            **keep,
+            enable_async_checkpointing=config.async_save and not read_only,
+            create=False,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
         )
+        for attempt in range(RELISTS):
+            try:
+                self._manager = ocp.CheckpointManager(self.directory, options=options)
+                break
+            except FileNotFoundError:
+                # The manager lists the steps, then reads each one's time: a trainer that keeps
+                # few checkpoints may delete one in between. List again.
+                if attempt == RELISTS - 1:
+                    raise
         self._pending_step: int | None = None  # an async save not yet known to be complete
 
     # -- what is there ------------------------------------------------------------------

@@ -151,12 +151,16 @@ def train_tokenizer(
     # there, and only then publish each file atomically. A refusal, a failed check or an
     # interrupt (Ctrl-C, or SIGTERM, which the CLI turns into an exception) leaves the old
     # outputs as they were and removes the scratch directory.
-    if is_remote(str(out_prefix)):
-        staging = Path(tempfile.mkdtemp(prefix=f"metatrain-{out_prefix.name}.", suffix=".partial"))
-    else:
+    if not is_remote(str(out_prefix)):
         out_prefix.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_prefix.name}.", suffix=".partial", dir=out_prefix.parent))
+    staging: Path | None = None
     try:
+        # An interrupt waits until `staging` names the directory just made, and is raised
+        # inside this `try`, whose `finally` removes it.
+        with critical_section():
+            staging = Path(tempfile.mkdtemp(prefix=f"metatrain-{out_prefix.name}.", suffix=".partial")
+                           if is_remote(str(out_prefix)) else
+                           tempfile.mkdtemp(prefix=f".{out_prefix.name}.", suffix=".partial", dir=out_prefix.parent))
         staged = staging / out_prefix.name
         try:
             spm.SentencePieceTrainer.train(
@@ -189,7 +193,8 @@ def train_tokenizer(
             write_atomically(vocab_path, vocab_bytes, inputs=inputs_and_tags, option="--out")
             write_atomically(model_path, model_bytes, inputs=inputs_and_tags, option="--out")
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return TrainReport(model_path, tokenizer.vocab_size, len(documents), len(texts), skips.count)
 
 
