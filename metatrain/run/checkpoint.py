@@ -42,6 +42,8 @@ STATE_ITEM, DATA_ITEM, CONFIG_ITEM = "state", "data", "config"
 
 #: Listings a reader tries when each changes under its read (a trainer deleting what it listed).
 RELISTS: int = 20
+#: Listings a reader tries, 0.1 s apart, when a directory lists no checkpoint at all.
+EMPTY_RELISTS: int = 5
 _RELIST = object()  # `_newest_that_reads`: the listing changed, list again
 
 
@@ -312,6 +314,14 @@ class Checkpointer:
         """
         damaged: dict[int, str] = {}
         for _ in range(RELISTS):
+            if self.read_only and not self.all_steps() and self.directory.is_dir():
+                # A trainer keeping one checkpoint may have removed the old one before its
+                # new one is listed: look again briefly before saying there is none.
+                for _ in range(EMPTY_RELISTS):
+                    time.sleep(0.1)
+                    self._manager.reload()
+                    if self.all_steps():
+                        break
             if not self.all_steps() and not damaged:
                 aside = sorted(p.name for p in self.directory.glob("*.corrupt-*")) if self.directory.is_dir() else []
                 if aside and not self.read_only:
