@@ -54,8 +54,9 @@ def test_llama_in_tags_added_trained_exported_and_generating_under_the_grammar(t
                  "--set", "trainer.batch_size=8"]) == 0
     assert main(["train", "--workdir", str(run), "--set", "trainer.steps=3", "--set", "trainer.eval_every=0",
                  "--set", "trainer.progress=false"]) == 0
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert metrics and metrics[-1]["step"] == 3 and "loss/thinking" in metrics[-1]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if "loss" in r]  # the last record may hold only goodput/* keys
+    assert trained and trained[-1]["step"] == 3 and "loss/thinking" in trained[-1]
 
     out = tmp_path / "exported"
     assert main(["export", "--workdir", str(run), "--out", str(out)]) == 0
