@@ -234,8 +234,11 @@ class Before:
         self.rev = rev
 
     def __call__(self, batch: int, prompt_tokens: int, new: int) -> tuple[float, np.ndarray]:
-        self.child.stdin.write(json.dumps({"batch": batch, "prompt_tokens": prompt_tokens, "new": new}) + "\n")
-        self.child.stdin.flush()
+        try:
+            self.child.stdin.write(json.dumps({"batch": batch, "prompt_tokens": prompt_tokens, "new": new}) + "\n")
+            self.child.stdin.flush()
+        except BrokenPipeError:
+            raise SystemExit(f"the decoder of {self.rev} exited (its stderr is above)") from None
         while not (line := self.child.stdout.readline()).startswith(_ANSWER):
             if not line:
                 raise SystemExit(f"the decoder of {self.rev} exited (its stderr is above)")
@@ -243,7 +246,10 @@ class Before:
         return answer["seconds"], np.asarray(answer["tokens"])
 
     def close(self) -> None:
-        self.child.stdin.close()
+        try:
+            self.child.stdin.close()
+        except BrokenPipeError:
+            pass  # it has exited already
         self.child.wait(timeout=60)
 
 
