@@ -28,6 +28,31 @@ def cooldown_start(config: OptimizerConfig, total_steps: int) -> int:
     return max(total_steps - length, warmup)
 
 
+def rewarm_warning(step: int, before: OptimizerConfig, before_steps: int, after: OptimizerConfig,
+                   after_steps: int) -> str | None:
+    """The line to print when a resume at `step` raises the learning rate of a "wsd" run
+    whose cooldown had begun (trained with `before` for `before_steps`, resumed with
+    `after` for `after_steps`), else None.
+
+    A longer `trainer.steps` moves the cooldown later, so a checkpoint taken inside the old
+    cooldown goes back towards the peak: a re-warm of a cooled model, not the longer stable
+    run a cooldown branch gives.
+    """
+    if before.decay != "wsd" or after.decay != "wsd" or step < 1:
+        return None
+    start = cooldown_start(before, before_steps)
+    if step <= start:
+        return None
+    was = float(learning_rate_schedule(before, before_steps)(step - 1))
+    now = float(learning_rate_schedule(after, after_steps)(step))
+    if now <= was * (1 + 1e-6):
+        return None
+    return (f"resuming at step {step}, inside the cooldown this run began at step {start} (trainer.steps="
+            f"{before_steps}): with trainer.steps={after_steps} the learning rate rises from {was:.3g} back to "
+            f"{now:.3g}, re-warming a cooled model; for a longer stable phase, train another --workdir with "
+            f"checkpoint.branch_from at a step <= {start} (checkpoint.keep_steps keeps one)")
+
+
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup to `learning_rate`, then its decay (`optimizer.decay`) to `min_lr_ratio` of it.
 

@@ -48,7 +48,7 @@ from metatrain.run.checkpoint import Checkpointer
 from metatrain.run.goodput import Goodput, format_goodput
 from metatrain.run.lock import NoLock, workdir_lock
 from metatrain.run.metrics import MetricsWriter, add_sums, role_metrics
-from metatrain.run.optimizer import cooldown_start
+from metatrain.run.optimizer import cooldown_start, rewarm_warning
 from metatrain.run.program import build_train_program
 from metatrain.run.resume import check_allowed_changes, check_resume
 from metatrain.run.state import init_state
@@ -183,8 +183,11 @@ class Trainer:
             FaultError: there are checkpoints but none restores.
         """
 
+        warnings: dict[int, str | None] = {}
+
         def validate(step: int, stored: dict) -> None:
             check_resume(stored, config_to_dict(self.config), step=step, workdir=self.workdir, allowed=self.allow_changes)
+            warnings[step] = _rewarm_warning(step, stored, self.config)
 
         restored = self.checkpointer.restore_latest(self.program.abstract_state(), validate)
         if restored is None and self.config.checkpoint.branch_from is not None:
@@ -194,6 +197,8 @@ class Trainer:
             if self.config.checkpoint.init_from is not None:
                 state = self._initialised_from(state, source_params)
             return state, 0
+        if self.is_main and warnings.get(restored.step):
+            print(f"metatrain train: {warnings[restored.step]}", file=sys.stderr, flush=True)
         self.train_iter.set_state(restored.data_state)
         return restored.state, restored.step
 
@@ -445,6 +450,16 @@ class Trainer:
         finally:
             self.writer.close(failed=failed)
             self.train_iter.close()
+
+
+def _rewarm_warning(step: int, stored: dict, config: RunConfig) -> str | None:
+    """`rewarm_warning` for a resume from a checkpoint whose saved config is `stored`."""
+    try:
+        before = OptimizerConfig(**stored.get("optimizer", {}))
+        before_steps = int(stored["trainer"]["steps"])
+    except (TypeError, KeyError, ValueError, UserError):
+        return None  # a config check_resume accepted but that names no schedule: nothing to compare
+    return rewarm_warning(step, before, before_steps, config.optimizer, config.trainer.steps)
 
 
 def _registry(config: RunConfig):

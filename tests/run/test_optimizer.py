@@ -7,6 +7,7 @@ from metatrain.run.optimizer import (
     build_optimizer,
     cooldown_start,
     learning_rate_schedule,
+    rewarm_warning,
 )
 
 
@@ -109,3 +110,18 @@ def test_wsd_without_cooldown_stays_at_the_peak_and_short_runs_never_cool_inside
 def test_the_cooldown_rounds_half_up_and_is_never_lost_to_rounding():
     cfg = OptimizerConfig(learning_rate=1.0, warmup_steps=0, decay="wsd", decay_fraction=0.1)
     assert [t - cooldown_start(cfg, t) for t in (5, 15, 25, 100)] == [1, 2, 3, 10]
+
+
+def test_a_longer_resume_inside_the_cooldown_is_called_a_rewarm():
+    cfg = OptimizerConfig(learning_rate=3e-3, warmup_steps=10, decay="wsd", decay_fraction=0.2)
+    start = cooldown_start(cfg, 200)
+    line = rewarm_warning(200, cfg, 200, cfg, 400)
+    assert line is not None and f"began at step {start}" in line and "branch_from at a step <= 160" in line
+    assert f"{float(learning_rate_schedule(cfg, 200)(199)):.3g}" in line and "3e-03" not in line
+    assert rewarm_warning(start + 1, cfg, 200, cfg, 400) is not None  # one cooldown update is enough
+    # Nothing to say: still in the stable phase, the same length, a shorter run, or no wsd.
+    assert rewarm_warning(start, cfg, 200, cfg, 400) is None
+    assert rewarm_warning(200, cfg, 200, cfg, 200) is None
+    assert rewarm_warning(190, cfg, 200, cfg, 195) is None
+    cosine = OptimizerConfig(learning_rate=3e-3, warmup_steps=10)
+    assert rewarm_warning(200, cosine, 200, cosine, 400) is None

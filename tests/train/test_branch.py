@@ -4,6 +4,8 @@ run of its length."""
 
 from __future__ import annotations
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -113,3 +115,16 @@ def test_a_branch_counts_the_stable_runs_tokens_before_it(stable_run, tmp_path):
     ours = run_metrics(branch, SHORT, load_checkpoint(branch).config).tokens
     theirs = run_metrics(separate, SHORT, load_checkpoint(separate).config).tokens
     assert ours == theirs and sum(ours.values()) > 0
+
+
+def test_lengthening_a_cooled_run_says_it_rewarms(stable_run, tmp_path, capsys):
+    workdir, _ = stable_run
+    copy = tmp_path / "longer"
+    shutil.copytree(workdir, copy)
+    capsys.readouterr()
+    train(tiny_config(*WSD, f"trainer.steps={LONG + 4}", "checkpoint.every=5", "checkpoint.keep=1"), copy)
+    err = capsys.readouterr().err
+    start = cooldown_start(tiny_config(*WSD).optimizer, LONG)
+    assert f"inside the cooldown this run began at step {start} (trainer.steps={LONG})" in err
+    lr = {r["step"]: r["learning_rate"] for r in read_records(copy) if "learning_rate" in r}
+    assert lr[LONG + 1] > lr[LONG], "the warning describes what the schedule does"
