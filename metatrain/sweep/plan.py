@@ -53,7 +53,7 @@ from metatrain.sweep.manifest import (
     read_manifest,
     write_manifest,
 )
-from metatrain.sweep.spec import SweepSpec, load_spec
+from metatrain.sweep.spec import SweepSpec, check_override_keys, load_spec
 
 RUNS_DIR = "runs"
 #: The most steps a run can take: the train state counts them in a 32-bit integer.
@@ -97,6 +97,7 @@ def plan_runs(spec: SweepSpec, spec_dir: Path, out: StoragePath, overrides: Sequ
 
     `out` is the (absolute) sweep directory: cooldown branches name their trunk's
     checkpoints in it."""
+    check_override_keys("--set", [setting.split("=", 1)[0] for setting in overrides])
     family = get_family(spec.family)
     runs: list[PlannedRun] = []
     checked: set[tuple[int, str]] = set()

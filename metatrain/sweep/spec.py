@@ -28,14 +28,14 @@ import dataclasses
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 from metatrain.errors import UserError
 from metatrain.io.dataclass_yaml import (  # the run config's loader too: one set of messages
     build_typed,
 )
 from metatrain.io.yaml_files import parse_yaml, read_yaml_text
-from metatrain.sweep.family import get_family
+from metatrain.sweep.family import SHAPE_FIELDS, get_family
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -162,9 +162,9 @@ class SweepSpec:
                 raise UserError(
                     f"variant name {name!r}: use letters, digits, '_' and '-' only (it names run directories)"
                 )
-        _check_override_keys("overrides", self.overrides)
+        check_override_keys("overrides", self.overrides)
         for name, overrides in self.variants.items():
-            _check_override_keys(f"variants.{name}", overrides)
+            check_override_keys(f"variants.{name}", overrides)
         if self.text_fraction_batches < 1:
             raise UserError(f"text_fraction_batches={self.text_fraction_batches} must be >= 1")
 
@@ -202,8 +202,15 @@ class SweepSpec:
         return tuple(self.variants) or (None,)
 
 
-def _check_override_keys(where: str, overrides: dict[str, Any]) -> None:
-    for key in overrides:
+def check_override_keys(where: str, keys: Iterable[Any]) -> None:
+    """Refuse an override key a sweep would silently replace: `trainer.steps` (from each
+    point's budget) and the model shape (`model.<SHAPE_FIELDS>`, from each point's size).
+
+    Args:
+        where: what holds the keys, for the message (`overrides`, `variants.NAME`, `--set`).
+        keys: dotted config keys.
+    """
+    for key in keys:
         if not isinstance(key, str) or not key or "=" in key:
             raise UserError(
                 f"{where}: {key!r} is not a dotted config key; write e.g. `loss.weights.thinking: 0.0`"
@@ -212,6 +219,11 @@ def _check_override_keys(where: str, overrides: dict[str, Any]) -> None:
             raise UserError(
                 f"{where}: {key} is set by the sweep from each point's token budget; give tokens "
                 "(grid.tokens or branches) or budgets (isoflop.budgets) instead"
+            )
+        if key.startswith("model.") and key[len("model."):] in SHAPE_FIELDS:
+            raise UserError(
+                f"{where}: {key} is set by each point's size from its family, so this value would be "
+                "ignored; choose sizes with grid.sizes (`metatrain sweep sizes --family NAME` lists them)"
             )
 
 

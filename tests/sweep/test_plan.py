@@ -142,12 +142,14 @@ def test_replanning_is_idempotent_but_a_different_plan_is_refused(tmp_path):
         ("grid: {sizes: [tiny-1], tokens: [-5]}\n", ["grid.tokens", "-5"]),
         ("isoflop: {budgets: [1.0e10], sizes_per_budget: 2}\n", ["sizes_per_budget=2", "at least 3"]),
         (GRID + "overrides: {trainer.steps: 3}\n", ["trainer.steps is set by the sweep"]),
+        (GRID + "overrides: {model.n_layers: 2}\n", ["overrides: model.n_layers is set by each point's size"]),
+        (GRID + "variants: {wide: {model.d_model: 512}}\n", ["variants.wide: model.d_model is set by each"]),
         ("isoflop: {budgets: [1.0e10]}\ncount_tokens: text\n", ["count_tokens: text applies to `grid:`"]),
         (GRID + "variants: {'a b': {}}\n", ["variant name 'a b'"]),
         (GRID + "count_tokens: some\n", ["count_tokens", "'all', 'text'"]),
     ],
     ids=["unknown-key", "both", "neither", "unknown-size", "negative-tokens", "two-sizes-per-budget",
-         "steps-override", "text-tokens-isoflop", "variant-name", "count-tokens-choice"],
+         "steps-override", "depth-override", "width-variant", "text-tokens-isoflop", "variant-name", "count-tokens-choice"],
 )
 def test_bad_specs_are_refused_with_the_reason(tmp_path, body, words):
     with pytest.raises(UserError) as e:
@@ -168,6 +170,14 @@ def test_bad_overrides_name_the_variant_and_key(tmp_path):
     too_small = write_spec(tmp_path, "grid: {sizes: [tiny-1, tiny-2], tokens: [100, 2048]}\n")
     with pytest.raises(UserError, match="less than one step of 1024"):
         plan_sweep(too_small, tmp_path / "sweep3")
+
+
+@pytest.mark.parametrize("setting", ["trainer.steps=3", "model.head_dim=8"])
+def test_a_set_the_sweep_would_replace_is_refused(tmp_path, setting):
+    with pytest.raises(UserError, match=f"--set: {setting.split('=')[0]} is set by"):
+        plan_sweep(write_spec(tmp_path, GRID), tmp_path / "sweep", [setting])
+    assert not (tmp_path / "sweep").exists(), "nothing is written"
+    plan_sweep(write_spec(tmp_path, GRID), tmp_path / "sweep", ["model.mup_base_width=32"])  # not a shape key
 
 
 def test_launch_commands_for_here_and_for_a_cluster(tmp_path, capsys):
