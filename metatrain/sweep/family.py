@@ -8,7 +8,10 @@ head, MLP expansion) so that one number, the depth L, names a model:
     n_kv_heads = n_heads / q_per_kv
     d_ff       = ffn_ratio * d_model, rounded up to a multiple of ffn_multiple
 
-`tiny-2` is `configs/tiny.yaml`'s model. Vocabulary and sequence length are not part of
+`tiny-2` is `configs/tiny.yaml`'s model. A fixed-depth family (`n_layers` set) keeps the
+same ratios but not the depth: L gives only the width, every size has `n_layers`
+layers, and sizes are named by their d_model (`tiny-width-128`); it is the family of
+width-only studies such as μP's learning-rate transfer. Vocabulary and sequence length are not part of
 a size: they come from the sweep's base run config. A family also names the base width
 of μP (`mup_base_width`): the width whose learning rate a `parametrization: mup` sweep
 reuses at every size. Parameter counts and FLOPs are not computed here but by
@@ -71,6 +74,8 @@ class SizeFamily:
         ffn_multiple: d_ff is rounded up to a multiple of this.
         mup_base_width: the d_model μP's learning rate is tuned at (`ModelConfig.mup_base_width`
             of every size; None: the smallest size's width).
+        n_layers: a fixed depth: every size has this many layers and `depths` give only
+            the widths (sizes named `<name>-<d_model>`); None: the depth is L.
     """
 
     name: str
@@ -81,6 +86,7 @@ class SizeFamily:
     ffn_ratio: float = 8 / 3
     ffn_multiple: int = 16
     mup_base_width: int | None = None
+    n_layers: int | None = None
 
     def __post_init__(self) -> None:
         if not self.depths or any(d < 1 for d in self.depths) or list(self.depths) != sorted(set(self.depths)):
@@ -97,19 +103,23 @@ class SizeFamily:
                     f"family {self.name}: depth {depth} has {heads} query heads, not divisible by "
                     f"q_per_kv={self.q_per_kv}"
                 )
+        if self.n_layers is not None and (isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int)
+                                          or self.n_layers < 1):
+            raise UserError(f"family {self.name}: n_layers must be a positive integer, got {self.n_layers!r}")
         if self.mup_base_width is None:
             object.__setattr__(self, "mup_base_width", self.width_per_layer * self.depths[0])
         if isinstance(self.mup_base_width, bool) or not isinstance(self.mup_base_width, int) or self.mup_base_width < 1:
             raise UserError(f"family {self.name}: mup_base_width must be a positive integer, got {self.mup_base_width!r}")
 
     def size(self, depth: int) -> ModelSize:
-        """The preset of depth `depth` (which need not be among `depths`)."""
+        """The preset of depth `depth` (which need not be among `depths`); in a fixed-depth
+        family, the preset of width `width_per_layer * depth` at `n_layers` layers."""
         d_model = self.width_per_layer * depth
         n_heads = d_model // self.head_dim
         d_ff = self.ffn_multiple * math.ceil(self.ffn_ratio * d_model / self.ffn_multiple - 1e-9)
         return ModelSize(
-            name=f"{self.name}-{depth}",
-            n_layers=depth,
+            name=f"{self.name}-{depth if self.n_layers is None else d_model}",
+            n_layers=depth if self.n_layers is None else self.n_layers,
             d_model=d_model,
             n_heads=n_heads,
             n_kv_heads=n_heads // self.q_per_kv,
@@ -135,13 +145,19 @@ class SizeFamily:
         return by_name[name]
 
 
-#: The shipped families. `tiny` trains on a 2-core CPU in seconds per run; `base` is
-#: the accelerator family (GPT-2 small is `base-12`: 12 layers of width 768). Their μP
+#: The shipped families. `tiny` trains on a 2-core CPU in seconds per run; `tiny-width`
+#: is its widths at tiny-2's depth; `base` is the accelerator family (GPT-2 small is
+#: `base-12`: 12 layers of width 768). Their μP
 #: base widths are the widths of the presets whose learning rates are the tuned ones:
 #: `tiny-2` (`configs/tiny.yaml`, 64) and `base-12` (`configs/125m.yaml`, 768).
 FAMILIES: dict[str, SizeFamily] = {
     "tiny": SizeFamily(
         name="tiny", depths=(1, 2, 3, 4, 5, 6, 8), width_per_layer=32, head_dim=16, q_per_kv=2, mup_base_width=64
+    ),
+    # tiny's shapes at tiny-2's depth: widths 32 to 1024 at 2 layers, for width-only studies.
+    "tiny-width": SizeFamily(
+        name="tiny-width", depths=(1, 2, 4, 8, 16, 32), width_per_layer=32, head_dim=16, q_per_kv=2,
+        mup_base_width=64, n_layers=2,
     ),
     "base": SizeFamily(
         name="base",

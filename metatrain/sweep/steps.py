@@ -47,12 +47,13 @@ def sizes_report(family: str, config: RunConfig, *, as_json: bool = False) -> st
         })
     if as_json:
         return json.dumps(rows)
+    width = max(10, *(len(r["name"]) + 1 for r in rows))
     lines = [
         f"family {family} (vocab {config.model.vocab_size}, FLOPs per training token at seq_len {seq_len})",
-        f"{'name':<10}{'L':>4}{'d_model':>8}{'heads':>6}{'kv':>4}{'d_ff':>6}{'N (non-emb)':>14}{'embedding':>12}{'FLOPs/token':>14}",
+        f"{'name':<{width}}{'L':>4}{'d_model':>8}{'heads':>6}{'kv':>4}{'d_ff':>6}{'N (non-emb)':>14}{'embedding':>12}{'FLOPs/token':>14}",
     ]
     for r in rows:
-        lines.append(f"{r['name']:<10}{r['n_layers']:>4}{r['d_model']:>8}{r['n_heads']:>6}{r['n_kv_heads']:>4}{r['d_ff']:>6}"
+        lines.append(f"{r['name']:<{width}}{r['n_layers']:>4}{r['d_model']:>8}{r['n_heads']:>6}{r['n_kv_heads']:>4}{r['d_ff']:>6}"
                      f"{r['params']:>14,}{r['embedding_params']:>12,}{r['flops_per_token']:>14.4g}")
     return "\n".join(lines)
 

@@ -27,21 +27,33 @@ def test_tiny_2_is_the_tiny_preset():
 
 def test_shapes_follow_the_family_ratios():
     for family in FAMILIES.values():
-        for size in family.sizes():
-            assert size.d_model == family.width_per_layer * size.n_layers
+        for depth, size in zip(family.depths, family.sizes(), strict=True):
+            assert size.d_model == family.width_per_layer * depth
+            assert size.n_layers == (depth if family.n_layers is None else family.n_layers)
             assert size.n_heads * size.head_dim == size.d_model
             assert size.n_heads == size.n_kv_heads * family.q_per_kv
             assert size.d_ff % family.ffn_multiple == 0
             assert 0 <= size.d_ff - family.ffn_ratio * size.d_model < family.ffn_multiple
 
 
+def test_a_fixed_depth_family_varies_only_the_width():
+    family = get_family("tiny-width")
+    sizes = family.sizes()
+    assert {s.n_layers for s in sizes} == {2} and [s.name for s in sizes][:3] == [
+        "tiny-width-32", "tiny-width-64", "tiny-width-128"]
+    assert family.find("tiny-width-64").model_config(TINY_RUN.model) == TINY_RUN.model  # tiny-2 is its base width
+    assert family.mup_base_width == 64
+    with pytest.raises(UserError, match="n_layers must be a positive integer"):
+        SizeFamily(name="odd", depths=(1,), width_per_layer=32, head_dim=16, n_layers=0)
+
+
 @pytest.mark.parametrize(
     "name",
-    [s.name for s in FAMILIES["tiny"].sizes()] + ["base-4", "base-12", "base-48"],
+    [s.name for s in FAMILIES["tiny"].sizes()] + ["base-4", "base-12", "base-48", "tiny-width-1024"],
 )
 def test_parameter_counts_equal_the_built_model(name):
     """Embedding and non-embedding counts against the parameter tree of the real module."""
-    family = get_family(name.split("-")[0])
+    family = get_family(name.rsplit("-", 1)[0])
     model = family.find(name).model_config(TINY_RUN.model)
     abstract = nn.unbox(init_params_shape(model))
     embedding = math.prod(abstract["embedding"]["table"].shape)
@@ -100,7 +112,7 @@ def test_family_refuses_shapes_without_whole_heads():
 def test_unknown_size_and_family_are_named():
     with pytest.raises(UserError, match=r"'tiny-7' is not in family 'tiny'; did you mean 'tiny-"):
         get_family("tiny").find("tiny-7")
-    with pytest.raises(UserError, match="unknown size family 'huge'; known families: tiny, base"):
+    with pytest.raises(UserError, match="unknown size family 'huge'; known families: tiny, tiny-width, base"):
         get_family("huge")
 
 
