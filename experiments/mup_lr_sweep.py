@@ -2,13 +2,15 @@
 
     python experiments/mup_lr_sweep.py --out runs/tiny-mup-lr        # ~15 min on a 2-core CPU
     python experiments/mup_lr_sweep.py --out runs/tiny-mup-lr --report-only
+    python experiments/mup_lr_sweep.py --spec configs/sweeps/tiny_width_mup_lr.yaml --out runs/tiny-width-mup-lr
 
-Trains `configs/sweeps/tiny_mup_lr.yaml` with `metatrain sweep run` (printed before it
+Trains `configs/sweeps/tiny_mup_lr.yaml` (or `--spec`: `tiny_width_mup_lr.yaml` holds the
+depth at 2 layers, on the `tiny-width` family) with `metatrain sweep run` (printed before it
 runs; rerunning continues an interrupted sweep), then reads its manifest and writes
 
     OUT/results.json      final eval loss per width x learning rate x parametrization,
                           and the best learning rate of each width (experiments/results/
-                          mup_lr_sweep.json holds the recorded one)
+                          mup_lr_sweep.json and mup_lr_sweep_width.json hold the recorded ones)
     OUT/mup_lr_sweep.png  loss against learning rate, one line per width, one panel per
                           parametrization (docs/images/mup_lr_sweep.png)
 
@@ -42,7 +44,7 @@ def run_sweep(out: Path, spec: Path) -> None:
         raise SystemExit(f"`metatrain {shlex.join(args)}` ended with status {status}")
 
 
-def collect(out: Path) -> dict[str, Any]:
+def collect(out: Path, spec: Path = SPEC) -> dict[str, Any]:
     """The sweep's points as rows, and per parametrization, width and loss key the best
     learning rate (None where a point is missing or diverged)."""
     from metatrain.config import load_config
@@ -69,7 +71,11 @@ def collect(out: Path) -> dict[str, Any]:
             current = slot.get(row["size"])
             if current is None or value < current[key]:
                 slot[row["size"]] = {"learning_rate": row["learning_rate"], key: value}
-    return {"spec": str(SPEC.relative_to(ROOT)), "rows": rows, "best": best}
+    from metatrain.sweep.spec import load_spec
+
+    spec = spec.resolve()
+    shown = spec.relative_to(ROOT) if spec.is_relative_to(ROOT) else spec
+    return {"spec": str(shown), "family": load_spec(spec).family, "rows": rows, "best": best}
 
 
 def markdown_table(results: dict[str, Any], key: str = "loss") -> str:
@@ -130,7 +136,8 @@ def figure(results: dict[str, Any]):
             if c == 0:
                 ax.set_ylabel("final eval loss" if key == "loss" else "final eval text loss")
         axes[r, 0].legend(fontsize=7)
-    fig.suptitle("tiny family, 40 steps of 8 x 64 tokens: final loss against learning rate", fontsize=10)
+    fig.suptitle(f"{results.get('family', 'tiny')} family, 40 steps of 8 x 64 tokens: final loss against learning rate",
+                 fontsize=10)
     return fig
 
 
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.report_only:
         run_sweep(args.out, args.spec)
-    results = collect(args.out)
+    results = collect(args.out, args.spec)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     buffer = io.BytesIO()
     figure(results).savefig(buffer, dpi=90, format="png")
