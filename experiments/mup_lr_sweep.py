@@ -75,7 +75,12 @@ def collect(out: Path, spec: Path = SPEC) -> dict[str, Any]:
 
     spec = spec.resolve()
     shown = spec.relative_to(ROOT) if spec.is_relative_to(ROOT) else spec
-    return {"spec": str(shown), "family": load_spec(spec).family, "rows": rows, "best": best}
+    loaded = load_spec(spec)
+    planned = set(loaded.grid.sizes if loaded.grid is not None else ())
+    if {row["size"] for row in rows} - planned:
+        raise SystemExit(f"{out} holds sizes {sorted({row['size'] for row in rows})}, not those of {shown} "
+                         f"({sorted(planned)}): pass the spec it was planned from with --spec")
+    return {"spec": str(shown), "family": loaded.family, "rows": rows, "best": best}
 
 
 def markdown_table(results: dict[str, Any], key: str = "loss") -> str:

@@ -32,25 +32,33 @@ def rewarm_warning(step: int, before: OptimizerConfig, before_steps: int, after:
                    after_steps: int) -> str | None:
     """The line to print when a resume at `step` raises the learning rate of a "wsd" run
     whose cooldown had begun (trained with `before` for `before_steps`, resumed with
-    `after` for `after_steps`), else None.
+    `after` for `after_steps`) by more than 1%, else None.
 
     A longer `trainer.steps` moves the cooldown later, so a checkpoint taken inside the old
     cooldown goes back towards the peak: a re-warm of a cooled model, not the longer stable
-    run a cooldown branch gives.
+    run a cooldown branch gives. A checkpoint is at `step` after updates 0 .. step - 1.
     """
-    if before.decay != "wsd" or after.decay != "wsd" or step < 1:
+    if before.decay != "wsd" or after.decay != "wsd" or not 1 <= step < after_steps:
         return None
     start = cooldown_start(before, before_steps)
     if step <= start:
         return None
     was = float(learning_rate_schedule(before, before_steps)(step - 1))
     now = float(learning_rate_schedule(after, after_steps)(step))
-    if now <= was * (1 + 1e-6):
+    if now <= was * 1.01:
         return None
-    return (f"resuming at step {step}, inside the cooldown this run began at step {start} (trainer.steps="
-            f"{before_steps}): with trainer.steps={after_steps} the learning rate rises from {was:.3g} back to "
-            f"{now:.3g}, re-warming a cooled model; for a longer stable phase, train another --workdir with "
-            f"checkpoint.branch_from at a step <= {start} (checkpoint.keep_steps keeps one)")
+    cause = f"with trainer.steps={after_steps}" if after_steps != before_steps else "with the changed optimizer settings"
+    line = (f"resuming at step {step}, inside the cooldown this run began at step {start} (trainer.steps="
+            f"{before_steps}): {cause} the learning rate rises from {was:.4g} back to {now:.4g}, re-warming a "
+            "cooled model")
+    warmup = min(before.warmup_steps, max(before_steps - 1, 0))
+    if before.warmup_steps > warmup:
+        line += (f" (its warmup of optimizer.warmup_steps={before.warmup_steps} updates was cut short at {warmup} "
+                 "by trainer.steps, so it never reached its peak)")
+    if start > warmup:  # it had a stable phase to branch from
+        line += (f"; for a longer stable phase, train another --workdir with checkpoint.branch_from at a step "
+                 f"<= {start} (checkpoint.keep_steps keeps one)")
+    return line
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:

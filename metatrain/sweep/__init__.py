@@ -1,6 +1,6 @@
 """Scaling-law sweeps: size families, planning, running, fitting L(N, D), plots.
 
-    family.py    model presets defined by depth (`tiny-1` ... `base-48`)
+    family.py    model presets defined by one number (`tiny-1` ... `base-48`, `tiny-width-1024`)
     spec.py      the sweep spec (SWEEP.yaml) as frozen typed dataclasses
     plan.py      spec -> one resolved run config per point + DIR/manifest.jsonl
     manifest.py  reading and writing the manifest (the contract `sweep fit` reads)

@@ -1,7 +1,8 @@
-"""Size families: model presets for scaling-law sweeps, each defined by its depth.
+"""Size families: model presets for scaling-law sweeps, each defined by one number L.
 
 A family fixes the shape ratios (width per layer, head size, query heads per key/value
-head, MLP expansion) so that one number, the depth L, names a model:
+head, MLP expansion) so that one number, L, names a model (its depth, unless the family
+fixes that):
 
     d_model    = width_per_layer * L          (constant aspect ratio)
     n_heads    = d_model / head_dim

@@ -97,7 +97,7 @@ def plan_runs(spec: SweepSpec, spec_dir: Path, out: StoragePath, overrides: Sequ
 
     `out` is the (absolute) sweep directory: cooldown branches name their trunk's
     checkpoints in it."""
-    check_override_keys("--set", [setting.split("=", 1)[0] for setting in overrides])
+    check_override_keys("--set", [setting.split("=", 1)[0].strip() for setting in overrides])  # as the loader reads it
     family = get_family(spec.family)
     runs: list[PlannedRun] = []
     checked: set[tuple[int, str]] = set()

@@ -117,11 +117,23 @@ def test_a_longer_resume_inside_the_cooldown_is_called_a_rewarm():
     start = cooldown_start(cfg, 200)
     line = rewarm_warning(200, cfg, 200, cfg, 400)
     assert line is not None and f"began at step {start}" in line and "branch_from at a step <= 160" in line
-    assert f"{float(learning_rate_schedule(cfg, 200)(199)):.3g}" in line and "3e-03" not in line
+    assert f"from {float(learning_rate_schedule(cfg, 200)(199)):.4g} back to 0.003," in line
+    assert "with trainer.steps=400" in line and "cut short" not in line
     assert rewarm_warning(start + 1, cfg, 200, cfg, 400) is not None  # one cooldown update is enough
     # Nothing to say: still in the stable phase, the same length, a shorter run, or no wsd.
     assert rewarm_warning(start, cfg, 200, cfg, 400) is None
     assert rewarm_warning(200, cfg, 200, cfg, 200) is None
     assert rewarm_warning(190, cfg, 200, cfg, 195) is None
+    assert rewarm_warning(200, cfg, 200, cfg, 150) is None  # nothing left to train
+    long_cooldown = OptimizerConfig(learning_rate=3e-3, warmup_steps=10, decay="wsd", decay_fraction=0.1)
+    assert rewarm_warning(9001, long_cooldown, 10_000, long_cooldown, 20_000) is None  # a rise under 1%
+    assert rewarm_warning(9200, long_cooldown, 10_000, long_cooldown, 20_000) is not None
+    # The same length with a changed recipe (--allow-change optimizer.*) names the recipe.
+    hotter = OptimizerConfig(learning_rate=6e-3, warmup_steps=10, decay="wsd", decay_fraction=0.2)
+    assert "with the changed optimizer settings" in rewarm_warning(190, cfg, 200, hotter, 200)
+    # A run whose warmup its trainer.steps cut short had no stable phase to branch from.
+    long_warmup = OptimizerConfig(learning_rate=3e-3, warmup_steps=50, decay="wsd", decay_fraction=0.2)
+    line = rewarm_warning(20, long_warmup, 20, long_warmup, 100)
+    assert "warmup_steps=50 updates was cut short at 19" in line and "branch_from" not in line
     cosine = OptimizerConfig(learning_rate=3e-3, warmup_steps=10)
     assert rewarm_warning(200, cosine, 200, cosine, 400) is None

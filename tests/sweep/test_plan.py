@@ -172,9 +172,9 @@ def test_bad_overrides_name_the_variant_and_key(tmp_path):
         plan_sweep(too_small, tmp_path / "sweep3")
 
 
-@pytest.mark.parametrize("setting", ["trainer.steps=3", "model.head_dim=8"])
+@pytest.mark.parametrize("setting", ["trainer.steps=3", "model.head_dim=8", " model.n_layers =4"])
 def test_a_set_the_sweep_would_replace_is_refused(tmp_path, setting):
-    with pytest.raises(UserError, match=f"--set: {setting.split('=')[0]} is set by"):
+    with pytest.raises(UserError, match=f"--set: {setting.split('=')[0].strip()} is set by"):
         plan_sweep(write_spec(tmp_path, GRID), tmp_path / "sweep", [setting])
     assert not (tmp_path / "sweep").exists(), "nothing is written"
     plan_sweep(write_spec(tmp_path, GRID), tmp_path / "sweep", ["model.mup_base_width=32"])  # not a shape key
