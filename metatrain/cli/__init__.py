@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             initialize_from_env()
         return int(args.func(args) or 0)
     except Terminated:
-        print(f"metatrain {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        _say(f"metatrain {args.command}: terminated (SIGTERM)")
         return EXIT_TERMINATED
     except KeyboardInterrupt:
-        print(f"metatrain {args.command}: interrupted", file=sys.stderr)
+        _say(f"metatrain {args.command}: interrupted")
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - every failure ends in one line and a documented status
         return _report(args.command, e)
@@ -179,6 +179,14 @@ def _quiet_library_error_logs() -> None:
     sys.unraisablehook = hook
 
 
+def _say(line: str) -> None:
+    """`line` on stderr in one write: `print` writes the text and its newline apart, and a
+    library thread's traceback (orbax's event loops, under --debug) could land between."""
+    sys.stderr.flush()
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _report(command: str, error: Exception) -> int:
     """Print `error` in one line (its traceback too when debugging) and return its status."""
     known = find_metatrain_error(error)
@@ -192,5 +200,5 @@ def _report(command: str, error: Exception) -> int:
     if debug_enabled():
         traceback.print_exception(error)
     kind = "fault" if isinstance(known, FaultError) else "error"
-    print(f"metatrain {command}: {kind}: {one_line(str(known))}", file=sys.stderr)
+    _say(f"metatrain {command}: {kind}: {one_line(str(known))}")
     return known.exit_code if isinstance(known.exit_code, int) else EXIT_FAULT
