@@ -13,6 +13,11 @@ from metatrain.models import ModelConfig, weight_decay_mask
 from metatrain.models.transformer import hidden_matrix_mask
 
 
+def warmup_length(config: OptimizerConfig, total_steps: int) -> int:
+    """The warmup's updates: `warmup_steps`, cut short to leave a run its last update."""
+    return min(config.warmup_steps, max(total_steps - 1, 0))
+
+
 def cooldown_start(config: OptimizerConfig, total_steps: int) -> int:
     """The first update of a "wsd" run's cooldown (`total_steps` when it has none): the
     last `decay_fraction` of the run, rounded half up to whole steps (at least one when
@@ -21,7 +26,7 @@ def cooldown_start(config: OptimizerConfig, total_steps: int) -> int:
     A cooldown branch of `total_steps` steps starts from the stable run's checkpoint at
     this step.
     """
-    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    warmup = warmup_length(config, total_steps)
     length = math.floor(config.decay_fraction * total_steps + 0.5)
     if config.decay_fraction > 0:
         length = max(length, 1)
@@ -51,7 +56,7 @@ def rewarm_warning(step: int, before: OptimizerConfig, before_steps: int, after:
     line = (f"resuming at step {step}, inside the cooldown this run began at step {start} (trainer.steps="
             f"{before_steps}): {cause} the learning rate rises from {was:.4g} back to {now:.4g}, re-warming a "
             "cooled model")
-    warmup = min(before.warmup_steps, max(before_steps - 1, 0))
+    warmup = warmup_length(before, before_steps)
     if before.warmup_steps > warmup:
         line += (f" (its warmup of optimizer.warmup_steps={before.warmup_steps} updates was cut short at {warmup} "
                  "by trainer.steps, so it never reached its peak)")
@@ -68,7 +73,7 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
     its value before `cooldown_start` does not depend on `total_steps`.
     """
     peak = config.learning_rate
-    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    warmup = warmup_length(config, total_steps)
     if config.decay == "wsd":
         return _wsd_schedule(config, total_steps, warmup)
     decay_steps = max(total_steps - warmup, 1)

@@ -99,6 +99,7 @@ def plan_runs(spec: SweepSpec, spec_dir: Path, out: StoragePath, overrides: Sequ
     checkpoints in it."""
     check_override_keys("--set", [setting.split("=", 1)[0].strip() for setting in overrides])  # as the loader reads it
     family = get_family(spec.family)
+    family_width = _family_width(spec.base, spec_dir, family)
     runs: list[PlannedRun] = []
     checked: set[tuple[int, str]] = set()
     named: dict[str, float] = {}  # run name -> the grid.tokens or isoflop.budgets value it came from
@@ -106,7 +107,7 @@ def plan_runs(spec: SweepSpec, spec_dir: Path, out: StoragePath, overrides: Sequ
         settings = [*_as_sets(spec.overrides), *_as_sets(spec.variants.get(variant, {})), *overrides]
         where = f"variant {variant!r}" if variant else "the spec's overrides"
         needed = [family.find(n) for n in spec.grid.sizes] if spec.grid is not None else family.sizes()
-        configs = {s.name: _load_sized_config(spec.base, spec_dir, settings, s, family.mup_base_width, where)
+        configs = {s.name: _load_sized_config(spec.base, spec_dir, settings, s, family_width, where)
                    for s in needed}
         if spec.grid is not None:
             budgets, key = spec.token_budgets
@@ -296,17 +297,22 @@ def _as_sets(overrides: dict) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
 
 
-def _load_sized_config(base: Path, spec_dir: Path, settings: list[str], size: ModelSize, base_width: int,
-                       where: str) -> RunConfig:
-    """The point's config at `size`. A μP point without a `model.mup_base_width` of its own
-    (in the base config or the settings, which win) gets the family's `base_width`; a
-    standard point is left without one (the config of the same run planned by hand)."""
+def _family_width(base: Path, spec_dir: Path, family: SizeFamily) -> int | None:
+    """The family's μP base width, where the base config names none of its own."""
     with contextlib.chdir(spec_dir):
         try:
             own = load_config(base).model.mup_base_width
         except UserError as e:
-            raise UserError(f"{where}: {e}") from None
-    given = [] if own is not None else [f"model.mup_base_width={base_width}"]
+            raise UserError(f"the spec's base: {e}") from None
+    return None if own is not None else family.mup_base_width
+
+
+def _load_sized_config(base: Path, spec_dir: Path, settings: list[str], size: ModelSize, family_width: int | None,
+                       where: str) -> RunConfig:
+    """The point's config at `size`. A μP point without a `model.mup_base_width` of its own
+    (in the base config or the settings, which win) gets `family_width` (`_family_width`); a
+    standard point is left without one (the config of the same run planned by hand)."""
+    given = [] if family_width is None else [f"model.mup_base_width={family_width}"]
     config = _load_point_config(base, spec_dir, [*given, *settings, *size.overrides()], where)
     if given and config.model.parametrization == "standard":
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, mup_base_width=None))
